@@ -1,0 +1,140 @@
+"""`aae-run`: score images, sample the prior, describe a model. A thin layer over `AAEModel`.
+
+Exit codes: 0 everything done; 1 some input files could not be scored (their rows say why);
+2 could not run at all (bad model, device or arguments).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from aae_runtime import __version__
+from aae_runtime.errors import AAEError
+from aae_runtime.images import save_grid
+from aae_runtime.model import DEFAULT_BATCH_SIZE, AAEModel, ImageScore
+from aae_runtime.report import write_results
+from aae_runtime.session import DEVICES, available_providers
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_CANNOT_RUN = 0, 1, 2
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Score images and sample from an exported AAE (no torch needed).")
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+ModelOpt = Annotated[Path, typer.Option("--model", "-m", help="Folder written by aae-export (encoder.onnx, decoder.onnx).")]
+DeviceOpt = Annotated[str, typer.Option(help=f"Execution device: {'|'.join(DEVICES)}. auto falls back to the CPU with a notice.")]
+
+
+def _fail(exc: AAEError) -> typer.Exit:
+    err.print(f"[red]error:[/red] {exc}", highlight=False, markup=True)
+    return typer.Exit(EXIT_CANNOT_RUN)
+
+
+def _check_device(device: str) -> str:
+    if device not in DEVICES:
+        raise typer.BadParameter(f"{device!r} is not one of {', '.join(DEVICES)}", param_hint="--device")
+    return device
+
+
+def _load(model: Path, device: str, threshold: float | None = None) -> AAEModel:
+    m = AAEModel.load(model, device=_check_device(device), threshold=threshold)
+    if m.notice:
+        err.print(f"[yellow]notice:[/yellow] {m.notice}")
+    err.print(f"execution provider: {m.providers[0]}", highlight=False)
+    return m
+
+
+@app.command()
+def score(
+    paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively).")],
+    model: ModelOpt,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write all rows to a .csv or .json file.")] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="Anomaly threshold; overrides the model's metadata.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, max=4096, help="Images per inference call.")] = DEFAULT_BATCH_SIZE,
+    show: Annotated[int, typer.Option(min=0, help="Rows shown on screen (0: all).")] = 50,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Score images by reconstruction error; higher = more abnormal."""
+    try:
+        m = _load(model, device, threshold)
+        results = m.score_paths(paths, batch_size=batch_size)
+        if output is not None:
+            write_results(results, m.threshold, output)
+    except AAEError as exc:
+        raise _fail(exc)
+    _print_scores(results, m, show)
+    if output is not None:
+        err.print(f"wrote {len(results)} rows to {output}", highlight=False)
+    if not results:
+        err.print("[red]error:[/red] no image files found in the given paths")
+        raise typer.Exit(EXIT_CANNOT_RUN)
+    if any(not r.ok for r in results):
+        raise typer.Exit(EXIT_SOME_FAILED)
+
+
+def _print_scores(results: list[ImageScore], m: AAEModel, show: int) -> None:
+    table = Table(title=f"{m.score_name} score, threshold {m.threshold:.6g}")
+    table.add_column("image", overflow="fold")
+    table.add_column("score", justify="right", no_wrap=True)
+    table.add_column("anomaly", justify="center", no_wrap=True)
+    table.add_column("error", overflow="fold")
+    shown = results if show == 0 else results[:show]
+    for r in shown:
+        flag = "" if r.anomaly is None else ("[red]yes[/red]" if r.anomaly else "no")
+        table.add_row(r.path, "" if r.score is None else f"{r.score:.6f}", flag, r.error or "")
+    out.print(table)
+    if len(shown) < len(results):
+        out.print(f"... {len(results) - len(shown)} more rows (use --output FILE for all, or --show 0)")
+    failed = sum(not r.ok for r in results)
+    flagged = sum(bool(r.anomaly) for r in results)
+    out.print(f"scored {len(results) - failed} images: {flagged} anomalous, {failed} failed", highlight=False)
+
+
+@app.command()
+def sample(
+    model: ModelOpt,
+    n: Annotated[int, typer.Option("-n", "--num", min=1, max=100_000, help="Number of samples.")] = 64,
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="A .png grid, or a .npy file with the raw (N, C, H, W) array.")] = Path("samples.png"),
+    seed: Annotated[Optional[int], typer.Option(help="Seed for the prior draws (default: random).")] = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Decode draws from the model's prior into images."""
+    if out_path.suffix.lower() not in (".png", ".npy"):
+        raise typer.BadParameter(f"{out_path}: use a .png or .npy file name", param_hint="--out")
+    try:
+        m = _load(model, device)
+        images = m.sample(n, seed=seed)
+    except AAEError as exc:
+        raise _fail(exc)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    if out_path.suffix.lower() == ".npy":
+        np.save(out_path, images)
+    else:
+        save_grid(images, out_path)
+    err.print(f"wrote {n} samples from the {m.metadata.prior['name']} prior to {out_path}", highlight=False)
+
+
+@app.command()
+def info(model: ModelOpt, device: DeviceOpt = "auto") -> None:
+    """Print the model's metadata and the execution providers."""
+    try:
+        m = _load(model, device)
+    except AAEError as exc:
+        raise _fail(exc)
+    out.print_json(json.dumps(m.metadata.raw))
+    out.print(f"providers available: {', '.join(available_providers())}", highlight=False)
+    out.print(f"providers running:   {', '.join(m.providers)}", highlight=False)
+
+
+@app.callback(invoke_without_command=True)
+def _main(version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False) -> None:
+    if version:
+        out.print(f"aae-run {__version__}")
+        raise typer.Exit()

@@ -1,0 +1,17 @@
+"""Errors the runtime raises for problems a user can fix; the CLI prints them in one line."""
+
+
+class AAEError(Exception):
+    """A problem the user can act on. The message says what went wrong and what to do."""
+
+
+class ModelError(AAEError):
+    """The model directory, its ONNX files or their metadata are missing or unusable."""
+
+
+class InputError(AAEError):
+    """An input (image file, array, option) cannot be used."""
+
+
+class DeviceError(AAEError):
+    """The requested execution device cannot run here."""

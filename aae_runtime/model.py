@@ -1,0 +1,190 @@
+"""`AAEModel`: an exported encoder/decoder pair loaded once, scoring arrays or image files.
+
+This is the API a device embeds; the `aae-run` CLI is a thin layer over it.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from aae_runtime.errors import InputError, ModelError
+from aae_runtime.images import find_images, load_image
+from aae_runtime.metadata import (
+    DECODER_FILE,
+    ENCODER_FILE,
+    IMAGE_INPUT,
+    LATENT_INPUT,
+    LATENT_OUTPUT,
+    METADATA_KEY,
+    RECONSTRUCTION_OUTPUT,
+    ModelMetadata,
+)
+from aae_runtime.priors import sample_prior
+from aae_runtime.scoring import reconstruction_score
+from aae_runtime.session import SessionConfig, create_session
+
+DEFAULT_BATCH_SIZE = 64
+
+
+@dataclass(frozen=True)
+class ImageScore:
+    """One row of a scoring run: a score and a flag, or the reason the file could not be scored."""
+
+    path: str
+    score: float | None = None
+    anomaly: bool | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class AAEModel:
+    """An exported AAE: ``encoder.onnx`` + ``decoder.onnx`` and the metadata they carry."""
+
+    def __init__(self, encoder, decoder, metadata: ModelMetadata, threshold: float | None = None, notice: str | None = None):
+        self.encoder = encoder  # onnxruntime.InferenceSession
+        self.decoder = decoder
+        self.metadata = metadata
+        self.threshold = float(metadata.threshold_value if threshold is None else threshold)
+        self.notice = notice  # set when the requested device fell back to another
+
+    @classmethod
+    def load(cls, model_dir: str | Path, device: str = "auto", threshold: float | None = None,
+             session_config: SessionConfig | None = None) -> "AAEModel":
+        """Load the model folder written by ``aae-export``. Raises ModelError or DeviceError."""
+        model_dir = Path(model_dir)
+        if not model_dir.is_dir():
+            raise ModelError(f"model directory {model_dir} does not exist: pass the folder aae-export wrote (--model DIR)")
+        paths = {name: model_dir / name for name in (ENCODER_FILE, DECODER_FILE)}
+        for name, path in paths.items():
+            if not path.is_file():
+                raise ModelError(f"{model_dir} has no {name}: pass the folder aae-export wrote, or export again")
+            if path.stat().st_size == 0:
+                raise ModelError(f"{path} is empty: export the model again")
+        cfg = session_config or SessionConfig(device=device)
+        encoder, notice = create_session(paths[ENCODER_FILE], cfg)
+        decoder, _ = create_session(paths[DECODER_FILE], cfg)
+        meta_enc = ModelMetadata.from_json(encoder.get_modelmeta().custom_metadata_map.get(METADATA_KEY), ENCODER_FILE)
+        meta_dec = ModelMetadata.from_json(decoder.get_modelmeta().custom_metadata_map.get(METADATA_KEY), DECODER_FILE)
+        if meta_enc.export_id != meta_dec.export_id:
+            raise ModelError(
+                f"{ENCODER_FILE} and {DECODER_FILE} in {model_dir} come from different exports: export both into one folder again"
+            )
+        _check_graphs(encoder, decoder, meta_enc)
+        return cls(encoder, decoder, meta_enc, threshold=threshold, notice=notice)
+
+    # -- properties -------------------------------------------------------------------------------
+    @property
+    def providers(self) -> list[str]:
+        """Execution providers actually running, in priority order (read back from ORT)."""
+        return list(self.encoder.get_providers())
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.metadata.preprocessing.shape
+
+    @property
+    def score_name(self) -> str:
+        return str(self.metadata.score["name"])
+
+    # -- arrays -----------------------------------------------------------------------------------
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        """Images (N, C, H, W) float32 in the model's value range -> latent codes (N, latent)."""
+        return self.encoder.run([LATENT_OUTPUT], {IMAGE_INPUT: self._check_images(images)})[0]
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Latent codes (N, latent) -> images (N, C, H, W)."""
+        z = np.ascontiguousarray(latents, dtype=np.float32)
+        if z.ndim != 2 or z.shape[1] != self.metadata.latent_dim:
+            raise InputError(f"latents must have shape (N, {self.metadata.latent_dim}), got {z.shape}")
+        return self.decoder.run([RECONSTRUCTION_OUTPUT], {LATENT_INPUT: z})[0]
+
+    def reconstruct(self, images: np.ndarray) -> np.ndarray:
+        return self.decode(self.encode(images))
+
+    def score(self, images: np.ndarray) -> np.ndarray:
+        """Anomaly scores (N,) float64 of preprocessed images (N, C, H, W); higher = more abnormal."""
+        x = self._check_images(images)
+        return reconstruction_score(x, self.reconstruct(x), self.score_name)
+
+    def is_anomaly(self, scores: np.ndarray) -> np.ndarray:
+        return np.asarray(scores) > self.threshold
+
+    def sample(self, n: int, seed: int | None = None) -> np.ndarray:
+        """Decode ``n`` draws from the prior: images (n, C, H, W)."""
+        if n < 1:
+            raise InputError(f"number of samples must be at least 1, got {n}")
+        z = sample_prior(self.metadata.prior, n, np.random.default_rng(seed))
+        return self.decode(z)
+
+    # -- files ------------------------------------------------------------------------------------
+    def load_images(self, paths: Iterable[str | Path]) -> list[np.ndarray | InputError]:
+        pre = self.metadata.preprocessing
+        out: list[np.ndarray | InputError] = []
+        for p in paths:
+            try:
+                out.append(load_image(p, pre))
+            except InputError as exc:
+                out.append(exc)
+        return out
+
+    def score_paths(self, paths: Iterable[str | Path], batch_size: int = DEFAULT_BATCH_SIZE) -> list[ImageScore]:
+        """Score image files and folders (recursively). Unreadable files get an error row."""
+        return list(self.iter_score_paths(paths, batch_size))
+
+    def iter_score_paths(self, paths: Iterable[str | Path], batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator[ImageScore]:
+        """Like `score_paths`, yielding rows batch by batch; decoding of the next batch overlaps
+        inference on the current one."""
+        files = find_images(list(paths))
+        if batch_size < 1:
+            raise InputError(f"batch size must be at least 1, got {batch_size}")
+        chunks = [files[i : i + batch_size] for i in range(0, len(files), batch_size)]
+        if not chunks:
+            return
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(self.load_images, chunks[0])
+            for i, chunk in enumerate(chunks):
+                decoded = pending.result()
+                if i + 1 < len(chunks):
+                    pending = pool.submit(self.load_images, chunks[i + 1])
+                yield from self._score_decoded(chunk, decoded)
+
+    def _score_decoded(self, chunk: list[Path], decoded: list) -> Iterator[ImageScore]:
+        good = [k for k, item in enumerate(decoded) if isinstance(item, np.ndarray)]
+        scores = self.score(np.stack([decoded[k] for k in good])) if good else np.empty(0)
+        by_index = dict(zip(good, scores))
+        for k, path in enumerate(chunk):
+            if k in by_index:
+                s = float(by_index[k])
+                yield ImageScore(str(path), score=s, anomaly=bool(s > self.threshold))
+            else:
+                yield ImageScore(str(path), error=str(decoded[k]))
+
+    def _check_images(self, images: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(images, dtype=np.float32)
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
+            raise InputError(f"images must have shape (N, {', '.join(map(str, self.input_shape))}), got {x.shape}")
+        return x
+
+
+def _check_graphs(encoder, decoder, meta: ModelMetadata) -> None:
+    """The graphs' names and shapes must agree with each other and with the metadata."""
+    enc_in = {i.name: i.shape for i in encoder.get_inputs()}
+    enc_out = {o.name: o.shape for o in encoder.get_outputs()}
+    dec_in = {i.name: i.shape for i in decoder.get_inputs()}
+    if IMAGE_INPUT not in enc_in or LATENT_OUTPUT not in enc_out:
+        raise ModelError(f"{ENCODER_FILE} lacks the '{IMAGE_INPUT}' input or '{LATENT_OUTPUT}' output: re-export the model")
+    if LATENT_INPUT not in dec_in or RECONSTRUCTION_OUTPUT not in {o.name for o in decoder.get_outputs()}:
+        raise ModelError(f"{DECODER_FILE} lacks the '{LATENT_INPUT}' input or '{RECONSTRUCTION_OUTPUT}' output: re-export the model")
+    if list(enc_in[IMAGE_INPUT][1:]) != list(meta.preprocessing.shape):
+        raise ModelError(f"{ENCODER_FILE} takes {enc_in[IMAGE_INPUT][1:]} images but its metadata says {list(meta.preprocessing.shape)}")
+    for name, dim in ((ENCODER_FILE, enc_out[LATENT_OUTPUT][-1]), (DECODER_FILE, dec_in[LATENT_INPUT][-1])):
+        if dim != meta.latent_dim:
+            raise ModelError(f"{name} has latent size {dim}, the metadata says {meta.latent_dim}: the encoder and decoder do not belong together")

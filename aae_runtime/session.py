@@ -1,0 +1,107 @@
+"""ONNX Runtime sessions on the requested device, and the truth about which provider runs.
+
+ONNX Runtime falls back to the CPU silently when CUDA cannot start, so the provider actually
+running is always read back from ``session.get_providers()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnxruntime as ort
+
+from aae_runtime.errors import DeviceError, ModelError
+
+DEVICES = ("auto", "cpu", "cuda")
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+# ORT's own log lines (e.g. a failed CUDA load) would bypass our one-line errors: errors only
+# from the session we report ourselves.
+ort.set_default_logger_severity(4)
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """Execution settings, chosen by measurement (see benchmarks/): defaults suit small boxes."""
+
+    device: str = "auto"  # "auto" tries CUDA and falls back to the CPU with a notice
+    threads: int = 0  # intra-op threads; 0 lets ORT use one per physical core
+    spinning: bool = False  # busy-wait between ops: lower latency, burns a core while idle
+
+
+def available_providers() -> list[str]:
+    return list(ort.get_available_providers())
+
+
+def _session_options(cfg: SessionConfig) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = cfg.threads
+    so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if cfg.spinning else "0")
+    return so
+
+
+def create_session(model: bytes | str | Path, cfg: SessionConfig) -> tuple[ort.InferenceSession, str | None]:
+    """Open ``model`` on ``cfg.device``. Returns the session and a notice when it fell back.
+
+    Raises DeviceError when ``cuda`` was asked for and cannot run; ModelError when the file is
+    not a loadable ONNX model.
+    """
+    if cfg.device not in DEVICES:
+        raise DeviceError(f"unknown device {cfg.device!r}: use one of {', '.join(DEVICES)}")
+    want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and _gpu_present())
+    want_cuda = want_cuda and CUDA in available_providers()
+    if cfg.device == "cuda" and not want_cuda:
+        raise DeviceError(
+            "--device cuda: this onnxruntime has no CUDA provider; install onnxruntime-gpu or use --device cpu"
+        )
+    if want_cuda:
+        _preload_cuda_libraries()
+    providers = [CUDA, CPU] if want_cuda else [CPU]
+    source = model if isinstance(model, bytes) else str(model)
+    try:
+        session = ort.InferenceSession(source, _session_options(cfg), providers=providers)
+    except Exception as exc:  # ORT raises its own exception types for invalid files
+        name = "model" if isinstance(model, bytes) else Path(model).name
+        raise ModelError(f"cannot load {name} as an ONNX model ({_first_line(exc)}): re-export it") from None
+    running = session.get_providers()
+    notice = None
+    if want_cuda and CUDA not in running:
+        if cfg.device == "cuda":
+            raise DeviceError("--device cuda: CUDA could not start here (no GPU, driver or CUDA 13 libraries); use --device cpu")
+        notice = "CUDA is not usable here; running on the CPU"
+    return session, notice
+
+
+def _gpu_present() -> bool:
+    """Cheap check for an NVIDIA driver, so that `auto` on a CPU-only Linux box skips a slow,
+    noisy CUDA attempt. Elsewhere (Windows) we just try."""
+    if sys.platform.startswith("linux"):
+        return os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia/version")
+    return True
+
+
+def _preload_cuda_libraries() -> None:
+    """Load CUDA/cuDNN from pip's nvidia-* wheels when present (onnxruntime-gpu >= 1.21)."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    quiet = io.StringIO()  # it prints each library it cannot find; a fallback is reported by us
+    try:
+        with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            preload()
+    except Exception:
+        pass
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__

@@ -1,0 +1,244 @@
+"""The AAE training loop: per minibatch a reconstruction phase, then a regularisation phase.
+
+Regularisation: the discriminator learns prior samples = real (1) and encoder codes = fake (0);
+then the encoder, as generator, is updated so that D calls its codes real.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from aae_runtime import __version__
+from aae_runtime.errors import AAEError
+from aae_runtime.images import save_grid
+from aae_runtime.priors import sample_prior
+from aae_train.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from aae_train.config import RunConfig
+from aae_train.data import Dataset, load_dataset
+from aae_train.models import build_models
+
+METRICS_NAME = "metrics.jsonl"
+SAMPLES_NAME = "samples.png"
+RECONSTRUCTIONS_NAME = "reconstructions.png"
+CONFIG_NAME = "config.json"
+
+
+class TrainingError(AAEError):
+    """Training cannot go on (e.g. the loss diverged); nothing broken was saved."""
+
+
+@dataclass
+class StepLosses:
+    recon: float
+    disc: float
+    disc_acc: float
+    gen: float
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("--device cuda: PyTorch sees no CUDA GPU here; use --device cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+class Trainer:
+    """Holds the models, optimisers, data (on the training device) and RNG streams of one run."""
+
+    def __init__(self, cfg: RunConfig, data: Dataset):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.train.device)
+        torch.manual_seed(cfg.train.seed)
+        self.encoder, self.decoder, self.discriminator = (m.to(self.device) for m in build_models(cfg.model))
+        t = cfg.train
+        self.opt_recon = torch.optim.Adam([*self.encoder.parameters(), *self.decoder.parameters()], lr=t.lr_recon)
+        self.opt_disc = torch.optim.Adam(self.discriminator.parameters(), lr=t.lr_disc, betas=(0.5, 0.999))
+        self.opt_gen = torch.optim.Adam(self.encoder.parameters(), lr=t.lr_gen, betas=(0.5, 0.999))
+        # The whole data set lives on the training device: no loader can stall a GPU.
+        self.train_x = torch.from_numpy(data.train).to(self.device)
+        self.val_x = torch.from_numpy(data.val).to(self.device)
+        self.shuffle = torch.Generator().manual_seed(t.seed + 1)
+        self.prior_rng = np.random.default_rng(t.seed + 2)
+        self.epoch = 0  # epochs completed
+        self.history: list[dict] = []
+
+    # -- one minibatch --------------------------------------------------------------------------
+    def recon_loss(self, recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.train.recon_loss == "bce":
+            return F.binary_cross_entropy(recon, x)
+        return F.mse_loss(recon, x)
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """One minibatch of both phases; returns (4,) losses: recon, disc, disc accuracy, gen."""
+        enc, dec, disc = self.encoder, self.decoder, self.discriminator
+        # Reconstruction phase: encoder + decoder.
+        recon = self.recon_loss(dec(enc(x)), x)
+        self.opt_recon.zero_grad(set_to_none=True)
+        recon.backward()
+        self.opt_recon.step()
+        # Regularisation phase, 1: the discriminator; prior samples are real, codes are fake.
+        z_real = torch.from_numpy(sample_prior(self.cfg.model.prior, len(x), self.prior_rng)).to(self.device)
+        z_fake = enc(x).detach()
+        logits_real, logits_fake = disc(z_real), disc(z_fake)
+        d_loss = F.binary_cross_entropy_with_logits(logits_real, torch.ones_like(logits_real)) + \
+            F.binary_cross_entropy_with_logits(logits_fake, torch.zeros_like(logits_fake))
+        self.opt_disc.zero_grad(set_to_none=True)
+        d_loss.backward()
+        self.opt_disc.step()
+        d_acc = 0.5 * ((logits_real > 0).float().mean() + (logits_fake < 0).float().mean())
+        # Regularisation phase, 2: the encoder as generator, trying to make D call its codes real.
+        logits_gen = disc(enc(x))
+        g_loss = F.binary_cross_entropy_with_logits(logits_gen, torch.ones_like(logits_gen))
+        self.opt_gen.zero_grad(set_to_none=True)
+        g_loss.backward()
+        self.opt_gen.step()
+        return torch.stack([recon.detach(), d_loss.detach(), d_acc.detach(), g_loss.detach()])
+
+    # -- one epoch ------------------------------------------------------------------------------
+    def train_epoch(self, on_step: Callable[[int, int, StepLosses], None] | None = None) -> dict:
+        for m in (self.encoder, self.decoder, self.discriminator):
+            m.train()
+        bs = self.cfg.train.batch_size
+        n = len(self.train_x)
+        order = torch.randperm(n, generator=self.shuffle).to(self.device)
+        steps = max(1, n // bs)  # drop the last partial batch: D sees equal real and fake counts
+        start = time.perf_counter()
+        total = torch.zeros(4, device=self.device)
+        for i in range(steps):
+            total += self.step(self.train_x[order[i * bs : (i + 1) * bs]])
+            if on_step and (i % 10 == 9 or i == steps - 1):
+                on_step(i + 1, steps, StepLosses(*(total / (i + 1)).tolist()))
+        means = (total / steps).tolist()
+        if not all(math.isfinite(v) for v in means):
+            raise TrainingError(
+                f"loss became NaN or infinite in epoch {self.epoch + 1} (recon {means[0]:.3g}, disc {means[1]:.3g}, "
+                f"gen {means[3]:.3g}); nothing was saved for this epoch: lower the learning rates and --resume or retrain"
+            )
+        self.epoch += 1
+        metrics = {
+            "epoch": self.epoch,
+            "recon_loss": means[0],
+            "disc_loss": means[1],
+            "disc_acc": means[2],
+            "gen_loss": means[3],
+            **self.evaluate(),
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+        self.history.append(metrics)
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Validation reconstruction loss and how the codes of validation images match the prior."""
+        self.encoder.eval()
+        self.decoder.eval()
+        z = torch.cat([self.encoder(b) for b in self.val_x.split(1000)])
+        recon = torch.cat([self.decoder(b) for b in z.split(1000)])
+        return {
+            "val_recon_loss": float(self.recon_loss(recon, self.val_x)),
+            "val_mse": float(F.mse_loss(recon, self.val_x)),
+            "latent_mean": [round(v, 4) for v in z.mean(0).tolist()],
+            "latent_std": [round(v, 4) for v in z.std(0).tolist()],
+        }
+
+    # -- outputs --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def write_grids(self, run_dir: Path, n: int = 64) -> None:
+        self.encoder.eval()
+        self.decoder.eval()
+        z = torch.from_numpy(sample_prior(self.cfg.model.prior, n, np.random.default_rng(0))).to(self.device)
+        save_grid(self.decoder(z).cpu().numpy(), run_dir / SAMPLES_NAME)
+        x = self.val_x[: n // 2]
+        pairs = torch.stack([x, self.decoder(self.encoder(x))], dim=1).flatten(0, 1)  # original, reconstruction, ...
+        save_grid(pairs.cpu().numpy(), run_dir / RECONSTRUCTIONS_NAME, ncols=16)
+
+    def state(self) -> dict:
+        rng = {"torch": torch.get_rng_state(), "shuffle": self.shuffle.get_state(), "prior": self.prior_rng.bit_generator.state}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "config": self.cfg.to_dict(),
+            "epoch": self.epoch,
+            "package_version": __version__,
+            "encoder": self.encoder.state_dict(),
+            "decoder": self.decoder.state_dict(),
+            "discriminator": self.discriminator.state_dict(),
+            "optimizers": {"recon": self.opt_recon.state_dict(), "disc": self.opt_disc.state_dict(), "gen": self.opt_gen.state_dict()},
+            "rng": rng,
+            "history": self.history,
+        }
+
+    def load_state(self, state: dict) -> None:
+        self.encoder.load_state_dict(state["encoder"])
+        self.decoder.load_state_dict(state["decoder"])
+        self.discriminator.load_state_dict(state["discriminator"])
+        self.opt_recon.load_state_dict(state["optimizers"]["recon"])
+        self.opt_disc.load_state_dict(state["optimizers"]["disc"])
+        self.opt_gen.load_state_dict(state["optimizers"]["gen"])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.shuffle.set_state(state["rng"]["shuffle"])
+        self.prior_rng.bit_generator.state = state["rng"]["prior"]
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self.epoch = int(state["epoch"])
+        self.history = list(state["history"])
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    checkpoint: Path
+    metrics: list[dict]
+    device: str
+
+
+def train(cfg: RunConfig, run_dir: str | Path, data_dir: str | None = None, resume: str | Path | None = None,
+          on_epoch: Callable[[dict], None] | None = None, on_step=None, on_start=None, download_progress=None) -> TrainResult:
+    """Train (or resume) an AAE, writing checkpoint, metrics and grids into ``run_dir``.
+
+    With ``resume``, the checkpoint's config is used, except that ``cfg.train.epochs`` may
+    extend the run; training goes on from the last completed epoch with its RNG states.
+    """
+    run_dir = Path(run_dir)
+    state = None
+    if resume is not None:
+        state = load_checkpoint(resume)
+        saved = RunConfig.from_dict(state["config"])
+        cfg = saved.replace(train=replace(saved.train, epochs=cfg.train.epochs, device=cfg.train.device))
+    data = load_dataset(cfg.data, data_dir, progress=download_progress)
+    cfg = cfg.replace(data=replace(cfg.data, path=data.path, preprocessing=data.preprocessing.to_dict()))
+    trainer = Trainer(cfg, data)
+    if state is not None:
+        trainer.load_state(state)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / CONFIG_NAME).write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+    metrics_path = run_dir / METRICS_NAME
+    _rewrite_metrics(metrics_path, trainer.history)  # a resumed run drops epochs after its checkpoint
+    if on_start:
+        on_start(trainer, len(data.train), len(data.val))
+    checkpoint = run_dir / CHECKPOINT_NAME
+    while trainer.epoch < cfg.train.epochs:
+        metrics = trainer.train_epoch(on_step)
+        save_checkpoint(trainer.state(), checkpoint)
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if on_epoch:
+            on_epoch(metrics)
+    if not checkpoint.exists():  # resumed at or past the requested epochs: still leave a checkpoint
+        save_checkpoint(trainer.state(), checkpoint)
+    trainer.write_grids(run_dir)
+    return TrainResult(run_dir, checkpoint, trainer.history, str(trainer.device))
+
+
+def _rewrite_metrics(path: Path, history: list[dict]) -> None:
+    path.write_text("".join(json.dumps(m) + "\n" for m in history))

@@ -1,0 +1,38 @@
+"""`aae-export`: checkpoint -> encoder.onnx + decoder.onnx. A thin layer over `export_checkpoint`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from aae_runtime.calibration import DEFAULT_PERCENTILE
+from aae_runtime.errors import AAEError
+from aae_runtime.scoring import RECONSTRUCTION_SCORES
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Export a trained AAE to ONNX.")
+err = Console(stderr=True, soft_wrap=True)
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Option(help="checkpoint.pt written by aae-train (or its run folder).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for encoder.onnx and decoder.onnx.")] = Path("model"),
+    data_dir: Annotated[Optional[Path], typer.Option(help="Where the training data is now, if it moved since training.")] = None,
+    score: Annotated[str, typer.Option(help=f"Anomaly score: {'|'.join(RECONSTRUCTION_SCORES)}.")] = "mse",
+    percentile: Annotated[float, typer.Option(min=0.001, max=100.0, help="Threshold = this percentile of held-out normal scores.")] = DEFAULT_PERCENTILE,
+) -> None:
+    """Export, verify (ONNX checker, parity with PyTorch) and calibrate the anomaly threshold."""
+    if score not in RECONSTRUCTION_SCORES:
+        raise typer.BadParameter(f"{score!r} is not one of {', '.join(RECONSTRUCTION_SCORES)}", param_hint="--score")
+    from export.onnx_export import export_checkpoint  # torch loads only once arguments are valid
+
+    try:
+        result = export_checkpoint(checkpoint, out, data_dir=str(data_dir) if data_dir else None, score=score,
+                                   percentile=percentile, log=lambda s: err.print(s, highlight=False))
+    except AAEError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2)
+    err.print(f"wrote {result.encoder} and {result.decoder}", highlight=False)

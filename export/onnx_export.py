@@ -1,0 +1,150 @@
+"""Checkpoint -> verified ONNX encoder and decoder, with metadata and a calibrated threshold."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import torch
+
+from aae_runtime.calibration import DEFAULT_PERCENTILE, percentile_threshold
+from aae_runtime.errors import AAEError
+from aae_runtime.fileio import atomic_write_bytes
+from aae_runtime.metadata import (
+    DECODER_FILE, ENCODER_FILE, IMAGE_INPUT, LATENT_INPUT, LATENT_OUTPUT, RECONSTRUCTION_OUTPUT, ModelMetadata,
+    Preprocessing,
+)
+from aae_runtime.model import AAEModel
+from aae_runtime.scoring import RECONSTRUCTION_SCORES
+from aae_runtime.session import SessionConfig, create_session
+from aae_train.checkpoint import file_sha256, load_checkpoint
+from aae_train.config import RunConfig
+from aae_train.data import load_dataset
+from aae_train.models import build_models
+from export.metadata import attach, build_metadata, provenance
+
+PARITY_BATCHES = (1, 2, 7, 64)
+PARITY_TOLERANCE = 1e-4  # largest absolute difference allowed between ONNX Runtime and PyTorch
+
+
+class ExportError(AAEError):
+    """Export failed a check; no model files were left behind."""
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    encoder: Path
+    decoder: Path
+    metadata: dict
+    max_abs_diff: dict[str, float]  # per graph, over all parity batches
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_dir: str | None = None,
+                      score: str = "mse", percentile: float = DEFAULT_PERCENTILE,
+                      log: Callable[[str], None] = print) -> ExportResult:
+    """Export ``checkpoint`` to ``out_dir``/{encoder,decoder}.onnx, verify both, calibrate the threshold."""
+    if score not in RECONSTRUCTION_SCORES:
+        raise ExportError(f"unknown score {score!r}; choose one of {', '.join(RECONSTRUCTION_SCORES)}")
+    state = load_checkpoint(checkpoint)
+    cfg = RunConfig.from_dict(state["config"])
+    encoder, decoder, _ = build_models(cfg.model)
+    encoder.load_state_dict(state["encoder"])
+    decoder.load_state_dict(state["decoder"])
+    encoder.eval()
+    decoder.eval()
+    data = load_dataset(cfg.data, data_dir)  # the held-out split, rebuilt from the config
+    pre = Preprocessing.from_dict(cfg.data.preprocessing)
+    normal = data.val
+    log(f"exporting {Path(checkpoint)} (epoch {state['epoch']}); {len(normal)} held-out normal images for checks and threshold")
+
+    example = torch.from_numpy(normal[:2])
+    enc_proto = to_onnx(encoder, example, IMAGE_INPUT, LATENT_OUTPUT)
+    with torch.no_grad():
+        dec_proto = to_onnx(decoder, encoder(example), LATENT_INPUT, RECONSTRUCTION_OUTPUT)
+
+    prov = provenance(file_sha256(Path(checkpoint) if Path(checkpoint).is_file() else Path(checkpoint) / "checkpoint.pt"), state)
+    draft = build_metadata(cfg, pre, score, {"value": 0.0, "method": "pending"}, prov)
+    for proto in (enc_proto, dec_proto):
+        attach(proto, draft)
+        onnx.checker.check_model(proto, full_check=True)
+    log("onnx checker (full check): passed")
+
+    model = _runtime_model(enc_proto, dec_proto, draft)
+    diffs = check_parity(encoder, decoder, model, normal)
+    log("parity with PyTorch, batches " + ", ".join(map(str, PARITY_BATCHES)) + ": largest |difference| "
+        + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()) + f" (limit {PARITY_TOLERANCE:.0e})")
+    if max(diffs.values()) > PARITY_TOLERANCE:
+        raise ExportError(f"ONNX Runtime differs from PyTorch by {max(diffs.values()):.2e} > {PARITY_TOLERANCE:.0e}; no files written")
+
+    scores = np.concatenate([model.score(b) for b in _batches(normal, 256)])
+    threshold = percentile_threshold(scores, percentile)
+    threshold["split"] = f"validation split held out from the training images ({len(normal)} images, split_seed {cfg.data.split_seed})"
+    log(f"threshold: {threshold['value']:.6g} = {percentile:g}th percentile of {score} scores of {len(normal)} held-out normal images")
+    metadata = build_metadata(cfg, pre, score, threshold, prov)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, proto in ((ENCODER_FILE, enc_proto), (DECODER_FILE, dec_proto)):
+        attach(proto, metadata)
+        paths[name] = atomic_write_bytes(out_dir / name, proto.SerializeToString())  # < 2 GB: weights inline
+    return ExportResult(out_dir, paths[ENCODER_FILE], paths[DECODER_FILE], metadata, diffs)
+
+
+def to_onnx(module: torch.nn.Module, example: torch.Tensor, input_name: str, output_name: str) -> onnx.ModelProto:
+    """Export ``module`` with a dynamic batch axis, weights inside the proto (no external .data)."""
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    quiet = io.StringIO()
+    torch_logger = logging.getLogger("torch")
+    level = torch_logger.level
+    torch_logger.setLevel(logging.ERROR)  # the exporter logs about optional torchvision ops
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                module, (example,), dynamo=True, input_names=[input_name], output_names=[output_name],
+                dynamic_shapes=({0: batch},), verbose=False, optimize=True,
+            )
+    finally:
+        torch_logger.setLevel(level)
+    proto = program.model_proto
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    proto.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    return proto
+
+
+def check_parity(encoder, decoder, model: AAEModel, images: np.ndarray) -> dict[str, float]:
+    """Largest absolute difference between ORT and PyTorch, per graph, over batches of real images."""
+    worst = {"encoder": 0.0, "decoder": 0.0}
+    start = 0
+    with torch.no_grad():
+        for size in PARITY_BATCHES:
+            x = images[start : start + size]
+            if len(x) < size:  # tiny validation sets: wrap around
+                x = np.resize(images, (size, *images.shape[1:]))
+            start = (start + size) % len(images)
+            z_ref = encoder(torch.from_numpy(x)).numpy()
+            z = model.encode(x)
+            worst["encoder"] = max(worst["encoder"], float(np.abs(z - z_ref).max()))
+            r_ref = decoder(torch.from_numpy(z_ref)).numpy()
+            worst["decoder"] = max(worst["decoder"], float(np.abs(model.decode(z_ref) - r_ref).max()))
+    return worst
+
+
+def _runtime_model(enc_proto: onnx.ModelProto, dec_proto: onnx.ModelProto, metadata: dict) -> AAEModel:
+    cpu = SessionConfig(device="cpu")
+    enc, _ = create_session(enc_proto.SerializeToString(), cpu)
+    dec, _ = create_session(dec_proto.SerializeToString(), cpu)
+    return AAEModel(enc, dec, ModelMetadata.from_dict(metadata, "export"))
+
+
+def _batches(x: np.ndarray, size: int):
+    for i in range(0, len(x), size):
+        yield x[i : i + size]
