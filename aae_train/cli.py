@@ -122,6 +122,24 @@ def run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None) -
     err.print(f"checkpoint: {result.checkpoint}\nsamples: {out / 'samples.png'}  reconstructions: {out / 'reconstructions.png'}", highlight=False)
 
 
+@app.command("demo-images")
+def demo_images(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write digits/ and noise/ PNGs into.")],
+    data_dir: Annotated[Optional[Path], typer.Option(help="Folder with the MNIST IDX files (as for `mnist`).")] = None,
+    digits: Annotated[int, typer.Option(min=0, max=10000, help="MNIST test digits to write.")] = 8,
+    noise: Annotated[int, typer.Option(min=0, max=10000, help="Uniform-noise images to write.")] = 4,
+) -> None:
+    """Write MNIST test digits and noise images as PNGs, to try `aae-run score` on."""
+    from aae_train.demo import write_demo_images
+
+    try:
+        paths = write_demo_images(out, str(data_dir) if data_dir else None, digits, noise)
+    except AAEError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2)
+    err.print(f"wrote {len(paths)} images under {out}", highlight=False)
+
+
 @app.callback()
 def _main() -> None:
     """Train Adversarial Autoencoders (Makhzani et al. 2015)."""

@@ -1,0 +1,36 @@
+# Two entry points for a fresh machine (see README): `make demo` and `make test`.
+# Both create .venv and install everything first. Override e.g. `make demo EPOCHS=50`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of torch 2.13.0; pass TORCH_SPEC=torch (or a CUDA index) for a GPU build.
+TORCH_SPEC ?= torch==2.13.0
+EPOCHS ?= 10
+RUN ?= runs/demo
+# MNIST: the shared copy beside the project if present, else $AAE_DATA_DIR, else a download.
+DATA_DIR ?= $(firstword $(wildcard ../shared/data/mnist))
+DATA_FLAG := $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
+
+.PHONY: setup demo test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[train,dev]"
+	touch $@
+
+demo: setup
+	$(BIN)/aae-train mnist $(DATA_FLAG) --epochs $(EPOCHS) --out $(RUN)
+	$(BIN)/aae-export --checkpoint $(RUN)/checkpoint.pt --out $(RUN)/model
+	$(BIN)/aae-train demo-images $(DATA_FLAG) --out $(RUN)/images
+	$(BIN)/aae-run score $(RUN)/images --model $(RUN)/model --output $(RUN)/scores.csv; test $$? -le 1
+	$(BIN)/aae-run sample --model $(RUN)/model -n 64 --seed 0 --out $(RUN)/samples-onnx.png
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

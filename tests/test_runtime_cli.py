@@ -1,0 +1,105 @@
+"""`aae-run` through the real console script: tables, CSV/JSON, sampling, info, errors, exit codes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import write_png
+
+
+def run(*args):
+    env = {**os.environ, "COLUMNS": "250"}  # wide enough that rich does not fold the paths
+    return subprocess.run(["aae-run", *map(str, args)], capture_output=True, text=True, env=env)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, mnist_test):
+    images, _ = mnist_test
+    root = tmp_path_factory.mktemp("imgs")
+    for i in range(4):
+        write_png(root / "digits" / f"d{i}.png", images[i])
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        write_png(root / "noise" / "deeper" / f"n{i}.png", rng.integers(0, 256, (28, 28), dtype=np.uint8))
+    (root / "notes.txt").write_text("ignored: not an image suffix")
+    return root
+
+
+def test_score_prints_a_table_and_writes_csv(folder, tiny_model_dir, tmp_path):
+    r = run("score", folder, "--model", tiny_model_dir, "--device", "cpu", "--output", tmp_path / "s.csv")
+    assert r.returncode == 0, r.stderr
+    assert "d0.png" in r.stdout and "n1.png" in r.stdout and "scored 6 images" in r.stdout
+    assert "execution provider: CPUExecutionProvider" in r.stderr
+    rows = list(csv.DictReader(open(tmp_path / "s.csv")))
+    assert [row["path"].rsplit("/", 1)[-1] for row in rows] == ["d0.png", "d1.png", "d2.png", "d3.png", "n0.png", "n1.png"]
+    assert all(row["error"] == "" and float(row["score"]) >= 0 for row in rows)
+    assert [row["anomaly"] for row in rows[4:]] == ["True", "True"]
+
+
+def test_json_output_and_threshold_override(folder, tiny_model_dir, tmp_path):
+    r = run("score", folder, "--model", tiny_model_dir, "--device", "cpu", "--threshold", "1e9", "-o", tmp_path / "s.json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / "s.json").read_text())
+    assert len(rows) == 6 and all(row["anomaly"] is False and row["threshold"] == 1e9 for row in rows)
+
+
+def test_a_bad_file_gives_an_error_row_and_exit_code_1(folder, tiny_model_dir, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    write_png(bad / "ok.png", np.zeros((28, 28), np.uint8))
+    r = run("score", bad, "--model", tiny_model_dir, "--device", "cpu", "-o", tmp_path / "s.csv")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    rows = {row["path"].rsplit("/", 1)[-1]: row for row in csv.DictReader(open(tmp_path / "s.csv"))}
+    assert rows["broken.png"]["error"] and rows["broken.png"]["score"] == ""
+    assert rows["ok.png"]["score"] != ""
+
+
+@pytest.mark.parametrize("setup, expected", [
+    (lambda d: None, "does not exist"),
+    (lambda d: d.mkdir(), "has no encoder.onnx"),
+    (lambda d: (d.mkdir(), (d / "encoder.onnx").write_text("x"), (d / "decoder.onnx").write_text("x")), "cannot load"),
+])
+def test_a_bad_model_dir_is_one_line_and_exit_code_2(tmp_path, folder, setup, expected):
+    model = tmp_path / "model"
+    setup(model)
+    r = run("score", folder, "--model", model, "--device", "cpu")
+    assert r.returncode == 2 and expected in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_sample_writes_a_png_grid_and_a_raw_array(tiny_model_dir, tmp_path):
+    assert run("sample", "--model", tiny_model_dir, "-n", "16", "--out", tmp_path / "g.png", "--device", "cpu").returncode == 0
+    with Image.open(tmp_path / "g.png") as img:
+        assert img.size == (4 * 30 + 2, 4 * 30 + 2)
+    assert run("sample", "--model", tiny_model_dir, "-n", "5", "--out", tmp_path / "s.npy", "--seed", "3").returncode == 0
+    x = np.load(tmp_path / "s.npy")
+    assert x.shape == (5, 1, 28, 28) and x.dtype == np.float32
+
+
+def test_info_prints_metadata_and_providers(tiny_model_dir):
+    r = run("info", "--model", tiny_model_dir, "--device", "cpu")
+    assert r.returncode == 0
+    assert '"schema_version"' in r.stdout and "providers running:   CPUExecutionProvider" in r.stdout
+
+
+def test_device_cuda_where_it_cannot_run_is_an_error_and_auto_falls_back(tiny_model_dir, folder):
+    import onnxruntime as ort
+
+    r = run("info", "--model", tiny_model_dir, "--device", "auto")
+    assert r.returncode == 0 and "providers running:" in r.stdout
+    if "CUDAExecutionProvider" in ort.get_available_providers() and "CUDAExecutionProvider" not in r.stdout.split("running:")[1]:
+        cuda = run("info", "--model", tiny_model_dir, "--device", "cuda")
+        assert cuda.returncode == 2 and "--device cuda" in cuda.stderr and "Traceback" not in cuda.stderr
+
+
+def test_no_images_found_is_exit_code_2(tmp_path, tiny_model_dir):
+    r = run("score", tmp_path, "--model", tiny_model_dir, "--device", "cpu")
+    assert r.returncode == 2 and "no image files" in r.stderr

@@ -1,0 +1,48 @@
+"""The runtime never imports torch: checked in fresh interpreters, through the API and the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+
+from tests.conftest import write_png
+
+
+def test_api_scoring_and_sampling_leave_torch_unimported(tiny_model_dir, tmp_path, mnist_test):
+    images, _ = mnist_test
+    write_png(tmp_path / "imgs" / "a.png", images[0])
+    code = textwrap.dedent(f"""
+        import sys
+        from aae_runtime import AAEModel
+        from aae_runtime.cli import app  # the CLI module too
+        m = AAEModel.load({str(tiny_model_dir)!r}, device="auto")
+        rows = m.score_paths([{str(tmp_path / "imgs")!r}])
+        assert rows[0].ok, rows
+        m.sample(4, seed=0)
+        bad = sorted(k for k in sys.modules if k.split(".")[0] in ("torch", "aae_train", "export"))
+        print("LEAKED", bad)
+        sys.exit(1 if bad else 0)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_cli_scoring_and_sampling_leave_torch_unimported(tiny_model_dir, tmp_path, mnist_test):
+    images, _ = mnist_test
+    write_png(tmp_path / "a.png", images[0])
+    code = textwrap.dedent(f"""
+        import sys
+        from aae_runtime.cli import app
+        for argv in (["score", {str(tmp_path / "a.png")!r}, "--model", {str(tiny_model_dir)!r}],
+                     ["sample", "--model", {str(tiny_model_dir)!r}, "-n", "4", "--out", {str(tmp_path / "g.png")!r}]):
+            try:
+                app(argv)
+            except SystemExit as exc:
+                assert exc.code in (0, None), exc.code
+        sys.exit(3 if "torch" in sys.modules else 0)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
