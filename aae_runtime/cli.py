@@ -1,40 +1,79 @@
 """`aae-run`: score images, sample the prior, describe a model. A thin layer over `AAEModel`.
 
-Exit codes: 0 everything done; 1 some input files could not be scored (their rows say why);
-2 could not run at all (bad model, device or arguments).
+Exit codes (all commands):
+  0  everything done: every image found was scored;
+  1  ran, but some input files could not be scored: each has its own row with the reason
+     (corrupt, truncated, not an image, too large, unreadable, ...); all other files were scored;
+  2  could not run: bad arguments, missing or unusable model, device unavailable, no images
+     found, output not writable, or an unexpected internal error (always one line, never a
+     traceback; set AAE_DEBUG=1 to see the traceback of an internal error);
+  130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from aae_runtime import __version__
 from aae_runtime.errors import AAEError
-from aae_runtime.images import save_grid
+from aae_runtime.images import display_path, save_grid
 from aae_runtime.model import DEFAULT_BATCH_SIZE, AAEModel, ImageScore
 from aae_runtime.report import write_results
 from aae_runtime.session import DEVICES, available_providers
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_CANNOT_RUN = 0, 1, 2
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Score images and sample from an exported AAE (no torch needed).")
+EXIT_CODES_HELP = (
+    "Exit codes: 0 all images scored; 1 some files could not be scored (each has an error row); "
+    "2 could not run (bad arguments or model, no images, unexpected error)."
+)
+
+
+class _OneLineErrors(typer.Typer):
+    """A Typer app whose unexpected exceptions end in one line and exit code 2, never in a
+    traceback (that would also exit 1, the code for "some files failed")."""
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return super().__call__(*args, **kwargs)
+        except Exception as exc:
+            if os.environ.get("AAE_DEBUG"):
+                raise
+            text = str(exc).strip().splitlines()
+            err.print(f"[red]error:[/red] internal error ({escape(type(exc).__name__)}: {escape(text[0][:300] if text else '')}); "
+                      "this is a bug: please report it, with the output of the same command run with AAE_DEBUG=1",
+                      highlight=False)
+            sys.exit(EXIT_CANNOT_RUN)
+
+
+app = _OneLineErrors(add_completion=False, no_args_is_help=True,
+                     help=f"Score images and sample from an exported AAE (no torch needed). {EXIT_CODES_HELP}")
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 ModelOpt = Annotated[Path, typer.Option("--model", "-m", help="Folder written by aae-export (encoder.onnx, decoder.onnx).")]
-DeviceOpt = Annotated[str, typer.Option(help=f"Execution device: {'|'.join(DEVICES)}. auto falls back to the CPU with a notice.")]
+DeviceOpt = Annotated[Literal[DEVICES], typer.Option(help="Execution device. auto falls back to the CPU with a notice.")]
 
 
 def _fail(exc: AAEError) -> typer.Exit:
-    err.print(f"[red]error:[/red] {exc}", highlight=False, markup=True)
+    # escape: messages carry file names, and a name like "x[/]y" must not be read as markup
+    err.print(f"[red]error:[/red] {_printable(str(exc))}", highlight=False, markup=True)
     return typer.Exit(EXIT_CANNOT_RUN)
+
+
+def _printable(text: str) -> str:
+    """File names and messages as literal text: no Rich markup, no control characters."""
+    return escape(display_path(text, controls=True))
 
 
 def _check_device(device: str) -> str:
@@ -88,7 +127,7 @@ def _print_scores(results: list[ImageScore], m: AAEModel, show: int) -> None:
     shown = results if show == 0 else results[:show]
     for r in shown:
         flag = "" if r.anomaly is None else ("[red]yes[/red]" if r.anomaly else "no")
-        table.add_row(r.path, "" if r.score is None else f"{r.score:.6f}", flag, r.error or "")
+        table.add_row(_printable(r.path), "" if r.score is None else f"{r.score:.6f}", flag, _printable(r.error or ""))
     out.print(table)
     if len(shown) < len(results):
         out.print(f"... {len(results) - len(shown)} more rows (use --output FILE for all, or --show 0)")

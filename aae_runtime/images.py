@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import errno
 import math
+import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -20,7 +22,14 @@ from aae_runtime.metadata import Preprocessing
 
 # Larger than any inspection camera (~150 MP), small enough that decoding stays bounded in memory.
 MAX_IMAGE_PIXELS = 200_000_000
+# Decoded size limit: 8-bit RGB at MAX_IMAGE_PIXELS. Pillow allocates the whole image before it
+# decodes a byte, so a 100-byte PNG declaring 14000 x 14000 RGBA would cost 784 MB without it.
+MAX_DECODED_BYTES = 3 * MAX_IMAGE_PIXELS
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm"})
+# The only decoders ever run, whatever a file's name says. Pillow's others include EPS, which
+# hands the file to Ghostscript (a PostScript interpreter), and formats no camera writes.
+# (JPEG includes the multi-picture MPO files some cameras write.)
+FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
 RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -28,46 +37,139 @@ RESAMPLE = {
     "lanczos": Image.Resampling.LANCZOS,
     "box": Image.Resampling.BOX,
 }
+_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "La": 2, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
 
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a half-grey image
+# Pillow's advice for untrusted input. Set once here, not per call: `warnings.catch_warnings`
+# is not thread-safe, and files are decoded on a worker thread. The explicit size checks in
+# `load_image` hold even where a caller (e.g. pytest) resets the warning filters.
+warnings.simplefilter("error", Image.DecompressionBombWarning)
 
 
 def load_image(path: str | Path, pre: Preprocessing) -> np.ndarray:
-    """Decode ``path`` into one model input of shape (C, H, W), float32, as ``pre`` says."""
+    """Decode ``path`` into one model input of shape (C, H, W), float32, as ``pre`` says.
+
+    Only regular files in `FORMATS` are decoded; images above `MAX_IMAGE_PIXELS` or
+    `MAX_DECODED_BYTES` are refused from their header, before any pixel memory is allocated.
+    Raises `InputError` with a readable reason for everything else a file can do wrong.
+    """
     path = Path(path)
+    with _open_regular_file(path) as f:
+        img = _decode(f, path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                width, height = img.size
-                if width * height > MAX_IMAGE_PIXELS:
-                    raise InputError(f"image too large ({width}x{height} pixels, limit {MAX_IMAGE_PIXELS:,})")
-                img.load()
-                return image_to_array(img, pre)
-    except InputError:
-        raise
+        return image_to_array(img, pre)
+    except (ValueError, OSError) as exc:  # e.g. a colour mode Pillow cannot convert
+        raise InputError(f"cannot convert a {img.mode} image to {pre.color_mode} ({_first_line(exc)})") from None
+    except MemoryError:
+        raise InputError("out of memory converting the image") from None
+    finally:
+        img.close()
+
+
+def _open_regular_file(path: Path):
+    """Open ``path`` for reading, refusing anything but a regular file.
+
+    O_NONBLOCK: opening a FIFO would otherwise wait forever for a writer; the check runs on
+    the opened descriptor, so the file cannot be swapped between check and read.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
-        raise InputError("file not found") from None
-    except IsADirectoryError:
-        raise InputError("is a directory") from None
-    except PermissionError:
-        raise InputError("permission denied (cannot read the file)") from None
-    except UnidentifiedImageError:
-        size = _size_or_none(path)
-        reason = "empty file" if size == 0 else "not an image, or a format Pillow cannot read"
+        reason = "dangling symlink (its target does not exist)" if path.is_symlink() else "file not found"
         raise InputError(reason) from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise InputError(f"image too large (decompression bomb guard, limit {MAX_IMAGE_PIXELS:,} pixels)") from None
+    except IsADirectoryError:
+        raise InputError(_directory_problem(path)) from None
+    except PermissionError:
+        raise InputError(_directory_problem(path) if path.is_dir() else "permission denied (cannot read the file)") from None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise InputError("symlink loop") from None
-        text = str(exc) or type(exc).__name__
-        if "truncated" in text.lower():
-            raise InputError("truncated or corrupt image data") from None
-        raise InputError(f"cannot decode image ({text})") from None
-    except (ValueError, SyntaxError, EOFError, MemoryError, Image.UnidentifiedImageError) as exc:
-        raise InputError(f"corrupt image ({type(exc).__name__}: {exc})") from None
+        raise InputError(f"cannot open the file ({exc.strerror or exc})") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise InputError(_directory_problem(path))
+        if not stat.S_ISREG(mode):
+            raise InputError(f"not a regular file (a {_file_kind(mode)})")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _decode(f, path: Path) -> Image.Image:
+    """Decode the open file ``f``; the caller closes the returned image."""
+    try:
+        img = Image.open(f, formats=FORMATS)
+    except UnidentifiedImageError:
+        size = _size_or_none(f)
+        if size == 0:
+            raise InputError("empty file (0 bytes)") from None
+        raise InputError(f"not an image, or not one of the accepted formats ({', '.join(FORMATS)})") from None
+    except Exception as exc:  # Pillow's header parsers raise a zoo of types on hostile bytes
+        raise InputError(_decode_failure(exc, "image header")) from None
+    try:
+        width, height = img.size
+        if width < 1 or height < 1:
+            raise InputError(f"image has no pixels ({width}x{height})")
+        if width * height > MAX_IMAGE_PIXELS:
+            raise InputError(f"image too large ({width}x{height} pixels, limit {MAX_IMAGE_PIXELS:,})")
+        decoded = width * height * _BYTES_PER_PIXEL.get(img.mode, 4)
+        if decoded > MAX_DECODED_BYTES:
+            raise InputError(f"image too large ({width}x{height} {img.mode}, {decoded / 1e6:,.0f} MB decoded, "
+                             f"limit {MAX_DECODED_BYTES / 1e6:,.0f} MB)")
+        img.load()
+        return img
+    except InputError:
+        img.close()
+        raise
+    except BaseException as exc:
+        img.close()
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise InputError(_decode_failure(exc)) from None
+
+
+def _decode_failure(exc: BaseException, part: str = "image data") -> str:
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return f"image too large: {_first_line(exc)}"
+    if isinstance(exc, MemoryError):
+        return "out of memory decoding the image"
+    text = _first_line(exc)
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return f"cannot read the file ({exc.strerror or text})"
+    if "truncated" in text.lower() or isinstance(exc, EOFError):
+        return f"truncated file: {part} ends early ({_describe(exc)})"
+    return f"corrupt {part} ({_describe(exc)})"
+
+
+def _describe(exc: BaseException) -> str:
+    text = _first_line(exc)
+    return text if text == type(exc).__name__ else f"{type(exc).__name__}: {text}"
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
+
+
+def _directory_problem(path: Path) -> str:
+    try:
+        with os.scandir(path):
+            return "is a directory"
+    except OSError as exc:
+        return f"folder cannot be listed ({exc.strerror or exc}): its images were not scored"
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return name
+    return "special file"
 
 
 def image_to_array(img: Image.Image, pre: Preprocessing) -> np.ndarray:
@@ -92,16 +194,30 @@ def pixels_to_input(pixels: np.ndarray, pre: Preprocessing) -> np.ndarray:
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
-    """16-bit and float images are scaled to 8 bits over their full range, not clipped."""
+    """16-bit and float images are scaled to 8 bits over their full range, not clipped.
+
+    Works in bands of rows, so a large 16-bit image costs ~1 extra byte per pixel, not the
+    8-byte float copy per pixel a one-shot conversion would.
+    """
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        wide = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or wide.max(initial=0) > 255 else 255.0
-        return Image.fromarray(np.clip(np.rint(wide * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
+        wide = np.asarray(img)
+        top = 65535 if img.mode.startswith("I;16") or wide.max(initial=0) > 255 else 255
+        return Image.fromarray(_rescale_rows(wide, lambda a: (np.clip(a, 0, top).astype(np.int64) * 255 + top // 2) // top),
+                               mode="L")
     if img.mode == "F":
-        wide = np.nan_to_num(np.asarray(img, dtype=np.float64))
-        top = 1.0 if wide.max(initial=0) <= 1.0 else 255.0
-        return Image.fromarray(np.clip(np.rint(wide * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
+        wide = np.asarray(img)
+        top = 1.0 if np.nanmax(wide, initial=0) <= 1.0 else 255.0
+        return Image.fromarray(_rescale_rows(wide, lambda a: np.clip(np.rint(np.nan_to_num(a.astype(np.float64)) * (255.0 / top)), 0, 255)),
+                               mode="L")
     return img
+
+
+def _rescale_rows(wide: np.ndarray, to_8bit, band_pixels: int = 1 << 20) -> np.ndarray:
+    out = np.empty(wide.shape, dtype=np.uint8)
+    step = max(1, band_pixels // max(1, wide.shape[1]))
+    for top in range(0, wide.shape[0], step):
+        out[top : top + step] = to_8bit(wide[top : top + step])
+    return out
 
 
 def _flatten_alpha(img: Image.Image) -> Image.Image:
@@ -111,10 +227,10 @@ def _flatten_alpha(img: Image.Image) -> Image.Image:
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 
-def _size_or_none(path: Path) -> int | None:
+def _size_or_none(f) -> int | None:
     try:
-        return path.stat().st_size
-    except OSError:
+        return os.fstat(f.fileno()).st_size
+    except (OSError, ValueError):
         return None
 
 
@@ -140,6 +256,20 @@ def save_grid(images: np.ndarray, path: str | Path, ncols: int | None = None, pa
 def save_image(image: np.ndarray, path: str | Path) -> Path:
     """Write one image (C, H, W) in [0, 1] as an 8-bit PNG (grayscale or RGB)."""
     return save_grid(image[None], path, ncols=1, pad=0)
+
+
+def display_path(path: str | Path, controls: bool = False) -> str:
+    """``path`` as UTF-8 text: bytes of a non-UTF-8 file name (which Python keeps as lone
+    surrogates) become ``\\xff`` escapes instead of breaking the CSV writer or the console.
+
+    ``controls=True`` (for terminals) also escapes control characters, so that a file named
+    with a newline or an ANSI escape sequence cannot fake table rows or drive the terminal.
+    """
+    text = str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return text.translate(_CONTROL_ESCAPES) if controls else text
+
+
+_CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
 
 
 def find_images(paths: list[str | Path]) -> list[Path]:
@@ -168,6 +298,7 @@ def _walk(root: Path):
     try:
         entries = sorted(root.iterdir())
     except OSError:
+        yield root  # a folder that cannot be listed gets an error row, not silence
         return
     for e in entries:
         try:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from aae_runtime.errors import InputError
 from aae_runtime.fileio import atomic_write_text
+from aae_runtime.images import display_path
 from aae_runtime.model import ImageScore
 
 FIELDS = ("path", "score", "threshold", "anomaly", "error")
@@ -17,7 +18,7 @@ FORMATS = (".csv", ".json")
 
 def rows_as_dicts(results: list[ImageScore], threshold: float) -> list[dict]:
     return [
-        {"path": r.path, "score": r.score, "threshold": threshold, "anomaly": r.anomaly, "error": r.error}
+        {"path": display_path(r.path), "score": r.score, "threshold": threshold, "anomaly": r.anomaly, "error": r.error}
         for r in results
     ]
 

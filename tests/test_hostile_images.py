@@ -1,0 +1,257 @@
+"""Hostile input folders through the real `aae-run score` and the `AAEModel` API.
+
+Every valid file is scored, every invalid one gets its own row with a readable reason, no
+traceback, bounded memory, nothing hangs, and the exit code says which of the three cases
+happened. The files are generated here (tests/hostile_inputs.py), never committed.
+"""
+
+from __future__ import annotations
+
+import csv
+import ctypes
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from aae_runtime import AAEModel, InputError
+from aae_runtime.images import display_path, find_images, load_image
+from aae_runtime.metadata import Preprocessing
+from tests.conftest import write_png
+from tests.hostile_inputs import ANY, ERROR, OK, encode, make_hostile_folder, non_utf8_name, png_bomb, unreadable_file
+
+# As aae_runtime.images sets it for the runtime (pytest resets warning filters per test).
+pytestmark = pytest.mark.filterwarnings("error::PIL.Image.DecompressionBombWarning")
+CLI_TIMEOUT = 120  # a hang (e.g. on a FIFO) fails the test instead of stalling the suite
+
+
+def run_cli(*args, preexec_fn=None):
+    env = {**os.environ, "COLUMNS": "250"}
+    return subprocess.run(["aae-run", *map(str, args)], capture_output=True, text=True, env=env,
+                          timeout=CLI_TIMEOUT, preexec_fn=preexec_fn, errors="replace")
+
+
+def no_traceback(r) -> None:
+    assert "Traceback" not in r.stderr and "Traceback" not in r.stdout, r.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory, mnist_test):
+    images, _ = mnist_test
+    root = tmp_path_factory.mktemp("hostile")
+    expect = make_hostile_folder(root, images[:4])
+    odd = non_utf8_name(root, images[0])
+    if odd is not None:
+        expect[display_path(odd.relative_to(root))] = OK
+    return root, expect
+
+
+@pytest.fixture(scope="module")
+def cli_rows(hostile, tiny_model_dir, tmp_path_factory):
+    root, _ = hostile
+    out = tmp_path_factory.mktemp("out")
+    r = run_cli("score", root, "--model", tiny_model_dir, "--device", "cpu", "--show", "0",
+                "-o", out / "rows.json")
+    rows = json.loads((out / "rows.json").read_text())
+    csv_rows = run_cli("score", root, "--model", tiny_model_dir, "--device", "cpu", "-o", out / "rows.csv")
+    return r, {str(Path(row["path"]).relative_to(root)): row for row in rows}, (out / "rows.csv"), csv_rows
+
+
+def test_every_file_gets_exactly_its_own_row(hostile, cli_rows):
+    root, expect = hostile
+    r, rows, _, _ = cli_rows
+    no_traceback(r)
+    assert set(rows) == set(expect), (set(rows) ^ set(expect))
+    assert not any("dir_loop" in p for p in rows)  # the directory symlink loop was not walked
+
+
+def test_valid_files_are_scored_and_invalid_ones_say_why(hostile, cli_rows):
+    _, expect = hostile
+    _, rows, _, _ = cli_rows
+    for rel, outcome in expect.items():
+        row = rows[rel]
+        if outcome == OK or (outcome == ANY and row["error"] is None):
+            assert row["error"] is None and math.isfinite(row["score"]) and row["anomaly"] in (True, False), (rel, row)
+        else:
+            assert outcome in (ERROR, ANY), (rel, row)
+            assert row["score"] is None and row["anomaly"] is None, (rel, row)
+            reason = row["error"]
+            assert isinstance(reason, str) and 8 <= len(reason) <= 300 and "\n" not in reason, (rel, reason)
+            assert "Traceback" not in reason and "<" not in reason, (rel, reason)  # no reprs of objects
+
+
+@pytest.mark.parametrize("name, words", [
+    ("zero_bytes.png", "empty file"),
+    ("text.png", "not an image"),
+    ("truncated_half.png", "truncated"),
+    ("truncated.jpg", "truncated"),
+    ("corrupt_idat.png", "corrupt"),
+    ("bomb_png_100kx100k.png", "too large"),
+    ("bomb_jpeg_65kx65k.jpg", "too large"),
+    ("bomb_png_rgba_14kx14k.png", "too large"),
+    ("fifo.png", "not a regular file (a FIFO)"),
+    ("dev_zero.png", "not a regular file (a character device)"),
+    ("loop_a.png", "symlink loop"),
+    ("dangling.png", "dangling symlink"),
+    ("io_error.png", "cannot read the file"),
+    ("postscript.png", "not one of the accepted formats"),
+    ("icon.png", "not one of the accepted formats"),
+])
+def test_reasons_name_the_problem(cli_rows, name, words):
+    _, rows, _, _ = cli_rows
+    assert words in rows[name]["error"]
+
+
+def test_exit_code_and_table_for_a_mixed_folder(hostile, cli_rows):
+    root, expect = hostile
+    r, rows, csv_path, csv_run = cli_rows
+    assert r.returncode == 1 and csv_run.returncode == 1
+    failed = sum(row["error"] is not None for row in rows.values())
+    assert f"scored {len(rows) - failed} images" in r.stdout and f"{failed} failed" in r.stdout
+    # Names are printed literally: Rich markup is not interpreted, control characters escaped.
+    assert "[bold red]markup[/] [/].png" in r.stdout
+    assert "line\\x0abreak.png" in r.stdout and "line\nbreak" not in r.stdout
+    with open(csv_path, newline="", encoding="utf-8") as f:  # valid UTF-8, one record per file
+        assert len(list(csv.DictReader(f))) == len(rows)
+
+
+def test_api_gives_the_same_rows_as_the_cli(hostile, cli_rows, tiny_model_dir):
+    root, _ = hostile
+    _, rows, _, _ = cli_rows
+    model = AAEModel.load(tiny_model_dir, device="cpu")
+    api = {display_path(Path(r.path).relative_to(root)): r for r in model.score_paths([root], batch_size=7)}
+    assert set(api) == set(rows)
+    for rel, r in api.items():
+        assert (r.error is None) == (rows[rel]["error"] is None), rel
+        if r.error is None:
+            assert r.score == pytest.approx(rows[rel]["score"], rel=1e-5)
+
+
+def test_conversions_follow_the_metadata(hostile, mnist_test):
+    """16-bit, RGB(A), palette and CMYK files become the model's mode as Pillow converts them."""
+    root, _ = hostile
+    digit = mnist_test[0][0]
+    gray = Preprocessing("L", 28, 28, "bilinear", 1 / 255, 0.0)
+    rgb = Preprocessing("RGB", 28, 28, "bilinear", 1 / 255, 0.0)
+    ref = digit.astype(np.float32) / 255
+    np.testing.assert_allclose(load_image(root / "gray.png", gray)[0], ref, atol=1e-7)
+    np.testing.assert_allclose(load_image(root / "gray16.png", gray)[0], ref, atol=1e-7)  # scaled, not clipped
+    colour = np.stack([digit, digit // 2, 255 - digit], axis=-1)
+    as_l = np.asarray(Image.fromarray(colour).convert("L"), dtype=np.float32) / 255
+    np.testing.assert_allclose(load_image(root / "rgb.png", gray)[0], as_l, atol=1e-7)
+    np.testing.assert_allclose(load_image(root / "rgb.png", rgb), colour.transpose(2, 0, 1) / 255, atol=1e-7)
+    # Grayscale into an RGB model: three equal channels.
+    three = load_image(root / "gray.png", rgb)
+    assert three.shape == (3, 28, 28) and np.array_equal(three[0], three[2]) and np.allclose(three[0], ref)
+    # Transparent pixels read as black background, opaque ones keep their colour.
+    rgba = load_image(root / "rgba.png", rgb)
+    assert np.all(rgba[:, digit == 0] == 0) and np.allclose(rgba[:, digit > 0], (colour.transpose(2, 0, 1) / 255)[:, digit > 0])
+    for name in ("cmyk.jpg", "cmyk.tif", "palette.png", "palette_transparent.png", "la.png", "float32.tif",
+                 "int32.tif", "bilevel.png", "animated.gif", "larger_300x200.png", "image.webp", "ycbcr.jpg"):
+        for pre in (gray, rgb):
+            x = load_image(root / name, pre)
+            assert x.shape == pre.shape and x.dtype == np.float32 and 0 <= x.min() and x.max() <= 1, name
+
+
+def test_exit_codes_all_scored_and_could_not_run(tmp_path, tiny_model_dir, mnist_test):
+    good = tmp_path / "good"
+    write_png(good / "a.png", mnist_test[0][0])
+    r = run_cli("score", good, "--model", tiny_model_dir, "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    r = run_cli("score", empty, "--model", tiny_model_dir, "--device", "cpu")
+    assert r.returncode == 2 and "no image files" in r.stderr
+    r = run_cli("score", good, "--model", tmp_path / "nope", "--device", "cpu")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    no_traceback(r)
+    r = run_cli("--help")
+    assert r.returncode == 0 and "Exit codes" in r.stdout
+
+
+def _drop_file_permission_override() -> None:
+    """In the child, before exec: drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH, so that even
+    root is refused a mode-000 file (root ignores file modes otherwise)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mode-000 files and capabilities as on Linux")
+def test_unreadable_file_and_folder_get_error_rows(tmp_path, tiny_model_dir, mnist_test):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    write_png(root / "ok.png", mnist_test[0][0])
+    unreadable_file(root, mnist_test[0][0])
+    locked = root / "locked"
+    write_png(locked / "inside.png", mnist_test[0][0])
+    locked.chmod(0)
+    preexec = _drop_file_permission_override if os.geteuid() == 0 else None
+    try:
+        r = run_cli("score", root, "--model", tiny_model_dir, "--device", "cpu", "-o", tmp_path / "rows.json",
+                    preexec_fn=preexec)
+    finally:
+        locked.chmod(0o755)
+    no_traceback(r)
+    rows = {Path(row["path"]).name: row for row in json.loads((tmp_path / "rows.json").read_text())}
+    assert r.returncode == 1
+    assert rows["ok.png"]["error"] is None
+    assert rows["unreadable.png"]["error"] == "permission denied (cannot read the file)"
+    assert "folder cannot be listed" in rows["locked"]["error"]
+
+
+MEASURE_RSS = """
+import resource, sys
+from aae_runtime import AAEModel
+m = AAEModel.load(sys.argv[1], device="cpu")
+rows = m.score_paths(sys.argv[2:])
+print(sum(r.ok for r in rows), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def test_memory_stays_bounded_on_decompression_bombs(hostile, tiny_model_dir, tmp_path):
+    """Peak RSS of scoring the bombs (each a few hundred bytes declaring 0.2-10 gigapixels) stays
+    within 64 MB of scoring one normal image: they are refused from their headers."""
+    root, _ = hostile
+    bombs = [root / n for n in ("bomb_png_100kx100k.png", "bomb_png_rgba_16kx16k.png", "bomb_png_rgba_14kx14k.png",
+                                "bomb_jpeg_65kx65k.jpg")]
+    assert all(p.stat().st_size < 16_000 for p in bombs)
+
+    def peak(paths):
+        r = subprocess.run([sys.executable, "-c", MEASURE_RSS, str(tiny_model_dir), *map(str, paths)],
+                           capture_output=True, text=True, timeout=CLI_TIMEOUT)
+        assert r.returncode == 0, r.stderr
+        ok, kib = map(int, r.stdout.split())
+        return ok, kib / 1024
+
+    ok_base, base = peak([root / "gray.png"])
+    ok_bombs, bombs_mb = peak(bombs)
+    assert ok_base == 1 and ok_bombs == 0
+    assert bombs_mb - base < 64, (base, bombs_mb)
+
+
+def test_find_images_never_loops_and_keeps_explicit_files(hostile):
+    root, expect = hostile
+    found = find_images([root, root / "gray.png", root / "notes.txt"])
+    rel = [str(p.relative_to(root)) for p in found]
+    assert len(rel) == len(set(rel))  # gray.png given twice: one row
+    assert "notes.txt" in rel  # named explicitly: gets its own (error) row
+    assert not any(r.startswith("dir_loop") for r in rel)
+
+
+def test_load_image_raises_only_input_error(hostile):
+    root, expect = hostile
+    pre = Preprocessing("L", 28, 28, "bilinear", 1 / 255, 0.0)
+    for path in sorted(root.rglob("*")):
+        try:
+            load_image(path, pre)
+        except InputError as exc:
+            assert str(exc) and "\n" not in str(exc)
