@@ -26,13 +26,31 @@ CPU = "CPUExecutionProvider"
 ort.set_default_logger_severity(4)
 
 
+# Graph optimisation levels by name. "all" (layout and fusion passes included) measured best or
+# equal on the paper-size MLP; "disable" exists to measure what the passes buy.
+OPTIMIZATION_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
 @dataclass(frozen=True)
 class SessionConfig:
-    """Execution settings, chosen by measurement (see benchmarks/): defaults suit small boxes."""
+    """Execution settings, chosen by measurement (`aae-run bench --sweep`, benchmarks/latency.py).
+
+    Defaults suit small, shared edge boxes: one intra-op thread per physical core, no spinning
+    (spinning buys a few microseconds per call at batch 1 but keeps every core busy-waiting
+    between calls, which starves the camera and decoding threads), every graph optimisation.
+    On a box that only scores and has a core to spare, ``spinning=True`` trims batch-1 latency;
+    ``threads=1`` gives the steadiest latency when other processes share the CPU.
+    """
 
     device: str = "auto"  # "auto" tries CUDA and falls back to the CPU with a notice
     threads: int = 0  # intra-op threads; 0 lets ORT use one per physical core
     spinning: bool = False  # busy-wait between ops: lower latency, burns a core while idle
+    optimization: str = "all"  # a key of OPTIMIZATION_LEVELS
 
 
 def available_providers() -> list[str]:
@@ -42,7 +60,7 @@ def available_providers() -> list[str]:
 def _session_options(cfg: SessionConfig) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.log_severity_level = 4
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.graph_optimization_level = OPTIMIZATION_LEVELS[cfg.optimization]
     so.intra_op_num_threads = cfg.threads
     so.inter_op_num_threads = 1
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if cfg.spinning else "0")
@@ -57,6 +75,8 @@ def create_session(model: bytes | str | Path, cfg: SessionConfig) -> tuple[ort.I
     """
     if cfg.device not in DEVICES:
         raise DeviceError(f"unknown device {cfg.device!r}: use one of {', '.join(DEVICES)}")
+    if cfg.optimization not in OPTIMIZATION_LEVELS:
+        raise DeviceError(f"unknown optimisation level {cfg.optimization!r}: use one of {', '.join(OPTIMIZATION_LEVELS)}")
     want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and _gpu_present())
     want_cuda = want_cuda and CUDA in available_providers()
     if cfg.device == "cuda" and not want_cuda:

@@ -23,15 +23,24 @@ def export(
     data_dir: Annotated[Optional[Path], typer.Option(help="Where the training data is now, if it moved since training.")] = None,
     score: Annotated[str, typer.Option(help=f"Anomaly score: {'|'.join(RECONSTRUCTION_SCORES)}.")] = "mse",
     percentile: Annotated[float, typer.Option(min=0.001, max=100.0, help="Threshold = this percentile of held-out normal scores.")] = DEFAULT_PERCENTILE,
+    quantize: Annotated[Optional[str], typer.Option(help="int8: static QDQ quantisation calibrated on held-out normal images (CPU speed).")] = None,
+    precision: Annotated[str, typer.Option(help="fp32, or fp16 (float16 weights and ops for GPUs; inputs and outputs stay float32).")] = "fp32",
 ) -> None:
     """Export, verify (ONNX checker, parity with PyTorch) and calibrate the anomaly threshold."""
     if score not in RECONSTRUCTION_SCORES:
         raise typer.BadParameter(f"{score!r} is not one of {', '.join(RECONSTRUCTION_SCORES)}", param_hint="--score")
+    if quantize not in (None, "int8"):
+        raise typer.BadParameter(f"{quantize!r}: the only quantisation is int8", param_hint="--quantize")
+    if precision not in ("fp32", "fp16"):
+        raise typer.BadParameter(f"{precision!r} is not one of fp32, fp16", param_hint="--precision")
+    if quantize and precision != "fp32":
+        raise typer.BadParameter("use either --quantize int8 or --precision fp16, not both", param_hint="--quantize")
     from export.onnx_export import export_checkpoint  # torch loads only once arguments are valid
 
     try:
         result = export_checkpoint(checkpoint, out, data_dir=str(data_dir) if data_dir else None, score=score,
-                                   percentile=percentile, log=lambda s: err.print(s, highlight=False))
+                                   percentile=percentile, log=lambda s: err.print(s, highlight=False),
+                                   variant=quantize or precision)
     except AAEError as exc:
         err.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(2)

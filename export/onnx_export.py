@@ -29,6 +29,7 @@ from aae_train.config import RunConfig
 from aae_train.data import load_dataset
 from aae_train.models import build_models
 from export.metadata import attach, build_metadata, provenance
+from export.quantize import VARIANTS, make_variant
 
 PARITY_BATCHES = (1, 2, 7, 64)
 PARITY_TOLERANCE = 1e-4  # largest absolute difference allowed between ONNX Runtime and PyTorch
@@ -49,10 +50,16 @@ class ExportResult:
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_dir: str | None = None,
                       score: str = "mse", percentile: float = DEFAULT_PERCENTILE,
-                      log: Callable[[str], None] = print) -> ExportResult:
-    """Export ``checkpoint`` to ``out_dir``/{encoder,decoder}.onnx, verify both, calibrate the threshold."""
+                      log: Callable[[str], None] = print, variant: str = "fp32") -> ExportResult:
+    """Export ``checkpoint`` to ``out_dir``/{encoder,decoder}.onnx, verify both, calibrate the threshold.
+
+    ``variant`` "int8" or "fp16" (export.quantize) converts the verified float32 graphs; the
+    threshold is then calibrated on the variant's own scores.
+    """
     if score not in RECONSTRUCTION_SCORES:
         raise ExportError(f"unknown score {score!r}; choose one of {', '.join(RECONSTRUCTION_SCORES)}")
+    if variant not in VARIANTS:
+        raise ExportError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     state = load_checkpoint(checkpoint)
     cfg = RunConfig.from_dict(state["config"])
     encoder, decoder, _ = build_models(cfg.model)
@@ -84,11 +91,14 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_dir: str
     if max(diffs.values()) > PARITY_TOLERANCE:
         raise ExportError(f"ONNX Runtime differs from PyTorch by {max(diffs.values()):.2e} > {PARITY_TOLERANCE:.0e}; no files written")
 
+    model, enc_proto, dec_proto, variant_info = _apply_variant(variant, enc_proto, dec_proto, draft, model, normal,
+                                                               cfg.model.prior, log)
     scores = np.concatenate([model.score(b) for b in _batches(normal, 256)])
     threshold = percentile_threshold(scores, percentile)
     threshold["split"] = f"validation split held out from the training images ({len(normal)} images, split_seed {cfg.data.split_seed})"
     log(f"threshold: {threshold['value']:.6g} = {percentile:g}th percentile of {score} scores of {len(normal)} held-out normal images")
     metadata = build_metadata(cfg, pre, score, threshold, prov)
+    metadata["variant"] = variant_info
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
@@ -96,6 +106,35 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_dir: str
         attach(proto, metadata)
         paths[name] = atomic_write_bytes(out_dir / name, proto.SerializeToString())  # < 2 GB: weights inline
     return ExportResult(out_dir, paths[ENCODER_FILE], paths[DECODER_FILE], metadata, diffs)
+
+
+def _apply_variant(variant: str, enc_proto, dec_proto, draft: dict, fp32: AAEModel, normal: np.ndarray,
+                   prior: dict, log: Callable[[str], None]):
+    """Convert the verified float32 graphs to ``variant``; check them and report the score drift."""
+    if variant == "fp32":
+        return fp32, enc_proto, dec_proto, {"precision": "fp32"}
+    latents = np.concatenate([fp32.encode(b) for b in _batches(normal, 256)])
+    enc_v, dec_v, info = make_variant(variant, enc_proto, dec_proto, normal, latents, prior)
+    for proto in (enc_v, dec_v):
+        attach(proto, draft)
+        onnx.checker.check_model(proto, full_check=True)
+    model = _runtime_model(enc_v, dec_v, draft)
+    ref = np.concatenate([fp32.score(b) for b in _batches(normal, 256)])
+    got = np.concatenate([model.score(b) for b in _batches(normal, 256)])
+    if not np.all(np.isfinite(got)):
+        raise ExportError(f"the {variant} graphs give non-finite scores on held-out normal images; no files written")
+    rel = np.abs(got - ref) / np.maximum(np.abs(ref), 1e-12)
+    info["score_drift_vs_fp32"] = {"images": int(len(ref)), "median_relative": float(np.median(rel)),
+                                   "max_relative": float(rel.max()), "rank_correlation": _rank_correlation(ref, got)}
+    log(f"{variant}: scores of {len(ref)} held-out normal images differ from float32 by {np.median(rel):.2%} "
+        f"(median), {rel.max():.2%} (max); rank correlation {info['score_drift_vs_fp32']['rank_correlation']:.4f}")
+    return model, enc_v, dec_v, info
+
+
+def _rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rho (no ties expected in continuous scores)."""
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1]) if len(a) > 1 else 1.0
 
 
 def to_onnx(module: torch.nn.Module, example: torch.Tensor, input_name: str, output_name: str) -> onnx.ModelProto:

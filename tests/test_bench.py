@@ -1,0 +1,76 @@
+"""`aae-run bench` and aae_runtime.bench on the tiny real model: report shape, files, CLI exit codes.
+
+Timings are never asserted (speed targets live in benchmarks/); only that every figure exists,
+is positive and ordered (median <= p90 <= p99).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from aae_runtime import bench
+
+
+@pytest.fixture(scope="module")
+def report(tiny_model_dir):
+    return bench.run_bench(tiny_model_dir, batch_sizes=(1, 8), device="cpu", timing=bench.Timing.quick(),
+                           cold_start_runs=1, folder_images=16, sweep=True)
+
+
+def test_report_has_a_row_per_setup_op_and_batch(report):
+    assert report["schema"] == bench.SCHEMA
+    names = [s["name"] for s in report["setups"]]
+    assert names[0] == "ort-cpu-1t" and len(names) == len(set(names)) >= 1
+    keys = {(r["setup"], r["op"], r["batch"]) for r in report["results"]}
+    assert keys == {(s, op, b) for s in names for op in bench.OPS for b in (1, 8)}
+    for r in report["results"]:
+        assert 0 < r["median_ms"] <= r["p90_ms"] <= r["p99_ms"]
+        assert r["calls"] >= 1 and r["items_per_s"] == pytest.approx(r["batch"] / (r["median_ms"] / 1e3))
+    assert report["machine"]["logical_cores"] >= 1 and report["model"]["precision"] == "fp32"
+
+
+def test_sweep_folder_and_cold_start_are_measured(report):
+    assert {(r["threads"], r["optimization"]) for r in report["sweep"]} >= {(1, "disable"), (1, "all")}
+    f = report["folder"]
+    assert f["images"] == 16 and f["score_paths_images_per_s"] > 0 and f["overlap_speedup"] > 0
+    c = report["cold_start"]
+    assert 0 < c["python_startup_s"] < c["score_one_image_s"] and isinstance(c["met"], bool)
+
+
+def test_report_files_are_json_markdown_and_png(report, tmp_path):
+    paths = bench.write_report(report, tmp_path, name="t")
+    assert json.loads(paths["json"].read_text())["results"] == report["results"]
+    md = paths["md"].read_text()
+    assert "| setup | op | batch | median ms |" in md and "ort-cpu-1t" in md and "Cold start" in md
+    with Image.open(paths["png"]) as img:
+        assert img.format == "PNG" and img.width > 100
+        assert len(np.unique(np.asarray(img.convert("L")))) > 2  # something was drawn
+
+
+def test_cli_bench_exits_0_and_writes_the_three_files(tiny_model_dir, tmp_path):
+    r = subprocess.run(["aae-run", "bench", "--model", str(tiny_model_dir), "--device", "cpu", "-o", str(tmp_path),
+                        "--batch-sizes", "1,4", "--rounds", "1", "--slice", "0", "--cold-start-runs", "0",
+                        "--folder-images", "0"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "| ort-cpu-1t | score | 4 |" in r.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latency.json", "latency.md", "latency.png"]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--batch-sizes", "1,x"], "--batch-sizes"),
+    (["--device", "tpu"], "--device"),
+])
+def test_cli_bench_rejects_bad_options_in_one_line(tiny_model_dir, tmp_path, args, words):
+    r = subprocess.run(["aae-run", "bench", "--model", str(tiny_model_dir), "-o", str(tmp_path), *args],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_bench_on_a_missing_model_is_one_line(tmp_path):
+    r = subprocess.run(["aae-run", "bench", "--model", str(tmp_path / "nope"), "-o", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
