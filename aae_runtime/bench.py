@@ -466,11 +466,13 @@ def markdown(report: dict) -> str:
              f"load average at start {', '.join(f'{x:.2f}' for x in m['load_average'] or [])}. "
              f"Created {report['created']}.", ""]
     lines += [f"- `{s['name']}`: {s['description']}" for s in report["setups"]]
-    lines += ["", "| setup | op | batch | median ms | p90 ms | p99 ms | items/s | µs/item | calls |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    has_best = any("best_ms" in r for r in report["results"])
+    lines += ["", "| setup | op | batch | median ms | p90 ms | p99 ms | items/s | µs/item | calls |" + (" best ms |" if has_best else ""),
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if has_best else "")]
     for r in report["results"]:
+        best = f" {r['best_ms']:.3f} |" if "best_ms" in r else ""
         lines.append(f"| {r['setup']} | {r['op']} | {r['batch']} | {r['median_ms']:.3f} | {r['p90_ms']:.3f} | "
-                     f"{r['p99_ms']:.3f} | {r['items_per_s']:,.0f} | {1e3 * r['median_ms'] / r['batch']:.1f} | {r['calls']} |")
+                     f"{r['p99_ms']:.3f} | {r['items_per_s']:,.0f} | {1e3 * r['median_ms'] / r['batch']:.1f} | {r['calls']} |{best}")
     for note in report.get("notes") or []:
         lines += ["", f"Note: {note}"]
     if report.get("sweep"):
@@ -518,7 +520,7 @@ def plot(report: dict, path: str | Path) -> Path:
     for k, op in enumerate(ops):
         x0, y0, w, h = k * pw + left, top, pw - left - 20, ph - 20
         d.rectangle([x0, y0, x0 + w, y0 + h], outline="black")
-        d.text((x0 + 4, 8), f"{op}: µs per item (median) vs batch", fill="black")
+        d.text((x0 + 4, 8), f"{op}: microseconds per item (median, log) vs batch size", fill="black")
 
         def xy(b, v):
             return (x0 + (np.log2(b) - bl) / (bh - bl) * w, y0 + h - (np.log10(v) - lo) / (hi - lo) * h)
