@@ -74,3 +74,24 @@ def test_cli_bench_rejects_bad_options_in_one_line(tiny_model_dir, tmp_path, arg
 def test_cli_bench_on_a_missing_model_is_one_line(tmp_path):
     r = subprocess.run(["aae-run", "bench", "--model", str(tmp_path / "nope"), "-o", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_io_bound_path_matches_the_numpy_path(tiny_model_dir, mnist_test):
+    """The CUDA benchmark's I/O-binding code, run with CPU buffers (no GPU needed)."""
+    from aae_runtime import AAEModel
+
+    m = AAEModel.load(tiny_model_dir, device="cpu")
+    two_graphs = AAEModel(m.encoder, m.decoder, m.metadata)  # no fused scorer: encoder then decoder
+    x = mnist_test[0][:5, None].astype(np.float32) / 255
+    for model in (m, two_graphs):
+        bound = bench.BoundScore(model, device="cpu")
+        bound(x)
+        bound(x)  # bindings are reused
+        outputs = [o.numpy() for o in bound.bound[5][0][-1][1].get_outputs()]
+        assert outputs and all(np.all(np.isfinite(o)) for o in outputs)
+    recon = next(o for o in outputs if o.shape == x.shape)
+    np.testing.assert_allclose(recon, m.reconstruct(x), atol=1e-6)
+    sample = bench.BoundSample(m, device="cpu")
+    sample(3)
+    b, z, _ = sample.bound[3]
+    np.testing.assert_allclose(b.get_outputs()[0].numpy(), m.decode(z.numpy()), atol=1e-6)
