@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
@@ -82,8 +83,8 @@ def _check_device(device: str) -> str:
     return device
 
 
-def _load(model: Path, device: str, threshold: float | None = None) -> AAEModel:
-    m = AAEModel.load(model, device=_check_device(device), threshold=threshold)
+def _load(model: Path, device: str, threshold: float | None = None, threshold_percentile: float | None = None) -> AAEModel:
+    m = AAEModel.load(model, device=_check_device(device), threshold=threshold, threshold_percentile=threshold_percentile)
     if m.notice:
         err.print(f"[yellow]notice:[/yellow] {m.notice}")
     err.print(f"execution provider: {m.providers[0]}", highlight=False)
@@ -95,15 +96,24 @@ def score(
     paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively).")],
     model: ModelOpt,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write all rows to a .csv or .json file.")] = None,
-    threshold: Annotated[Optional[float], typer.Option(help="Anomaly threshold; overrides the model's metadata.")] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="Anomaly threshold as a score value; overrides the model's metadata.")] = None,
+    threshold_percentile: Annotated[Optional[float], typer.Option(
+        min=0.0, max=100.0, help="Anomaly threshold at this percentile of the normal scores stored at calibration.")] = None,
+    maps: Annotated[Optional[Path], typer.Option(help="Write a per-pixel error heat map PNG per scored image into this folder.")] = None,
+    maps_only_flagged: Annotated[bool, typer.Option(help="With --maps: only for images flagged as anomalous.")] = False,
     batch_size: Annotated[int, typer.Option(min=1, max=4096, help="Images per inference call.")] = DEFAULT_BATCH_SIZE,
     show: Annotated[int, typer.Option(min=0, help="Rows shown on screen (0: all).")] = 50,
     device: DeviceOpt = "auto",
 ) -> None:
-    """Score images by reconstruction error; higher = more abnormal."""
+    """Score images; higher = more abnormal. Rows give the raw score and a normalised one
+    (0.5 at the threshold, clamped to [0, 1])."""
+    if threshold is not None and threshold_percentile is not None:
+        raise typer.BadParameter("give --threshold or --threshold-percentile, not both", param_hint="--threshold")
+    if maps_only_flagged and maps is None:
+        raise typer.BadParameter("--maps-only-flagged needs --maps DIR", param_hint="--maps-only-flagged")
     try:
-        m = _load(model, device, threshold)
-        results = m.score_paths(paths, batch_size=batch_size)
+        m = _load(model, device, threshold, threshold_percentile)
+        results = _score_with_maps(m, paths, batch_size, maps, maps_only_flagged)
         if output is not None:
             write_results(results, m.threshold, output)
     except AAEError as exc:
@@ -118,22 +128,83 @@ def score(
         raise typer.Exit(EXIT_SOME_FAILED)
 
 
+def _score_with_maps(m: AAEModel, paths: list[Path], batch_size: int, maps: Path | None, only_flagged: bool) -> list[ImageScore]:
+    """Score batch by batch; maps are written as rows come, so no batch's arrays outlive it."""
+    if maps is None:
+        return m.score_paths(paths, batch_size=batch_size)
+    from aae_runtime.maps import MapWriter
+
+    lo, hi = m.metadata.raw.get("input", {}).get("value_range", [0.0, 1.0])
+    writer = MapWriter(maps, paths, float(m.metadata.score.get("pixel_error_scale", 0.0)) or 1.0, (float(lo), float(hi)))
+    results = []
+    for r in m.iter_score_paths(paths, batch_size=batch_size, maps=True):
+        if r.ok and (r.anomaly or not only_flagged):
+            try:
+                writer.write(r.path, r.image, r.pixel_error)
+            except OSError as exc:
+                raise AAEError(f"--maps {maps}: cannot write a map ({exc.strerror or exc})") from None
+        results.append(replace(r, pixel_error=None, image=None))
+    writer.close()
+    err.print(f"wrote {len(writer.rows)} anomaly maps to {_printable(str(maps))} (index: maps.csv)", highlight=False)
+    return results
+
+
 def _print_scores(results: list[ImageScore], m: AAEModel, show: int) -> None:
-    table = Table(title=f"{m.score_name} score, threshold {m.threshold:.6g}")
+    table = Table(title=f"{m.score_name} score, threshold {m.threshold:.6g} ({m.threshold_source})")
     table.add_column("image", overflow="fold")
     table.add_column("score", justify="right", no_wrap=True)
+    table.add_column("normalised", justify="right", no_wrap=True)
     table.add_column("anomaly", justify="center", no_wrap=True)
     table.add_column("error", overflow="fold")
     shown = results if show == 0 else results[:show]
     for r in shown:
         flag = "" if r.anomaly is None else ("[red]yes[/red]" if r.anomaly else "no")
-        table.add_row(_printable(r.path), "" if r.score is None else f"{r.score:.6f}", flag, _printable(r.error or ""))
+        table.add_row(_printable(r.path), "" if r.score is None else f"{r.score:.6f}",
+                      "" if r.normalized is None else f"{r.normalized:.3f}", flag, _printable(r.error or ""))
     out.print(table)
     if len(shown) < len(results):
         out.print(f"... {len(results) - len(shown)} more rows (use --output FILE for all, or --show 0)")
     failed = sum(not r.ok for r in results)
     flagged = sum(bool(r.anomaly) for r in results)
     out.print(f"scored {len(results) - failed} images: {flagged} anomalous, {failed} failed", highlight=False)
+
+
+@app.command()
+def calibrate(
+    normal: Annotated[list[Path], typer.Argument(help="Normal (defect-free) image files and/or folders from the line.")],
+    model: ModelOpt,
+    anomalies: Annotated[Optional[list[Path]], typer.Option(
+        help="Labelled anomalous images (file or folder; repeatable): the threshold becomes F1-optimal.")] = None,
+    percentile: Annotated[float, typer.Option(min=0.001, max=100.0, help="Without --anomalies: threshold = this percentile of the normal scores.")] = 99.0,
+    score: Annotated[Optional[str], typer.Option(help="Switch to another score (default: keep the model's).")] = None,
+) -> None:
+    """Refit the score statistics and threshold on new normal images; rewrites the model's metadata (no torch)."""
+    from aae_runtime.recalibrate import MIN_NORMAL_IMAGES, load_folder, recalibrate_dir
+    from aae_runtime.scoring import SCORES
+
+    if score is not None and score not in SCORES:
+        raise typer.BadParameter(f"{score!r} is not one of {', '.join(SCORES)}", param_hint="--score")
+    try:
+        m = _load(model, "cpu")
+        good, failed = load_folder(m, normal)
+        bad_ones, failed_anomalies = load_folder(m, anomalies) if anomalies else (None, [])
+        if len(good) < MIN_NORMAL_IMAGES:
+            raise AAEError(f"found {len(good)} readable normal images in the given paths; calibration needs at least {MIN_NORMAL_IMAGES}")
+        if anomalies and len(bad_ones) == 0:
+            raise AAEError("no readable anomalous images in --anomalies: give a folder of images, or leave it out")
+        meta = recalibrate_dir(model, good, bad_ones, score=score, percentile=percentile,
+                               source=f"aae-run calibrate: {len(good)} normal images"
+                               + (f" and {len(bad_ones)} anomalous images" if anomalies else ""))
+    except AAEError as exc:
+        raise _fail(exc)
+    for path, reason in failed + failed_anomalies:
+        err.print(f"[yellow]skipped[/yellow] {_printable(path)}: {_printable(reason)}", highlight=False)
+    t = meta["threshold"]
+    how = f"F1-optimal (F1 {t['f1']:.3f})" if t["method"] == "f1" else f"{t['percentile']:g}th percentile"
+    out.print(f"recalibrated {_printable(str(model))}: score {meta['score']['name']}, threshold {t['value']:.6g} = {how} "
+              f"of {t['stats']['count']} normal images", highlight=False)
+    if failed or failed_anomalies:
+        raise typer.Exit(EXIT_SOME_FAILED)
 
 
 @app.command()

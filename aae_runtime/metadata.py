@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from aae_runtime.errors import ModelError
 from aae_runtime.priors import validate_prior
+from aae_runtime.scoring import validate_score_block
 
 METADATA_KEY = "aae"
 SCHEMA_VERSION = 1
@@ -23,6 +24,11 @@ IMAGE_INPUT = "image"
 LATENT_OUTPUT = "latent"
 LATENT_INPUT = "latent"
 RECONSTRUCTION_OUTPUT = "reconstruction"
+# The optional fused scoring graph: image batch -> code, per-pixel error map and mean error in
+# one ONNX Runtime call (export writes it beside the two graphs; the runtime uses it when present).
+SCORER_FILE = "scorer.onnx"
+PIXEL_ERROR_OUTPUT = "pixel_error"
+RECONSTRUCTION_ERROR_OUTPUT = "reconstruction_error"
 
 COLOR_MODES = {"L": 1, "RGB": 3}  # PIL mode -> channels
 
@@ -122,6 +128,7 @@ class ModelMetadata:
             raise ModelError(f"{source} metadata has no numeric threshold value: re-export the model")
         if not isinstance(d["score"], dict) or "name" not in d["score"]:
             raise ModelError(f"{source} metadata has no score definition: re-export the model")
+        validate_score_block(d["score"], source)
         return cls(
             raw=d,
             schema_version=version,

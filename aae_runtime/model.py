@@ -5,13 +5,14 @@ This is the API a device embeds; the `aae-run` CLI is a thin layer over it.
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 
+from aae_runtime.calibration import normalise, threshold_at_percentile
 from aae_runtime.errors import InputError, ModelError
 from aae_runtime.images import find_images, load_image
 from aae_runtime.metadata import (
@@ -21,19 +22,17 @@ from aae_runtime.metadata import (
     LATENT_INPUT,
     LATENT_OUTPUT,
     METADATA_KEY,
+    PIXEL_ERROR_OUTPUT,
+    RECONSTRUCTION_ERROR_OUTPUT,
     RECONSTRUCTION_OUTPUT,
+    SCORER_FILE,
     ModelMetadata,
 )
 from aae_runtime.priors import sample_prior
-from aae_runtime.scoring import reconstruction_score
+from aae_runtime.scoring import ScoreParts, evaluate_score, per_image, pixel_error
 from aae_runtime.session import SessionConfig, create_session
 
 DEFAULT_BATCH_SIZE = 64
-# Folder scoring: batches decoded ahead of inference, and threads decoding them (measured with
-# `aae-run bench`: two batches ahead keep inference fed through slow files; more threads than
-# cores only add contention).
-DECODE_AHEAD = 2
-DECODE_WORKERS = max(1, min(4, os.cpu_count() or 1))
 
 
 @dataclass(frozen=True)
@@ -41,9 +40,13 @@ class ImageScore:
     """One row of a scoring run: a score and a flag, or the reason the file could not be scored."""
 
     path: str
-    score: float | None = None
+    score: float | None = None  # raw score, in the units of the model's score
     anomaly: bool | None = None
     error: str | None = None
+    normalized: float | None = None  # 0.5 at the threshold, clamped to [0, 1] (see calibration.py)
+    # Per-pixel error (H, W) and the model input (C, H, W): only when asked for (anomaly maps).
+    pixel_error: np.ndarray | None = field(default=None, repr=False, compare=False)
+    image: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -51,18 +54,32 @@ class ImageScore:
 
 
 class AAEModel:
-    """An exported AAE: ``encoder.onnx`` + ``decoder.onnx`` and the metadata they carry."""
+    """An exported AAE: ``encoder.onnx`` + ``decoder.onnx`` (+ the fused ``scorer.onnx`` when
+    exported) and the metadata they carry.
 
-    def __init__(self, encoder, decoder, metadata: ModelMetadata, threshold: float | None = None, notice: str | None = None):
+    The threshold is, in order of precedence: ``threshold`` (a value), ``threshold_percentile``
+    (a percentile of the normal scores stored at calibration), the metadata's threshold.
+    """
+
+    def __init__(self, encoder, decoder, metadata: ModelMetadata, threshold: float | None = None, notice: str | None = None,
+                 scorer=None, threshold_percentile: float | None = None):
         self.encoder = encoder  # onnxruntime.InferenceSession
         self.decoder = decoder
+        self.scorer = scorer  # fused image -> (latent, pixel_error, reconstruction_error) graph, or None
         self.metadata = metadata
-        self.threshold = float(metadata.threshold_value if threshold is None else threshold)
+        if threshold is not None:
+            self.threshold, self.threshold_source = float(threshold), "given value"
+        elif threshold_percentile is not None:
+            self.threshold = threshold_at_percentile(metadata.threshold, threshold_percentile)
+            self.threshold_source = f"{threshold_percentile:g}th percentile of the stored normal scores"
+        else:
+            self.threshold, self.threshold_source = metadata.threshold_value, _describe(metadata.threshold)
         self.notice = notice  # set when the requested device fell back to another
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "auto", threshold: float | None = None,
-             session_config: SessionConfig | None = None) -> "AAEModel":
+             session_config: SessionConfig | None = None, threshold_percentile: float | None = None,
+             use_scorer: bool = True) -> "AAEModel":
         """Load the model folder written by ``aae-export``. Raises ModelError or DeviceError."""
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
@@ -82,8 +99,18 @@ class AAEModel:
             raise ModelError(
                 f"{ENCODER_FILE} and {DECODER_FILE} in {model_dir} come from different exports: export both into one folder again"
             )
+        _check_same_calibration(meta_enc, meta_dec, DECODER_FILE, model_dir)
         _check_graphs(encoder, decoder, meta_enc)
-        return cls(encoder, decoder, meta_enc, threshold=threshold, notice=notice)
+        scorer = None
+        if use_scorer and (model_dir / SCORER_FILE).is_file():
+            scorer, _ = create_session(model_dir / SCORER_FILE, cfg)
+            meta_sc = ModelMetadata.from_json(scorer.get_modelmeta().custom_metadata_map.get(METADATA_KEY), SCORER_FILE)
+            if meta_sc.export_id != meta_enc.export_id:
+                raise ModelError(f"{SCORER_FILE} in {model_dir} comes from another export than {ENCODER_FILE}: export again")
+            _check_same_calibration(meta_enc, meta_sc, SCORER_FILE, model_dir)
+            _check_scorer(scorer, meta_enc)
+        return cls(encoder, decoder, meta_enc, threshold=threshold, notice=notice, scorer=scorer,
+                   threshold_percentile=threshold_percentile)
 
     # -- properties -------------------------------------------------------------------------------
     @property
@@ -98,6 +125,11 @@ class AAEModel:
     @property
     def score_name(self) -> str:
         return str(self.metadata.score["name"])
+
+    @property
+    def pixel_error_name(self) -> str:
+        """The per-pixel error (mse, mae, bce) behind the score's reconstruction term and the maps."""
+        return str(self.metadata.score.get("pixel_error", self.score_name))
 
     # -- arrays -----------------------------------------------------------------------------------
     def encode(self, images: np.ndarray) -> np.ndarray:
@@ -114,10 +146,38 @@ class AAEModel:
     def reconstruct(self, images: np.ndarray) -> np.ndarray:
         return self.decode(self.encode(images))
 
+    def score_parts(self, images: np.ndarray) -> ScoreParts:
+        """Latent codes, per-pixel error maps and mean errors of preprocessed images (N, C, H, W).
+
+        One ONNX Runtime call through the fused scorer graph when the model has one, else two
+        (encoder, decoder) with the error computed in numpy; both give the same numbers.
+        """
+        x = self._check_images(images)
+        if self.scorer is not None:
+            z, err, recon = self.scorer.run([LATENT_OUTPUT, PIXEL_ERROR_OUTPUT, RECONSTRUCTION_ERROR_OUTPUT], {IMAGE_INPUT: x})
+            return ScoreParts(z, err, recon.astype(np.float64))
+        z = self.encode(x)
+        err = pixel_error(x, self.decode(z), self.pixel_error_name)
+        return ScoreParts(z, err, per_image(err))
+
     def score(self, images: np.ndarray) -> np.ndarray:
         """Anomaly scores (N,) float64 of preprocessed images (N, C, H, W); higher = more abnormal."""
-        x = self._check_images(images)
-        return reconstruction_score(x, self.reconstruct(x), self.score_name)
+        return self.score_from_parts(self.score_parts(images))
+
+    def with_score(self, score: dict) -> "AAEModel":
+        """This model with another score block (same sessions); the fused graph is kept only
+        when it computes the pixel error the new score needs."""
+        meta = ModelMetadata.from_dict(dict(self.metadata.raw, score=score), "score")
+        same_pixels = score.get("pixel_error", score.get("name")) == self.pixel_error_name
+        return AAEModel(self.encoder, self.decoder, meta, threshold=self.threshold, notice=self.notice,
+                        scorer=self.scorer if same_pixels else None)
+
+    def score_from_parts(self, parts: ScoreParts) -> np.ndarray:
+        return evaluate_score(self.metadata.score, parts, self.metadata.prior)
+
+    def normalise(self, scores: np.ndarray) -> np.ndarray:
+        """Scores in [0, 1], 0.5 at the threshold (formula: aae_runtime.calibration)."""
+        return normalise(scores, self.threshold, self.metadata.threshold.get("stats"))
 
     def is_anomaly(self, scores: np.ndarray) -> np.ndarray:
         return np.asarray(scores) > self.threshold
@@ -144,42 +204,37 @@ class AAEModel:
         """Score image files and folders (recursively). Unreadable files get an error row."""
         return list(self.iter_score_paths(paths, batch_size))
 
-    def iter_score_paths(self, paths: Iterable[str | Path], batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator[ImageScore]:
+    def iter_score_paths(self, paths: Iterable[str | Path], batch_size: int = DEFAULT_BATCH_SIZE,
+                         maps: bool = False) -> Iterator[ImageScore]:
         """Like `score_paths`, yielding rows batch by batch; decoding of the next batch overlaps
-        inference on the current one."""
+        inference on the current one. With ``maps``, rows carry the per-pixel error and the input."""
         files = find_images(list(paths))
         if batch_size < 1:
             raise InputError(f"batch size must be at least 1, got {batch_size}")
         chunks = [files[i : i + batch_size] for i in range(0, len(files), batch_size)]
-        if len(chunks) <= 1:  # nothing to overlap: no thread pool to start (cold start of one image)
-            for chunk in chunks:
-                yield from self._score_decoded(chunk, self.load_images(chunk))
+        if not chunks:
             return
-        from concurrent.futures import ThreadPoolExecutor  # folders only
-
-        # DECODE_AHEAD batches decode while one is inferred; each batch is split over the workers
-        # (Pillow releases the GIL while it decompresses, ONNX Runtime while it runs).
-        with ThreadPoolExecutor(max_workers=DECODE_WORKERS) as pool:
-            def submit(chunk):
-                step = -(-len(chunk) // DECODE_WORKERS)
-                return [pool.submit(self.load_images, chunk[j : j + step]) for j in range(0, len(chunk), step)]
-
-            ahead = [submit(c) for c in chunks[:DECODE_AHEAD]]
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(self.load_images, chunks[0])
             for i, chunk in enumerate(chunks):
-                futures = ahead.pop(0)
-                if i + DECODE_AHEAD < len(chunks):
-                    ahead.append(submit(chunks[i + DECODE_AHEAD]))
-                decoded = [item for f in futures for item in f.result()]
-                yield from self._score_decoded(chunk, decoded)
+                decoded = pending.result()
+                if i + 1 < len(chunks):
+                    pending = pool.submit(self.load_images, chunks[i + 1])
+                yield from self._score_decoded(chunk, decoded, maps)
 
-    def _score_decoded(self, chunk: list[Path], decoded: list) -> Iterator[ImageScore]:
+    def _score_decoded(self, chunk: list[Path], decoded: list, maps: bool = False) -> Iterator[ImageScore]:
         good = [k for k, item in enumerate(decoded) if isinstance(item, np.ndarray)]
-        scores = self.score(np.stack([decoded[k] for k in good])) if good else np.empty(0)
-        by_index = dict(zip(good, scores))
+        if good:
+            parts = self.score_parts(np.stack([decoded[k] for k in good]))
+            scores = self.score_from_parts(parts)
+            normalised = self.normalise(scores)
+        row = {k: j for j, k in enumerate(good)}
         for k, path in enumerate(chunk):
-            if k in by_index:
-                s = float(by_index[k])
-                yield ImageScore(str(path), score=s, anomaly=bool(s > self.threshold))
+            if k in row:
+                j = row[k]
+                s = float(scores[j])
+                yield ImageScore(str(path), score=s, anomaly=bool(s > self.threshold), normalized=float(normalised[j]),
+                                 pixel_error=parts.pixel_error[j] if maps else None, image=decoded[k] if maps else None)
             else:
                 yield ImageScore(str(path), error=str(decoded[k]))
 
@@ -188,6 +243,33 @@ class AAEModel:
         if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
             raise InputError(f"images must have shape (N, {', '.join(map(str, self.input_shape))}), got {x.shape}")
         return x
+
+
+def _describe(threshold: dict) -> str:
+    method = threshold.get("method", "stored")
+    if method == "percentile" and "percentile" in threshold:
+        return f"{float(threshold['percentile']):g}th percentile of normal scores (metadata)"
+    if method == "f1":
+        return "F1-optimal on labelled images (metadata)"
+    return f"{method} (metadata)"
+
+
+def _check_same_calibration(first: ModelMetadata, other: ModelMetadata, name: str, model_dir: Path) -> None:
+    """Recalibration rewrites every graph's metadata; a difference means it was interrupted."""
+    if first.raw != other.raw:
+        raise ModelError(f"{ENCODER_FILE} and {name} in {model_dir} carry different metadata (an interrupted "
+                         "recalibration?): run aae-run calibrate again, or export again")
+
+
+def _check_scorer(scorer, meta: ModelMetadata) -> None:
+    outputs = {o.name for o in scorer.get_outputs()}
+    needed = {LATENT_OUTPUT, PIXEL_ERROR_OUTPUT, RECONSTRUCTION_ERROR_OUTPUT}
+    if {i.name for i in scorer.get_inputs()} != {IMAGE_INPUT} or not needed <= outputs:
+        raise ModelError(f"{SCORER_FILE} lacks the '{IMAGE_INPUT}' input or its outputs {sorted(needed)}: re-export the model")
+    fused = (meta.raw.get("graphs") or {}).get("scorer") or {}
+    if fused.get("pixel_error") not in (None, meta.score.get("pixel_error", meta.score.get("name"))):
+        raise ModelError(f"{SCORER_FILE} computes {fused.get('pixel_error')} errors but the score needs "
+                         f"{meta.score.get('pixel_error')}: export again with the score you want")
 
 
 def _check_graphs(encoder, decoder, meta: ModelMetadata) -> None:

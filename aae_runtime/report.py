@@ -12,13 +12,14 @@ from aae_runtime.fileio import atomic_write_text
 from aae_runtime.images import display_path
 from aae_runtime.model import ImageScore
 
-FIELDS = ("path", "score", "threshold", "anomaly", "error")
+FIELDS = ("path", "score", "normalized_score", "threshold", "anomaly", "error")
 FORMATS = (".csv", ".json")
 
 
 def rows_as_dicts(results: list[ImageScore], threshold: float) -> list[dict]:
     return [
-        {"path": display_path(r.path), "score": r.score, "threshold": threshold, "anomaly": r.anomaly, "error": r.error}
+        {"path": display_path(r.path), "score": r.score, "normalized_score": r.normalized, "threshold": threshold,
+         "anomaly": r.anomaly, "error": r.error}
         for r in results
     ]
 

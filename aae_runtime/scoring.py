@@ -1,14 +1,92 @@
-"""Anomaly scores from an image and its reconstruction (numpy; higher = more abnormal).
+"""Anomaly scores (numpy; higher = more abnormal): their definitions, fitting and evaluation.
 
-The score a model uses is named in its metadata (``{"name": "mse"}``); export computes the
-threshold with these same functions, so the score has one definition.
+A score is a sum of *terms*, each a raw per-image quantity, optionally log-transformed and
+standardised by the mean and std it has on normal validation images:
+
+- ``reconstruction``: mean per-pixel error between image and reconstruction (mse, mae or bce);
+- ``prior``: negative log-likelihood of the latent code under the model's prior;
+- ``codes``: squared Mahalanobis distance of the code to a Gaussian fitted to the codes of
+  normal validation images (the encoder never matches the prior exactly; this measures
+  distance to where normal images actually land).
+
+Plain reconstruction scores (``mse``, ``mae``, ``bce``) are one unstandardised term, so their
+values are the familiar mean errors. The score a model uses -- names, transforms, fitted
+statistics -- is written into its metadata by export (or ``aae-run calibrate``) and read back
+here, so the score has exactly one definition.
+
+Why the latent terms are risky: the adversarial regulariser pulls every code towards the
+prior, so an unusual input is often mapped *closer* to the prior's centre than normal ones
+and gets a *lower* latent score. Combined scores therefore weigh a latent term only as one
+standardised vote beside the reconstruction, and the benchmark (benchmarks/one_class.py)
+measures each option rather than trusting the intuition.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import numpy as np
 
+from aae_runtime.errors import ModelError
+
 _EPS = 1e-6
+_LOG_FLOOR = 1e-12  # keeps log(reconstruction error) finite for a perfect reconstruction
+_SHRINK = 1e-3  # ridge on the code covariance, as a share of its mean variance: invertible always
+
+RECONSTRUCTION_SCORES = ("mse", "mae", "bce")
+LATENT_SOURCES = ("prior", "codes")
+
+# name -> (pixel error, [(source, transform, weight), ...]); one entry per selectable score.
+# weight "dev" is two-sided: |standardised term|, the deviation from normal in either direction.
+def _build_scores() -> dict[str, tuple[str, list[tuple[str, str, float | str]]]]:
+    table: dict[str, tuple[str, list]] = {"prior": ("mse", [("prior", "identity", 1.0)]),
+                                          "codes": ("mse", [("codes", "log", 1.0)])}
+    for pix in RECONSTRUCTION_SCORES:
+        table[pix] = (pix, [("reconstruction", "identity", 1.0)])
+        recon = ("reconstruction", "log", 1.0)
+        table[f"{pix}+prior"] = (pix, [recon, ("prior", "identity", 1.0)])
+        table[f"{pix}-prior"] = (pix, [recon, ("prior", "identity", -1.0)])  # codes pulled to the centre
+        table[f"{pix}+prior_dev"] = (pix, [recon, ("prior", "identity", "dev")])
+        table[f"{pix}+codes"] = (pix, [recon, ("codes", "log", 1.0)])
+    return table
+
+
+SCORES = _build_scores()
+DEFAULT_SCORE = "mse"
+
+PIXEL_DEFINITIONS = {
+    "mse": "(x - decoder(encoder(x)))^2",
+    "mae": "|x - decoder(encoder(x))|",
+    "bce": "binary cross-entropy of x under decoder(encoder(x))",
+}
+SOURCE_DEFINITIONS = {
+    "reconstruction": "mean over pixels and channels of the per-pixel error",
+    "prior": "-log p(z) of the code z = encoder(x) under the prior",
+    "codes": "squared Mahalanobis distance of z to the Gaussian fitted to normal validation codes",
+}
+
+
+def _define(pix: str, terms: list) -> str:
+    if len(terms) == 1 and terms[0][0] == "reconstruction":
+        return f"{SOURCE_DEFINITIONS['reconstruction']}; per-pixel error {PIXEL_DEFINITIONS[pix]}"
+    parts = []
+    for src, transform, weight in terms:
+        term = f"standardised {'log ' if transform == 'log' else ''}[{SOURCE_DEFINITIONS[src]}]"
+        parts.append(f"+ |{term}|" if weight == "dev" else (f"- {term}" if weight == -1.0 else f"+ {term}"))
+    return " ".join(parts).lstrip("+ ") + f"; per-pixel error {PIXEL_DEFINITIONS[pix]}"
+
+
+SCORE_DEFINITIONS = {name: _define(pix, terms) for name, (pix, terms) in SCORES.items()}
+
+
+@dataclass(frozen=True)
+class ScoreParts:
+    """What one forward pass yields for a batch: everything any score and any map needs."""
+
+    latent: np.ndarray  # (N, latent_dim) float32
+    pixel_error: np.ndarray  # (N, H, W) float32, averaged over channels
+    reconstruction: np.ndarray  # (N,) float64, mean of pixel_error per image
 
 
 def pixel_error(x: np.ndarray, recon: np.ndarray, name: str) -> np.ndarray:
@@ -27,12 +105,111 @@ def pixel_error(x: np.ndarray, recon: np.ndarray, name: str) -> np.ndarray:
 
 def reconstruction_score(x: np.ndarray, recon: np.ndarray, name: str) -> np.ndarray:
     """One score per image (N,), float64: the mean per-pixel error."""
-    return pixel_error(x, recon, name).reshape(len(x), -1).mean(axis=1, dtype=np.float64)
+    return per_image(pixel_error(x, recon, name))
 
 
-RECONSTRUCTION_SCORES = ("mse", "mae", "bce")
-SCORE_DEFINITIONS = {
-    "mse": "mean over pixels and channels of (x - decoder(encoder(x)))^2",
-    "mae": "mean over pixels and channels of |x - decoder(encoder(x))|",
-    "bce": "mean over pixels and channels of the binary cross-entropy of x under decoder(encoder(x))",
-}
+def per_image(pixel_err: np.ndarray) -> np.ndarray:
+    """(N, H, W) per-pixel errors -> (N,) float64 means."""
+    return pixel_err.reshape(len(pixel_err), -1).mean(axis=1, dtype=np.float64)
+
+
+def prior_nll(z: np.ndarray, prior: dict) -> np.ndarray:
+    """-log p(z) (N,) under a gaussian or mog prior spec (see aae_runtime.priors)."""
+    z = np.asarray(z, dtype=np.float64)
+    d = z.shape[1]
+    name = prior["name"]
+    if name == "gaussian":
+        std = float(prior.get("std", 1.0))
+        u = (z - float(prior.get("mean", 0.0))) / std
+        return 0.5 * (u**2).sum(axis=1) + d * math.log(std) + 0.5 * d * math.log(2 * math.pi)
+    if name == "mog":
+        k, radius, std = int(prior["components"]), float(prior["radius"]), float(prior["std"])
+        angle = 2 * np.pi * np.arange(k) / k
+        centres = np.zeros((k, d))
+        centres[:, 0], centres[:, 1] = radius * np.cos(angle), radius * np.sin(angle)
+        sq = ((z[:, None, :] - centres[None]) ** 2).sum(axis=2) / (2 * std**2)  # (N, k)
+        lo = sq.min(axis=1)
+        log_mix = -lo + np.log(np.exp(-(sq - lo[:, None])).mean(axis=1))  # stable log-mean-exp
+        return -log_mix + d * math.log(std) + 0.5 * d * math.log(2 * math.pi)
+    raise ModelError(f"the 'prior' score needs a gaussian or mog prior, this model has {name!r}: choose another --score")
+
+
+def fit_codes(z: np.ndarray) -> dict:
+    """Mean and precision of a Gaussian fitted to normal codes (ridge-regularised)."""
+    z = np.asarray(z, dtype=np.float64)
+    mean = z.mean(axis=0)
+    cov = np.atleast_2d(np.cov(z, rowvar=False)) if len(z) > 1 else np.eye(z.shape[1])
+    ridge = _SHRINK * max(float(np.trace(cov)) / len(cov), _EPS)
+    precision = np.linalg.inv(cov + ridge * np.eye(len(cov)))
+    return {"mean": mean.tolist(), "precision": precision.tolist()}
+
+
+def codes_distance(z: np.ndarray, codes: dict) -> np.ndarray:
+    u = np.asarray(z, dtype=np.float64) - np.asarray(codes["mean"])
+    return np.einsum("ni,ij,nj->n", u, np.asarray(codes["precision"]), u)
+
+
+def score_spec(name: str) -> tuple[str, list]:
+    if name not in SCORES:
+        raise ModelError(f"unknown score {name!r}; choose one of {', '.join(SCORES)}")
+    return SCORES[name]
+
+
+def fit_score(name: str, parts: ScoreParts, prior: dict) -> dict:
+    """The metadata ``score`` block of score ``name``, its statistics fitted on normal ``parts``."""
+    pix, terms = score_spec(name)
+    block = {"name": name, "pixel_error": pix, "definition": SCORE_DEFINITIONS[name],
+             "higher_is_more_anomalous": True, "fitted_on": int(len(parts.reconstruction))}
+    if any(src == "codes" for src, _, _ in terms):
+        block["codes"] = fit_codes(parts.latent)
+    block["terms"] = []
+    standardise = len(terms) > 1 or terms[0][0] != "reconstruction"
+    for src, transform, weight in terms:
+        raw = _transform(_raw_term(src, parts, prior, block), transform)
+        mean, std = (float(raw.mean()), float(raw.std())) if standardise else (0.0, 1.0)
+        block["terms"].append({"source": src, "transform": transform, "two_sided": weight == "dev",
+                               "weight": 1.0 if weight == "dev" else float(weight),
+                               "mean": mean, "std": std if std > 0 else 1.0})
+    return block
+
+
+def evaluate_score(block: dict, parts: ScoreParts, prior: dict) -> np.ndarray:
+    """Scores (N,) float64 of ``parts`` under a fitted score block from the metadata."""
+    terms = block.get("terms")
+    if terms is None:  # a model exported before scores had terms: plain reconstruction error
+        return parts.reconstruction
+    total = np.zeros(len(parts.reconstruction))
+    for t in terms:
+        u = (_transform(_raw_term(t["source"], parts, prior, block), t["transform"]) - t["mean"]) / t["std"]
+        total += float(t.get("weight", 1.0)) * (np.abs(u) if t.get("two_sided") else u)
+    return total
+
+
+def validate_score_block(block: dict, source: str) -> None:
+    """Raise ModelError unless the metadata's score block can be evaluated by this runtime."""
+    pix = block.get("pixel_error", block.get("name"))
+    if pix not in RECONSTRUCTION_SCORES:
+        raise ModelError(f"{source} metadata names an unknown pixel error {pix!r}: upgrade aae or re-export the model")
+    for t in block.get("terms") or []:
+        ok = (isinstance(t, dict) and t.get("source") in ("reconstruction", *LATENT_SOURCES)
+              and t.get("transform") in ("identity", "log")
+              and all(isinstance(t.get(k, 1.0), (int, float)) and math.isfinite(t.get(k, 1.0)) for k in ("mean", "std", "weight"))
+              and t["std"] > 0)
+        if not ok:
+            raise ModelError(f"{source} metadata has a malformed score term {t!r}: re-export or recalibrate the model")
+        if t["source"] == "codes" and not isinstance(block.get("codes"), dict):
+            raise ModelError(f"{source} metadata lacks the fitted 'codes' statistics its score needs: recalibrate the model")
+
+
+def _raw_term(source: str, parts: ScoreParts, prior: dict, block: dict) -> np.ndarray:
+    if source == "reconstruction":
+        return parts.reconstruction
+    if source == "prior":
+        return prior_nll(parts.latent, prior)
+    return codes_distance(parts.latent, block["codes"])
+
+
+def _transform(raw: np.ndarray, transform: str) -> np.ndarray:
+    # log: reconstruction errors and distances are heavy-tailed; on a log scale one huge term
+    # cannot drown the other when they are added.
+    return np.log(np.maximum(raw, _LOG_FLOOR)) if transform == "log" else raw

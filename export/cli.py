@@ -10,7 +10,7 @@ from rich.console import Console
 
 from aae_runtime.calibration import DEFAULT_PERCENTILE
 from aae_runtime.errors import AAEError
-from aae_runtime.scoring import RECONSTRUCTION_SCORES
+from aae_runtime.scoring import DEFAULT_SCORE, SCORES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Export a trained AAE to ONNX.")
 err = Console(stderr=True, soft_wrap=True)
@@ -21,14 +21,18 @@ def export(
     checkpoint: Annotated[Path, typer.Option(help="checkpoint.pt written by aae-train (or its run folder).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for encoder.onnx and decoder.onnx.")] = Path("model"),
     data_dir: Annotated[Optional[Path], typer.Option(help="Where the training data is now, if it moved since training.")] = None,
-    score: Annotated[str, typer.Option(help=f"Anomaly score: {'|'.join(RECONSTRUCTION_SCORES)}.")] = "mse",
+    score: Annotated[str, typer.Option(help=f"Anomaly score: {'|'.join(SCORES)} (see aae_runtime/scoring.py; "
+                                             "benchmarks/results/one_class.md compares them).")] = DEFAULT_SCORE,
     percentile: Annotated[float, typer.Option(min=0.001, max=100.0, help="Threshold = this percentile of held-out normal scores.")] = DEFAULT_PERCENTILE,
+    anomalies: Annotated[Optional[list[Path]], typer.Option(
+        help="Labelled anomalous images (file or folder; repeatable): the threshold becomes F1-optimal.")] = None,
+    fused: Annotated[bool, typer.Option(help="Also write scorer.onnx: image -> score parts and error map in one call.")] = True,
     quantize: Annotated[Optional[str], typer.Option(help="int8: static QDQ quantisation calibrated on held-out normal images (CPU speed).")] = None,
     precision: Annotated[str, typer.Option(help="fp32, or fp16 (float16 weights and ops for GPUs; inputs and outputs stay float32).")] = "fp32",
 ) -> None:
     """Export, verify (ONNX checker, parity with PyTorch) and calibrate the anomaly threshold."""
-    if score not in RECONSTRUCTION_SCORES:
-        raise typer.BadParameter(f"{score!r} is not one of {', '.join(RECONSTRUCTION_SCORES)}", param_hint="--score")
+    if score not in SCORES:
+        raise typer.BadParameter(f"{score!r} is not one of {', '.join(SCORES)}", param_hint="--score")
     if quantize not in (None, "int8"):
         raise typer.BadParameter(f"{quantize!r}: the only quantisation is int8", param_hint="--quantize")
     if precision not in ("fp32", "fp16"):
@@ -40,7 +44,7 @@ def export(
     try:
         result = export_checkpoint(checkpoint, out, data_dir=str(data_dir) if data_dir else None, score=score,
                                    percentile=percentile, log=lambda s: err.print(s, highlight=False),
-                                   variant=quantize or precision)
+                                   variant=quantize or precision, fused=fused, anomalies=anomalies)
     except AAEError as exc:
         err.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(2)

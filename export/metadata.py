@@ -11,15 +11,29 @@ import torch
 
 from aae_runtime import __version__
 from aae_runtime.metadata import (
-    DECODER_FILE, ENCODER_FILE, IMAGE_INPUT, LATENT_INPUT, LATENT_OUTPUT, METADATA_KEY, RECONSTRUCTION_OUTPUT,
-    SCHEMA_VERSION, Preprocessing,
+    DECODER_FILE, ENCODER_FILE, IMAGE_INPUT, LATENT_INPUT, LATENT_OUTPUT, METADATA_KEY, PIXEL_ERROR_OUTPUT,
+    RECONSTRUCTION_ERROR_OUTPUT, RECONSTRUCTION_OUTPUT, SCHEMA_VERSION, SCORER_FILE, Preprocessing,
 )
 from aae_runtime.scoring import SCORE_DEFINITIONS
 from aae_train.config import RunConfig
 
 
-def build_metadata(cfg: RunConfig, pre: Preprocessing, score: str, threshold: dict, provenance: dict) -> dict:
-    """The JSON-able metadata document (see aae_runtime.metadata for how it is read)."""
+def build_metadata(cfg: RunConfig, pre: Preprocessing, score: str | dict, threshold: dict, provenance: dict,
+                   fused_pixel_error: str | None = None) -> dict:
+    """The JSON-able metadata document (see aae_runtime.metadata for how it is read).
+
+    ``score``: a fitted score block (aae_runtime.scoring.fit_score), or a plain reconstruction
+    score's name; ``fused_pixel_error``: set when the folder also gets the fused scorer graph.
+    """
+    if isinstance(score, str):
+        score = {"name": score, "pixel_error": score, "definition": SCORE_DEFINITIONS[score], "higher_is_more_anomalous": True}
+    graphs = {
+        "encoder": {"file": ENCODER_FILE, "input": IMAGE_INPUT, "output": LATENT_OUTPUT},
+        "decoder": {"file": DECODER_FILE, "input": LATENT_INPUT, "output": RECONSTRUCTION_OUTPUT},
+    }
+    if fused_pixel_error:
+        graphs["scorer"] = {"file": SCORER_FILE, "input": IMAGE_INPUT, "pixel_error": fused_pixel_error,
+                            "outputs": [LATENT_OUTPUT, PIXEL_ERROR_OUTPUT, RECONSTRUCTION_ERROR_OUTPUT]}
     return {
         "schema_version": SCHEMA_VERSION,
         "export_id": provenance["export_id"],
@@ -33,12 +47,9 @@ def build_metadata(cfg: RunConfig, pre: Preprocessing, score: str, threshold: di
         "latent_dim": cfg.model.latent_dim,
         "prior": cfg.model.prior,
         "posterior": {"name": cfg.model.posterior, "exported_as": _deterministic_path(cfg.model.posterior)},
-        "score": {"name": score, "definition": SCORE_DEFINITIONS[score], "higher_is_more_anomalous": True},
+        "score": score,
         "threshold": threshold,
-        "graphs": {
-            "encoder": {"file": ENCODER_FILE, "input": IMAGE_INPUT, "output": LATENT_OUTPUT},
-            "decoder": {"file": DECODER_FILE, "input": LATENT_INPUT, "output": RECONSTRUCTION_OUTPUT},
-        },
+        "graphs": graphs,
         "provenance": provenance,
     }
 

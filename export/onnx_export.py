@@ -14,20 +14,22 @@ import numpy as np
 import onnx
 import torch
 
-from aae_runtime.calibration import DEFAULT_PERCENTILE, percentile_threshold
+from aae_runtime.calibration import DEFAULT_PERCENTILE
 from aae_runtime.errors import AAEError
 from aae_runtime.fileio import atomic_write_bytes
 from aae_runtime.metadata import (
-    DECODER_FILE, ENCODER_FILE, IMAGE_INPUT, LATENT_INPUT, LATENT_OUTPUT, RECONSTRUCTION_OUTPUT, ModelMetadata,
-    Preprocessing,
+    DECODER_FILE, ENCODER_FILE, IMAGE_INPUT, LATENT_INPUT, LATENT_OUTPUT, RECONSTRUCTION_OUTPUT, SCORER_FILE,
+    ModelMetadata, Preprocessing,
 )
 from aae_runtime.model import AAEModel
-from aae_runtime.scoring import RECONSTRUCTION_SCORES
+from aae_runtime.recalibrate import calibrate_model
+from aae_runtime.scoring import DEFAULT_SCORE, SCORES, score_spec
 from aae_runtime.session import SessionConfig, create_session
 from aae_train.checkpoint import file_sha256, load_checkpoint
 from aae_train.config import RunConfig
 from aae_train.data import load_dataset
 from aae_train.models import build_models
+from export.fused import FUSED_TOLERANCE, fused_onnx, fused_parity
 from export.metadata import attach, build_metadata, provenance
 from export.quantize import VARIANTS, make_variant
 
@@ -46,18 +48,25 @@ class ExportResult:
     decoder: Path
     metadata: dict
     max_abs_diff: dict[str, float]  # per graph, over all parity batches
+    scorer: Path | None = None  # the fused scoring graph, when exported
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_dir: str | None = None,
-                      score: str = "mse", percentile: float = DEFAULT_PERCENTILE,
-                      log: Callable[[str], None] = print, variant: str = "fp32") -> ExportResult:
+                      score: str = DEFAULT_SCORE, percentile: float = DEFAULT_PERCENTILE,
+                      log: Callable[[str], None] = print, variant: str = "fp32", fused: bool = True,
+                      anomalies: np.ndarray | list | None = None) -> ExportResult:
     """Export ``checkpoint`` to ``out_dir``/{encoder,decoder}.onnx, verify both, calibrate the threshold.
 
     ``variant`` "int8" or "fp16" (export.quantize) converts the verified float32 graphs; the
     threshold is then calibrated on the variant's own scores.
+
+    ``score`` names one of aae_runtime.scoring.SCORES; its statistics and the threshold are
+    fitted on the held-out normal images (F1-optimal when ``anomalies``, labelled anomalous
+    images (N, C, H, W), are given). ``fused`` also writes scorer.onnx (image -> code, error
+    map and mean error in one call), checked against the two-graph path.
     """
-    if score not in RECONSTRUCTION_SCORES:
-        raise ExportError(f"unknown score {score!r}; choose one of {', '.join(RECONSTRUCTION_SCORES)}")
+    if score not in SCORES:
+        raise ExportError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
     if variant not in VARIANTS:
         raise ExportError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     state = load_checkpoint(checkpoint)
@@ -78,7 +87,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_dir: str
         dec_proto = to_onnx(decoder, encoder(example), LATENT_INPUT, RECONSTRUCTION_OUTPUT)
 
     prov = provenance(file_sha256(Path(checkpoint) if Path(checkpoint).is_file() else Path(checkpoint) / "checkpoint.pt"), state)
-    draft = build_metadata(cfg, pre, score, {"value": 0.0, "method": "pending"}, prov)
+    pix = score_spec(score)[0]
+    draft = build_metadata(cfg, pre, pix, {"value": 0.0, "method": "pending"}, prov)
     for proto in (enc_proto, dec_proto):
         attach(proto, draft)
         onnx.checker.check_model(proto, full_check=True)
@@ -93,19 +103,62 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_dir: str
 
     model, enc_proto, dec_proto, variant_info = _apply_variant(variant, enc_proto, dec_proto, draft, model, normal,
                                                                cfg.model.prior, log)
-    scores = np.concatenate([model.score(b) for b in _batches(normal, 256)])
-    threshold = percentile_threshold(scores, percentile)
+    if anomalies is not None and not isinstance(anomalies, np.ndarray):
+        anomalies = _load_anomalies(anomalies, pre)
+    block, threshold = calibrate_model(model, normal, anomalies, score, percentile, min_images=1)
     threshold["split"] = f"validation split held out from the training images ({len(normal)} images, split_seed {cfg.data.split_seed})"
-    log(f"threshold: {threshold['value']:.6g} = {percentile:g}th percentile of {score} scores of {len(normal)} held-out normal images")
-    metadata = build_metadata(cfg, pre, score, threshold, prov)
+    how = (f"F1-optimal (F1 {threshold['f1']:.3f}) on {len(normal)} held-out normal and {threshold['anomaly_count']} anomalous images"
+           if threshold["method"] == "f1" else f"{percentile:g}th percentile of the scores of {len(normal)} held-out normal images")
+    log(f"score {score}; threshold {threshold['value']:.6g} = {how}")
+    scorer_proto = None
+    if fused and variant == "fp32":
+        scorer_proto = _fused_scorer(encoder, decoder, pix, example, draft, model, normal, log)
+    elif fused:
+        log(f"fused scorer graph: not made for the {variant} variant; the runtime uses the two graphs")
+    metadata = build_metadata(cfg, pre, block, threshold, prov, fused_pixel_error=pix if scorer_proto is not None else None)
     metadata["variant"] = variant_info
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for name, proto in ((ENCODER_FILE, enc_proto), (DECODER_FILE, dec_proto)):
+    graphs = [(ENCODER_FILE, enc_proto), (DECODER_FILE, dec_proto)] + ([(SCORER_FILE, scorer_proto)] if scorer_proto else [])
+    for name, proto in graphs:
         attach(proto, metadata)
         paths[name] = atomic_write_bytes(out_dir / name, proto.SerializeToString())  # < 2 GB: weights inline
-    return ExportResult(out_dir, paths[ENCODER_FILE], paths[DECODER_FILE], metadata, diffs)
+    if scorer_proto is None:
+        (out_dir / SCORER_FILE).unlink(missing_ok=True)  # a stale one from an earlier export would not match
+    return ExportResult(out_dir, paths[ENCODER_FILE], paths[DECODER_FILE], metadata, diffs, paths.get(SCORER_FILE))
+
+
+def _load_anomalies(paths: list, pre: Preprocessing) -> np.ndarray:
+    """Labelled anomalous images (files/folders) as model inputs; any unreadable one stops export."""
+    from aae_runtime.images import find_images, load_image
+
+    files = find_images(list(paths))
+    if not files:
+        raise ExportError("--anomalies: no image files found in the given paths")
+    images = []
+    for f in files:
+        try:
+            images.append(load_image(f, pre))
+        except AAEError as exc:
+            raise ExportError(f"--anomalies: {f}: {exc}") from None
+    return np.stack(images)
+
+
+def _fused_scorer(encoder, decoder, pixel_error: str, example: torch.Tensor, draft: dict, two_graph: AAEModel,
+                  normal: np.ndarray, log: Callable[[str], None]) -> onnx.ModelProto:
+    """The fused scoring graph, checked and compared with the two-graph path on real images."""
+    proto = fused_onnx(encoder, decoder, pixel_error, example)
+    attach(proto, draft)
+    onnx.checker.check_model(proto, full_check=True)
+    scorer, _ = create_session(proto.SerializeToString(), SessionConfig(device="cpu"))
+    fused_model = AAEModel(two_graph.encoder, two_graph.decoder, two_graph.metadata, scorer=scorer)
+    diffs = fused_parity(fused_model, two_graph, normal)
+    log("fused scorer vs two graphs, batches 1, 7, 64: largest difference "
+        + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()) + f" (limit {FUSED_TOLERANCE:.0e})")
+    if max(diffs.values()) > FUSED_TOLERANCE:
+        raise ExportError(f"the fused scorer differs from the two-graph path by {max(diffs.values()):.2e}; no files written")
+    return proto
 
 
 def _apply_variant(variant: str, enc_proto, dec_proto, draft: dict, fp32: AAEModel, normal: np.ndarray,

@@ -17,7 +17,7 @@ def _meta(path):
 
 
 def test_files_are_self_contained_and_have_a_dynamic_named_batch_axis(tiny_model_dir):
-    assert sorted(p.name for p in tiny_model_dir.iterdir()) == ["decoder.onnx", "encoder.onnx"]  # no .data
+    assert sorted(p.name for p in tiny_model_dir.iterdir()) == ["decoder.onnx", "encoder.onnx", "scorer.onnx"]  # no .data
     for name, inp, out in (("encoder", "image", "latent"), ("decoder", "latent", "reconstruction")):
         proto = onnx.load(str(tiny_model_dir / f"{name}.onnx"))
         assert all(t.data_location == onnx.TensorProto.DEFAULT for t in proto.graph.initializer)

@@ -1,0 +1,111 @@
+"""Anomaly maps: per-pixel reconstruction error as a heat map PNG beside and over the image.
+
+Each map is one PNG of three panels, left to right: the model input, the heat map, the heat
+map blended over the input. Colours use one fixed scale per model (the 99.9th percentile of
+per-pixel errors of normal validation images, stored at calibration), so maps of different
+images compare: only errors that are rare on normal images look hot. Small images are enlarged
+(nearest neighbour) so that a 28x28 defect stays visible.
+
+File names map back to the inputs: the path relative to the inputs' common folder, with
+separators replaced by ``__`` (``lineA/img_001.png`` -> ``lineA__img_001.png.map.png``), so
+equal names in different folders cannot collide; ``maps.csv`` lists input -> map.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from aae_runtime.errors import InputError
+from aae_runtime.fileio import atomic_write_bytes, atomic_write_text
+
+MIN_PANEL = 112  # pixels: smaller inputs are enlarged to at least this
+OVERLAY_ALPHA = 0.55
+INDEX_NAME = "maps.csv"
+# A perceptually ordered black -> purple -> red -> yellow -> white ramp (anchor colours).
+_RAMP = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float64)
+
+
+def heat_colours(values: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] (H, W) -> RGB uint8 (H, W, 3) along the ramp."""
+    v = np.clip(np.nan_to_num(values), 0.0, 1.0) * (len(_RAMP) - 1)
+    lo = np.floor(v).astype(int).clip(0, len(_RAMP) - 2)
+    frac = (v - lo)[..., None]
+    return np.rint(_RAMP[lo] * (1 - frac) + _RAMP[lo + 1] * frac).astype(np.uint8)
+
+
+def render_map(image: np.ndarray, error: np.ndarray, scale: float) -> Image.Image:
+    """Three panels (input | heat | overlay) of one model input (C, H, W in [0, 1]) and its
+    per-pixel error (H, W), colours saturating at ``scale``."""
+    c, h, w = image.shape
+    rgb = np.clip(image, 0, 1).transpose(1, 2, 0)
+    rgb = np.repeat(rgb, 3, axis=2) if c == 1 else rgb[..., :3]
+    base = np.rint(rgb * 255).astype(np.float64)
+    heat = heat_colours(error / scale if scale > 0 else error).astype(np.float64)
+    overlay = (1 - OVERLAY_ALPHA) * base + OVERLAY_ALPHA * heat
+    gap = np.full((h, max(1, w // 14), 3), 255.0)
+    strip = np.concatenate([base, gap, heat, gap, overlay], axis=1)
+    img = Image.fromarray(np.clip(np.rint(strip), 0, 255).astype(np.uint8), mode="RGB")
+    factor = max(1, -(-MIN_PANEL // max(h, 1)))
+    return img.resize((img.width * factor, img.height * factor), Image.Resampling.NEAREST) if factor > 1 else img
+
+
+class MapWriter:
+    """Writes one map per scored image into ``out_dir`` and, on close, the index CSV."""
+
+    def __init__(self, out_dir: str | Path, inputs: list[str | Path], scale: float, value_range: tuple[float, float]):
+        self.out_dir = Path(out_dir)
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"--maps {out_dir}: cannot create the folder ({exc.strerror or exc})") from None
+        self.scale = scale
+        self.low, self.high = value_range
+        self.root = _common_root(inputs)
+        self.rows: list[tuple[str, str]] = []
+        self.used: set[str] = set()
+
+    def name_for(self, path: str) -> str:
+        try:
+            rel = os.path.relpath(os.path.abspath(path), self.root)
+        except ValueError:  # another drive (Windows)
+            rel = os.path.abspath(path)
+        stem = rel.replace("\\", "/").lstrip("./").replace("/", "__") or "image"
+        name, k = f"{stem}.map.png", 2
+        while name in self.used:  # the same file given twice
+            name, k = f"{stem}.{k}.map.png", k + 1
+        self.used.add(name)
+        return name
+
+    def write(self, path: str, image: np.ndarray, error: np.ndarray) -> Path:
+        # inputs back to [0, 1] for display, whatever the model's value range
+        shown = (image - self.low) / (self.high - self.low) if self.high != self.low else image
+        name = self.name_for(path)
+        buf = io.BytesIO()
+        render_map(shown, error, self.scale).save(buf, format="PNG")
+        target = atomic_write_bytes(self.out_dir / name, buf.getvalue())
+        self.rows.append((path, name))
+        return target
+
+    def close(self) -> Path:
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["image", "map"])
+        writer.writerows(self.rows)
+        return atomic_write_text(self.out_dir / INDEX_NAME, buf.getvalue())
+
+
+def _common_root(inputs: list[str | Path]) -> str:
+    """The folder all inputs lie in: a folder argument itself counts as a root."""
+    dirs = [os.path.abspath(p) if Path(p).is_dir() else os.path.dirname(os.path.abspath(p)) for p in inputs]
+    if not dirs:
+        return os.getcwd()
+    try:
+        return os.path.commonpath(dirs)
+    except ValueError:
+        return os.path.abspath(os.sep)

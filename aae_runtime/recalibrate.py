@@ -1,0 +1,193 @@
+"""Calibrating a model's score and threshold on normal images, on the device, without torch.
+
+`calibrate_model` fits the score's statistics (standardisation, code distribution) and the
+threshold on normal images (plus, optionally, labelled anomalous ones for an F1-optimal
+threshold). Export calls it on the held-out validation images; `aae-run calibrate` calls it on
+new normal images (a new line, new lighting) and `recalibrate_dir` rewrites the metadata of
+every graph in the model folder. The ONNX files are edited at the protobuf level (their
+``metadata_props`` only; graph and weights are copied byte for byte), so neither torch nor the
+onnx package is needed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from aae_runtime.calibration import DEFAULT_PERCENTILE, f1_threshold, percentile_threshold
+from aae_runtime.errors import InputError, ModelError
+from aae_runtime.fileio import atomic_write_bytes
+from aae_runtime.metadata import DECODER_FILE, ENCODER_FILE, METADATA_KEY, SCORER_FILE, ModelMetadata
+from aae_runtime.scoring import ScoreParts, evaluate_score, fit_score, score_spec
+
+MIN_NORMAL_IMAGES = 10  # fewer cannot give a meaningful percentile or standardisation
+_MODEL_METADATA_FIELD = 14  # onnx.ModelProto.metadata_props
+_LEN = 2  # protobuf wire type of length-delimited fields
+
+
+def parts_of(model, images: np.ndarray, batch_size: int = 256) -> ScoreParts:
+    """`AAEModel.score_parts` over a large array, batch by batch, concatenated."""
+    chunks = [model.score_parts(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+    return ScoreParts(np.concatenate([c.latent for c in chunks]), np.concatenate([c.pixel_error for c in chunks]),
+                      np.concatenate([c.reconstruction for c in chunks]))
+
+
+def calibrate_model(model, normal: np.ndarray, anomalies: np.ndarray | None = None, score: str | None = None,
+                    percentile: float = DEFAULT_PERCENTILE, min_images: int = MIN_NORMAL_IMAGES) -> tuple[dict, dict]:
+    """(score block, threshold block) for the metadata, fitted on ``normal`` images (N, C, H, W).
+
+    ``score`` defaults to the model's current score. With ``anomalies`` the threshold is
+    F1-optimal, else the ``percentile`` of the normal scores.
+    """
+    name = score or model.score_name
+    pix, _ = score_spec(name)
+    fused = (model.metadata.raw.get("graphs") or {}).get("scorer")
+    if model.scorer is not None and fused and fused.get("pixel_error") != pix:
+        raise InputError(f"score {name!r} needs {pix} pixel errors but this model's fused graph computes "
+                         f"{fused.get('pixel_error')}: choose a score built on {fused.get('pixel_error')}, or export again")
+    if len(normal) < min_images:
+        raise InputError(f"need at least {min_images} normal images to calibrate, got {len(normal)}")
+    probe = model.with_score({"name": name, "pixel_error": pix})  # two-graph path with the wanted pixel error
+    parts = parts_of(probe, normal)
+    block = fit_score(name, parts, model.metadata.prior)
+    normal_scores = evaluate_score(block, parts, model.metadata.prior)
+    # Colour scale of the anomaly maps: the 99.9th percentile of normal per-pixel errors, so
+    # maps of different images compare, and only errors rare on normal images look hot.
+    scale = float(np.percentile(parts.pixel_error, 99.9))
+    block["pixel_error_scale"] = scale if scale > 0 else 1.0
+    if anomalies is not None and len(anomalies):
+        anomaly_scores = evaluate_score(block, parts_of(probe, anomalies), model.metadata.prior)
+        threshold = f1_threshold(normal_scores, anomaly_scores)
+    else:
+        threshold = percentile_threshold(normal_scores, percentile)
+    return block, threshold
+
+
+def recalibrate_dir(model_dir: str | Path, normal: np.ndarray, anomalies: np.ndarray | None = None,
+                    score: str | None = None, percentile: float = DEFAULT_PERCENTILE, source: str = "") -> dict:
+    """Refit the score and threshold of the model in ``model_dir`` and rewrite its graphs' metadata.
+
+    The export_id is kept (the graphs still belong together). Every new file is written beside
+    its target and checked before any is renamed into place; the loader refuses a folder whose
+    graphs disagree, so a crash between renames is caught, never silently half-applied.
+    Returns the new metadata.
+    """
+    from aae_runtime.model import AAEModel  # here, not at import: model.py imports this package's modules
+
+    model_dir = Path(model_dir)
+    model = AAEModel.load(model_dir, device="cpu", use_scorer=True)
+    block, threshold = calibrate_model(model, normal, anomalies, score, percentile)
+    threshold["source"] = source or threshold["source"]
+    threshold["calibrated_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    metadata = dict(model.metadata.raw, score=block, threshold=threshold)
+    ModelMetadata.from_dict(metadata, "the new calibration")  # never write what the loader would refuse
+    rewrite_metadata(model_dir, metadata)
+    return metadata
+
+
+def load_folder(model, paths: list[str | Path]) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """Images of files/folders as one array (N, C, H, W), and (path, reason) of those that failed."""
+    from aae_runtime.images import find_images
+
+    files = find_images(list(paths))
+    decoded = model.load_images(files)
+    good = [d for d in decoded if isinstance(d, np.ndarray)]
+    failed = [(str(f), str(d)) for f, d in zip(files, decoded) if not isinstance(d, np.ndarray)]
+    return (np.stack(good) if good else np.empty((0, *model.input_shape), np.float32)), failed
+
+
+def rewrite_metadata(model_dir: Path, metadata: dict) -> list[Path]:
+    """Replace the metadata entry of every graph in ``model_dir``: all staged, then all renamed."""
+    names = [n for n in (ENCODER_FILE, DECODER_FILE, SCORER_FILE) if (model_dir / n).is_file()]
+    text = json.dumps(metadata, sort_keys=True)
+    staged = []
+    try:
+        for name in names:
+            data = set_metadata_prop((model_dir / name).read_bytes(), METADATA_KEY, text)
+            tmp = model_dir / f".{name}.recalibrate.tmp"
+            atomic_write_bytes(tmp, data)
+            staged.append((tmp, model_dir / name))
+        for tmp, target in staged:
+            os.replace(tmp, target)
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+    return [t for _, t in staged]
+
+
+def set_metadata_prop(model: bytes, key: str, value: str) -> bytes:
+    """A serialized ONNX ModelProto with its ``metadata_props[key]`` set to ``value``.
+
+    Walks the top-level protobuf fields, drops the entries with this key and appends the new
+    one; every other byte is kept as it was.
+    """
+    buf = memoryview(model)
+    out = bytearray()
+    i = 0
+    while i < len(buf):
+        start = i
+        tag, i = _read_varint(buf, i)
+        field, wire = tag >> 3, tag & 7
+        if wire == 0:
+            _, i = _read_varint(buf, i)
+        elif wire == 1:
+            i += 8
+        elif wire == 5:
+            i += 4
+        elif wire == _LEN:
+            n, i = _read_varint(buf, i)
+            payload = bytes(buf[i : i + n])
+            i += n
+            if field == _MODEL_METADATA_FIELD and _entry_key(payload) == key:
+                continue
+        else:
+            raise ModelError(f"not an ONNX model (unexpected protobuf wire type {wire}): re-export it")
+        if i > len(buf):
+            raise ModelError("the ONNX file is truncated: re-export it")
+        out += buf[start:i]
+    entry = _field(1, key.encode()) + _field(2, value.encode())
+    return bytes(out + _field(_MODEL_METADATA_FIELD, entry))
+
+
+def _entry_key(entry: bytes) -> str | None:
+    i = 0
+    while i < len(entry):
+        tag, i = _read_varint(entry, i)
+        if tag & 7 != _LEN:
+            return None
+        n, i = _read_varint(entry, i)
+        if tag >> 3 == 1:
+            return bytes(entry[i : i + n]).decode("utf-8", "replace")
+        i += n
+    return None
+
+
+def _read_varint(buf, i: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        if i >= len(buf) or shift > 63:
+            raise ModelError("the ONNX file is truncated or corrupt: re-export it")
+        b = buf[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, i
+        shift += 7
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | _LEN) + _varint(len(payload)) + payload
