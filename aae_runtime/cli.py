@@ -13,8 +13,7 @@ Exit codes (all commands):
 from __future__ import annotations
 
 import json
-import os
-import sys
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Literal, Optional
@@ -26,13 +25,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from aae_runtime import __version__
+from aae_runtime.clierrors import EXIT_CANNOT_RUN, OneLineErrorsTyper
 from aae_runtime.errors import AAEError
 from aae_runtime.images import display_path, save_grid
 from aae_runtime.model import DEFAULT_BATCH_SIZE, AAEModel, ImageScore
-from aae_runtime.report import write_results
+from aae_runtime.report import FORMATS as RESULT_FORMATS, write_results
 from aae_runtime.session import DEVICES, available_providers
 
-EXIT_OK, EXIT_SOME_FAILED, EXIT_CANNOT_RUN = 0, 1, 2
+EXIT_OK, EXIT_SOME_FAILED = 0, 1  # EXIT_CANNOT_RUN = 2 comes from clierrors, shared by all commands
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 all images scored; 1 some files could not be scored (each has an error row); "
@@ -40,25 +40,8 @@ EXIT_CODES_HELP = (
 )
 
 
-class _OneLineErrors(typer.Typer):
-    """A Typer app whose unexpected exceptions end in one line and exit code 2, never in a
-    traceback (that would also exit 1, the code for "some files failed")."""
-
-    def __call__(self, *args, **kwargs):
-        try:
-            return super().__call__(*args, **kwargs)
-        except Exception as exc:
-            if os.environ.get("AAE_DEBUG"):
-                raise
-            text = str(exc).strip().splitlines()
-            err.print(f"[red]error:[/red] internal error ({escape(type(exc).__name__)}: {escape(text[0][:300] if text else '')}); "
-                      "this is a bug: please report it, with the output of the same command run with AAE_DEBUG=1",
-                      highlight=False)
-            sys.exit(EXIT_CANNOT_RUN)
-
-
-app = _OneLineErrors(add_completion=False, no_args_is_help=True,
-                     help=f"Score images and sample from an exported AAE (no torch needed). {EXIT_CODES_HELP}")
+app = OneLineErrorsTyper(add_completion=False, no_args_is_help=True,
+                        help=f"Score images and sample from an exported AAE (no torch needed). {EXIT_CODES_HELP}")
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
@@ -81,6 +64,18 @@ def _check_device(device: str) -> str:
     if device not in DEVICES:
         raise typer.BadParameter(f"{device!r} is not one of {', '.join(DEVICES)}", param_hint="--device")
     return device
+
+
+def _check_finite(value: float | None, name: str) -> None:
+    """Typer's float ranges let nan and inf through; a NaN threshold would flag nothing, silently."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number", param_hint=name)
+
+
+def _check_output(output: Path | None) -> None:
+    if output is not None and output.suffix.lower() not in RESULT_FORMATS:
+        raise typer.BadParameter(f"{_printable(str(output))}: use a file name ending in {' or '.join(RESULT_FORMATS)}",
+                                 param_hint="--output")
 
 
 def _load(model: Path, device: str, threshold: float | None = None, threshold_percentile: float | None = None) -> AAEModel:
@@ -111,6 +106,8 @@ def score(
         raise typer.BadParameter("give --threshold or --threshold-percentile, not both", param_hint="--threshold")
     if maps_only_flagged and maps is None:
         raise typer.BadParameter("--maps-only-flagged needs --maps DIR", param_hint="--maps-only-flagged")
+    _check_finite(threshold, "--threshold")
+    _check_output(output)  # before scoring: a bad name must not cost a whole run's results
     try:
         m = _load(model, device, threshold, threshold_percentile)
         results = _score_with_maps(m, paths, batch_size, maps, maps_only_flagged)

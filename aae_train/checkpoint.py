@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -19,6 +21,8 @@ from aae_runtime.fileio import atomic_write
 FORMAT = "aae-checkpoint"
 FORMAT_VERSION = 1
 CHECKPOINT_NAME = "checkpoint.pt"
+# What export and resume read, and its type: checked on load, so a damaged file fails in one line.
+REQUIRED = {"config": dict, "epoch": int, "encoder": dict, "decoder": dict}
 
 
 class CheckpointError(AAEError):
@@ -39,17 +43,42 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found: pass the checkpoint.pt (or run folder) aae-train wrote")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. torch's note on a pickle protocol: the error below says it all
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else "unsafe content"
-        raise CheckpointError(f"{path} holds objects a safe load refuses ({reason}); only load checkpoints written by aae-train") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read checkpoint {path} ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}): it is truncated or not a checkpoint") from None
+        raise CheckpointError(
+            f"{path} was refused: it holds {_refused_object(exc)}, which no aae-train checkpoint contains "
+            "(a pickle like this can run code when loaded unsafely); only use checkpoints written by aae-train"
+        ) from None
+    except Exception as exc:  # torch raises RuntimeError, EOFError, zipfile/pickle errors, ... on damaged files
+        raise CheckpointError(f"cannot read checkpoint {path} ({_first_line(exc)}): it is truncated or not a checkpoint") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an aae-train checkpoint")
-    if state.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{path} is of checkpoint format {state['format_version']}, newer than this aae's {FORMAT_VERSION}: upgrade aae")
+    version = state.get("format_version", 0)
+    if not isinstance(version, int):
+        raise CheckpointError(f"{path} has no valid format_version: it is damaged or not written by aae-train")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path} is of checkpoint format {version}, newer than this aae's {FORMAT_VERSION}: upgrade aae")
+    wrong = [key for key, kind in REQUIRED.items() if not isinstance(state.get(key), kind)]
+    if wrong:
+        raise CheckpointError(f"{path} lacks or has damaged {', '.join(wrong)}: it is damaged or not written by aae-train")
     return state
+
+
+def _refused_object(exc: BaseException) -> str:
+    """The object the weights-only unpickler refused, from torch's (long, multi-line) message."""
+    found = re.search(r"GLOBAL ([\w.]+)|[Uu]nsupported (?:global|operand)[^\n]*?([\w.]+) was not", str(exc))
+    if found:
+        return f"a reference to {found.group(1) or found.group(2)}"
+    return "objects a weights-only load refuses"
+
+
+def _first_line(exc: BaseException) -> str:
+    """Type and first sentence of ``exc``: torch's messages run to paragraphs."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0].split(". ")[0][:160] if lines else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def file_sha256(path: str | Path) -> str:

@@ -11,11 +11,12 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from aae_runtime.clierrors import OneLineErrorsTyper, print_error
 from aae_runtime.errors import AAEError
 from aae_runtime.priors import PRIOR_NAMES, make_prior_spec
 from aae_train.config import DEVICES, POSTERIORS, RECON_LOSSES, DataConfig, ModelConfig, RunConfig, TrainConfig
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train Adversarial Autoencoders.")
+app = OneLineErrorsTyper(add_completion=False, no_args_is_help=True, help="Train Adversarial Autoencoders.")  # unexpected errors: one line, exit 2
 err = Console(stderr=True, soft_wrap=True)
 
 
@@ -117,7 +118,7 @@ def run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None) -
                            on_epoch=on_epoch, on_step=on_step, on_start=on_start, download_progress=on_download)
         except AAEError as exc:
             progress.stop()
-            err.print(f"[red]error:[/red] {exc}", highlight=False)
+            print_error(str(exc), err)  # literal text: paths may hold "[/]"
             raise typer.Exit(2)
     err.print(f"checkpoint: {result.checkpoint}\nsamples: {out / 'samples.png'}  reconstructions: {out / 'reconstructions.png'}", highlight=False)
 
@@ -135,7 +136,7 @@ def demo_images(
     try:
         paths = write_demo_images(out, str(data_dir) if data_dir else None, digits, noise)
     except AAEError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        print_error(str(exc), err)  # literal text: paths may hold "[/]"
         raise typer.Exit(2)
     err.print(f"wrote {len(paths)} images under {out}", highlight=False)
 

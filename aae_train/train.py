@@ -115,11 +115,17 @@ class Trainer:
         start = time.perf_counter()
         total = torch.zeros(4, device=self.device)
         for i in range(steps):
-            total += self.step(self.train_x[order[i * bs : (i + 1) * bs]])
+            try:
+                total += self.step(self.train_x[order[i * bs : (i + 1) * bs]])
+            except RuntimeError:  # e.g. BCE refusing a NaN reconstruction once the weights diverged
+                if self.weights_finite():
+                    raise
+                raise TrainingError(f"the weights became NaN or infinite in epoch {self.epoch + 1}, step {i + 1}/{steps}; "
+                                    "nothing was saved for this epoch: lower the learning rates and --resume or retrain") from None
             if on_step and (i % 10 == 9 or i == steps - 1):
                 on_step(i + 1, steps, StepLosses(*(total / (i + 1)).tolist()))
         means = (total / steps).tolist()
-        if not all(math.isfinite(v) for v in means):
+        if not all(math.isfinite(v) for v in means) or not self.weights_finite():
             raise TrainingError(
                 f"loss became NaN or infinite in epoch {self.epoch + 1} (recon {means[0]:.3g}, disc {means[1]:.3g}, "
                 f"gen {means[3]:.3g}); nothing was saved for this epoch: lower the learning rates and --resume or retrain"
@@ -136,6 +142,11 @@ class Trainer:
         }
         self.history.append(metrics)
         return metrics
+
+    @torch.no_grad()
+    def weights_finite(self) -> bool:
+        """No NaN or infinite parameter: checked before every checkpoint, so none holds a broken model."""
+        return all(bool(torch.isfinite(p).all()) for m in (self.encoder, self.decoder, self.discriminator) for p in m.parameters())
 
     @torch.no_grad()
     def evaluate(self) -> dict:

@@ -9,10 +9,11 @@ import typer
 from rich.console import Console
 
 from aae_runtime.calibration import DEFAULT_PERCENTILE
+from aae_runtime.clierrors import OneLineErrorsTyper, print_error
 from aae_runtime.errors import AAEError
 from aae_runtime.scoring import DEFAULT_SCORE, SCORES
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Export a trained AAE to ONNX.")
+app = OneLineErrorsTyper(add_completion=False, no_args_is_help=True, help="Export a trained AAE to ONNX.")  # unexpected errors: one line, exit 2
 err = Console(stderr=True, soft_wrap=True)
 
 
@@ -46,6 +47,6 @@ def export(
                                    percentile=percentile, log=lambda s: err.print(s, highlight=False),
                                    variant=quantize or precision, fused=fused, anomalies=anomalies)
     except AAEError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        print_error(str(exc), err)  # literal text: paths may hold "[/]"
         raise typer.Exit(2)
     err.print(f"wrote {result.encoder} and {result.decoder}", highlight=False)
