@@ -1,11 +1,12 @@
-"""`aae-train`: train an AAE. A thin layer over `aae_train.train.train`."""
+"""`aae-train`: train an AAE on MNIST or on a folder of images. A thin layer over `aae_train.train.train`."""
 
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 from rich.console import Console
@@ -13,11 +14,58 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from aae_runtime.clierrors import OneLineErrorsTyper, print_error
 from aae_runtime.errors import AAEError
+from aae_runtime.images import RESAMPLE
 from aae_runtime.priors import PRIOR_NAMES, make_prior_spec
-from aae_train.config import DEVICES, POSTERIORS, RECON_LOSSES, DataConfig, ModelConfig, RunConfig, TrainConfig
+from aae_train.config import (
+    ARCHS, DEVICES, LR_SCHEDULES, POSTERIORS, RECON_LOSSES, DataConfig, ModelConfig, RunConfig, TrainConfig,
+)
 
 app = OneLineErrorsTyper(add_completion=False, no_args_is_help=True, help="Train Adversarial Autoencoders.")  # unexpected errors: one line, exit 2
 err = Console(stderr=True, soft_wrap=True)
+
+# Options shared by `mnist` and `folder` (one definition each; defaults differ per command where noted).
+Out = Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder (default runs/SOURCE-DATE-TIME).")]
+Epochs = Annotated[int, typer.Option(min=1, help="Epochs to train (with --resume: the total).")]
+BatchSize = Annotated[int, typer.Option(min=2, max=65536)]
+LatentDim = Annotated[Optional[int], typer.Option(min=1, max=1024, help="Latent size (default: 2 for swissroll, else the command's default).")]
+Hidden = Annotated[int, typer.Option(min=1, help="Units per hidden fully connected layer (discriminator included).")]
+Arch = Annotated[str, typer.Option(help=f"Encoder/decoder: {'|'.join(ARCHS)} (the discriminator is always an MLP).")]
+Dropout = Annotated[float, typer.Option(min=0.0, max=0.95, help="Dropout in encoder and decoder hidden layers (training only).")]
+Prior = Annotated[str, typer.Option(help=f"Latent prior: {'|'.join(PRIOR_NAMES)}.")]
+PriorStd = Annotated[Optional[float], typer.Option(min=1e-6, help="gaussian: std of N(0, std^2 I) (the paper: 5).")]
+MogComponents = Annotated[Optional[int], typer.Option(min=1, max=1000, help="mog: number of Gaussians on a circle.")]
+MogRadius = Annotated[Optional[float], typer.Option(min=0.0, help="mog: radius of the circle.")]
+MogStd = Annotated[Optional[float], typer.Option(min=1e-6, help="mog: std of each component.")]
+UniformLow = Annotated[Optional[float], typer.Option(help="uniform: lower edge of the box.")]
+UniformHigh = Annotated[Optional[float], typer.Option(help="uniform: upper edge of the box.")]
+SwissTurns = Annotated[Optional[float], typer.Option(min=0.1, help="swissroll: turns of the spiral.")]
+SwissRadius = Annotated[Optional[float], typer.Option(min=1e-6, help="swissroll: outer radius.")]
+SwissNoise = Annotated[Optional[float], typer.Option(min=0.0, help="swissroll: std of the jitter around the curve.")]
+Posterior = Annotated[str, typer.Option(help=f"q(z|x): {'|'.join(POSTERIORS)}.")]
+NoiseDim = Annotated[int, typer.Option(min=1, max=1024, help="universal posterior: size of the noise fed to the encoder.")]
+# max: far above any useful Adam rate (~1e-3) yet below where torch's Adam overflows (~1e37) and
+# crashes; absurd rates are allowed so that a diverging run can be shown to stop cleanly.
+LrRecon = Annotated[float, typer.Option(min=0, max=1e6, help="Adam learning rate, reconstruction phase.")]
+LrDisc = Annotated[float, typer.Option(min=0, max=1e6, help="Adam learning rate, discriminator.")]
+LrGen = Annotated[float, typer.Option(min=0, max=1e6, help="Adam learning rate, encoder as generator.")]
+LrSchedule = Annotated[str, typer.Option(help=f"Learning-rate schedule over the epochs: {'|'.join(LR_SCHEDULES)}.")]
+LrMinFactor = Annotated[float, typer.Option(min=1e-6, max=1.0, help="cosine: final lr = this x lr; step: x this at 1/2 and 3/4 of the epochs.")]
+LabelSmoothing = Annotated[float, typer.Option(min=0.0, max=0.49, help="D stabiliser: target for prior samples is 1 - this.")]
+DiscNoise = Annotated[float, typer.Option(min=0.0, help="D stabiliser: std of Gaussian noise added to D's inputs.")]
+DiscDropout = Annotated[float, typer.Option(min=0.0, max=0.95, help="D stabiliser: dropout in D's hidden layers.")]
+ReconLoss = Annotated[str, typer.Option(help=f"Reconstruction loss: {'|'.join(RECON_LOSSES)}.")]
+Limit = Annotated[Optional[int], typer.Option(min=2, help="Use at most N training images.")]
+ValFraction = Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of the images held out for validation and the threshold.")]
+Seed = Annotated[int, typer.Option(min=0, help="Seeds weights, shuffling, prior and noise draws (identical results on the CPU).")]
+Device = Annotated[Literal[DEVICES], typer.Option(help="Training device; auto: CUDA when PyTorch sees a GPU.")]
+Resume = Annotated[Optional[Path], typer.Option(exists=True, help="Continue from this checkpoint (its config is kept; --epochs sets the total).")]
+
+PRIOR_OPTIONS = {  # CLI option -> (prior it belongs to, parameter in the prior spec)
+    "--prior-std": ("gaussian", "std"), "--mog-components": ("mog", "components"), "--mog-radius": ("mog", "radius"),
+    "--mog-std": ("mog", "std"), "--uniform-low": ("uniform", "low"), "--uniform-high": ("uniform", "high"),
+    "--swissroll-turns": ("swissroll", "turns"), "--swissroll-radius": ("swissroll", "radius"),
+    "--swissroll-noise": ("swissroll", "noise"),
+}
 
 
 def _choice(value: str, choices: tuple[str, ...], name: str) -> str:
@@ -38,52 +86,186 @@ def _parse_classes(text: str | None) -> tuple[int, ...] | None:
     return digits
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    """'64' -> (64, 64); 'WIDTHxHEIGHT' (as image sizes are written, e.g. 96x64) -> (height, width)."""
+    parts = text.lower().replace(" ", "").split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or min(values) < 1 or max(values) > 4096:
+        raise typer.BadParameter(f"{text!r}: give one side (64) or WIDTHxHEIGHT (96x64), 1 to 4096 pixels", param_hint="--size")
+    width, height = (values[0], values[0]) if len(values) == 1 else values
+    return height, width
+
+
+def prior_spec(name: str, latent_dim: int, given: dict[str, float | None]) -> dict:
+    """The prior spec of the CLI options; an option that belongs to another prior is an error, not ignored."""
+    _choice(name, PRIOR_NAMES, "--prior")
+    params = {}
+    for option, value in given.items():
+        if value is None:
+            continue
+        owner, key = PRIOR_OPTIONS[option]
+        if owner != name:
+            raise typer.BadParameter(f"applies to --prior {owner}, not {name}", param_hint=option)
+        params[key] = value
+    try:
+        return make_prior_spec(name, latent_dim, **params)
+    except (AAEError, ValueError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="--prior") from None
+
+
+def build_config(*, data: DataConfig, image_shape: tuple[int, int, int], latent_dim: int | None, default_latent: int,
+                 prior: str, prior_params: dict, arch: str, hidden: int, dropout: float, disc_dropout: float,
+                 posterior: str, noise_dim: int, train: dict) -> RunConfig:
+    """Validate the options shared by all commands and assemble the run config (BadParameter on error)."""
+    _choice(arch, ARCHS, "--arch")
+    _choice(posterior, POSTERIORS, "--posterior")
+    _choice(train["device"], DEVICES, "--device")
+    _choice(train["recon_loss"], RECON_LOSSES, "--recon-loss")
+    _choice(train["lr_schedule"], LR_SCHEDULES, "--lr-schedule")
+    if latent_dim is None:
+        latent_dim = 2 if prior == "swissroll" else default_latent
+    spec = prior_spec(prior, latent_dim, prior_params)
+    try:
+        return RunConfig(
+            model=ModelConfig(image_shape=image_shape, latent_dim=latent_dim, arch=arch, hidden=hidden, dropout=dropout,
+                              disc_dropout=disc_dropout, posterior=posterior, noise_dim=noise_dim, prior=spec),
+            data=data,
+            train=TrainConfig(**train),
+        )
+    except (AAEError, ValueError) as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def _default_out(prefix: str, resume: Path | None) -> Path:
+    if resume is not None:
+        return resume.parent if resume.is_file() else resume
+    return Path("runs") / time.strftime(f"{prefix}-%Y%m%d-%H%M%S")
+
+
 @app.command()
 def mnist(
     data_dir: Annotated[Optional[Path], typer.Option(help="Folder with the four MNIST IDX files (else $AAE_DATA_DIR, else the user cache, downloading).")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder (default runs/mnist-DATE-TIME).")] = None,
-    epochs: Annotated[int, typer.Option(min=1, help="Epochs to train (with --resume: the total).")] = TrainConfig.epochs,
-    batch_size: Annotated[int, typer.Option(min=2, max=65536)] = TrainConfig.batch_size,
-    latent_dim: Annotated[int, typer.Option(min=1, max=1024)] = ModelConfig.latent_dim,
-    hidden: Annotated[int, typer.Option(min=1, help="Units per hidden layer.")] = ModelConfig.hidden,
-    prior: Annotated[str, typer.Option(help=f"Latent prior: {'|'.join(PRIOR_NAMES)}.")] = "gaussian",
-    prior_std: Annotated[float, typer.Option(min=1e-6, help="Std of the Gaussian prior (the paper: 5).")] = 5.0,
-    posterior: Annotated[str, typer.Option(help=f"q(z|x): {'|'.join(POSTERIORS)}.")] = ModelConfig.posterior,
-    lr_recon: Annotated[float, typer.Option(min=0, help="Adam learning rate, reconstruction phase.")] = TrainConfig.lr_recon,
-    lr_disc: Annotated[float, typer.Option(min=0, help="Adam learning rate, discriminator.")] = TrainConfig.lr_disc,
-    lr_gen: Annotated[float, typer.Option(min=0, help="Adam learning rate, encoder as generator.")] = TrainConfig.lr_gen,
-    recon_loss: Annotated[str, typer.Option(help=f"Reconstruction loss: {'|'.join(RECON_LOSSES)}.")] = TrainConfig.recon_loss,
+    out: Out = None,
+    epochs: Epochs = TrainConfig.epochs,
+    batch_size: BatchSize = TrainConfig.batch_size,
+    latent_dim: LatentDim = None,
+    arch: Arch = "mlp",
+    hidden: Hidden = ModelConfig.hidden,
+    dropout: Dropout = 0.0,
+    prior: Prior = "gaussian",
+    prior_std: PriorStd = None,
+    mog_components: MogComponents = None,
+    mog_radius: MogRadius = None,
+    mog_std: MogStd = None,
+    uniform_low: UniformLow = None,
+    uniform_high: UniformHigh = None,
+    swissroll_turns: SwissTurns = None,
+    swissroll_radius: SwissRadius = None,
+    swissroll_noise: SwissNoise = None,
+    posterior: Posterior = ModelConfig.posterior,
+    noise_dim: NoiseDim = ModelConfig.noise_dim,
+    lr_recon: LrRecon = TrainConfig.lr_recon,
+    lr_disc: LrDisc = TrainConfig.lr_disc,
+    lr_gen: LrGen = TrainConfig.lr_gen,
+    lr_schedule: LrSchedule = TrainConfig.lr_schedule,
+    lr_min_factor: LrMinFactor = TrainConfig.lr_min_factor,
+    label_smoothing: LabelSmoothing = 0.0,
+    disc_noise: DiscNoise = 0.0,
+    disc_dropout: DiscDropout = 0.0,
+    recon_loss: ReconLoss = TrainConfig.recon_loss,
     classes: Annotated[Optional[str], typer.Option(help="Train on these digits only, e.g. 0,3.")] = None,
-    limit: Annotated[Optional[int], typer.Option(min=2, help="Use at most N training images.")] = None,
-    val_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of the training images held out for validation and the threshold.")] = DataConfig.val_fraction,
-    seed: Annotated[int, typer.Option(min=0)] = TrainConfig.seed,
-    device: Annotated[str, typer.Option(help=f"{'|'.join(DEVICES)}")] = TrainConfig.device,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue from this checkpoint (its config is kept; --epochs sets the total).")] = None,
+    limit: Limit = None,
+    val_fraction: ValFraction = DataConfig.val_fraction,
+    seed: Seed = TrainConfig.seed,
+    device: Device = TrainConfig.device,
+    resume: Resume = None,
 ) -> None:
-    """Train on MNIST (the default job)."""
-    _choice(device, DEVICES, "--device")
-    _choice(posterior, POSTERIORS, "--posterior")
-    _choice(recon_loss, RECON_LOSSES, "--recon-loss")
-    _choice(prior, PRIOR_NAMES, "--prior")
-    try:
-        spec = make_prior_spec(prior, latent_dim, std=prior_std)
-        cfg = RunConfig(
-            model=ModelConfig(image_shape=(1, 28, 28), latent_dim=latent_dim, hidden=hidden, posterior=posterior, prior=spec),
-            data=DataConfig(source="mnist", classes=_parse_classes(classes), limit=limit, val_fraction=val_fraction),
-            train=TrainConfig(epochs=epochs, batch_size=batch_size, lr_recon=lr_recon, lr_disc=lr_disc, lr_gen=lr_gen,
-                              recon_loss=recon_loss, seed=seed, device=device),
-        )
-    except AAEError as exc:
-        raise typer.BadParameter(str(exc)) from None
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
-    if out is None:
-        out = resume.parent if resume is not None and resume.is_file() else (resume or Path("runs") / time.strftime("mnist-%Y%m%d-%H%M%S"))
-    run(cfg, out, data_dir, resume)
+    """Train on MNIST (28x28 grayscale digits; the paper's setting: 8-D Gaussian prior, std 5)."""
+    if prior == "gaussian" and prior_std is None:
+        prior_std = 5.0  # the paper's MNIST likelihood model
+    cfg = build_config(
+        data=DataConfig(source="mnist", classes=_parse_classes(classes), limit=limit, val_fraction=val_fraction),
+        image_shape=(1, 28, 28), latent_dim=latent_dim, default_latent=ModelConfig.latent_dim,
+        prior=prior, prior_params=_prior_params(locals()), arch=arch, hidden=hidden, dropout=dropout,
+        disc_dropout=disc_dropout, posterior=posterior, noise_dim=noise_dim,
+        train=dict(epochs=epochs, batch_size=batch_size, lr_recon=lr_recon, lr_disc=lr_disc, lr_gen=lr_gen,
+                   lr_schedule=lr_schedule, lr_min_factor=lr_min_factor, label_smoothing=label_smoothing,
+                   disc_noise=disc_noise, recon_loss=recon_loss, seed=seed, device=device),
+    )
+    run(cfg, out or _default_out("mnist", resume), data_dir, resume)
+
+
+@app.command()
+def folder(
+    directory: Annotated[Path, typer.Argument(help="Folder of normal images (searched recursively; png, jpg, bmp, tif, webp, ...).")],
+    size: Annotated[str, typer.Option(help="Resize every image to this: one side (64) or WIDTHxHEIGHT (96x64).")] = "64",
+    color: Annotated[str, typer.Option(help="L (grayscale) or RGB.")] = "L",
+    resample: Annotated[str, typer.Option(help=f"Resize filter: {'|'.join(RESAMPLE)}.")] = DataConfig.resample,
+    out: Out = None,
+    epochs: Epochs = 50,
+    batch_size: BatchSize = 64,
+    latent_dim: LatentDim = None,
+    arch: Arch = "conv",
+    hidden: Hidden = 512,
+    dropout: Dropout = 0.0,
+    prior: Prior = "gaussian",
+    prior_std: PriorStd = None,
+    mog_components: MogComponents = None,
+    mog_radius: MogRadius = None,
+    mog_std: MogStd = None,
+    uniform_low: UniformLow = None,
+    uniform_high: UniformHigh = None,
+    swissroll_turns: SwissTurns = None,
+    swissroll_radius: SwissRadius = None,
+    swissroll_noise: SwissNoise = None,
+    posterior: Posterior = ModelConfig.posterior,
+    noise_dim: NoiseDim = ModelConfig.noise_dim,
+    lr_recon: LrRecon = TrainConfig.lr_recon,
+    lr_disc: LrDisc = TrainConfig.lr_disc,
+    lr_gen: LrGen = TrainConfig.lr_gen,
+    lr_schedule: LrSchedule = TrainConfig.lr_schedule,
+    lr_min_factor: LrMinFactor = TrainConfig.lr_min_factor,
+    label_smoothing: LabelSmoothing = 0.0,
+    disc_noise: DiscNoise = 0.0,
+    disc_dropout: DiscDropout = 0.0,
+    recon_loss: ReconLoss = TrainConfig.recon_loss,
+    limit: Limit = None,
+    val_fraction: ValFraction = 0.2,
+    seed: Seed = TrainConfig.seed,
+    device: Device = TrainConfig.device,
+    resume: Resume = None,
+) -> None:
+    """Train on your own normal images: every image under DIRECTORY, resized as `aae-run` will resize it."""
+    if resume is None and not directory.is_dir():
+        raise typer.BadParameter(f"{directory} is not a folder: pass the folder of normal images", param_hint="DIRECTORY")
+    _choice(color, ("L", "RGB"), "--color")
+    _choice(resample, tuple(RESAMPLE), "--resample")
+    height, width = parse_size(size)
+    data = DataConfig(source="folder", path=str(directory), image_size=(height, width), color_mode=color, resample=resample,
+                      limit=limit, val_fraction=val_fraction)
+    cfg = build_config(
+        data=data, image_shape=(3 if color == "RGB" else 1, height, width), latent_dim=latent_dim, default_latent=16,
+        prior=prior, prior_params=_prior_params(locals()), arch=arch, hidden=hidden, dropout=dropout,
+        disc_dropout=disc_dropout, posterior=posterior, noise_dim=noise_dim,
+        train=dict(epochs=epochs, batch_size=batch_size, lr_recon=lr_recon, lr_disc=lr_disc, lr_gen=lr_gen,
+                   lr_schedule=lr_schedule, lr_min_factor=lr_min_factor, label_smoothing=label_smoothing,
+                   disc_noise=disc_noise, recon_loss=recon_loss, seed=seed, device=device),
+    )
+    run(cfg, out or _default_out("folder", resume), directory if resume is None else None, resume)
+
+
+def _prior_params(options: dict) -> dict[str, float | None]:
+    """The prior options of a command's locals(), keyed by their CLI names."""
+    return {opt: options[opt[2:].replace("-", "_")] for opt in PRIOR_OPTIONS}
 
 
 def run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None) -> None:
     """Train with a live progress bar; one-line errors, never a traceback."""
+    from aae_train.data import DataWarning
+    from aae_train.plots import PLOT_NAMES
     from aae_train.train import train  # torch is imported only once arguments are valid
 
     with Progress(
@@ -99,6 +281,8 @@ def run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None) -
             progress.update(download[name], completed=done)
 
         def on_start(trainer, n_train: int, n_val: int) -> None:
+            for note in trainer.notes:
+                err.print(f"[yellow]warning:[/yellow] {note}", highlight=False)
             err.print(f"training on {trainer.device}: {n_train} images, {n_val} held out; run folder {out}", highlight=False)
 
         def on_step(step: int, steps: int, losses) -> None:
@@ -114,13 +298,15 @@ def run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None) -
 
         progress.update(task, description=f"epoch 1/{cfg.train.epochs}")
         try:
-            result = train(cfg, out, data_dir=str(data_dir) if data_dir else None, resume=resume,
-                           on_epoch=on_epoch, on_step=on_step, on_start=on_start, download_progress=on_download)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DataWarning)  # printed once by on_start, not as a Python warning
+                result = train(cfg, out, data_dir=str(data_dir) if data_dir else None, resume=resume,
+                               on_epoch=on_epoch, on_step=on_step, on_start=on_start, download_progress=on_download)
         except AAEError as exc:
             progress.stop()
             print_error(str(exc), err)  # literal text: paths may hold "[/]"
             raise typer.Exit(2)
-    err.print(f"checkpoint: {result.checkpoint}\nsamples: {out / 'samples.png'}  reconstructions: {out / 'reconstructions.png'}", highlight=False)
+    err.print(f"checkpoint: {result.checkpoint}\nplots: {', '.join(str(out / name) for name in PLOT_NAMES)}", highlight=False)
 
 
 @app.command("demo-images")

@@ -10,18 +10,22 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 from aae_runtime.priors import make_prior_spec
 
-ARCHS = ("mlp",)
+ARCHS = ("mlp", "conv")
 POSTERIORS = ("deterministic", "gaussian", "universal")
 RECON_LOSSES = ("bce", "mse")
+LR_SCHEDULES = ("constant", "cosine", "step")
 DEVICES = ("auto", "cpu", "cuda")
+DATA_SOURCES = ("mnist", "folder")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     image_shape: tuple[int, int, int] = (1, 28, 28)  # (C, H, W) of one input
     latent_dim: int = 8  # the paper's MNIST likelihood model uses 8
-    arch: str = "mlp"  # mlp: the paper's 2 x 1000 ReLU layers for encoder, decoder, discriminator
-    hidden: int = 1000  # units per hidden layer
+    arch: str = "mlp"  # mlp: the paper's 2 x 1000 ReLU layers; conv: stride-2 convnets for larger images
+    hidden: int = 1000  # units per hidden (fully connected) layer, discriminator included
+    dropout: float = 0.0  # dropout after each hidden layer of encoder and decoder (training only)
+    disc_dropout: float = 0.0  # dropout after each hidden layer of the discriminator
     posterior: str = "deterministic"  # q(z|x): deterministic | gaussian | universal
     noise_dim: int = 8  # size of the noise fed to a universal-approximator encoder
     prior: dict = field(default_factory=lambda: make_prior_spec("gaussian", 8, std=5.0))
@@ -33,17 +37,34 @@ class ModelConfig:
             raise ValueError(f"unknown posterior {self.posterior!r}; choose one of {', '.join(POSTERIORS)}")
         if self.prior["dim"] != self.latent_dim:
             raise ValueError(f"prior dim {self.prior['dim']} != latent_dim {self.latent_dim}")
+        if not (0.0 <= self.dropout < 1.0 and 0.0 <= self.disc_dropout < 1.0):
+            raise ValueError("dropout must be in [0, 1)")
+        if self.hidden < 1 or self.latent_dim < 1:
+            raise ValueError("hidden units and latent size must be at least 1")
 
 
 @dataclass(frozen=True)
 class DataConfig:
     source: str = "mnist"  # mnist | folder
     path: str | None = None  # where the data was read from (resolved at training time)
+    image_size: tuple[int, int] | None = None  # folder: (height, width) every image is resized to
+    color_mode: str | None = None  # folder: "L" (grayscale) or "RGB"
+    resample: str = "bilinear"  # folder: PIL filter used to resize (aae_runtime.images.RESAMPLE)
     classes: tuple[int, ...] | None = None  # MNIST digits to train on; None = all
     limit: int | None = None  # at most this many images before the validation split
     val_fraction: float = 0.1  # held out from the training images for validation and threshold
     split_seed: int = 0  # the hold-out split depends on this alone, not on the training seed
     preprocessing: dict | None = None  # aae_runtime.metadata.Preprocessing as a dict; set by the data loader
+
+    def __post_init__(self) -> None:
+        if self.source not in DATA_SOURCES:
+            raise ValueError(f"unknown data source {self.source!r}; choose one of {', '.join(DATA_SOURCES)}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError("val_fraction must be in [0, 1): part of the images is held out (at least one)")
+        if self.color_mode is not None and self.color_mode not in ("L", "RGB"):
+            raise ValueError(f"unknown colour mode {self.color_mode!r}; choose L (grayscale) or RGB")
+        if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) < 1):
+            raise ValueError(f"image size must be two positive integers (height, width), got {self.image_size!r}")
 
 
 @dataclass(frozen=True)
@@ -54,6 +75,10 @@ class TrainConfig:
     lr_disc: float = 2e-4  # Adam, discriminator
     lr_gen: float = 2e-4  # Adam, encoder as generator
     recon_loss: str = "bce"  # bce suits [0, 1] images with a sigmoid decoder; mse also offered
+    lr_schedule: str = "constant"  # constant | cosine (to lr_min_factor x lr at the last epoch) | step
+    lr_min_factor: float = 0.1  # cosine: final lr / initial lr; step: lr is multiplied by it at 1/2 and 3/4 of the epochs
+    label_smoothing: float = 0.0  # D's target for prior samples is 1 - this (one-sided smoothing)
+    disc_noise: float = 0.0  # std of Gaussian noise added to both of D's inputs (codes and prior samples), in prior units
     seed: int = 0
     device: str = "auto"
 
@@ -64,6 +89,14 @@ class TrainConfig:
             raise ValueError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch size must be at least 1")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown learning-rate schedule {self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
+        if not 0.0 < self.lr_min_factor <= 1.0:
+            raise ValueError("lr_min_factor must be in (0, 1]")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError("label smoothing must be in [0, 0.5)")
+        if self.disc_noise < 0:
+            raise ValueError("discriminator input noise must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -91,7 +124,7 @@ class RunConfig:
 def _build(kind, values: dict):
     known = {f.name for f in fields(kind)}
     kwargs = {k: v for k, v in values.items() if k in known}
-    for key in ("image_shape", "classes"):
+    for key in ("image_shape", "classes", "image_size"):
         if kwargs.get(key) is not None:
             kwargs[key] = tuple(kwargs[key])
     return kind(**kwargs)

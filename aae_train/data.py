@@ -1,16 +1,21 @@
 """Training data as float32 arrays in the model's input format, with a held-out validation split.
 
-Pixels become model inputs through `aae_runtime.images.pixels_to_input`, the same function the
-runtime uses, so training and deployment preprocess identically.
+Pixels become model inputs through `aae_runtime.images.pixels_to_input` (MNIST) and image files
+through `aae_runtime.images.load_image` (folders): the functions the runtime uses, so training
+and deployment preprocess identically. Everything is rebuilt from a `DataConfig` alone, so
+export recovers the same held-out split from a checkpoint.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from aae_runtime.images import pixels_to_input
+from aae_runtime.errors import InputError
+from aae_runtime.images import find_images, load_image, pixels_to_input
 from aae_runtime.metadata import Preprocessing
 from aae_train.config import DataConfig
 from aae_train.mnist import DataError, ensure_mnist, load_mnist
@@ -26,6 +31,12 @@ class Dataset:
     val_labels: np.ndarray | None
     preprocessing: Preprocessing
     path: str  # where the images were read from
+    notes: tuple[str, ...] = ()  # one-line messages for the user, e.g. how many files were skipped
+    class_names: tuple[str, ...] | None = None  # label i is class_names[i] (folders: the subfolder names)
+
+
+class DataWarning(UserWarning):
+    """Something in the data was skipped; training goes on."""
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -64,7 +75,74 @@ def load_mnist_dataset(cfg: DataConfig, data_dir: str | None = None, progress=No
     )
 
 
+def folder_preprocessing(cfg: DataConfig) -> Preprocessing:
+    """Preprocessing of a folder run: the configured colour mode and size, pixels / 255."""
+    if cfg.image_size is None or cfg.color_mode is None:
+        raise DataError("a folder data set needs image_size and color_mode (aae-train folder --size 64 --color L)")
+    height, width = cfg.image_size
+    return Preprocessing(color_mode=cfg.color_mode, height=int(height), width=int(width), resample=cfg.resample,
+                         scale=1 / 255, offset=0.0)
+
+
+def load_folder_dataset(cfg: DataConfig, data_dir: str | None = None) -> Dataset:
+    """Every image file under a folder (recursively), decoded exactly as `aae-run` decodes files.
+
+    The hold-out split is drawn over the sorted file list before decoding, so a file that later
+    becomes unreadable never moves another file between train and validation. Unreadable files
+    are skipped and counted in one warning. Labels are the first-level subfolders, if any
+    (used only to colour latent plots).
+    """
+    root = Path(data_dir if data_dir is not None else cfg.path or "")
+    if not root.is_dir():
+        raise DataError(f"image folder {root} not found: pass a directory of normal images")
+    pre = folder_preprocessing(cfg)
+    files = find_images([root])
+    if cfg.limit is not None and cfg.limit < len(files):
+        keep = np.sort(np.random.default_rng(cfg.split_seed).choice(len(files), size=cfg.limit, replace=False))
+        files = [files[i] for i in keep]
+    if len(files) < 2:
+        raise DataError(f"found {len(files)} image file(s) under {root}; need at least 2 (suffixes: png, jpg, bmp, tif, ...)")
+    tr, va = split_indices(len(files), cfg.val_fraction, cfg.split_seed)
+    subdirs = sorted({f.relative_to(root).parts[0] for f in files if len(f.relative_to(root).parts) > 1})
+    label_of = {name: i for i, name in enumerate(subdirs)}
+    skipped: list[str] = []
+
+    def read(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        arrays, labels = [], []
+        for i in indices:
+            try:
+                arrays.append(load_image(files[i], pre))
+            except InputError as exc:
+                skipped.append(f"{files[i].relative_to(root)}: {exc}")
+                continue
+            parts = files[i].relative_to(root).parts
+            labels.append(label_of[parts[0]] if len(parts) > 1 else -1)
+        x = np.stack(arrays) if arrays else np.zeros((0, *pre.shape), np.float32)
+        return x, np.asarray(labels, dtype=np.int64)
+
+    train_x, train_y = read(tr)
+    val_x, val_y = read(va)
+    notes = []
+    if skipped:
+        notes.append(f"skipped {len(skipped)} of {len(files)} files under {root} that could not be read "
+                     f"(first: {skipped[0]}); fix or remove them to use them")
+        warnings.warn(notes[-1], DataWarning, stacklevel=3)
+    if len(train_x) == 0 or len(val_x) == 0:
+        raise DataError(f"too few readable images under {root} ({len(train_x)} train, {len(val_x)} validation): "
+                        "add images or lower --val-fraction")
+    has_labels = bool(subdirs)
+    return Dataset(
+        train=train_x, val=val_x,
+        train_labels=train_y if has_labels else None, val_labels=val_y if has_labels else None,
+        preprocessing=pre, path=str(root.resolve()), notes=tuple(notes),
+        class_names=tuple(subdirs) if has_labels else None,
+    )
+
+
 def load_dataset(cfg: DataConfig, data_dir: str | None = None, progress=None) -> Dataset:
+    """The data set ``cfg`` describes; ``data_dir`` overrides where it is read from."""
     if cfg.source == "mnist":
         return load_mnist_dataset(cfg, data_dir, progress)
-    raise DataError(f"unknown data source {cfg.source!r}")
+    if cfg.source == "folder":
+        return load_folder_dataset(cfg, data_dir)
+    raise DataError(f"unknown data source {cfg.source!r}: this version reads mnist or folder")

@@ -1,4 +1,9 @@
-"""Encoder q(z|x), decoder p(x|z) and discriminator D(z): the paper's MLPs.
+"""Encoder q(z|x), decoder p(x|z) and discriminator D(z): the paper's MLPs, or small convnets.
+
+``arch="mlp"`` is the paper's: two hidden layers of ``hidden`` ReLU units for encoder and
+decoder. ``arch="conv"`` is for larger images: stride-2 convolutions halve the image while both
+sides stay even and larger than 4 (at most 4 times), then one hidden fully connected layer; the
+decoder mirrors it with transposed convolutions. The discriminator is always the MLP on codes.
 
 Each posterior has a stochastic training path and a deterministic path used in eval mode and
 at export (the mean for the Gaussian posterior, zero noise for the universal approximator), so
@@ -15,14 +20,69 @@ from torch import nn
 from aae_train.config import ModelConfig
 
 
-def mlp(sizes: list[int]) -> nn.Sequential:
-    """Linear layers of ``sizes`` with ReLU between them (none after the last)."""
+CONV_BASE_CHANNELS = 32  # channels after the first convolution; doubled at each halving
+CONV_MAX_CHANNELS = 256
+CONV_MAX_HALVINGS = 4
+
+
+def mlp(sizes: list[int], dropout: float = 0.0) -> nn.Sequential:
+    """Linear layers of ``sizes`` with ReLU (and dropout, if > 0) between them, none after the last."""
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
             layers.append(nn.ReLU())
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))  # identity in eval mode: export stays deterministic
     return nn.Sequential(*layers)
+
+
+def conv_plan(image_shape: tuple[int, int, int]) -> list[tuple[int, int, int]]:
+    """(channels, height, width) after each stride-2 convolution of the conv encoder, in order."""
+    c, h, w = image_shape
+    plan: list[tuple[int, int, int]] = []
+    channels = CONV_BASE_CHANNELS
+    while len(plan) < CONV_MAX_HALVINGS and h % 2 == 0 and w % 2 == 0 and h > 4 and w > 4:
+        h, w = h // 2, w // 2
+        plan.append((channels, h, w))
+        channels = min(channels * 2, CONV_MAX_CHANNELS)
+    return plan
+
+
+def conv_features(image_shape: tuple[int, int, int]) -> tuple[nn.Sequential, int]:
+    """The conv encoder's feature extractor (B, C, H, W) -> (B, F), and F."""
+    layers: list[nn.Module] = []
+    c_in, h, w = image_shape
+    for c_out, h, w in conv_plan(image_shape):
+        layers += [nn.Conv2d(c_in, c_out, kernel_size=4, stride=2, padding=1), nn.ReLU()]  # exactly halves H, W
+        c_in = c_out
+    layers.append(nn.Flatten())
+    return nn.Sequential(*layers), c_in * h * w
+
+
+class ConvUpsampler(nn.Module):
+    """Features (B, F) -> images (B, C, H, W) logits: the mirror of ``conv_features``."""
+
+    def __init__(self, image_shape: tuple[int, int, int]):
+        super().__init__()
+        plan = conv_plan(image_shape)
+        self.start = plan[-1] if plan else tuple(image_shape)
+        layers: list[nn.Module] = []
+        outs = [p[0] for p in reversed(plan[:-1])] + [image_shape[0]]
+        c_in = self.start[0]
+        for i, c_out in enumerate(outs if plan else []):
+            layers.append(nn.ConvTranspose2d(c_in, c_out, kernel_size=4, stride=2, padding=1))  # exactly doubles H, W
+            if i < len(outs) - 1:
+                layers.append(nn.ReLU())
+            c_in = c_out
+        self.net = nn.Sequential(*layers)
+
+    @property
+    def n_features(self) -> int:
+        return math.prod(self.start)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.net(h.view(-1, *self.start))
 
 
 class Encoder(nn.Module):
@@ -35,13 +95,21 @@ class Encoder(nn.Module):
         n_in = math.prod(cfg.image_shape) + self.noise_dim
         n_out = cfg.latent_dim * (2 if cfg.posterior == "gaussian" else 1)
         self.latent_dim = cfg.latent_dim
-        self.net = mlp([n_in, cfg.hidden, cfg.hidden, n_out])  # linear last layer, as in the paper
+        if cfg.arch == "conv":
+            self.features, n_feat = conv_features(tuple(cfg.image_shape))
+            self.net = mlp([n_feat + self.noise_dim, cfg.hidden, n_out], cfg.dropout)
+        else:
+            self.features = nn.Flatten()
+            self.net = mlp([n_in, cfg.hidden, cfg.hidden, n_out], cfg.dropout)  # linear last layer, as in the paper
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Samples z ~ q(z|x) in training mode; the deterministic code in eval mode."""
-        h = x.flatten(1)  # (B, C*H*W)
+        h = self.features(x)  # (B, F)
         if self.noise_dim:
-            noise = torch.randn(len(h), self.noise_dim, device=h.device) if self.training else h.new_zeros(len(h), self.noise_dim)
+            if self.training:
+                noise = torch.randn(h.shape[0], self.noise_dim, device=h.device, dtype=h.dtype)
+            else:  # zeros shaped from h itself: a traced graph keeps a dynamic batch axis
+                noise = (h[:, :1] * 0).expand(-1, self.noise_dim)
             h = torch.cat([h, noise], dim=1)
         out = self.net(h)
         if self.posterior != "gaussian":
@@ -58,10 +126,15 @@ class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.image_shape = tuple(cfg.image_shape)
-        self.net = mlp([cfg.latent_dim, cfg.hidden, cfg.hidden, math.prod(cfg.image_shape)])
+        if cfg.arch == "conv":
+            self.upsample = ConvUpsampler(self.image_shape)
+            self.net = nn.Sequential(mlp([cfg.latent_dim, cfg.hidden, self.upsample.n_features], cfg.dropout), nn.ReLU())
+        else:
+            self.upsample = nn.Identity()
+            self.net = mlp([cfg.latent_dim, cfg.hidden, cfg.hidden, math.prod(cfg.image_shape)], cfg.dropout)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.net(z)).view(-1, *self.image_shape)
+        return torch.sigmoid(self.upsample(self.net(z))).view(-1, *self.image_shape)
 
 
 class Discriminator(nn.Module):
@@ -69,7 +142,7 @@ class Discriminator(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.net = mlp([cfg.latent_dim, cfg.hidden, cfg.hidden, 1])
+        self.net = mlp([cfg.latent_dim, cfg.hidden, cfg.hidden, 1], cfg.disc_dropout)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z)

@@ -25,11 +25,41 @@ from aae_train.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoi
 from aae_train.config import RunConfig
 from aae_train.data import Dataset, load_dataset
 from aae_train.models import build_models
+from aae_train.plots import LATENT_NAME, LOSS_CURVES_NAME, RECONSTRUCTIONS_NAME, SAMPLES_NAME, plot_latent, plot_losses
 
 METRICS_NAME = "metrics.jsonl"
-SAMPLES_NAME = "samples.png"
-RECONSTRUCTIONS_NAME = "reconstructions.png"
 CONFIG_NAME = "config.json"
+LATENT_PLOT_POINTS = 2000  # held-out codes drawn in latent.png
+
+
+MMD_SAMPLES = 1000  # validation codes and prior samples compared per epoch
+
+
+def lr_factor(schedule: str, epoch: int, epochs: int, min_factor: float) -> float:
+    """Learning-rate multiplier for 0-based ``epoch`` of ``epochs``."""
+    if schedule == "cosine":
+        progress = epoch / max(1, epochs - 1)
+        return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule == "step":
+        return min_factor ** sum(epoch >= m for m in (epochs // 2, (3 * epochs) // 4) if m > 0)
+    return 1.0
+
+
+def mmd2(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Unbiased MMD^2 between samples ``a`` (N, D) and ``b`` (M, D), RBF kernels over several widths.
+
+    Widths are multiples of the median distance between prior samples ``b``, so the figure is
+    comparable across priors of any scale: 0 when codes match the prior, larger the worse.
+    """
+    ab = torch.cat([a, b])
+    d2 = torch.cdist(ab, ab).square()
+    n, m = len(a), len(b)
+    median = torch.cdist(b, b).median().clamp_min(1e-12)
+    k = sum(torch.exp(-d2 / (2 * (s * median) ** 2)) for s in (0.25, 0.5, 1.0, 2.0))
+    kaa, kbb, kab = k[:n, :n], k[n:, n:], k[:n, n:]
+    term_a = (kaa.sum() - kaa.diagonal().sum()) / (n * (n - 1))
+    term_b = (kbb.sum() - kbb.diagonal().sum()) / (m * (m - 1))
+    return float(term_a + term_b - 2 * kab.mean())
 
 
 class TrainingError(AAEError):
@@ -67,12 +97,20 @@ class Trainer:
         # The whole data set lives on the training device: no loader can stall a GPU.
         self.train_x = torch.from_numpy(data.train).to(self.device)
         self.val_x = torch.from_numpy(data.val).to(self.device)
+        self.val_labels = data.val_labels
+        self.class_names = data.class_names
+        self.notes = data.notes  # one-line messages for the user (e.g. skipped files)
         self.shuffle = torch.Generator().manual_seed(t.seed + 1)
         self.prior_rng = np.random.default_rng(t.seed + 2)
         self.epoch = 0  # epochs completed
         self.history: list[dict] = []
 
     # -- one minibatch --------------------------------------------------------------------------
+    def disc_input(self, z: torch.Tensor) -> torch.Tensor:
+        """Instance noise on D's inputs (a stabiliser): blurs both distributions so D cannot win outright."""
+        std = self.cfg.train.disc_noise
+        return z + std * torch.randn_like(z) if std > 0 else z
+
     def recon_loss(self, recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self.cfg.train.recon_loss == "bce":
             return F.binary_cross_entropy(recon, x)
@@ -89,15 +127,16 @@ class Trainer:
         # Regularisation phase, 1: the discriminator; prior samples are real, codes are fake.
         z_real = torch.from_numpy(sample_prior(self.cfg.model.prior, len(x), self.prior_rng)).to(self.device)
         z_fake = enc(x).detach()
-        logits_real, logits_fake = disc(z_real), disc(z_fake)
-        d_loss = F.binary_cross_entropy_with_logits(logits_real, torch.ones_like(logits_real)) + \
+        logits_real, logits_fake = disc(self.disc_input(z_real)), disc(self.disc_input(z_fake))
+        real_target = 1.0 - self.cfg.train.label_smoothing  # one-sided: only the prior's targets are smoothed
+        d_loss = F.binary_cross_entropy_with_logits(logits_real, torch.full_like(logits_real, real_target)) + \
             F.binary_cross_entropy_with_logits(logits_fake, torch.zeros_like(logits_fake))
         self.opt_disc.zero_grad(set_to_none=True)
         d_loss.backward()
         self.opt_disc.step()
         d_acc = 0.5 * ((logits_real > 0).float().mean() + (logits_fake < 0).float().mean())
         # Regularisation phase, 2: the encoder as generator, trying to make D call its codes real.
-        logits_gen = disc(enc(x))
+        logits_gen = disc(self.disc_input(enc(x)))
         g_loss = F.binary_cross_entropy_with_logits(logits_gen, torch.ones_like(logits_gen))
         self.opt_gen.zero_grad(set_to_none=True)
         g_loss.backward()
@@ -105,9 +144,19 @@ class Trainer:
         return torch.stack([recon.detach(), d_loss.detach(), d_acc.detach(), g_loss.detach()])
 
     # -- one epoch ------------------------------------------------------------------------------
+    def set_learning_rates(self) -> float:
+        """Apply the schedule for the coming epoch (a function of the epoch alone, so resume agrees)."""
+        t = self.cfg.train
+        factor = lr_factor(t.lr_schedule, self.epoch, t.epochs, t.lr_min_factor)
+        for opt, base in ((self.opt_recon, t.lr_recon), (self.opt_disc, t.lr_disc), (self.opt_gen, t.lr_gen)):
+            for group in opt.param_groups:
+                group["lr"] = base * factor
+        return factor
+
     def train_epoch(self, on_step: Callable[[int, int, StepLosses], None] | None = None) -> dict:
         for m in (self.encoder, self.decoder, self.discriminator):
             m.train()
+        factor = self.set_learning_rates()
         bs = self.cfg.train.batch_size
         n = len(self.train_x)
         order = torch.randperm(n, generator=self.shuffle).to(self.device)
@@ -137,6 +186,7 @@ class Trainer:
             "disc_loss": means[1],
             "disc_acc": means[2],
             "gen_loss": means[3],
+            "lr_factor": round(factor, 6),
             **self.evaluate(),
             "seconds": round(time.perf_counter() - start, 3),
         }
@@ -155,16 +205,20 @@ class Trainer:
         self.decoder.eval()
         z = torch.cat([self.encoder(b) for b in self.val_x.split(1000)])
         recon = torch.cat([self.decoder(b) for b in z.split(1000)])
+        # Prior samples from their own seeded stream: evaluating never shifts the training RNGs.
+        z_prior = torch.from_numpy(sample_prior(self.cfg.model.prior, min(len(z), MMD_SAMPLES), np.random.default_rng(self.epoch)))
         return {
             "val_recon_loss": float(self.recon_loss(recon, self.val_x)),
             "val_mse": float(F.mse_loss(recon, self.val_x)),
             "latent_mean": [round(v, 4) for v in z.mean(0).tolist()],
             "latent_std": [round(v, 4) for v in z.std(0).tolist()],
+            "prior_mmd": round(mmd2(z[:MMD_SAMPLES].cpu().double(), z_prior.double()), 6),
         }
 
     # -- outputs --------------------------------------------------------------------------------
     @torch.no_grad()
-    def write_grids(self, run_dir: Path, n: int = 64) -> None:
+    def write_plots(self, run_dir: Path, n: int = 64) -> None:
+        """Loss curves, held-out codes coloured by label over prior samples, sample grid, reconstructions."""
         self.encoder.eval()
         self.decoder.eval()
         z = torch.from_numpy(sample_prior(self.cfg.model.prior, n, np.random.default_rng(0))).to(self.device)
@@ -172,6 +226,13 @@ class Trainer:
         x = self.val_x[: n // 2]
         pairs = torch.stack([x, self.decoder(self.encoder(x))], dim=1).flatten(0, 1)  # original, reconstruction, ...
         save_grid(pairs.cpu().numpy(), run_dir / RECONSTRUCTIONS_NAME, ncols=16)
+        if self.history:
+            plot_losses(self.history, run_dir / LOSS_CURVES_NAME)
+        x = self.val_x[:LATENT_PLOT_POINTS]
+        codes = torch.cat([self.encoder(b) for b in x.split(1000)]).cpu().numpy()
+        labels = self.val_labels[: len(codes)] if self.val_labels is not None else None
+        prior = sample_prior(self.cfg.model.prior, len(codes), np.random.default_rng(1))
+        plot_latent(codes, labels, run_dir / LATENT_NAME, prior_samples=prior, class_names=self.class_names)
 
     def state(self) -> dict:
         rng = {"torch": torch.get_rng_state(), "shuffle": self.shuffle.get_state(), "prior": self.prior_rng.bit_generator.state}
@@ -227,6 +288,9 @@ def train(cfg: RunConfig, run_dir: str | Path, data_dir: str | None = None, resu
         saved = RunConfig.from_dict(state["config"])
         cfg = saved.replace(train=replace(saved.train, epochs=cfg.train.epochs, device=cfg.train.device))
     data = load_dataset(cfg.data, data_dir, progress=download_progress)
+    if tuple(data.preprocessing.shape) != tuple(cfg.model.image_shape):
+        raise TrainingError(f"the model expects images of shape {tuple(cfg.model.image_shape)} but the data are "
+                            f"{data.preprocessing.shape}: set image_shape to the data's (C, H, W)")
     cfg = cfg.replace(data=replace(cfg.data, path=data.path, preprocessing=data.preprocessing.to_dict()))
     trainer = Trainer(cfg, data)
     if state is not None:
@@ -243,11 +307,12 @@ def train(cfg: RunConfig, run_dir: str | Path, data_dir: str | None = None, resu
         save_checkpoint(trainer.state(), checkpoint)
         with open(metrics_path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
+        trainer.write_plots(run_dir)  # refreshed every epoch, so a run can be watched
         if on_epoch:
             on_epoch(metrics)
     if not checkpoint.exists():  # resumed at or past the requested epochs: still leave a checkpoint
         save_checkpoint(trainer.state(), checkpoint)
-    trainer.write_grids(run_dir)
+    trainer.write_plots(run_dir)
     return TrainResult(run_dir, checkpoint, trainer.history, str(trainer.device))
 
 
