@@ -108,6 +108,7 @@ def rewrite_metadata(model_dir: Path, metadata: dict) -> list[Path]:
     try:
         for name in names:
             data = set_metadata_prop((model_dir / name).read_bytes(), METADATA_KEY, text)
+            _check_loadable(data, name, text)
             tmp = model_dir / f".{name}.recalibrate.tmp"
             atomic_write_bytes(tmp, data)
             staged.append((tmp, model_dir / name))
@@ -117,6 +118,15 @@ def rewrite_metadata(model_dir: Path, metadata: dict) -> list[Path]:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
     return [t for _, t in staged]
+
+
+def _check_loadable(data: bytes, name: str, text: str) -> None:
+    """The rewritten graph must load in ONNX Runtime and carry exactly the new metadata."""
+    from aae_runtime.session import SessionConfig, create_session
+
+    session, _ = create_session(data, SessionConfig(device="cpu"))
+    if session.get_modelmeta().custom_metadata_map.get(METADATA_KEY) != text:
+        raise ModelError(f"rewriting the metadata of {name} failed a read-back check; nothing was changed")
 
 
 def set_metadata_prop(model: bytes, key: str, value: str) -> bytes:
