@@ -1,0 +1,127 @@
+"""`aae-train folder` and the prior/posterior/arch options: real files, real decoding, CliRunner."""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from aae_runtime.images import load_image
+from aae_train.cli import app, parse_size
+from aae_train.config import DataConfig
+from aae_train.data import DataWarning, folder_preprocessing, load_dataset
+from aae_train.plots import project_2d
+from tests.conftest import write_png
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory, mnist_test):
+    """30 digits in good/ and scratched/ (PNG, JPEG, BMP, 16-bit TIFF), plus 2 unreadable files."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("parts")
+    images, _ = mnist_test
+    for i in range(30):
+        sub = root / ("good" if i % 2 else "scratched") / ("deep" if i % 5 == 0 else "")
+        sub.mkdir(parents=True, exist_ok=True)
+        if i % 7 == 3:
+            Image.fromarray(images[i].astype(np.uint16) * 257).save(sub / f"{i}.tif")
+        else:
+            write_png(sub / f"{i}.{['png', 'jpg', 'bmp'][i % 3]}", images[i])
+    (root / "good" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (root / "empty.jpg").write_bytes(b"")
+    (root / "notes.txt").write_text("not an image, not even looked at")
+    return root
+
+
+def _cfg(root, **kw) -> DataConfig:
+    return DataConfig(source="folder", path=str(root), image_size=(20, 24), color_mode="L", val_fraction=0.2, **kw)
+
+
+def test_folder_images_are_decoded_exactly_as_the_runtime_decodes_them(parts):
+    with pytest.warns(DataWarning, match=r"skipped 2 of 32 files"):
+        data = load_dataset(_cfg(parts))
+    assert data.train.shape[1:] == (1, 20, 24) and len(data.train) + len(data.val) == 30
+    assert data.class_names == ("good", "scratched") and set(data.train_labels) <= {0, 1}
+    pre = folder_preprocessing(_cfg(parts))
+    assert data.preprocessing == pre
+    # The same bytes through aae_runtime.images.load_image give the same arrays, bit for bit.
+    from aae_runtime.images import find_images
+
+    readable = [p for p in find_images([parts]) if p.stat().st_size > 0 and p.name != "broken.png"]
+    decoded = {p.name: load_image(p, pre) for p in readable}
+    for x in np.concatenate([data.train, data.val]):
+        assert any(np.array_equal(x, y) for y in decoded.values())
+    assert len(data.notes) == 1 and ("broken.png" in data.notes[0] or "empty.jpg" in data.notes[0])
+
+
+def test_split_is_stable_and_rebuilt_from_the_config_alone(parts):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        a, b = load_dataset(_cfg(parts)), load_dataset(_cfg(parts))
+        other = load_dataset(_cfg(parts, split_seed=1))
+    assert np.array_equal(a.val, b.val) and np.array_equal(a.train, b.train)
+    assert not np.array_equal(a.val, other.val)
+
+
+def test_rgb_folder_gives_three_channels(parts):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        data = load_dataset(DataConfig(source="folder", path=str(parts), image_size=(16, 16), color_mode="RGB"))
+    assert data.val.shape[1:] == (3, 16, 16) and data.val.dtype == np.float32
+    assert 0.0 <= data.train.min() and data.train.max() <= 1.0
+
+
+def test_cli_folder_trains_and_warns_once_about_skipped_files(parts, tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["folder", str(parts), "--size", "24x20", "--epochs", "1", "--hidden", "16",
+                                 "--latent-dim", "3", "--batch-size", "8", "--device", "cpu", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("skipped 2 of 32 files") == 1
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model"]["arch"] == "conv" and cfg["model"]["image_shape"] == [1, 20, 24]
+    assert cfg["data"]["preprocessing"]["size"] == [20, 24] and cfg["data"]["source"] == "folder"
+    assert (out / "latent.png").exists() and (out / "loss_curves.png").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["folder", "{missing}"], "not a folder"),
+    (["folder", "{parts}", "--size", "0"], "--size"),
+    (["folder", "{parts}", "--size", "abc"], "--size"),
+    (["folder", "{parts}", "--color", "CMYK"], "--color"),
+    (["mnist", "--prior", "gaussian", "--mog-radius", "3"], "applies to --prior mog"),
+    (["mnist", "--prior", "swissroll", "--latent-dim", "3"], "swissroll"),
+    (["mnist", "--prior", "banana"], "banana"),
+    (["mnist", "--posterior", "bayes"], "bayes"),
+    (["mnist", "--arch", "transformer"], "transformer"),
+    (["mnist", "--lr-schedule", "linear"], "linear"),
+])
+def test_bad_options_fail_in_one_line_with_exit_2(args, message, parts, tmp_path):
+    args = [a.format(parts=parts, missing=tmp_path / "nope") for a in args]
+    result = runner.invoke(app, args + ["--out", str(tmp_path / "x")])
+    assert result.exit_code == 2, result.output
+    text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.output).split())  # Typer boxes and wraps the message
+    assert message in text and "Traceback" not in text
+    assert not (tmp_path / "x").exists()
+
+
+def test_parse_size_reads_width_by_height():
+    assert parse_size("64") == (64, 64)
+    assert parse_size("96x64") == (64, 96)  # (height, width)
+    assert parse_size("32X16") == (16, 32)
+
+
+def test_latent_projection_is_the_identity_in_2d_and_pca_beyond():
+    rng = np.random.default_rng(0)
+    z2 = rng.normal(size=(50, 2))
+    assert np.array_equal(project_2d(z2)[0], z2)
+    z = rng.normal(size=(400, 6)) * np.array([5.0, 3.0, 0.1, 0.1, 0.1, 0.1])
+    pts, title = project_2d(z)
+    assert pts.shape == (400, 2) and "PCA" in title
+    assert np.var(pts[:, 0]) == pytest.approx(np.var(z[:, 0]), rel=0.2)  # the largest-variance axis comes first
