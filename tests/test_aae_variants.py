@@ -103,6 +103,19 @@ def test_runtime_samples_the_prior_from_metadata_alone(exported):
         np.testing.assert_allclose(images, decoder(torch.from_numpy(z)).numpy(), atol=PARITY_TOLERANCE)
 
 
+
+def test_aae_run_sample_works_for_the_prior(exported, tmp_path):
+    from typer.testing import CliRunner
+
+    from aae_runtime.cli import app
+
+    cfg, _, _, out = exported
+    result = CliRunner().invoke(app, ["sample", "-m", str(out), "-n", "5", "--seed", "1", "-o", str(tmp_path / "s.npy"),
+                                      "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert np.load(tmp_path / "s.npy").shape == (5, *cfg.model.image_shape)
+
+
 def test_training_writes_all_plots(exported):
     _, run, _, _ = exported
     from PIL import Image
