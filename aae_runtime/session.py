@@ -40,11 +40,16 @@ OPTIMIZATION_LEVELS = {
 class SessionConfig:
     """Execution settings, chosen by measurement (`aae-run bench --sweep`, benchmarks/latency.py).
 
-    Defaults suit small, shared edge boxes: one intra-op thread per physical core, no spinning
-    (spinning buys a few microseconds per call at batch 1 but keeps every core busy-waiting
-    between calls, which starves the camera and decoding threads), every graph optimisation.
-    On a box that only scores and has a core to spare, ``spinning=True`` trims batch-1 latency;
-    ``threads=1`` gives the steadiest latency when other processes share the CPU.
+    Defaults suit small, shared edge boxes (measured on a 2-core box with other jobs running,
+    paper-size MLP; benchmarks/results/latency.md):
+    - optimisation "all": batch-64 scoring 2.9 ms against 3.3 (extended), 4.8 (basic) and
+      6.5 (disabled) on one thread; batch 1 is the same at every level (~0.17 ms).
+    - no spinning: with spinning, batch-64 scoring took 4.5-6.8 ms instead of 2.6-3.0 ms,
+      because busy-waiting threads fight the other processes for the cores (and they burn a
+      core between calls, starving camera and decoding threads); batch 1 gained nothing.
+    - threads 0 (one per physical core): batch 1 is the same with one thread or two, larger
+      batches gain from every core; ``threads=1`` leaves a core free for decoding and for
+      other processes, the right choice when the box does more than score.
     """
 
     device: str = "auto"  # "auto" tries CUDA and falls back to the CPU with a notice
