@@ -21,7 +21,6 @@ from aae_train.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from aae_train.models import build_models, conv_plan
 from aae_train.train import train
 from export.onnx_export import PARITY_TOLERANCE, export_checkpoint, to_onnx
-from tests.conftest import write_png
 
 
 @pytest.fixture(scope="module")
