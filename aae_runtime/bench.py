@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from aae_runtime import __version__
-from aae_runtime.errors import InputError
+from aae_runtime.errors import AAEError, InputError
 from aae_runtime.fileio import atomic_write_text
 from aae_runtime.metadata import IMAGE_INPUT, LATENT_INPUT, LATENT_OUTPUT, RECONSTRUCTION_OUTPUT
 from aae_runtime.model import AAEModel
@@ -171,7 +171,10 @@ def cuda_setups(model_dir: str | Path, label: str = "") -> tuple[list[Setup], st
         return [], "CUDA not measured: this onnxruntime has no CUDA provider"
     if not _gpu_present():
         return [], "CUDA not measured: no NVIDIA GPU on this machine"
-    m = AAEModel.load(model_dir, session_config=SessionConfig(device="cuda"))
+    try:
+        m = AAEModel.load(model_dir, session_config=SessionConfig(device="cuda"))
+    except AAEError as exc:  # a GPU without a working driver or CUDA libraries
+        return [], f"CUDA not measured: {exc}"
     if m.providers[0] != CUDA:
         return [], "CUDA not measured: the CUDA provider did not start"
     info = {"provider": CUDA, "gpu": gpu_name(), "precision": variant(m)}

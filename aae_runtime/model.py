@@ -5,7 +5,7 @@ This is the API a device embeds; the `aae-run` CLI is a thin layer over it.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -33,6 +33,11 @@ from aae_runtime.scoring import ScoreParts, evaluate_score, per_image, pixel_err
 from aae_runtime.session import SessionConfig, create_session
 
 DEFAULT_BATCH_SIZE = 64
+# Folder scoring: batches decoded ahead of inference, and threads decoding them. Two batches
+# ahead ride out a slow file; Pillow releases the GIL while it decompresses and resizes, so
+# decoding large camera images spreads over the cores (`aae-run bench` reports the overlap).
+DECODE_AHEAD = 2
+DECODE_WORKERS = max(1, min(4, os.cpu_count() or 1))
 
 
 @dataclass(frozen=True)
@@ -212,14 +217,25 @@ class AAEModel:
         if batch_size < 1:
             raise InputError(f"batch size must be at least 1, got {batch_size}")
         chunks = [files[i : i + batch_size] for i in range(0, len(files), batch_size)]
-        if not chunks:
+        if len(chunks) <= 1:  # nothing to overlap: no thread pool to start (cold start of one image)
+            for chunk in chunks:
+                yield from self._score_decoded(chunk, self.load_images(chunk), maps)
             return
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(self.load_images, chunks[0])
+        from concurrent.futures import ThreadPoolExecutor  # folders only
+
+        # DECODE_AHEAD batches decode while one is inferred; each batch is split over the workers
+        # (Pillow releases the GIL while it decompresses, ONNX Runtime while it runs).
+        with ThreadPoolExecutor(max_workers=DECODE_WORKERS) as pool:
+            def submit(chunk):
+                step = -(-len(chunk) // DECODE_WORKERS)
+                return [pool.submit(self.load_images, chunk[j : j + step]) for j in range(0, len(chunk), step)]
+
+            ahead = [submit(c) for c in chunks[:DECODE_AHEAD]]
             for i, chunk in enumerate(chunks):
-                decoded = pending.result()
-                if i + 1 < len(chunks):
-                    pending = pool.submit(self.load_images, chunks[i + 1])
+                futures = ahead.pop(0)
+                if i + DECODE_AHEAD < len(chunks):
+                    ahead.append(submit(chunks[i + DECODE_AHEAD]))
+                decoded = [item for f in futures for item in f.result()]
                 yield from self._score_decoded(chunk, decoded, maps)
 
     def _score_decoded(self, chunk: list[Path], decoded: list, maps: bool = False) -> Iterator[ImageScore]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -95,3 +96,8 @@ def test_io_bound_path_matches_the_numpy_path(tiny_model_dir, mnist_test):
     sample(3)
     b, z, _ = sample.bound[3]
     np.testing.assert_allclose(b.get_outputs()[0].numpy(), m.decode(z.numpy()), atol=1e-6)
+
+
+def test_the_benchmark_module_never_imports_torch():
+    code = "import sys, aae_runtime.bench, aae_runtime.cli; sys.exit('torch' in sys.modules or 'onnx' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
