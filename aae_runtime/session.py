@@ -40,13 +40,14 @@ OPTIMIZATION_LEVELS = {
 class SessionConfig:
     """Execution settings, chosen by measurement (`aae-run bench --sweep`, benchmarks/latency.py).
 
-    Defaults suit small, shared edge boxes (measured on a 2-core box with other jobs running,
-    paper-size MLP; benchmarks/results/latency.md):
-    - optimisation "all": batch-64 scoring 2.9 ms against 3.3 (extended), 4.8 (basic) and
-      6.5 (disabled) on one thread; batch 1 is the same at every level (~0.17 ms).
-    - no spinning: with spinning, batch-64 scoring took 4.5-6.8 ms instead of 2.6-3.0 ms,
-      because busy-waiting threads fight the other processes for the cores (and they burn a
-      core between calls, starving camera and decoding threads); batch 1 gained nothing.
+    Defaults suit small, shared edge boxes (paper-size MLP on a 2-core box with other jobs
+    running; the sweep table in benchmarks/results/latency.md):
+    - optimisation "all": never slower than the lower levels; at batch 64 on one thread it
+      took 2.9 ms where "extended" took 3.3, "basic" 4.8 and no optimisation 6.5 (batch 1 is
+      the same at every level, ~0.17-0.19 ms: it is bound by reading the weights).
+    - no spinning: spinning threads busy-wait between ops and fight every other process for
+      the cores; batch-64 scoring went from ~3 ms to 4.5-15 ms with it and batch 1 gained
+      nothing. They also burn a core between calls, starving camera and decoding threads.
     - threads 0 (one per physical core): batch 1 is the same with one thread or two, larger
       batches gain from every core; ``threads=1`` leaves a core free for decoding and for
       other processes, the right choice when the box does more than score.
