@@ -29,7 +29,7 @@ from aae_runtime.metadata import (
     ModelMetadata,
 )
 from aae_runtime.priors import sample_prior
-from aae_runtime.scoring import ScoreParts, evaluate_score, per_image, pixel_error
+from aae_runtime.scoring import ScoreParts, evaluate_score, intensity, per_image, pixel_error
 from aae_runtime.session import SessionConfig, create_session
 
 DEFAULT_BATCH_SIZE = 64
@@ -158,12 +158,14 @@ class AAEModel:
         (encoder, decoder) with the error computed in numpy; both give the same numbers.
         """
         x = self._check_images(images)
+        pre = self.metadata.preprocessing
+        ink = intensity(x, pre.offset, pre.offset + 255 * pre.scale)
         if self.scorer is not None:
             z, err, recon = self.scorer.run([LATENT_OUTPUT, PIXEL_ERROR_OUTPUT, RECONSTRUCTION_ERROR_OUTPUT], {IMAGE_INPUT: x})
-            return ScoreParts(z, err, recon.astype(np.float64))
+            return ScoreParts(z, err, recon.astype(np.float64), ink)
         z = self.encode(x)
         err = pixel_error(x, self.decode(z), self.pixel_error_name)
-        return ScoreParts(z, err, per_image(err))
+        return ScoreParts(z, err, per_image(err), ink)
 
     def score(self, images: np.ndarray) -> np.ndarray:
         """Anomaly scores (N,) float64 of preprocessed images (N, C, H, W); higher = more abnormal."""

@@ -32,8 +32,8 @@ _LEN = 2  # protobuf wire type of length-delimited fields
 def parts_of(model, images: np.ndarray, batch_size: int = 256) -> ScoreParts:
     """`AAEModel.score_parts` over a large array, batch by batch, concatenated."""
     chunks = [model.score_parts(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
-    return ScoreParts(np.concatenate([c.latent for c in chunks]), np.concatenate([c.pixel_error for c in chunks]),
-                      np.concatenate([c.reconstruction for c in chunks]))
+    return ScoreParts(*(np.concatenate([getattr(c, f) for c in chunks])
+                        for f in ("latent", "pixel_error", "reconstruction", "intensity")))
 
 
 def calibrate_model(model, normal: np.ndarray, anomalies: np.ndarray | None = None, score: str | None = None,

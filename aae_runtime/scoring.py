@@ -4,6 +4,9 @@ A score is a sum of *terms*, each a raw per-image quantity, optionally log-trans
 standardised by the mean and std it has on normal validation images:
 
 - ``reconstruction``: mean per-pixel error between image and reconstruction (mse, mae or bce);
+- ``relative``: that error divided by the image's mean intensity (on a 0..1 scale, plus 0.01):
+  an image with little ink (a thin "1" scored by a model of "8"s) has few pixels to get wrong,
+  so its absolute error is small even when its shape is wrong; relative to the ink it is not;
 - ``prior``: negative log-likelihood of the latent code under the model's prior;
 - ``codes``: squared Mahalanobis distance of the code to a Gaussian fitted to the codes of
   normal validation images (the encoder never matches the prior exactly; this measures
@@ -33,9 +36,11 @@ from aae_runtime.errors import ModelError
 _EPS = 1e-6
 _LOG_FLOOR = 1e-12  # keeps log(reconstruction error) finite for a perfect reconstruction
 _SHRINK = 1e-3  # ridge on the code covariance, as a share of its mean variance: invertible always
+INTENSITY_FLOOR = 0.01  # added to the mean intensity in the relative error: a blank image stays finite
 
 RECONSTRUCTION_SCORES = ("mse", "mae", "bce")
 LATENT_SOURCES = ("prior", "codes")
+UNSTANDARDISED = ("reconstruction", "relative")  # alone, these keep their natural units
 
 # name -> (pixel error, [(source, transform, weight), ...]); one entry per selectable score.
 # weight "dev" is two-sided: |standardised term|, the deviation from normal in either direction.
@@ -44,6 +49,7 @@ def _build_scores() -> dict[str, tuple[str, list[tuple[str, str, float | str]]]]
                                           "codes": ("mse", [("codes", "log", 1.0)])}
     for pix in RECONSTRUCTION_SCORES:
         table[pix] = (pix, [("reconstruction", "identity", 1.0)])
+        table[f"{pix}_rel"] = (pix, [("relative", "identity", 1.0)])
         recon = ("reconstruction", "log", 1.0)
         table[f"{pix}+prior"] = (pix, [recon, ("prior", "identity", 1.0)])
         table[f"{pix}-prior"] = (pix, [recon, ("prior", "identity", -1.0)])  # codes pulled to the centre
@@ -62,14 +68,15 @@ PIXEL_DEFINITIONS = {
 }
 SOURCE_DEFINITIONS = {
     "reconstruction": "mean over pixels and channels of the per-pixel error",
+    "relative": f"mean per-pixel error / (mean input intensity on a 0..1 scale + {INTENSITY_FLOOR})",
     "prior": "-log p(z) of the code z = encoder(x) under the prior",
     "codes": "squared Mahalanobis distance of z to the Gaussian fitted to normal validation codes",
 }
 
 
 def _define(pix: str, terms: list) -> str:
-    if len(terms) == 1 and terms[0][0] == "reconstruction":
-        return f"{SOURCE_DEFINITIONS['reconstruction']}; per-pixel error {PIXEL_DEFINITIONS[pix]}"
+    if len(terms) == 1 and terms[0][0] in UNSTANDARDISED:
+        return f"{SOURCE_DEFINITIONS[terms[0][0]]}; per-pixel error {PIXEL_DEFINITIONS[pix]}"
     parts = []
     for src, transform, weight in terms:
         term = f"standardised {'log ' if transform == 'log' else ''}[{SOURCE_DEFINITIONS[src]}]"
@@ -87,6 +94,7 @@ class ScoreParts:
     latent: np.ndarray  # (N, latent_dim) float32
     pixel_error: np.ndarray  # (N, H, W) float32, averaged over channels
     reconstruction: np.ndarray  # (N,) float64, mean of pixel_error per image
+    intensity: np.ndarray  # (N,) float64, mean input intensity on a 0..1 scale
 
 
 def pixel_error(x: np.ndarray, recon: np.ndarray, name: str) -> np.ndarray:
@@ -106,6 +114,12 @@ def pixel_error(x: np.ndarray, recon: np.ndarray, name: str) -> np.ndarray:
 def reconstruction_score(x: np.ndarray, recon: np.ndarray, name: str) -> np.ndarray:
     """One score per image (N,), float64: the mean per-pixel error."""
     return per_image(pixel_error(x, recon, name))
+
+
+def intensity(x: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Mean intensity (N,) float64 of model inputs (N, C, H, W) whose values span [low, high]."""
+    span = (high - low) or 1.0
+    return (x.reshape(len(x), -1).mean(axis=1, dtype=np.float64) - low) / span
 
 
 def per_image(pixel_err: np.ndarray) -> np.ndarray:
@@ -163,7 +177,7 @@ def fit_score(name: str, parts: ScoreParts, prior: dict) -> dict:
     if any(src == "codes" for src, _, _ in terms):
         block["codes"] = fit_codes(parts.latent)
     block["terms"] = []
-    standardise = len(terms) > 1 or terms[0][0] != "reconstruction"
+    standardise = len(terms) > 1 or terms[0][0] not in UNSTANDARDISED
     for src, transform, weight in terms:
         raw = _transform(_raw_term(src, parts, prior, block), transform)
         mean, std = (float(raw.mean()), float(raw.std())) if standardise else (0.0, 1.0)
@@ -191,9 +205,10 @@ def validate_score_block(block: dict, source: str) -> None:
     if pix not in RECONSTRUCTION_SCORES:
         raise ModelError(f"{source} metadata names an unknown pixel error {pix!r}: upgrade aae or re-export the model")
     for t in block.get("terms") or []:
-        ok = (isinstance(t, dict) and t.get("source") in ("reconstruction", *LATENT_SOURCES)
+        ok = (isinstance(t, dict) and t.get("source") in (*UNSTANDARDISED, *LATENT_SOURCES)
               and t.get("transform") in ("identity", "log")
-              and all(isinstance(t.get(k, 1.0), (int, float)) and math.isfinite(t.get(k, 1.0)) for k in ("mean", "std", "weight"))
+              and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # mean, std: required
+                      for v in (t.get("mean"), t.get("std"), t.get("weight", 1.0)))
               and t["std"] > 0)
         if not ok:
             raise ModelError(f"{source} metadata has a malformed score term {t!r}: re-export or recalibrate the model")
@@ -204,6 +219,8 @@ def validate_score_block(block: dict, source: str) -> None:
 def _raw_term(source: str, parts: ScoreParts, prior: dict, block: dict) -> np.ndarray:
     if source == "reconstruction":
         return parts.reconstruction
+    if source == "relative":
+        return parts.reconstruction / (parts.intensity + INTENSITY_FLOOR)
     if source == "prior":
         return prior_nll(parts.latent, prior)
     return codes_distance(parts.latent, block["codes"])

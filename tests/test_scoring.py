@@ -38,7 +38,7 @@ def test_prior_nll_is_the_gaussian_density_and_a_mixture_of_its_components():
 def _parts(rng, n, shift=0.0):
     z = rng.normal(size=(n, 4)) + shift
     err = rng.gamma(2.0, 0.01, size=(n, 6, 6)).astype(np.float32) * (1 + shift)
-    return ScoreParts(z.astype(np.float32), err, err.reshape(n, -1).mean(1).astype(np.float64))
+    return ScoreParts(z.astype(np.float32), err, err.reshape(n, -1).mean(1).astype(np.float64), rng.uniform(0.1, 0.3, n))
 
 
 @pytest.mark.parametrize("name", sorted(SCORES))
