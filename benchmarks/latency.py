@@ -90,7 +90,8 @@ def main() -> None:
     report = bench.header(fp32, dirs["fp32"], timing, setups)
     report["results"] = [{**bench.summarize(c), "best_ms": 1e3 * min(c.times)} for c in cases]
     report["notes"] = notes
-    report["model"]["checkpoint"] = str(args.checkpoint)
+    report["model"]["dir"] = _rel(dirs["fp32"])
+    report["model"]["checkpoint"] = _rel(args.checkpoint)
     report["model"]["hidden"] = cfg.model.hidden
     report["model"]["multiply_adds_per_item"] = {op: int(sum(k * n for k, n in s)) for op, s in shapes.items()}
     report["model"]["matmul_shapes"] = {op: [list(s) for s in v] for op, v in shapes.items()}
@@ -131,6 +132,13 @@ def parse_args():
         args.variants.insert(0, "fp32")
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     return args
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
 
 
 def log(s: str) -> None:
