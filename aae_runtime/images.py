@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from aae_runtime.errors import InputError
-from aae_runtime.metadata import Preprocessing
+from aae_runtime.metadata import RESAMPLE_FILTERS, Preprocessing
 
 # Larger than any inspection camera (~150 MP), small enough that decoding stays bounded in memory.
 MAX_IMAGE_PIXELS = 200_000_000
@@ -30,13 +30,7 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".t
 # hands the file to Ghostscript (a PostScript interpreter), and formats no camera writes.
 # (JPEG includes the multi-picture MPO files some cameras write.)
 FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
-RESAMPLE = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-    "box": Image.Resampling.BOX,
-}
+RESAMPLE = {name: Image.Resampling[name.upper()] for name in RESAMPLE_FILTERS}  # metadata name -> PIL filter
 _BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "La": 2, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
 
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
@@ -81,7 +75,7 @@ def _open_regular_file(path: Path):
     except IsADirectoryError:
         raise InputError(_directory_problem(path)) from None
     except PermissionError:
-        raise InputError(_directory_problem(path) if path.is_dir() else "permission denied (cannot read the file)") from None
+        raise InputError(_directory_problem(path) if _is_dir(path) else "permission denied (cannot read the file)") from None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise InputError("symlink loop") from None
@@ -282,7 +276,7 @@ def find_images(paths: list[str | Path]) -> list[Path]:
     seen: set[str] = set()
     for entry in paths:
         p = Path(entry)
-        if p.is_dir():
+        if _is_dir(p):
             files = sorted(_walk(p))
         else:
             files = [p]
@@ -292,6 +286,15 @@ def find_images(paths: list[str | Path]) -> list[Path]:
                 seen.add(key)
                 found.append(f)
     return found
+
+
+def _is_dir(path: Path) -> bool:
+    """`Path.is_dir` that answers False instead of raising (it raises e.g. PermissionError on
+    /proc/1/cwd); whatever stops us from seeing it a folder becomes the file's error row."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
 
 
 def _walk(root: Path):

@@ -9,6 +9,7 @@ It is parsed as JSON, never evaluated.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 from aae_runtime.errors import ModelError
@@ -31,6 +32,8 @@ PIXEL_ERROR_OUTPUT = "pixel_error"
 RECONSTRUCTION_ERROR_OUTPUT = "reconstruction_error"
 
 COLOR_MODES = {"L": 1, "RGB": 3}  # PIL mode -> channels
+RESAMPLE_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos", "box")  # PIL filters by name (images.RESAMPLE)
+MAX_INPUT_SIDE = 16384  # a model input side beyond this is a damaged block, not a model
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,8 @@ class Preprocessing:
             pre = cls(str(d["color_mode"]), height, width, str(d["resample"]), float(d["scale"]), float(d["offset"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"model metadata has a malformed 'preprocessing' block ({exc!r}): re-export the model") from None
-        if pre.color_mode not in COLOR_MODES or pre.height < 1 or pre.width < 1:
+        if (pre.color_mode not in COLOR_MODES or not 1 <= pre.height <= MAX_INPUT_SIDE or not 1 <= pre.width <= MAX_INPUT_SIDE
+                or pre.resample not in RESAMPLE_FILTERS or not math.isfinite(pre.scale) or not math.isfinite(pre.offset)):
             raise ModelError(f"model metadata has unsupported preprocessing {d!r}: re-export the model")
         return pre
 
@@ -107,8 +111,18 @@ class ModelMetadata:
 
     @classmethod
     def from_dict(cls, d: dict, source: str) -> "ModelMetadata":
+        """Validate ``d``; any flaw, however odd the document, is a one-line `ModelError`."""
+        try:
+            return cls._from_dict(d, source)
+        except ModelError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as exc:
+            raise ModelError(f"{source} has malformed metadata ({type(exc).__name__}: {str(exc)[:120]}): re-export the model") from None
+
+    @classmethod
+    def _from_dict(cls, d: dict, source: str) -> "ModelMetadata":
         version = d.get("schema_version")
-        if not isinstance(version, int) or version < 1:
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
             raise ModelError(f"{source} metadata has no valid schema_version: re-export the model")
         if version > SCHEMA_VERSION:
             raise ModelError(
@@ -118,17 +132,21 @@ class ModelMetadata:
         if missing:
             raise ModelError(f"{source} metadata lacks {', '.join(missing)}: re-export the model")
         latent_dim = d["latent_dim"]
-        if not isinstance(latent_dim, int) or latent_dim < 1:
+        if not isinstance(latent_dim, int) or isinstance(latent_dim, bool) or latent_dim < 1:
             raise ModelError(f"{source} metadata has an invalid latent_dim {latent_dim!r}: re-export the model")
         validate_prior(d["prior"])
         if d["prior"]["dim"] != latent_dim:
             raise ModelError(f"{source} metadata: prior dim {d['prior']['dim']} != latent_dim {latent_dim}: re-export the model")
         threshold = d["threshold"]
-        if not isinstance(threshold, dict) or not isinstance(threshold.get("value"), (int, float)):
-            raise ModelError(f"{source} metadata has no numeric threshold value: re-export the model")
+        if not isinstance(threshold, dict) or not _finite_number(threshold.get("value")):
+            raise ModelError(f"{source} metadata has no finite numeric threshold value: re-export the model")
+        if "percentile" in threshold and not _finite_number(threshold["percentile"]):
+            raise ModelError(f"{source} metadata has a non-numeric threshold percentile: re-export the model")
+        _check_threshold_stats(threshold.get("stats"), source)
         if not isinstance(d["score"], dict) or "name" not in d["score"]:
             raise ModelError(f"{source} metadata has no score definition: re-export the model")
         validate_score_block(d["score"], source)
+        _check_codes(d["score"], latent_dim, source)
         return cls(
             raw=d,
             schema_version=version,
@@ -140,3 +158,44 @@ class ModelMetadata:
             score=d["score"],
             threshold=threshold,
         )
+
+
+def _finite_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_threshold_stats(stats, source: str) -> None:
+    """The stored score statistics that normalised scores and --threshold-percentile read."""
+    if stats is None:
+        return
+    bad = not isinstance(stats, dict)
+    if not bad:
+        pct = stats.get("percentiles", {})
+        bad = not isinstance(pct, dict) or not all(_finite_number(v) for v in pct.values())
+        bad = bad or any(k in stats and not _finite_number(stats[k]) for k in ("mean", "std", "min", "max"))
+        q = stats.get("quantiles")
+        if q is not None and not bad:
+            ok = isinstance(q, dict) and isinstance(q.get("percent"), list) and isinstance(q.get("value"), list)
+            ok = ok and 0 < len(q["percent"]) == len(q["value"])
+            ok = ok and all(_finite_number(v) for v in q["percent"] + q["value"])
+            ok = ok and all(a <= b for a, b in zip(q["percent"], q["percent"][1:]))
+            bad = not ok
+    if bad:
+        raise ModelError(f"{source} metadata has malformed threshold statistics: recalibrate (aae-run calibrate) or re-export the model")
+
+
+def _check_codes(score: dict, latent_dim: int, source: str) -> None:
+    """The fitted code statistics a 'codes' score term reads: mean (latent,), precision (latent, latent)."""
+    codes = score.get("codes")
+    if codes is None:
+        return
+    try:
+        mean = [float(v) for v in codes["mean"]]
+        precision = [[float(v) for v in row] for row in codes["precision"]]
+        ok = len(mean) == latent_dim and len(precision) == latent_dim and all(len(r) == latent_dim for r in precision)
+        ok = ok and all(math.isfinite(v) for v in mean) and all(math.isfinite(v) for r in precision for v in r)
+    except (KeyError, TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        raise ModelError(f"{source} metadata has malformed 'codes' statistics (need mean ({latent_dim},) and precision "
+                         f"({latent_dim}, {latent_dim})): recalibrate or re-export the model")
