@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Literal, Optional
@@ -44,6 +45,9 @@ app = OneLineErrorsTyper(add_completion=False, no_args_is_help=True,
                         help=f"Score images and sample from an exported AAE (no torch needed). {EXIT_CODES_HELP}")
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
+# Pillow warns (two stderr lines each) about damaged tags it skips; each file's row already says
+# whether it was scored, so the command's output stays rows and one-line errors.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 
 ModelOpt = Annotated[Path, typer.Option("--model", "-m", help="Folder written by aae-export (encoder.onnx, decoder.onnx).")]
 DeviceOpt = Annotated[Literal[DEVICES], typer.Option(help="Execution device. auto falls back to the CPU with a notice.")]

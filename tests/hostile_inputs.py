@@ -42,6 +42,20 @@ def jpeg_bomb(width: int, height: int) -> bytes:
     return bytes(data)
 
 
+def tiff_with_a_bad_tag() -> bytes:
+    """A TIFF with one tag pointing past the end of the file (Pillow: "Tag data larger than file")."""
+    data = bytearray(encode(np.full((20, 24, 3), 128, np.uint8), "TIFF"))
+    count = struct.unpack_from("<H", data, struct.unpack_from("<I", data, 4)[0])[0]
+    first = struct.unpack_from("<I", data, 4)[0] + 2
+    for i in range(count):  # the first tag stored out of line: make its offset point beyond the end
+        entry = first + 12 * i
+        tag, kind, n = struct.unpack_from("<HHI", data, entry)
+        if n * {1: 1, 2: 1, 3: 2, 4: 4, 5: 8}.get(kind, 1) > 4:
+            struct.pack_into("<I", data, entry + 8, len(data) + 1000)
+            break
+    return bytes(data)
+
+
 def encode(pixels: np.ndarray | Image.Image, fmt: str, **kw) -> bytes:
     img = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels)
     buf = io.BytesIO()
@@ -136,6 +150,7 @@ def make_hostile_folder(root: Path, digits: np.ndarray) -> dict[str, str]:
     put("png_magic_only.png", b"\x89PNG\r\n\x1a\n", ERROR)
     put("jpeg_magic_only.jpg", b"\xff\xd8\xff\xe0", ERROR)
     put("zero_width.png", png_bomb(0, 28), ERROR)
+    put("tiff_bad_tag.tif", tiff_with_a_bad_tag(), ANY)  # Pillow warns about it; the CLI stays quiet
     put("random_bytes.png", np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes(), ERROR)
     # Decompression bombs: tiny files declaring images far larger than any camera.
     put("bomb_png_100kx100k.png", png_bomb(100_000, 100_000), ERROR)

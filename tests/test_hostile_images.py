@@ -115,6 +115,9 @@ def test_exit_code_and_table_for_a_mixed_folder(hostile, cli_rows, tiny_model_di
     r, rows = cli_rows
     assert r.returncode == 1
     failed = sum(row["error"] is not None for row in rows.values())
+    # stderr: the provider line and the output notice; no warnings (Pillow's included), no traceback
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("execution provider:") and lines[1].startswith(f"wrote {len(rows)} rows"), r.stderr
     assert f"scored {len(rows) - failed} images" in r.stdout and f"{failed} failed" in r.stdout
     # Names are printed literally: Rich markup is not interpreted, control characters escaped.
     assert "[bold red]markup[/] [/].png" in r.stdout
