@@ -41,6 +41,7 @@ def test_sweep_folder_and_cold_start_are_measured(report):
     assert f["images"] == 16 and f["score_paths_images_per_s"] > 0 and f["overlap_speedup"] > 0
     c = report["cold_start"]
     assert 0 < c["python_startup_s"] < c["score_one_image_s"] and isinstance(c["met"], bool)
+    assert c["score_one_image_cpu_s"] > 0 and c["import_cpu_s"]["numpy"] > 0 and "aae_runtime.cli" in c["import_cpu_s"]
 
 
 def test_report_files_are_json_markdown_and_png(report, tmp_path):
