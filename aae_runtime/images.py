@@ -7,10 +7,12 @@ trained on. Everything a file can do wrong becomes an `InputError` with a readab
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
 import stat
+import threading
 import warnings
 from pathlib import Path
 
@@ -25,6 +27,8 @@ MAX_IMAGE_PIXELS = 200_000_000
 # Decoded size limit: 8-bit RGB at MAX_IMAGE_PIXELS. Pillow allocates the whole image before it
 # decodes a byte, so a 100-byte PNG declaring 14000 x 14000 RGBA would cost 784 MB without it.
 MAX_DECODED_BYTES = 3 * MAX_IMAGE_PIXELS
+LARGE_IMAGE_BYTES = 64 << 20  # images above this decode one at a time, whatever the thread count
+_LARGE_DECODE = threading.Lock()
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm"})
 # The only decoders ever run, whatever a file's name says. Pillow's others include EPS, which
 # hands the file to Ghostscript (a PostScript interpreter), and formats no camera writes.
@@ -50,15 +54,19 @@ def load_image(path: str | Path, pre: Preprocessing) -> np.ndarray:
     """
     path = Path(path)
     with _open_regular_file(path) as f:
-        img = _decode(f, path)
-    try:
-        return image_to_array(img, pre)
-    except (ValueError, OSError) as exc:  # e.g. a colour mode Pillow cannot convert
-        raise InputError(f"cannot convert a {img.mode} image to {pre.color_mode} ({_first_line(exc)})") from None
-    except MemoryError:
-        raise InputError("out of memory converting the image") from None
-    finally:
-        img.close()
+        img, decoded_bytes = _open_image(f)
+        # Files are decoded on several threads (model.py); one large image at a time keeps the
+        # peak near one MAX_DECODED_BYTES image instead of one per thread.
+        with _LARGE_DECODE if decoded_bytes > LARGE_IMAGE_BYTES else contextlib.nullcontext():
+            _load(img)
+            try:
+                return image_to_array(img, pre)
+            except (ValueError, OSError) as exc:  # e.g. a colour mode Pillow cannot convert
+                raise InputError(f"cannot convert a {img.mode} image to {pre.color_mode} ({_first_line(exc)})") from None
+            except MemoryError:
+                raise InputError("out of memory converting the image") from None
+            finally:
+                img.close()
 
 
 def _open_regular_file(path: Path):
@@ -94,8 +102,8 @@ def _open_regular_file(path: Path):
         raise
 
 
-def _decode(f, path: Path) -> Image.Image:
-    """Decode the open file ``f``; the caller closes the returned image."""
+def _open_image(f) -> tuple[Image.Image, int]:
+    """Read the header of the open file ``f`` and check the size: (lazy image, bytes it decodes to)."""
     try:
         img = Image.open(f, formats=FORMATS)
     except UnidentifiedImageError:
@@ -115,11 +123,19 @@ def _decode(f, path: Path) -> Image.Image:
         if decoded > MAX_DECODED_BYTES:
             raise InputError(f"image too large ({width}x{height} {img.mode}, {decoded / 1e6:,.0f} MB decoded, "
                              f"limit {MAX_DECODED_BYTES / 1e6:,.0f} MB)")
-        img.load()
-        return img
+        return img, decoded
     except InputError:
         img.close()
         raise
+    except Exception as exc:
+        img.close()
+        raise InputError(_decode_failure(exc, "image header")) from None
+
+
+def _load(img: Image.Image) -> None:
+    """Decode the pixels; the image is closed when that fails."""
+    try:
+        img.load()
     except BaseException as exc:
         img.close()
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
