@@ -90,7 +90,7 @@ def _load(model: Path, device: str, threshold: float | None = None, threshold_pe
     return m
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES_HELP)
 def score(
     paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively).")],
     model: ModelOpt,
