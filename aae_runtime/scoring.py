@@ -50,6 +50,9 @@ def _build_scores() -> dict[str, tuple[str, list[tuple[str, str, float | str]]]]
     for pix in RECONSTRUCTION_SCORES:
         table[pix] = (pix, [("reconstruction", "identity", 1.0)])
         table[f"{pix}_rel"] = (pix, [("relative", "identity", 1.0)])
+        # either error unusual: the relative one for thin shapes, the absolute one for bright junk
+        # (noise has plenty of ink, so its relative error alone can look normal)
+        table[f"{pix}_absrel"] = (pix, [("reconstruction", "log", 1.0), ("relative", "log", 1.0)])
         recon = ("reconstruction", "log", 1.0)
         table[f"{pix}+prior"] = (pix, [recon, ("prior", "identity", 1.0)])
         table[f"{pix}-prior"] = (pix, [recon, ("prior", "identity", -1.0)])  # codes pulled to the centre
@@ -59,7 +62,9 @@ def _build_scores() -> dict[str, tuple[str, list[tuple[str, str, float | str]]]]
 
 
 SCORES = _build_scores()
-DEFAULT_SCORE = "mse"
+# How a score's standardised terms are combined: "sum" unless listed here.
+COMBINE = {f"{pix}_absrel": "max" for pix in RECONSTRUCTION_SCORES}
+DEFAULT_SCORE = "mse_absrel"  # best mean AUROC on the one-class benchmark (benchmarks/results/one_class.md)
 
 PIXEL_DEFINITIONS = {
     "mse": "(x - decoder(encoder(x)))^2",
@@ -74,9 +79,12 @@ SOURCE_DEFINITIONS = {
 }
 
 
-def _define(pix: str, terms: list) -> str:
+def _define(pix: str, terms: list, combine: str = "sum") -> str:
     if len(terms) == 1 and terms[0][0] in UNSTANDARDISED:
         return f"{SOURCE_DEFINITIONS[terms[0][0]]}; per-pixel error {PIXEL_DEFINITIONS[pix]}"
+    if combine == "max":
+        inner = ", ".join(f"standardised {'log ' if tr == 'log' else ''}[{SOURCE_DEFINITIONS[src]}]" for src, tr, _ in terms)
+        return f"max({inner}); per-pixel error {PIXEL_DEFINITIONS[pix]}"
     parts = []
     for src, transform, weight in terms:
         term = f"standardised {'log ' if transform == 'log' else ''}[{SOURCE_DEFINITIONS[src]}]"
@@ -84,7 +92,7 @@ def _define(pix: str, terms: list) -> str:
     return " ".join(parts).lstrip("+ ") + f"; per-pixel error {PIXEL_DEFINITIONS[pix]}"
 
 
-SCORE_DEFINITIONS = {name: _define(pix, terms) for name, (pix, terms) in SCORES.items()}
+SCORE_DEFINITIONS = {name: _define(pix, terms, COMBINE.get(name, "sum")) for name, (pix, terms) in SCORES.items()}
 
 
 @dataclass(frozen=True)
@@ -173,7 +181,8 @@ def fit_score(name: str, parts: ScoreParts, prior: dict) -> dict:
     """The metadata ``score`` block of score ``name``, its statistics fitted on normal ``parts``."""
     pix, terms = score_spec(name)
     block = {"name": name, "pixel_error": pix, "definition": SCORE_DEFINITIONS[name],
-             "higher_is_more_anomalous": True, "fitted_on": int(len(parts.reconstruction))}
+             "higher_is_more_anomalous": True, "fitted_on": int(len(parts.reconstruction)),
+             "combine": COMBINE.get(name, "sum")}
     if any(src == "codes" for src, _, _ in terms):
         block["codes"] = fit_codes(parts.latent)
     block["terms"] = []
@@ -192,16 +201,20 @@ def evaluate_score(block: dict, parts: ScoreParts, prior: dict) -> np.ndarray:
     terms = block.get("terms")
     if terms is None:  # a model exported before scores had terms: plain reconstruction error
         return parts.reconstruction
-    total = np.zeros(len(parts.reconstruction))
+    values = []
     for t in terms:
         u = (_transform(_raw_term(t["source"], parts, prior, block), t["transform"]) - t["mean"]) / t["std"]
-        total += float(t.get("weight", 1.0)) * (np.abs(u) if t.get("two_sided") else u)
-    return total
+        values.append(float(t.get("weight", 1.0)) * (np.abs(u) if t.get("two_sided") else u))
+    if block.get("combine") == "max":
+        return np.max(values, axis=0)
+    return np.sum(values, axis=0)
 
 
 def validate_score_block(block: dict, source: str) -> None:
     """Raise ModelError unless the metadata's score block can be evaluated by this runtime."""
     pix = block.get("pixel_error", block.get("name"))
+    if block.get("combine", "sum") not in ("sum", "max"):
+        raise ModelError(f"{source} metadata combines score terms by {block.get('combine')!r}: upgrade aae or re-export the model")
     if pix not in RECONSTRUCTION_SCORES:
         raise ModelError(f"{source} metadata names an unknown pixel error {pix!r}: upgrade aae or re-export the model")
     for t in block.get("terms") or []:
