@@ -71,8 +71,10 @@ class Case:
 class Timing:
     """How long `measure` spends: defaults give >= 1 s per case; `quick()` is for tests."""
 
-    rounds: int = 5
-    slice_s: float = 0.2  # time per case per round
+    # many short slices interleave the cases finely, so bursts of load from other processes
+    # spread over all of them (15 x 0.07 s: ~1 s per case, as 5 x 0.2 s but fairer)
+    rounds: int = 15
+    slice_s: float = 0.07  # time per case per round
     warmup_s: float = 0.1  # per case, after at least `warmup_calls` calls
     warmup_calls: int = 3
     min_calls: int = 2  # per case per round

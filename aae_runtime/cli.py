@@ -250,8 +250,8 @@ def bench(
     out_dir: Annotated[Path, typer.Option("--out-dir", "-o", help="Folder for latency.json, latency.md and latency.png.")] = Path("bench-results"),
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8,64,256",
     device: DeviceOpt = "auto",
-    rounds: Annotated[int, typer.Option(min=1, max=1000, help="Round-robin rounds over all cases.")] = 5,
-    slice_s: Annotated[float, typer.Option("--slice", min=0.0, max=60.0, help="Seconds per case per round.")] = 0.2,
+    rounds: Annotated[Optional[int], typer.Option(min=1, max=1000, help="Round-robin rounds over all cases (default 15).")] = None,
+    slice_s: Annotated[Optional[float], typer.Option("--slice", min=0.0, max=60.0, help="Seconds per case per round (default 0.07).")] = None,
     cold_start_runs: Annotated[int, typer.Option(min=0, max=100, help="Fresh `aae-run score` processes to time (0: skip).")] = 7,
     folder_images: Annotated[int, typer.Option(min=0, max=100_000, help="PNG files in the folder-scoring test (0: skip).")] = 512,
     sweep: Annotated[bool, typer.Option(help="Also time every combination of threads, spinning and optimisation level.")] = False,
@@ -265,7 +265,10 @@ def bench(
         raise typer.BadParameter(f"{batch_sizes!r}: give positive integers separated by commas, e.g. 1,8,64", param_hint="--batch-sizes")
     from aae_runtime import bench as b  # only this command pays for the benchmark code
 
-    timing = b.Timing(rounds=rounds, slice_s=slice_s, warmup_s=min(0.1, slice_s), min_calls=2 if slice_s else 1)
+    timing = b.Timing()  # defaults live there, with the reason for them
+    rounds = timing.rounds if rounds is None else rounds
+    slice_s = timing.slice_s if slice_s is None else slice_s
+    timing = b.Timing(rounds=rounds, slice_s=slice_s, warmup_s=min(timing.warmup_s, slice_s), min_calls=2 if slice_s else 1)
     try:
         report = b.run_bench(model, sizes, device=_check_device(device), timing=timing, cold_start_runs=cold_start_runs,
                              folder_images=folder_images, sweep=sweep, progress=lambda s: err.print(s, highlight=False))
