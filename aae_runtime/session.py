@@ -42,11 +42,12 @@ class SessionConfig:
 
     Defaults suit small, shared edge boxes (paper-size MLP on a 2-core box with other jobs
     running; the sweep table in benchmarks/results/latency.md):
-    - optimisation "all": never slower than the lower levels; at batch 64 on one thread it
-      took 2.9 ms where "extended" took 3.3, "basic" 4.8 and no optimisation 6.5 (batch 1 is
-      the same at every level, ~0.17-0.19 ms: it is bound by reading the weights).
+    - optimisation "all": never slower than the lower levels; batch-64 scoring on one thread
+      took 2.37 ms against 2.48 (basic), 2.54 (extended) and 2.61 (none) in the quietest run,
+      2.9 against 3.3-6.5 ms in a busier one; batch 1 is the same at every level (~0.2 ms:
+      it is bound by reading 14 MB of float32 weights).
     - no spinning: spinning threads busy-wait between ops and fight every other process for
-      the cores; batch-64 scoring went from ~3 ms to 4.5-15 ms with it and batch 1 gained
+      the cores; batch-64 scoring went from ~2.4 ms to 7-15 ms with it and batch 1 gained
       nothing. They also burn a core between calls, starving camera and decoding threads.
     - threads 0 (one per physical core): batch 1 is the same with one thread or two, larger
       batches gain from every core; ``threads=1`` leaves a core free for decoding and for
