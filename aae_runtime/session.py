@@ -42,16 +42,20 @@ class SessionConfig:
 
     Defaults suit small, shared edge boxes (paper-size MLP on a 2-core box with other jobs
     running; the sweep table in benchmarks/results/latency.md):
-    - optimisation "all": never slower than the lower levels; batch-64 scoring on one thread
-      took 2.37 ms against 2.48 (basic), 2.54 (extended) and 2.61 (none) in the quietest run,
-      2.9 against 3.3-6.5 ms in a busier one; batch 1 is the same at every level (~0.2 ms:
-      it is bound by reading 14 MB of float32 weights).
+    - optimisation "all": never measurably slower. For this MLP the levels are within noise
+      of each other (batch-64 scoring 2.27-2.30 ms on one thread in the quietest run): the
+      exported graph is already Gemm + Relu with nothing left to fuse; "all" is kept for
+      graphs that have (convolutions, normalisation). Batch 1 is ~0.19 ms at every level,
+      bound by reading 14 MB of float32 weights.
     - no spinning: spinning threads busy-wait between ops and fight every other process for
-      the cores; batch-64 scoring went from ~2.4 ms to 7-15 ms with it and batch 1 gained
-      nothing. They also burn a core between calls, starving camera and decoding threads.
-    - threads 0 (one per physical core): batch 1 is the same with one thread or two, larger
-      batches gain from every core; ``threads=1`` leaves a core free for decoding and for
-      other processes, the right choice when the box does more than score.
+      the cores; batch-64 scoring went from 2.3 ms to 6.2-6.6 ms with it (7-15 ms on a busier
+      machine) and batch 1 gained nothing. They also burn a core between calls, starving
+      camera and decoding threads.
+    - threads 0 (one per physical core): batch 1 is the same with one thread or two (0.19
+      against 0.21 ms); batch 64 gains from the second core only while it is idle (best calls
+      1.8 against 2.6 ms; medians equal when other jobs hold it). ``threads=1`` leaves a core
+      free for decoding and for other processes: the right choice when the box does more
+      than score.
     """
 
     device: str = "auto"  # "auto" tries CUDA and falls back to the CPU with a notice
