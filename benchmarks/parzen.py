@@ -189,9 +189,8 @@ def write_results(result: dict, out_dir: Path = RESULTS) -> None:
         "",
         "and continued with `aae-train mnist --resume runs/parzen-paper/checkpoint.pt --epochs 32 --threads 1 "
         "--out runs/parzen-paper-32`, then likewise to 48 epochs (each resume re-runs the cosine schedule over the "
-        "new total, so the learning rate rises a little at epochs 21 and 33).",
-        "",
-        "on a shared 2-core CPU (no GPU), with other jobs running; times are wall-clock for that machine.",
+        "new total, so the learning rate rises a little at epochs 21 and 33). Machine: a shared 2-core CPU (no GPU)",
+        "with other jobs running; times are wall-clock on it.",
         "`training-images` scores 10,000 real training digits as if they were samples: a sanity check of",
         "the estimator (real digits are not the best Parzen 'samples'; smooth, prototypical ones score higher).",
         "",
