@@ -49,4 +49,5 @@ def export(
     except AAEError as exc:
         print_error(str(exc), err)  # literal text: paths may hold "[/]"
         raise typer.Exit(2)
-    err.print(f"wrote {result.encoder} and {result.decoder}", highlight=False)
+    written = [result.encoder, result.decoder] + ([result.scorer] if result.scorer else [])
+    err.print(f"wrote {', '.join(map(str, written))}", highlight=False)

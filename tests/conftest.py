@@ -7,6 +7,7 @@ to tell digits from noise and exercises every code path of the real pipeline.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,10 @@ MNIST_DIR = Path(os.environ.get("AAE_TEST_MNIST", REPO.parent / "shared" / "data
 
 
 def pytest_configure(config):
+    # The tests run the real console scripts (aae-train, aae-export, aae-run) by name: put this
+    # interpreter's scripts folder first on PATH, so `.venv/bin/python -m pytest` finds them too.
+    scripts = str(Path(sys.executable).parent)
+    os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
     if not (MNIST_DIR / "train-images-idx3-ubyte.gz").exists() and not (MNIST_DIR / "train-images-idx3-ubyte").exists():
         raise pytest.UsageError(f"real MNIST not found in {MNIST_DIR}: set AAE_TEST_MNIST to the folder with the four IDX files")
 
