@@ -119,11 +119,6 @@ def pixel_error(x: np.ndarray, recon: np.ndarray, name: str) -> np.ndarray:
     return err.mean(axis=1)
 
 
-def reconstruction_score(x: np.ndarray, recon: np.ndarray, name: str) -> np.ndarray:
-    """One score per image (N,), float64: the mean per-pixel error."""
-    return per_image(pixel_error(x, recon, name))
-
-
 def intensity(x: np.ndarray, low: float, high: float) -> np.ndarray:
     """Mean intensity (N,) float64 of model inputs (N, C, H, W) whose values span [low, high]."""
     span = (high - low) or 1.0

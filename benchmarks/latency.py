@@ -305,7 +305,6 @@ def floor_setups(shapes: dict[str, list[tuple[int, int]]], model: AAEModel) -> l
 
 def _ort_matmul_chain(mats: list[np.ndarray], latent: int | None):
     """A graph of bare MatMul nodes with these weights, in one single-threaded ORT session."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     from aae_runtime.session import SessionConfig, create_session

@@ -234,7 +234,7 @@ def write_results(per_digit: dict, digits: list[int], args, scores, default_scor
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "one_class.json").write_text(json.dumps(out, indent=1) + "\n")
     (args.results / "one_class.md").write_text(markdown(out, digits, scores) + "\n")
-    print(f"mean AUROC: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(means.items(), key=lambda kv: -kv[1])))
+    print("mean AUROC: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(means.items(), key=lambda kv: -kv[1])))
     print(f"wrote {args.results / 'one_class.json'} and {args.results / 'one_class.md'}")
 
 

@@ -27,7 +27,7 @@ from aae_runtime.cli import app
 from aae_runtime.images import display_path, find_images, load_image
 from aae_runtime.metadata import Preprocessing
 from tests.conftest import write_png
-from tests.hostile_inputs import ANY, ERROR, OK, encode, make_hostile_folder, non_utf8_name, png_bomb, unreadable_file
+from tests.hostile_inputs import ANY, ERROR, OK, make_hostile_folder, non_utf8_name, unreadable_file
 
 # As aae_runtime.images sets it for the runtime (pytest resets warning filters per test).
 pytestmark = pytest.mark.filterwarnings("error::PIL.Image.DecompressionBombWarning")
