@@ -12,5 +12,6 @@ __version__ = "0.1.0"
 
 from aae_runtime.errors import AAEError, ModelError, InputError  # noqa: E402
 from aae_runtime.model import AAEModel, ImageScore  # noqa: E402
+from aae_runtime.session import SessionConfig  # noqa: E402
 
-__all__ = ["AAEModel", "ImageScore", "AAEError", "ModelError", "InputError", "__version__"]
+__all__ = ["AAEModel", "ImageScore", "SessionConfig", "AAEError", "ModelError", "InputError", "__version__"]

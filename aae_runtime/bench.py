@@ -39,7 +39,7 @@ from aae_runtime.errors import AAEError, InputError
 from aae_runtime.fileio import atomic_write_text
 from aae_runtime.metadata import IMAGE_INPUT, LATENT_INPUT, LATENT_OUTPUT, RECONSTRUCTION_OUTPUT
 from aae_runtime.model import AAEModel
-from aae_runtime.session import CUDA, OPTIMIZATION_LEVELS, SessionConfig, _gpu_present, available_providers
+from aae_runtime.session import CUDA, LOW_LATENCY_SPIN_US, OPTIMIZATION_LEVELS, SessionConfig, _gpu_present, available_providers
 
 BATCH_SIZES = (1, 8, 64, 256)
 OPS = ("score", "sample")
@@ -146,16 +146,25 @@ def summarize(c: Case) -> dict:
 
 # -- setups from an exported model -----------------------------------------------------------------
 
-def ort_cpu_setups(model_dir: str | Path, label: str = "", threads: Iterable[int] | None = None) -> list[Setup]:
-    """ONNX Runtime on the CPU with one thread and with every core (default session options)."""
-    setups = []
+def ort_cpu_setups(model_dir: str | Path, label: str = "", threads: Iterable[int] | None = None,
+                   low_latency: bool = True) -> list[Setup]:
+    """ONNX Runtime on the CPU with one thread and with every core (default, shared-box session
+    options), and with every core in the low-latency setting (threads spinning up to 1 ms)."""
     cores = os.cpu_count() or 1
-    for n in (threads or (1, cores)):
-        m = AAEModel.load(model_dir, session_config=SessionConfig(device="cpu", threads=n))
-        name = f"ort{label}-cpu-{'1t' if n == 1 else f'{n}t'}"
-        setups.append(Setup(name, f"ONNX Runtime{_variant_text(m)}, CPU, {n} thread{'s' if n > 1 else ''}",
+    configs = [(f"{'1t' if n == 1 else f'{n}t'}", SessionConfig(device="cpu", threads=n), "")
+               for n in (threads or (1, cores))]
+    if low_latency and cores > 1:
+        configs.append((f"{cores}t-spin", SessionConfig.low_latency("cpu", cores),
+                        f", spinning up to {LOW_LATENCY_SPIN_US} us (--low-latency)"))
+    setups = []
+    for suffix, cfg, extra in configs:
+        m = AAEModel.load(model_dir, session_config=cfg)
+        n = cfg.threads
+        setups.append(Setup(f"ort{label}-cpu-{suffix}",
+                            f"ONNX Runtime{_variant_text(m)}, CPU, {n} thread{'s' if n > 1 else ''}{extra}",
                             m.score, lambda k, m=m: m.sample(k, seed=0),
-                            info={"provider": "CPUExecutionProvider", "threads": n, "precision": variant(m)}))
+                            info={"provider": "CPUExecutionProvider", "threads": n, "spin_us": cfg.spin_us,
+                                  "precision": variant(m)}))
     return setups
 
 
@@ -267,19 +276,20 @@ def _variant_text(model: AAEModel) -> str:
 # -- session-option sweep ---------------------------------------------------------------------------
 
 def sweep_setups(model_dir: str | Path) -> list[Setup]:
-    """Scoring under every combination of threads (1, all), spinning (off, on) and optimisation level."""
+    """Scoring under every combination of threads (1, all), spinning (none, the low-latency 1 ms)
+    and optimisation level."""
     cores = os.cpu_count() or 1
     setups = []
     for threads in sorted({1, cores}):
-        for spinning in (False, True):
-            if threads == 1 and spinning:
+        for spin_us in (0, LOW_LATENCY_SPIN_US):
+            if threads == 1 and spin_us:
                 continue  # one thread never waits for another: spinning changes nothing
             for opt in OPTIMIZATION_LEVELS:
-                cfg = SessionConfig(device="cpu", threads=threads, spinning=spinning, optimization=opt)
+                cfg = SessionConfig(device="cpu", threads=threads, spin_us=spin_us, optimization=opt)
                 m = AAEModel.load(model_dir, session_config=cfg)
-                name = f"{threads}t-{'spin' if spinning else 'nospin'}-{opt}"
+                name = f"{threads}t-{'spin' if spin_us else 'nospin'}-{opt}"
                 setups.append(Setup(name, name, m.score, None,
-                                    info={"threads": threads, "spinning": spinning, "optimization": opt}))
+                                    info={"threads": threads, "spin_us": spin_us, "optimization": opt}))
     return setups
 
 
@@ -536,10 +546,10 @@ def markdown(report: dict) -> str:
     for note in report.get("notes") or []:
         lines += ["", f"Note: {note}"]
     if report.get("sweep"):
-        lines += ["", "## Session options (scoring)", "", "| threads | spinning | optimisation | batch | median ms | p90 ms | p99 ms |",
-                  "|---:|---|---|---:|---:|---:|---:|"]
+        lines += ["", "## Session options (scoring)", "", "| threads | spin (us) | optimisation | batch | median ms | p90 ms | p99 ms |",
+                  "|---:|---:|---|---:|---:|---:|---:|"]
         for r in report["sweep"]:
-            lines.append(f"| {r['threads']} | {'on' if r['spinning'] else 'off'} | {r['optimization']} | {r['batch']} | "
+            lines.append(f"| {r['threads']} | {r['spin_us']} | {r['optimization']} | {r['batch']} | "
                          f"{r['median_ms']:.3f} | {r['p90_ms']:.3f} | {r['p99_ms']:.3f} |")
     if report.get("folder"):
         f = report["folder"]

@@ -36,32 +36,49 @@ OPTIMIZATION_LEVELS = {
 }
 
 
+# How long idle intra-op threads busy-wait for the next piece of work before sleeping, in the
+# low-latency setting (`--spin-us`). A scoring call is ~10 short operators; between them the
+# second core's thread must wake within microseconds, which only spinning gives. Measured on the
+# 2-core box, fused scorer, batch 1 back to back: 0.10 ms spinning (1000 us or unbounded alike),
+# 0.11-0.17 ms at 100 us, 0.19 ms without. Bounding the spin is what makes it affordable: at one
+# call every 10 ms, unbounded spinning (ORT's own default) keeps a whole core busy (1.02 cores),
+# 1000 us costs 0.17 cores, none 0.04.
+LOW_LATENCY_SPIN_US = 1000
+
+
 @dataclass(frozen=True)
 class SessionConfig:
     """Execution settings, chosen by measurement (`aae-run bench --sweep`, benchmarks/latency.py).
 
-    Defaults suit small, shared edge boxes (paper-size MLP on a 2-core box with other jobs
-    running; the sweep table in benchmarks/results/latency.md):
-    - optimisation "all": never measurably slower. For this MLP the levels are within noise
-      of each other (batch-64 scoring 2.27-2.30 ms on one thread in the quietest run): the
-      exported graph is already Gemm + Relu with nothing left to fuse; "all" is kept for
-      graphs that have (convolutions, normalisation). Batch 1 is ~0.19 ms at every level,
-      bound by reading 14 MB of float32 weights.
-    - no spinning: spinning threads busy-wait between ops and fight every other process for
-      the cores; batch-64 scoring went from 2.3 ms to 6.2-6.6 ms with it (7-15 ms on a busier
-      machine) and batch 1 gained nothing. They also burn a core between calls, starving
-      camera and decoding threads.
-    - threads 0 (one per physical core): batch 1 is the same with one thread or two (0.19
-      against 0.21 ms); batch 64 gains from the second core only while it is idle (best calls
-      1.8 against 2.6 ms; medians equal when other jobs hold it). ``threads=1`` leaves a core
-      free for decoding and for other processes: the right choice when the box does more
-      than score.
+    Two settings matter on a small CPU box, and which is right depends on what else the box does:
+
+    - **Shared box (the default: ``threads=0, spin_us=0``).** One intra-op thread per physical
+      core, no spinning: idle threads sleep, so the runtime never burns a core between calls and
+      never fights the image decoding threads or other processes for the cores. Batch 1 takes
+      ~0.19 ms (the same as one thread), batch 64 gains from the second core while it is free.
+      ``threads=1`` leaves a core free for decoding and other work, and is the steadiest choice
+      when another process is busy: with one core taken by another job, batch-64 p99 stayed at
+      2.7 ms on one thread against 5-9 ms with two.
+    - **Dedicated inspection box (``spin_us=LOW_LATENCY_SPIN_US``, all cores).** Threads spin for
+      up to 1 ms waiting for the next operator, so both cores work on one image: batch 1 drops
+      from ~0.19 to ~0.10 ms. The price: after each call a core stays busy for up to 1 ms, and
+      when another process holds a core the tail gets long (p99 ~4 ms at batch 1), so use it only
+      where scoring owns the CPU.
+
+    Graph optimisation "all" was never measurably slower; for the MLP the levels are within noise
+    of each other (the exported graph is already Gemm + Relu), and "all" is kept for graphs that
+    have more to fuse (convolutions, normalisation).
     """
 
     device: str = "auto"  # "auto" tries CUDA and falls back to the CPU with a notice
     threads: int = 0  # intra-op threads; 0 lets ORT use one per physical core
-    spinning: bool = False  # busy-wait between ops: lower latency, burns a core while idle
+    spin_us: int = 0  # idle threads busy-wait this long for work before sleeping (0: never spin)
     optimization: str = "all"  # a key of OPTIMIZATION_LEVELS
+
+    @classmethod
+    def low_latency(cls, device: str = "auto", threads: int = 0) -> "SessionConfig":
+        """The dedicated-box setting: every core on one call, threads spinning up to 1 ms."""
+        return cls(device=device, threads=threads, spin_us=LOW_LATENCY_SPIN_US)
 
 
 def available_providers() -> list[str]:
@@ -74,7 +91,9 @@ def _session_options(cfg: SessionConfig) -> ort.SessionOptions:
     so.graph_optimization_level = OPTIMIZATION_LEVELS[cfg.optimization]
     so.intra_op_num_threads = cfg.threads
     so.inter_op_num_threads = 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if cfg.spinning else "0")
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if cfg.spin_us > 0 else "0")
+    if cfg.spin_us > 0:
+        so.add_session_config_entry("session.intra_op.spin_duration_us", str(cfg.spin_us))
     return so
 
 
@@ -86,6 +105,8 @@ def create_session(model: bytes | str | Path, cfg: SessionConfig) -> tuple[ort.I
     """
     if cfg.device not in DEVICES:
         raise DeviceError(f"unknown device {cfg.device!r}: use one of {', '.join(DEVICES)}")
+    if cfg.threads < 0 or cfg.spin_us < 0:
+        raise DeviceError(f"threads ({cfg.threads}) and spin time ({cfg.spin_us} us) cannot be negative")
     if cfg.optimization not in OPTIMIZATION_LEVELS:
         raise DeviceError(f"unknown optimisation level {cfg.optimization!r}: use one of {', '.join(OPTIMIZATION_LEVELS)}")
     want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and _gpu_present())

@@ -7,6 +7,7 @@ is positive and ordered (median <= p90 <= p99).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -15,6 +16,8 @@ import pytest
 from PIL import Image
 
 from aae_runtime import bench
+from aae_runtime.model import AAEModel
+from aae_runtime.session import LOW_LATENCY_SPIN_US, SessionConfig
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +40,33 @@ def test_report_has_a_row_per_setup_op_and_batch(report):
 
 def test_sweep_folder_and_cold_start_are_measured(report):
     assert {(r["threads"], r["optimization"]) for r in report["sweep"]} >= {(1, "disable"), (1, "all")}
+    cores = os.cpu_count() or 1
+    if cores > 1:  # every core, with and without the low-latency spin
+        assert {(r["threads"], r["spin_us"]) for r in report["sweep"]} == {(1, 0), (cores, 0), (cores, LOW_LATENCY_SPIN_US)}
     f = report["folder"]
     assert f["images"] == 16 and f["score_paths_images_per_s"] > 0 and f["overlap_speedup"] > 0
     c = report["cold_start"]
     assert 0 < c["python_startup_s"] < c["score_one_image_s"] and isinstance(c["met"], bool)
     assert c["score_one_image_cpu_s"] > 0 and c["import_cpu_s"]["numpy"] > 0 and "aae_runtime.cli" in c["import_cpu_s"]
+
+
+def test_low_latency_setup_is_timed_beside_the_default_ones(report):
+    setups = {s["name"]: s for s in report["setups"]}
+    cores = os.cpu_count() or 1
+    if cores > 1:
+        assert setups[f"ort-cpu-{cores}t-spin"]["spin_us"] == LOW_LATENCY_SPIN_US
+        assert setups[f"ort-cpu-{cores}t"]["spin_us"] == 0
+
+
+def test_low_latency_sessions_carry_the_spin_settings_and_give_the_same_scores(tiny_model_dir, mnist_test):
+    images = mnist_test[0][:16, None].astype(np.float32) / 255
+    default = AAEModel.load(tiny_model_dir, session_config=SessionConfig(device="cpu"))
+    fast = AAEModel.load(tiny_model_dir, session_config=SessionConfig.low_latency("cpu", threads=2))
+    opts = fast.scorer.get_session_options()
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert opts.get_session_config_entry("session.intra_op.spin_duration_us") == str(LOW_LATENCY_SPIN_US)
+    assert default.scorer.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    np.testing.assert_allclose(fast.score(images), default.score(images), rtol=1e-5, atol=1e-7)
 
 
 def test_report_files_are_json_markdown_and_png(report, tmp_path):

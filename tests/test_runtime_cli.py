@@ -103,3 +103,18 @@ def test_device_cuda_where_it_cannot_run_is_an_error_and_auto_falls_back(tiny_mo
 def test_no_images_found_is_exit_code_2(tmp_path, tiny_model_dir):
     r = run("score", tmp_path, "--model", tiny_model_dir, "--device", "cpu")
     assert r.returncode == 2 and "no image files" in r.stderr
+
+
+def test_low_latency_and_threads_change_speed_settings_not_scores(folder, tiny_model_dir, tmp_path):
+    base = run("score", folder, "--model", tiny_model_dir, "--device", "cpu", "-o", tmp_path / "a.csv")
+    fast = run("score", folder, "--model", tiny_model_dir, "--device", "cpu", "--low-latency", "--threads", "2",
+               "-o", tmp_path / "b.csv")
+    assert base.returncode == 0 and fast.returncode == 0, fast.stderr
+    a = [float(row["score"]) for row in csv.DictReader(open(tmp_path / "a.csv"))]
+    b = [float(row["score"]) for row in csv.DictReader(open(tmp_path / "b.csv"))]
+    assert len(a) == 6 and np.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_negative_threads_are_refused_in_one_line(folder, tiny_model_dir):
+    r = run("score", folder, "--model", tiny_model_dir, "--device", "cpu", "--threads", "-1")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "--threads" in r.stderr
