@@ -112,6 +112,26 @@ def load_generator(source: Path):
     return sample, state["config"], {"kind": "checkpoint", "epoch": int(state["epoch"]), "history": state.get("history")}
 
 
+def reconstructions(checkpoint: Path, data_dir: Path, n: int, seed: int) -> tuple[np.ndarray, dict]:
+    """Decoder(encoder(x)) of ``n`` images of the model's own training split: the samples a model
+    whose codes matched the prior perfectly could at best draw. Their score minus the prior
+    samples' score is what the remaining prior/posterior mismatch costs."""
+    from aae_train.checkpoint import load_checkpoint
+    from aae_train.models import build_models
+
+    state = load_checkpoint(checkpoint)
+    cfg = RunConfig.from_dict(state["config"])
+    encoder, decoder, _ = build_models(cfg.model)
+    encoder.load_state_dict(state["encoder"])
+    decoder.load_state_dict(state["decoder"])
+    encoder.eval(), decoder.eval()
+    train = load_dataset(cfg.data, data_dir).train
+    x = torch.from_numpy(np.asarray(train[np.sort(np.random.default_rng(seed).choice(len(train), n, replace=False))]))
+    with torch.no_grad():
+        out = torch.cat([decoder(encoder(b)) for b in x.split(1000)]).numpy()
+    return out, {"kind": "reconstructions of training images (bound)", "epoch": int(state["epoch"]), "history": None}
+
+
 def validation_images(train_cfg: dict, data_dir: str | None, n: int, seed: int) -> tuple[np.ndarray, str]:
     """Up to ``n`` images the model never trained on: its own held-out split, rebuilt from its config."""
     cfg = RunConfig.from_dict(train_cfg)
@@ -136,6 +156,10 @@ def run(args) -> tuple[dict, np.ndarray]:
         val = train_pixels[val_idx].astype(np.float32) / 255
         val_desc = f"{len(val)} other training images"
         train_cfg, info = None, {"kind": "training images (baseline)", "epoch": None, "history": None}
+    elif args.reconstructions:
+        samples, info = reconstructions(Path(args.source), args.data_dir, args.samples, args.seed)
+        train_cfg = load_generator(Path(args.source))[1]
+        val, val_desc = validation_images(train_cfg, args.data_dir, args.val_size, args.seed)
     else:
         sample, train_cfg, info = load_generator(Path(args.source))
         samples = sample(args.samples, args.seed)
@@ -224,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("source", nargs="?", help="checkpoint.pt (or its run folder), or an exported model folder")
     p.add_argument("--training-images", action="store_true", help="baseline: score real training images instead of a model")
+    p.add_argument("--reconstructions", action="store_true",
+                   help="bound: score the checkpoint's reconstructions of its training images instead of prior samples")
     p.add_argument("--label", default=None, help="name of this run in the results (default: the source's folder name)")
     p.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files (else $AAE_DATA_DIR / cache)")
     p.add_argument("--samples", type=int, default=10_000)
@@ -236,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give a checkpoint or model folder, or --training-images")
     if args.label is None:
         args.label = "training-images" if args.training_images else (Path(args.source).parent.name if Path(args.source).is_file() else Path(args.source).name)
+        args.label += "-reconstructions" if args.reconstructions else ""
     if args.data_dir is None:
         from aae_train.mnist import ensure_mnist
 
@@ -250,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not args.no_write:
         write_results(result)
-        if not args.training_images:
+        if not (args.training_images or args.reconstructions):
             save_grid(samples[:100].reshape(-1, 1, 28, 28), RESULTS / f"parzen_samples_{args.label}.png", ncols=10)
     print(f"{result['label']}: {result['log_likelihood']:.2f} ± {result['standard_error']:.2f} nats "
           f"(sigma {result['sigma']:.3f}, {result['benchmark_seconds']:.0f} s)")

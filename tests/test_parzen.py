@@ -53,3 +53,13 @@ def test_benchmark_runs_on_a_checkpoint_and_reports_mean_and_error(parzen, tiny_
     line = capsys.readouterr().out
     value, error = (float(v) for v in line.split(":")[1].split("nats")[0].split("±"))
     assert math.isfinite(value) and -5000 < value < 1000 and 0 < error < 50
+
+
+def test_reconstruction_bound_scores_above_the_prior_samples(parzen, tiny_run, mnist_dir, capsys):
+    """Reconstructions of training images sit on the data; the tiny model's prior samples do not."""
+    common = ["--data-dir", str(mnist_dir), "--samples", "300", "--val-size", "100", "--threads", "1", "--no-write"]
+    assert parzen.main([str(tiny_run.checkpoint), *common]) == 0
+    assert parzen.main([str(tiny_run.checkpoint), "--reconstructions", *common]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    prior, recon = (float(line.split(":")[1].split("±")[0]) for line in lines[-2:])
+    assert "-reconstructions:" in lines[-1] and recon > prior
