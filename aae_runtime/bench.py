@@ -430,6 +430,39 @@ def _children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+# -- single images at a steady pace: the latency / idle-CPU trade-off of spinning ---------------------
+
+def paced_cost(model_dir: str | Path, interval_s: float = 0.01, duration_s: float = 1.5) -> list[dict]:
+    """One image every ``interval_s`` (a camera, a conveyor) under each CPU setting: median and p90
+    latency, and the cores the process keeps busy on average (CPU time / wall time), which is
+    what spinning costs between calls. Back-to-back timings hide both effects: the weights go
+    cold in the caches between paced calls, and spinning threads burn CPU while waiting."""
+    cores = os.cpu_count() or 1
+    configs = [("1 thread", SessionConfig(device="cpu", threads=1)),
+               (f"{cores} threads (default)", SessionConfig(device="cpu", threads=cores))]
+    if cores > 1:
+        configs.append((f"{cores} threads, --low-latency", SessionConfig.low_latency("cpu", cores)))
+    rows = []
+    for name, cfg in configs:
+        m = AAEModel.load(model_dir, session_config=cfg)
+        image = np.clip(m.sample(1, seed=0), 0, 1)
+        for _ in range(10):
+            m.score(image)
+        times = []
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        while time.perf_counter() - wall0 < duration_s:
+            t = time.perf_counter()
+            m.score(image)
+            times.append(time.perf_counter() - t)
+            time.sleep(interval_s)
+        busy = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
+        del m  # its threads stop before the next setting is measured
+        rows.append({"setting": name, "threads": cfg.threads, "spin_us": cfg.spin_us, "interval_ms": 1e3 * interval_s,
+                     "calls": len(times), "median_ms": 1e3 * float(np.median(times)),
+                     "p90_ms": 1e3 * float(np.percentile(times, 90)), "cores_busy": float(busy)})
+    return rows
+
+
 # -- the whole `aae-run bench` ----------------------------------------------------------------------
 
 def run_bench(model_dir: str | Path, batch_sizes: Iterable[int] = BATCH_SIZES, ops: Iterable[str] = OPS,
@@ -455,6 +488,9 @@ def run_bench(model_dir: str | Path, batch_sizes: Iterable[int] = BATCH_SIZES, o
     results = [summarize(c) for c in measure(make_cases(setups, images, batch_sizes, ops), timing, log)]
     report = header(ref, model_dir, timing, setups)
     report.update(results=results, notes=notes)
+    if device in ("auto", "cpu"):
+        log("single images at a steady pace")
+        report["paced"] = paced_cost(model_dir, duration_s=min(1.5, max(0.2, timing.rounds * timing.slice_s)))
     if sweep:
         log("session-option sweep")
         cases = measure(make_cases(sweep_setups(model_dir), images, (1, 64), ("score",)), timing, log)
@@ -551,6 +587,13 @@ def markdown(report: dict) -> str:
         for r in report["sweep"]:
             lines.append(f"| {r['threads']} | {r['spin_us']} | {r['optimization']} | {r['batch']} | "
                          f"{r['median_ms']:.3f} | {r['p90_ms']:.3f} | {r['p99_ms']:.3f} |")
+    if report.get("paced"):
+        r0 = report["paced"][0]
+        lines += ["", f"## One image every {r0['interval_ms']:.0f} ms (CPU)", "",
+                  "Latency when calls are paced (weights go cold in the caches between calls) and the cores the process "
+                  "keeps busy on average, which is what spinning costs between calls.", "",
+                  "| setting | median ms | p90 ms | cores busy |", "|---|---:|---:|---:|"]
+        lines += [f"| {r['setting']} | {r['median_ms']:.3f} | {r['p90_ms']:.3f} | {r['cores_busy']:.2f} |" for r in report["paced"]]
     if report.get("folder"):
         f = report["folder"]
         lines += ["", f"## Scoring a folder of {f['images']} PNG files (batch {f['batch_size']}, best of {f['repeats']})", "",

@@ -99,6 +99,8 @@ def main() -> None:
     log("session-option sweep (fp32, scoring)")
     sweep = bench.measure(bench.make_cases(bench.sweep_setups(dirs["fp32"]), images, (1, 64), ("score",)), timing, log)
     report["sweep"] = [{**bench.summarize(c), **c.setup.info} for c in sweep]
+    log("single images at a steady pace")
+    report["paced"] = bench.paced_cost(dirs["fp32"])
     log("AUROC on the MNIST test set")
     report["quality"] = quality(models, enc_t, dec_t, cfg, args.data_dir, args.quick)
     log("folder scoring")

@@ -50,6 +50,14 @@ def test_sweep_folder_and_cold_start_are_measured(report):
     assert c["score_one_image_cpu_s"] > 0 and c["import_cpu_s"]["numpy"] > 0 and "aae_runtime.cli" in c["import_cpu_s"]
 
 
+def test_paced_single_images_report_latency_and_busy_cores_per_setting(report):
+    rows = {r["setting"]: r for r in report["paced"]}
+    assert "1 thread" in rows and len(rows) == (3 if (os.cpu_count() or 1) > 1 else 2)
+    for r in rows.values():
+        assert r["calls"] >= 2 and 0 < r["median_ms"] <= r["p90_ms"] and r["cores_busy"] > 0
+    assert "One image every 10 ms" in bench.markdown(report)
+
+
 def test_low_latency_setup_is_timed_beside_the_default_ones(report):
     setups = {s["name"]: s for s in report["setups"]}
     cores = os.cpu_count() or 1
