@@ -304,9 +304,11 @@ def train(cfg: RunConfig, run_dir: str | Path, data_dir: str | None = None, resu
     checkpoint = run_dir / CHECKPOINT_NAME
     while trainer.epoch < cfg.train.epochs:
         metrics = trainer.train_epoch(on_step)
-        save_checkpoint(trainer.state(), checkpoint)
+        # Metrics first: every checkpointed epoch then has its line on disk, even when the process
+        # dies between the two writes (a line ahead of the checkpoint is dropped on resume).
         with open(metrics_path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
+        save_checkpoint(trainer.state(), checkpoint)
         trainer.write_plots(run_dir)  # refreshed every epoch, so a run can be watched
         if on_epoch:
             on_epoch(metrics)

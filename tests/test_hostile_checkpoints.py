@@ -27,6 +27,7 @@ from aae_runtime.fileio import atomic_write, atomic_write_bytes
 from aae_train.checkpoint import FORMAT, FORMAT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
 
 TIMEOUT = 240
+KILLED_RUN_EPOCHS = 200
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}  # 2 shared cores: no thread oversubscription
 
 
@@ -81,8 +82,9 @@ def runs(tmp_path_factory, mnist_dir):
 
 
 def kill_mid_epoch(run_dir: Path, mnist_dir: Path) -> dict:
-    """Train 6 epochs; SIGKILL the process once the first checkpoint exists and it trains on."""
-    proc = subprocess.Popen(train_cmd(run_dir, mnist_dir, "--epochs", "6"), stdout=subprocess.DEVNULL,
+    """Ask for far more epochs than it will reach; SIGKILL the process once the first checkpoint
+    exists and it trains on (an epoch of this tiny run takes a fraction of a second)."""
+    proc = subprocess.Popen(train_cmd(run_dir, mnist_dir, "--epochs", str(KILLED_RUN_EPOCHS)), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, env=ENV)
     ckpt = run_dir / "checkpoint.pt"
     deadline = time.monotonic() + TIMEOUT
@@ -196,7 +198,7 @@ def test_a_run_killed_mid_epoch_resumes_from_its_last_checkpoint(runs, mnist_dir
     assert killed["alive_when_killed"] and killed["returncode"] == -signal.SIGKILL
     state = load_checkpoint(run_dir / "checkpoint.pt")  # intact, though the process died mid-run
     done = state["epoch"]
-    assert 1 <= done < 6
+    assert 1 <= done < KILLED_RUN_EPOCHS
     before = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(before) >= done  # the metrics of every checkpointed epoch are on disk
     target = done + 1
