@@ -432,7 +432,7 @@ def _children_cpu() -> float:
 
 # -- single images at a steady pace: the latency / idle-CPU trade-off of spinning ---------------------
 
-def paced_cost(model_dir: str | Path, interval_s: float = 0.01, duration_s: float = 1.5) -> list[dict]:
+def paced_cost(model_dir: str | Path, interval_s: float = 0.01, duration_s: float = 1.5, label: str = "") -> list[dict]:
     """One image every ``interval_s`` (a camera, a conveyor) under each CPU setting: median and p90
     latency, and the cores the process keeps busy on average (CPU time / wall time), which is
     what spinning costs between calls. Back-to-back timings hide both effects: the weights go
@@ -457,7 +457,7 @@ def paced_cost(model_dir: str | Path, interval_s: float = 0.01, duration_s: floa
             time.sleep(interval_s)
         busy = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
         del m  # its threads stop before the next setting is measured
-        rows.append({"setting": name, "threads": cfg.threads, "spin_us": cfg.spin_us, "interval_ms": 1e3 * interval_s,
+        rows.append({"setting": f"{label}{name}", "threads": cfg.threads, "spin_us": cfg.spin_us, "interval_ms": 1e3 * interval_s,
                      "calls": len(times), "median_ms": 1e3 * float(np.median(times)),
                      "p90_ms": 1e3 * float(np.percentile(times, 90)), "cores_busy": float(busy)})
     return rows

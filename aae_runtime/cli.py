@@ -54,7 +54,7 @@ DeviceOpt = Annotated[Literal[DEVICES], typer.Option(help="Execution device. aut
 ThreadsOpt = Annotated[int, typer.Option(min=0, max=1024, help="CPU threads per inference call (0: one per physical core; 1 leaves cores to other work).")]
 LowLatencyOpt = Annotated[bool, typer.Option(
     "--low-latency", help="For a box that does nothing but score: CPU threads spin up to 1 ms between calls, "
-    "halving single-image latency at the cost of a busy core after each call.")]
+    "halving the latency of images scored back to back (bursts), at the cost of a busy core after each call.")]
 
 
 def _fail(exc: AAEError) -> typer.Exit:

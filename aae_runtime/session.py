@@ -60,10 +60,12 @@ class SessionConfig:
       when another process is busy: with one core taken by another job, batch-64 p99 stayed at
       2.7 ms on one thread against 5-9 ms with two.
     - **Dedicated inspection box (``spin_us=LOW_LATENCY_SPIN_US``, all cores).** Threads spin for
-      up to 1 ms waiting for the next operator, so both cores work on one image: batch 1 drops
-      from ~0.19 to ~0.10 ms. The price: after each call a core stays busy for up to 1 ms, and
-      when another process holds a core the tail gets long (p99 ~4 ms at batch 1), so use it only
-      where scoring owns the CPU.
+      up to 1 ms waiting for the next operator, so both cores work on one image: batch 1 back to
+      back drops from ~0.19 to ~0.11 ms. The price: after each call a core stays busy for up to
+      1 ms, and when another process holds a core the tail gets long (p99 ~4 ms at batch 1), so
+      use it only where scoring owns the CPU. It helps bursts only: with one image every 10 ms
+      the threads are asleep again by the next call and every setting takes ~0.5-0.9 ms (cold
+      caches), while spinning keeps 3-6x more CPU busy (`paced` in the benchmark reports).
 
     Graph optimisation "all" was never measurably slower; for the MLP the levels are within noise
     of each other (the exported graph is already Gemm + Relu), and "all" is kept for graphs that
