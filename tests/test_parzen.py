@@ -63,3 +63,11 @@ def test_reconstruction_bound_scores_above_the_prior_samples(parzen, tiny_run, m
     lines = capsys.readouterr().out.strip().splitlines()
     prior, recon = (float(line.split(":")[1].split("±")[0]) for line in lines[-2:])
     assert "-reconstructions:" in lines[-1] and recon > prior
+
+
+def test_sample_std_diagnostic_changes_the_draws_and_says_so_in_the_label(parzen, tiny_run, mnist_dir, capsys):
+    common = ["--data-dir", str(mnist_dir), "--samples", "200", "--val-size", "100", "--threads", "1", "--no-write"]
+    assert parzen.main([str(tiny_run.checkpoint), "--sample-std", "0.01", *common]) == 0
+    assert parzen.main([str(tiny_run.checkpoint), *common]) == 0
+    narrow, default = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert narrow.split(":")[0].endswith("-sample-std0.01") and narrow.split(":")[1] != default.split(":")[1]
