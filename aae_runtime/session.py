@@ -37,7 +37,7 @@ OPTIMIZATION_LEVELS = {
 
 
 # How long idle intra-op threads busy-wait for the next piece of work before sleeping, in the
-# low-latency setting (`--spin-us`). A scoring call is ~10 short operators; between them the
+# low-latency setting (`aae-run score --low-latency`). A scoring call is ~10 short operators; between them the
 # second core's thread must wake within microseconds, which only spinning gives. Measured on the
 # 2-core box, fused scorer, batch 1 back to back: 0.10 ms spinning (1000 us or unbounded alike),
 # 0.11-0.17 ms at 100 us, 0.19 ms without. Bounding the spin is what makes it affordable: at one

@@ -94,16 +94,10 @@ def load_generator(source: Path, sample_std: float | None = None):
         cfg = model.metadata.raw["provenance"]["training_config"]
         meta = model.metadata.raw["provenance"]
         info = {"kind": "exported model", "epoch": meta.get("checkpoint_epoch"), "history": None}
+        if sample_std is not None:
+            raise SystemExit("--sample-std needs a checkpoint, not an exported model folder")
         return (lambda n, seed: model.sample(n, seed=seed)), cfg, info
-    from aae_train.checkpoint import load_checkpoint
-    from aae_train.models import build_models
-
-    state = load_checkpoint(source)
-    cfg = RunConfig.from_dict(state["config"])
-    _, decoder, _ = build_models(cfg.model)
-    decoder.load_state_dict(state["decoder"])
-    decoder.eval()
-
+    state, cfg, _, decoder = load_trained(source)
     prior = cfg.model.prior
     if sample_std is not None:  # diagnostic: is a mismatch of scale what costs likelihood?
         if prior.get("name") != "gaussian":
@@ -118,10 +112,8 @@ def load_generator(source: Path, sample_std: float | None = None):
     return sample, state["config"], {"kind": "checkpoint", "epoch": int(state["epoch"]), "history": state.get("history")}
 
 
-def reconstructions(checkpoint: Path, data_dir: Path, n: int, seed: int) -> tuple[np.ndarray, dict]:
-    """Decoder(encoder(x)) of ``n`` images of the model's own training split: the samples a model
-    whose codes matched the prior perfectly could at best draw. Their score minus the prior
-    samples' score is what the remaining prior/posterior mismatch costs."""
+def load_trained(checkpoint: Path):
+    """(checkpoint state, RunConfig, encoder, decoder), the networks in eval mode."""
     from aae_train.checkpoint import load_checkpoint
     from aae_train.models import build_models
 
@@ -130,12 +122,20 @@ def reconstructions(checkpoint: Path, data_dir: Path, n: int, seed: int) -> tupl
     encoder, decoder, _ = build_models(cfg.model)
     encoder.load_state_dict(state["encoder"])
     decoder.load_state_dict(state["decoder"])
-    encoder.eval(), decoder.eval()
+    return state, cfg, encoder.eval(), decoder.eval()
+
+
+def reconstructions(checkpoint: Path, data_dir: Path, n: int, seed: int) -> tuple[np.ndarray, dict, dict]:
+    """Decoder(encoder(x)) of ``n`` images of the model's own training split: the samples a model
+    whose codes matched the prior perfectly could at best draw. Their score minus the prior
+    samples' score is what the remaining prior/posterior mismatch costs. Returns the images,
+    the training config dict and a description."""
+    state, cfg, encoder, decoder = load_trained(checkpoint)
     train = load_dataset(cfg.data, data_dir).train
     x = torch.from_numpy(np.asarray(train[np.sort(np.random.default_rng(seed).choice(len(train), n, replace=False))]))
     with torch.no_grad():
         out = torch.cat([decoder(encoder(b)) for b in x.split(1000)]).numpy()
-    return out, {"kind": "reconstructions of training images (bound)", "epoch": int(state["epoch"]), "history": None}
+    return out, state["config"], {"kind": "reconstructions of training images (bound)", "epoch": int(state["epoch"]), "history": None}
 
 
 def validation_images(train_cfg: dict, data_dir: str | None, n: int, seed: int) -> tuple[np.ndarray, str]:
@@ -163,8 +163,7 @@ def run(args) -> tuple[dict, np.ndarray]:
         val_desc = f"{len(val)} other training images"
         train_cfg, info = None, {"kind": "training images (baseline)", "epoch": None, "history": None}
     elif args.reconstructions:
-        samples, info = reconstructions(Path(args.source), args.data_dir, args.samples, args.seed)
-        train_cfg = load_generator(Path(args.source))[1]
+        samples, train_cfg, info = reconstructions(Path(args.source), args.data_dir, args.samples, args.seed)
         val, val_desc = validation_images(train_cfg, args.data_dir, args.val_size, args.seed)
     else:
         sample, train_cfg, info = load_generator(Path(args.source), args.sample_std)
