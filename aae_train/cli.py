@@ -51,6 +51,9 @@ LrSchedule = Annotated[str, typer.Option(help=f"Learning-rate schedule over the 
 LrMinFactor = Annotated[float, typer.Option(min=1e-6, max=1.0, help="cosine: final lr = this x lr; step: x this at 1/2 and 3/4 of the epochs.")]
 LabelSmoothing = Annotated[float, typer.Option(min=0.0, max=0.49, help="D stabiliser: target for prior samples is 1 - this.")]
 DiscNoise = Annotated[float, typer.Option(min=0.0, help="D stabiliser: std of Gaussian noise added to D's inputs.")]
+DiscSteps = Annotated[int, typer.Option(min=1, max=100, help="Discriminator updates per minibatch (fresh prior samples each).")]
+CodeNoise = Annotated[float, typer.Option(min=0.0, help="Std of Gaussian noise added to the codes the decoder reconstructs from (training only).")]
+Ema = Annotated[float, typer.Option(min=0.0, max=0.99999, help="Keep a moving average of encoder + decoder weights with this decay (e.g. 0.999) and save it as the model; 0: off.")]
 DiscDropout = Annotated[float, typer.Option(min=0.0, max=0.95, help="D stabiliser: dropout in D's hidden layers.")]
 ReconLoss = Annotated[str, typer.Option(help=f"Reconstruction loss: {'|'.join(RECON_LOSSES)}.")]
 Limit = Annotated[Optional[int], typer.Option(min=2, help="Use at most N training images.")]
@@ -174,6 +177,9 @@ def mnist(
     lr_min_factor: LrMinFactor = TrainConfig.lr_min_factor,
     label_smoothing: LabelSmoothing = 0.0,
     disc_noise: DiscNoise = 0.0,
+    disc_steps: DiscSteps = TrainConfig.disc_steps,
+    code_noise: CodeNoise = TrainConfig.code_noise,
+    ema: Ema = TrainConfig.ema,
     disc_dropout: DiscDropout = 0.0,
     recon_loss: ReconLoss = TrainConfig.recon_loss,
     classes: Annotated[Optional[str], typer.Option(help="Train on these digits only, e.g. 0,3.")] = None,
@@ -194,7 +200,7 @@ def mnist(
         disc_dropout=disc_dropout, posterior=posterior, noise_dim=noise_dim,
         train=dict(epochs=epochs, batch_size=batch_size, lr_recon=lr_recon, lr_disc=lr_disc, lr_gen=lr_gen,
                    lr_schedule=lr_schedule, lr_min_factor=lr_min_factor, label_smoothing=label_smoothing,
-                   disc_noise=disc_noise, recon_loss=recon_loss, seed=seed, device=device),
+                   disc_noise=disc_noise, disc_steps=disc_steps, code_noise=code_noise, ema=ema, recon_loss=recon_loss, seed=seed, device=device),
     )
     run(cfg, out or _default_out("mnist", resume), data_dir, resume, threads)
 
@@ -231,6 +237,9 @@ def folder(
     lr_min_factor: LrMinFactor = TrainConfig.lr_min_factor,
     label_smoothing: LabelSmoothing = 0.0,
     disc_noise: DiscNoise = 0.0,
+    disc_steps: DiscSteps = TrainConfig.disc_steps,
+    code_noise: CodeNoise = TrainConfig.code_noise,
+    ema: Ema = TrainConfig.ema,
     disc_dropout: DiscDropout = 0.0,
     recon_loss: ReconLoss = TrainConfig.recon_loss,
     limit: Limit = None,
@@ -254,7 +263,7 @@ def folder(
         disc_dropout=disc_dropout, posterior=posterior, noise_dim=noise_dim,
         train=dict(epochs=epochs, batch_size=batch_size, lr_recon=lr_recon, lr_disc=lr_disc, lr_gen=lr_gen,
                    lr_schedule=lr_schedule, lr_min_factor=lr_min_factor, label_smoothing=label_smoothing,
-                   disc_noise=disc_noise, recon_loss=recon_loss, seed=seed, device=device),
+                   disc_noise=disc_noise, disc_steps=disc_steps, code_noise=code_noise, ema=ema, recon_loss=recon_loss, seed=seed, device=device),
     )
     run(cfg, out or _default_out("folder", resume), directory if directory.is_dir() else None, resume, threads)
 

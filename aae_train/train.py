@@ -6,6 +6,7 @@ then the encoder, as generator, is updated so that D calls its codes real.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -104,6 +105,27 @@ class Trainer:
         self.prior_rng = np.random.default_rng(t.seed + 2)
         self.epoch = 0  # epochs completed
         self.history: list[dict] = []
+        # With --ema, averaged copies of encoder and decoder are the model: evaluated, plotted,
+        # checkpointed as "encoder"/"decoder" and so exported; the trained weights ride along for resume.
+        self.ema = {"encoder": _frozen_copy(self.encoder), "decoder": _frozen_copy(self.decoder)} if t.ema > 0 else None
+        self.ema_updates = 0
+
+    @property
+    def model(self) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """(encoder, decoder) as evaluated and saved: the moving averages with --ema, else the trained ones."""
+        if self.ema is not None:
+            return self.ema["encoder"], self.ema["decoder"]
+        return self.encoder, self.decoder
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """Move the averages towards the current weights; the decay ramps up over the first updates
+        ((1 + n) / (10 + n)) so that the averages do not remember the random initialisation."""
+        self.ema_updates += 1
+        decay = min(self.cfg.train.ema, (1 + self.ema_updates) / (10 + self.ema_updates))
+        for name, net in (("encoder", self.encoder), ("decoder", self.decoder)):
+            averaged = list(self.ema[name].parameters())
+            torch._foreach_lerp_(averaged, [p.detach() for p in net.parameters()], 1.0 - decay)
 
     # -- one minibatch --------------------------------------------------------------------------
     def disc_input(self, z: torch.Tensor) -> torch.Tensor:
@@ -118,22 +140,25 @@ class Trainer:
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
         """One minibatch of both phases; returns (4,) losses: recon, disc, disc accuracy, gen."""
-        enc, dec, disc = self.encoder, self.decoder, self.discriminator
-        # Reconstruction phase: encoder + decoder.
-        recon = self.recon_loss(dec(enc(x)), x)
+        enc, dec, disc, t = self.encoder, self.decoder, self.discriminator, self.cfg.train
+        # Reconstruction phase: encoder + decoder (optionally from noisy codes, so that the decoder
+        # also learns the space between the codes of training images, where prior samples land).
+        z = enc(x)
+        recon = self.recon_loss(dec(z + t.code_noise * torch.randn_like(z) if t.code_noise > 0 else z), x)
         self.opt_recon.zero_grad(set_to_none=True)
         recon.backward()
         self.opt_recon.step()
         # Regularisation phase, 1: the discriminator; prior samples are real, codes are fake.
-        z_real = torch.from_numpy(sample_prior(self.cfg.model.prior, len(x), self.prior_rng)).to(self.device)
         z_fake = enc(x).detach()
-        logits_real, logits_fake = disc(self.disc_input(z_real)), disc(self.disc_input(z_fake))
-        real_target = 1.0 - self.cfg.train.label_smoothing  # one-sided: only the prior's targets are smoothed
-        d_loss = F.binary_cross_entropy_with_logits(logits_real, torch.full_like(logits_real, real_target)) + \
-            F.binary_cross_entropy_with_logits(logits_fake, torch.zeros_like(logits_fake))
-        self.opt_disc.zero_grad(set_to_none=True)
-        d_loss.backward()
-        self.opt_disc.step()
+        real_target = 1.0 - t.label_smoothing  # one-sided: only the prior's targets are smoothed
+        for _ in range(t.disc_steps):
+            z_real = torch.from_numpy(sample_prior(self.cfg.model.prior, len(x), self.prior_rng)).to(self.device)
+            logits_real, logits_fake = disc(self.disc_input(z_real)), disc(self.disc_input(z_fake))
+            d_loss = F.binary_cross_entropy_with_logits(logits_real, torch.full_like(logits_real, real_target)) + \
+                F.binary_cross_entropy_with_logits(logits_fake, torch.zeros_like(logits_fake))
+            self.opt_disc.zero_grad(set_to_none=True)
+            d_loss.backward()
+            self.opt_disc.step()
         d_acc = 0.5 * ((logits_real > 0).float().mean() + (logits_fake < 0).float().mean())
         # Regularisation phase, 2: the encoder as generator, trying to make D call its codes real.
         logits_gen = disc(self.disc_input(enc(x)))
@@ -141,6 +166,8 @@ class Trainer:
         self.opt_gen.zero_grad(set_to_none=True)
         g_loss.backward()
         self.opt_gen.step()
+        if self.ema is not None:
+            self.update_ema()
         return torch.stack([recon.detach(), d_loss.detach(), d_acc.detach(), g_loss.detach()])
 
     # -- one epoch ------------------------------------------------------------------------------
@@ -201,10 +228,9 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Validation reconstruction loss and how the codes of validation images match the prior."""
-        self.encoder.eval()
-        self.decoder.eval()
-        z = torch.cat([self.encoder(b) for b in self.val_x.split(1000)])
-        recon = torch.cat([self.decoder(b) for b in z.split(1000)])
+        encoder, decoder = (net.eval() for net in self.model)
+        z = torch.cat([encoder(b) for b in self.val_x.split(1000)])
+        recon = torch.cat([decoder(b) for b in z.split(1000)])
         # Prior samples from their own seeded stream: evaluating never shifts the training RNGs.
         z_prior = torch.from_numpy(sample_prior(self.cfg.model.prior, min(len(z), MMD_SAMPLES), np.random.default_rng(self.epoch)))
         return {
@@ -219,17 +245,16 @@ class Trainer:
     @torch.no_grad()
     def write_plots(self, run_dir: Path, n: int = 64) -> None:
         """Loss curves, held-out codes coloured by label over prior samples, sample grid, reconstructions."""
-        self.encoder.eval()
-        self.decoder.eval()
+        encoder, decoder = (net.eval() for net in self.model)
         z = torch.from_numpy(sample_prior(self.cfg.model.prior, n, np.random.default_rng(0))).to(self.device)
-        save_grid(self.decoder(z).cpu().numpy(), run_dir / SAMPLES_NAME)
+        save_grid(decoder(z).cpu().numpy(), run_dir / SAMPLES_NAME)
         x = self.val_x[: n // 2]
-        pairs = torch.stack([x, self.decoder(self.encoder(x))], dim=1).flatten(0, 1)  # original, reconstruction, ...
+        pairs = torch.stack([x, decoder(encoder(x))], dim=1).flatten(0, 1)  # original, reconstruction, ...
         save_grid(pairs.cpu().numpy(), run_dir / RECONSTRUCTIONS_NAME, ncols=16)
         if self.history:
             plot_losses(self.history, run_dir / LOSS_CURVES_NAME)
         x = self.val_x[:LATENT_PLOT_POINTS]
-        codes = torch.cat([self.encoder(b) for b in x.split(1000)]).cpu().numpy()
+        codes = torch.cat([encoder(b) for b in x.split(1000)]).cpu().numpy()
         labels = self.val_labels[: len(codes)] if self.val_labels is not None else None
         prior = sample_prior(self.cfg.model.prior, len(codes), np.random.default_rng(1))
         plot_latent(codes, labels, run_dir / LATENT_NAME, prior_samples=prior, class_names=self.class_names)
@@ -238,21 +263,30 @@ class Trainer:
         rng = {"torch": torch.get_rng_state(), "shuffle": self.shuffle.get_state(), "prior": self.prior_rng.bit_generator.state}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {
+        encoder, decoder = self.model
+        state = {
             "config": self.cfg.to_dict(),
             "epoch": self.epoch,
             "package_version": __version__,
-            "encoder": self.encoder.state_dict(),
-            "decoder": self.decoder.state_dict(),
+            "encoder": encoder.state_dict(),
+            "decoder": decoder.state_dict(),
             "discriminator": self.discriminator.state_dict(),
             "optimizers": {"recon": self.opt_recon.state_dict(), "disc": self.opt_disc.state_dict(), "gen": self.opt_gen.state_dict()},
             "rng": rng,
             "history": self.history,
         }
+        if self.ema is not None:
+            state["trained"] = {"encoder": self.encoder.state_dict(), "decoder": self.decoder.state_dict(), "ema_updates": self.ema_updates}
+        return state
 
     def load_state(self, state: dict) -> None:
-        self.encoder.load_state_dict(state["encoder"])
-        self.decoder.load_state_dict(state["decoder"])
+        trained = state.get("trained", state)
+        self.encoder.load_state_dict(trained["encoder"])
+        self.decoder.load_state_dict(trained["decoder"])
+        if self.ema is not None:
+            self.ema["encoder"].load_state_dict(state["encoder"])
+            self.ema["decoder"].load_state_dict(state["decoder"])
+            self.ema_updates = int(state["trained"]["ema_updates"]) if "trained" in state else 0
         self.discriminator.load_state_dict(state["discriminator"])
         self.opt_recon.load_state_dict(state["optimizers"]["recon"])
         self.opt_disc.load_state_dict(state["optimizers"]["disc"])
@@ -316,6 +350,12 @@ def train(cfg: RunConfig, run_dir: str | Path, data_dir: str | None = None, resu
         save_checkpoint(trainer.state(), checkpoint)
     trainer.write_plots(run_dir)
     return TrainResult(run_dir, checkpoint, trainer.history, str(trainer.device))
+
+
+def _frozen_copy(net: torch.nn.Module) -> torch.nn.Module:
+    averaged = copy.deepcopy(net)
+    averaged.requires_grad_(False)
+    return averaged
 
 
 def _rewrite_metrics(path: Path, history: list[dict]) -> None:

@@ -56,7 +56,8 @@ CASES = {
     "mlp-deterministic-swissroll": lambda mnist_dir, folder: RunConfig(
         model=_small("mlp", "deterministic", make_prior_spec("swissroll", 2), dropout=0.3, disc_dropout=0.2),
         data=DataConfig(source="mnist", path=str(mnist_dir), limit=200, val_fraction=0.25),
-        train=TrainConfig(epochs=1, batch_size=50, device="cpu", disc_noise=0.1, label_smoothing=0.1)),
+        train=TrainConfig(epochs=1, batch_size=50, device="cpu", disc_noise=0.1, label_smoothing=0.1,
+                            disc_steps=2, code_noise=0.1, ema=0.5)),
 }
 
 

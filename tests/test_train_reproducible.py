@@ -1,13 +1,16 @@
 """Training that can be trusted: fixed seed -> identical weights on the CPU; --resume == uninterrupted.
 
 The config switches on every source of randomness the loop has (dropout, Gaussian posterior
-sampling, instance noise on D's inputs, shuffling, prior draws) and a cosine learning-rate
-schedule, so that a state the checkpoint forgot to carry would show up as a difference.
+sampling, instance noise on D's inputs, noise on the decoder's codes, shuffling, prior draws for
+several discriminator steps), a cosine learning-rate schedule and moving averages of the
+weights, so that a state the checkpoint forgot to carry would show up as a difference.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -23,13 +26,16 @@ def _cfg(mnist_dir, epochs: int, seed: int = 3) -> RunConfig:
                           prior=make_prior_spec("mog", 3, components=4, radius=2.0)),
         data=DataConfig(source="mnist", path=str(mnist_dir), limit=240, val_fraction=0.25),
         train=TrainConfig(epochs=epochs, batch_size=40, seed=seed, device="cpu", lr_schedule="cosine",
-                          label_smoothing=0.1, disc_noise=0.05),
+                          label_smoothing=0.1, disc_noise=0.05, disc_steps=2, code_noise=0.3, ema=0.9),
     )
 
 
 def _weights(path) -> dict[str, torch.Tensor]:
+    """Every weight the checkpoint holds: the model (the moving averages here), D, and the trained nets."""
     state = load_checkpoint(path)
-    return {f"{net}.{k}": v for net in ("encoder", "decoder", "discriminator") for k, v in state[net].items()}
+    nets = {net: state[net] for net in ("encoder", "decoder", "discriminator")}
+    nets.update({f"trained.{net}": state["trained"][net] for net in ("encoder", "decoder") if "trained" in state})
+    return {f"{net}.{k}": v for net, weights in nets.items() for k, v in weights.items()}
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +76,32 @@ def test_metrics_carry_schedule_and_prior_match(straight):
     assert [r["lr_factor"] for r in rows] == [round(lr_factor("cosine", e, 2, 0.1), 6) for e in range(2)]
     assert rows[0]["lr_factor"] == 1.0 and rows[-1]["lr_factor"] == pytest.approx(0.1)
     assert all(r["prior_mmd"] >= -0.01 for r in rows) and len(rows[0]["latent_std"]) == 3
+
+
+def test_disc_steps_update_the_discriminator_that_many_times_per_minibatch(straight):
+    state = load_checkpoint(straight.checkpoint)
+    steps = lambda name: int(next(iter(state["optimizers"][name]["state"].values()))["step"])  # noqa: E731
+    # 180 training images in minibatches of 40: 4 per epoch, 2 epochs; D takes 2 steps each.
+    assert (steps("recon"), steps("gen"), steps("disc")) == (8, 8, 16)
+
+
+def test_code_noise_changes_what_the_decoder_learns(tmp_path, mnist_dir):
+    cfg = _cfg(mnist_dir, 1)
+    quiet = train(cfg.replace(train=replace(cfg.train, code_noise=0.0)), tmp_path / "quiet")
+    noisy = train(cfg, tmp_path / "noisy")
+    assert not torch.equal(_weights(quiet.checkpoint)["decoder.net.0.weight"], _weights(noisy.checkpoint)["decoder.net.0.weight"])
+
+
+def test_ema_saves_the_moving_average_as_the_model(straight, tmp_path, mnist_dir):
+    state = load_checkpoint(straight.checkpoint)
+    assert state["trained"]["ema_updates"] == 8
+    averaged, trained = state["decoder"]["net.0.weight"], state["trained"]["decoder"]["net.0.weight"]
+    assert not torch.equal(averaged, trained)
+    cfg = _cfg(mnist_dir, 2)
+    plain = load_checkpoint(train(cfg.replace(train=replace(cfg.train, ema=0.0)), tmp_path / "plain").checkpoint)
+    assert "trained" not in plain
+    # Same seed, same training: the trained weights agree, only what is saved as the model differs.
+    assert torch.equal(plain["decoder"]["net.0.weight"], trained)
 
 
 def test_lr_schedules():
