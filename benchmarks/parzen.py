@@ -125,17 +125,23 @@ def load_trained(checkpoint: Path):
     return state, cfg, encoder.eval(), decoder.eval()
 
 
-def reconstructions(checkpoint: Path, data_dir: Path, n: int, seed: int) -> tuple[np.ndarray, dict, dict]:
+def reconstructions(checkpoint: Path, data_dir: Path, n: int, seed: int, jitter: float = 0.0) -> tuple[np.ndarray, dict, dict]:
     """Decoder(encoder(x)) of ``n`` images of the model's own training split: the samples a model
     whose codes matched the prior perfectly could at best draw. Their score minus the prior
-    samples' score is what the remaining prior/posterior mismatch costs. Returns the images,
-    the training config dict and a description."""
+    samples' score is what the remaining prior/posterior mismatch costs. With ``jitter``, the
+    codes get N(0, jitter^2) noise first: the jitter at which these score like prior samples is how
+    far, in latent units, prior samples typically land from the codes the decoder learned from.
+    Returns the images, the training config dict and a description."""
     state, cfg, encoder, decoder = load_trained(checkpoint)
     train = load_dataset(cfg.data, data_dir).train
     x = torch.from_numpy(np.asarray(train[np.sort(np.random.default_rng(seed).choice(len(train), n, replace=False))]))
+    noise = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        out = torch.cat([decoder(encoder(b)) for b in x.split(1000)]).numpy()
-    return out, state["config"], {"kind": "reconstructions of training images (bound)", "epoch": int(state["epoch"]), "history": None}
+        codes = torch.cat([encoder(b) for b in x.split(1000)])
+        codes += jitter * torch.randn(codes.shape, generator=noise)
+        out = torch.cat([decoder(b) for b in codes.split(1000)]).numpy()
+    kind = "reconstructions of training images (bound)" + (f", codes jittered by N(0, {jitter:g}^2)" if jitter else "")
+    return out, state["config"], {"kind": kind, "epoch": int(state["epoch"]), "history": None}
 
 
 def validation_images(train_cfg: dict, data_dir: str | None, n: int, seed: int) -> tuple[np.ndarray, str]:
@@ -163,7 +169,7 @@ def run(args) -> tuple[dict, np.ndarray]:
         val_desc = f"{len(val)} other training images"
         train_cfg, info = None, {"kind": "training images (baseline)", "epoch": None, "history": None}
     elif args.reconstructions:
-        samples, train_cfg, info = reconstructions(Path(args.source), args.data_dir, args.samples, args.seed)
+        samples, train_cfg, info = reconstructions(Path(args.source), args.data_dir, args.samples, args.seed, args.code_jitter)
         val, val_desc = validation_images(train_cfg, args.data_dir, args.val_size, args.seed)
     else:
         sample, train_cfg, info = load_generator(Path(args.source), args.sample_std)
@@ -225,6 +231,8 @@ def write_results(result: dict, out_dir: Path = RESULTS) -> None:
         "",
         "Diagnostics, not the metric: `-reconstructions` scores the model's reconstructions of 10,000 of its "
         "training images (`--reconstructions`: what codes matching the prior exactly could reach); "
+        "`-reconstructions-jitterS` jitters those codes by N(0, S^2) first (`--code-jitter S`: the S at which they "
+        "score like prior samples is how far prior samples typically land from the codes the decoder learned from); "
         "`-sample-std4.75` draws codes from N(0, 4.75^2) instead of the prior (`--sample-std`: is the codes' "
         "smaller scale what costs likelihood?). `training-images` scores 10,000 real training digits as if they "
         "were samples: a sanity check of the estimator (real digits are not the best Parzen 'samples'; smooth, "
@@ -262,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--training-images", action="store_true", help="baseline: score real training images instead of a model")
     p.add_argument("--reconstructions", action="store_true",
                    help="bound: score the checkpoint's reconstructions of its training images instead of prior samples")
+    p.add_argument("--code-jitter", type=float, default=0.0,
+                   help="with --reconstructions: add N(0, s^2) noise to the codes first (how far from the codes do prior samples land?)")
     p.add_argument("--sample-std", type=float, default=None,
                    help="diagnostic, not the metric: draw codes from N(0, s^2) instead of the model's Gaussian prior")
     p.add_argument("--label", default=None, help="name of this run in the results (default: the source's folder name)")
@@ -274,9 +284,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.source and not args.training_images:
         p.error("give a checkpoint or model folder, or --training-images")
+    if args.code_jitter and not args.reconstructions:
+        p.error("--code-jitter goes with --reconstructions")
     if args.label is None:
         args.label = "training-images" if args.training_images else (Path(args.source).parent.name if Path(args.source).is_file() else Path(args.source).name)
         args.label += "-reconstructions" if args.reconstructions else ""
+        args.label += f"-jitter{args.code_jitter:g}" if args.code_jitter else ""
         args.label += f"-sample-std{args.sample_std:g}" if args.sample_std is not None else ""
     if args.data_dir is None:
         from aae_train.mnist import ensure_mnist

@@ -71,3 +71,15 @@ def test_sample_std_diagnostic_changes_the_draws_and_says_so_in_the_label(parzen
     assert parzen.main([str(tiny_run.checkpoint), *common]) == 0
     narrow, default = capsys.readouterr().out.strip().splitlines()[-2:]
     assert narrow.split(":")[0].endswith("-sample-std0.01") and narrow.split(":")[1] != default.split(":")[1]
+
+
+def test_code_jitter_moves_reconstructions_off_the_codes_and_lowers_the_score(parzen, tiny_run, mnist_dir, capsys):
+    common = ["--data-dir", str(mnist_dir), "--samples", "300", "--val-size", "100", "--threads", "1", "--no-write",
+              "--reconstructions"]
+    assert parzen.main([str(tiny_run.checkpoint), *common]) == 0
+    assert parzen.main([str(tiny_run.checkpoint), "--code-jitter", "20", *common]) == 0
+    exact, jittered = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert jittered.split(":")[0].endswith("-reconstructions-jitter20")
+    assert float(jittered.split(":")[1].split("±")[0]) < float(exact.split(":")[1].split("±")[0])
+    with pytest.raises(SystemExit):  # the jitter means nothing for prior samples
+        parzen.main([str(tiny_run.checkpoint), "--code-jitter", "1", *common[:-1]])
