@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from aae_runtime.images import save_grid  # noqa: E402
 from aae_runtime.priors import sample_prior  # noqa: E402
-from aae_train.config import RunConfig  # noqa: E402
+from aae_train.config import RunConfig, TrainConfig  # noqa: E402
 from aae_train.data import MNIST_PREPROCESSING, load_dataset  # noqa: E402
 from aae_train.mnist import load_mnist  # noqa: E402
 
@@ -247,13 +247,26 @@ def write_results(result: dict, out_dir: Path = RESULTS) -> None:
         m, t = cfg.get("model", {}), cfg.get("train", {})
         desc = (f"{m.get('arch')} hidden {m.get('hidden')}, dropout {m.get('dropout', 0)}, {m.get('latent_dim')}-D "
                 f"{(m.get('prior') or {}).get('name')} std {(m.get('prior') or {}).get('std')}, posterior {m.get('posterior')}, "
-                f"lr {t.get('lr_recon')}/{t.get('lr_disc')}/{t.get('lr_gen')} {t.get('lr_schedule', 'constant')}, batch {t.get('batch_size')}") if m else "—"
+                f"lr {t.get('lr_recon')}/{t.get('lr_disc')}/{t.get('lr_gen')} {t.get('lr_schedule', 'constant')}, batch {t.get('batch_size')}"
+                + _training_options(t)) if m else "—"
         secs = r.get("training_seconds")
         train_time = f"{secs / 60:.0f} min (2-core CPU)" if secs else "—"
         lines.append(f"| {r['label']} | **{r['log_likelihood']:.1f} ± {r['standard_error']:.1f}** | {r['sigma']:.3f} | "
                      f"{_epochs(r)} | {train_time} | {desc} |")
     lines += ["", "Published (Makhzani et al. 2015, Table 1): " + ", ".join(f"{k} {v}" for k, v in PAPER.items()) + ".", ""]
     (out_dir / "parzen.md").write_text("\n".join(lines))
+
+
+OPTION_NAMES = {"recon_loss": "loss", "label_smoothing": "label smoothing", "disc_noise": "D input noise",
+                "disc_steps": "D steps", "code_noise": "code noise", "ema": "EMA"}
+
+
+def _training_options(train_cfg: dict) -> str:
+    """', label smoothing 0.35, EMA 0.999' for the options a run changed from their defaults."""
+    default = TrainConfig()
+    changed = [f"{name} {train_cfg[key]}" for key, name in OPTION_NAMES.items()
+               if key in train_cfg and train_cfg[key] != getattr(default, key)]
+    return "".join(f", {c}" for c in changed)
 
 
 def _epochs(r: dict) -> str:
