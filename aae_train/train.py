@@ -109,6 +109,9 @@ class Trainer:
         # checkpointed as "encoder"/"decoder" and so exported; the trained weights ride along for resume.
         self.ema = {"encoder": _frozen_copy(self.encoder), "decoder": _frozen_copy(self.decoder)} if t.ema > 0 else None
         self.ema_updates = 0
+        if self.ema is not None:  # (averages, trained weights), in the same order; load_state_dict keeps the objects
+            self._ema_params = ([*self.ema["encoder"].parameters(), *self.ema["decoder"].parameters()],
+                                [*self.encoder.parameters(), *self.decoder.parameters()])
 
     @property
     def model(self) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -123,9 +126,7 @@ class Trainer:
         ((1 + n) / (10 + n)) so that the averages do not remember the random initialisation."""
         self.ema_updates += 1
         decay = min(self.cfg.train.ema, (1 + self.ema_updates) / (10 + self.ema_updates))
-        for name, net in (("encoder", self.encoder), ("decoder", self.decoder)):
-            averaged = list(self.ema[name].parameters())
-            torch._foreach_lerp_(averaged, [p.detach() for p in net.parameters()], 1.0 - decay)
+        torch._foreach_lerp_(*self._ema_params, 1.0 - decay)
 
     # -- one minibatch --------------------------------------------------------------------------
     def disc_input(self, z: torch.Tensor) -> torch.Tensor:
@@ -276,7 +277,8 @@ class Trainer:
             "history": self.history,
         }
         if self.ema is not None:
-            state["trained"] = {"encoder": self.encoder.state_dict(), "decoder": self.decoder.state_dict(), "ema_updates": self.ema_updates}
+            state["trained"] = {"encoder": self.encoder.state_dict(), "decoder": self.decoder.state_dict(),
+                                "ema_updates": self.ema_updates}
         return state
 
     def load_state(self, state: dict) -> None:

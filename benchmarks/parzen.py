@@ -49,6 +49,9 @@ PAPER_CONFIG_COMMAND = ("aae-train mnist --epochs 64 --latent-dim 8 --prior gaus
                         "--dropout 0.2 --label-smoothing 0.35 --ema 0.999 --lr-schedule cosine --lr-min-factor 0.1 "
                         "--batch-size 100 --seed 0 --device cpu --threads 2 --out runs/parzen-ls035-ema")
 PAPER = {"DBN": 138, "Stacked CAE": 121, "Deep GSN": 214, "GAN": 225, "GMMN + AE": 282, "AAE (paper)": "340 ± 2"}
+# Training options named in the results table when a run changed them from their defaults.
+OPTION_NAMES = {"recon_loss": "loss", "label_smoothing": "label smoothing", "disc_noise": "D input noise",
+                "disc_steps": "D steps", "code_noise": "code noise", "ema": "EMA"}
 
 
 def squared_distances(x: torch.Tensor, s: torch.Tensor, chunk: int = 1000):
@@ -225,7 +228,9 @@ def write_results(result: dict, out_dir: Path = RESULTS) -> None:
         "",
         "The `-ls0.35-64ep` row is the same run without `--ema` (`--threads 1`, beside the `-ls0.45-64ep` run on the "
         "other core); its training losses match the EMA run's to the last digit, so the difference between the two rows "
-        "is what weight averaging adds. `paper-mlp-dropout0.2-120ep` is the recipe without label smoothing or EMA, `--epochs 120`. The `paper-mlp-dropout0.2` rows up to 48 epochs come from a 20-epoch run (`--threads 1`, a shared CPU with "
+        "is what weight averaging adds. `paper-mlp-dropout0.2-120ep` is the recipe without label smoothing or EMA, "
+        "`--epochs 120`. The `paper-mlp-dropout0.2` rows up to 48 epochs come from a 20-epoch run (`--threads 1`, a "
+        "shared CPU with "
         "other jobs running) continued with `--resume ... --epochs 32`, then 48 (each resume re-runs the cosine "
         "schedule over the new total). The `scr-*` rows are 10-epoch screens of one change each against "
         "`scr-A-baseline` (same command with `--epochs 10 --threads 1`, plus the change named in the label). "
@@ -257,10 +262,6 @@ def write_results(result: dict, out_dir: Path = RESULTS) -> None:
                      f"{_epochs(r)} | {train_time} | {desc} |")
     lines += ["", "Published (Makhzani et al. 2015, Table 1): " + ", ".join(f"{k} {v}" for k, v in PAPER.items()) + ".", ""]
     (out_dir / "parzen.md").write_text("\n".join(lines))
-
-
-OPTION_NAMES = {"recon_loss": "loss", "label_smoothing": "label smoothing", "disc_noise": "D input noise",
-                "disc_steps": "D steps", "code_noise": "code noise", "ema": "EMA"}
 
 
 def _training_options(train_cfg: dict) -> str:
