@@ -5,6 +5,7 @@ A process killed mid-write leaves the previous file (or none), never a half-writ
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 from pathlib import Path
@@ -17,11 +18,18 @@ def _umask() -> int:
     return mask
 
 
+TEMPORARY_SUFFIX = ".tmp"
+
+
+def _temporary_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], fsync: bool = False) -> Path:
     """Call ``write(f)`` on a temporary binary file, then rename it to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path), suffix=TEMPORARY_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -42,3 +50,19 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def remove_stale_temporaries(targets: list[str | Path]) -> list[Path]:
+    """Delete the temporaries a killed ``atomic_write`` left beside ``targets``; returns them.
+
+    Call it only where one process owns the files (a training run in its run folder): a
+    temporary of a writer still running would be taken from under it.
+    """
+    removed = []
+    for target in map(Path, targets):
+        if not target.parent.is_dir():
+            continue
+        for tmp in target.parent.glob(f"{glob.escape(_temporary_prefix(target))}*{TEMPORARY_SUFFIX}"):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed

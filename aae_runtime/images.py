@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from aae_runtime.errors import InputError
+from aae_runtime.fileio import atomic_write
 from aae_runtime.metadata import RESAMPLE_FILTERS, Preprocessing
 
 # Larger than any inspection camera (~150 MP), small enough that decoding stays bounded in memory.
@@ -257,10 +258,7 @@ def save_grid(images: np.ndarray, path: str | Path, ncols: int | None = None, pa
         grid[:, top : top + h, left : left + w] = images[i]
     pixels = np.rint(grid * 255).astype(np.uint8)
     img = Image.fromarray(pixels[0] if c == 1 else pixels.transpose(1, 2, 0), mode="L" if c == 1 else "RGB")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
+    return atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
 def save_image(image: np.ndarray, path: str | Path) -> Path:

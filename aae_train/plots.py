@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from aae_runtime.fileio import atomic_write
+
 LOSS_CURVES_NAME = "loss_curves.png"
 LATENT_NAME = "latent.png"
 SAMPLES_NAME = "samples.png"
@@ -151,7 +153,4 @@ def plot_latent(codes: np.ndarray, labels: np.ndarray | None, path: str | Path, 
 
 
 def _save(img: Image.Image, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
+    return atomic_write(path, lambda f: img.save(f, format="PNG"))

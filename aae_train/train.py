@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from aae_runtime import __version__
 from aae_runtime.errors import AAEError
+from aae_runtime.fileio import atomic_write_text, remove_stale_temporaries
 from aae_runtime.images import save_grid
 from aae_runtime.priors import sample_prior
 from aae_train.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
@@ -30,6 +31,7 @@ from aae_train.plots import LATENT_NAME, LOSS_CURVES_NAME, RECONSTRUCTIONS_NAME,
 
 METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "config.json"
+RUN_FILES = (CONFIG_NAME, METRICS_NAME, CHECKPOINT_NAME, LOSS_CURVES_NAME, LATENT_NAME, SAMPLES_NAME, RECONSTRUCTIONS_NAME)
 LATENT_PLOT_POINTS = 2000  # held-out codes drawn in latent.png
 
 
@@ -332,7 +334,8 @@ def train(cfg: RunConfig, run_dir: str | Path, data_dir: str | None = None, resu
     if state is not None:
         trainer.load_state(state)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG_NAME).write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+    remove_stale_temporaries([run_dir / name for name in RUN_FILES])  # left by a run killed mid-write
+    atomic_write_text(run_dir / CONFIG_NAME, json.dumps(cfg.to_dict(), indent=1) + "\n")
     metrics_path = run_dir / METRICS_NAME
     _rewrite_metrics(metrics_path, trainer.history)  # a resumed run drops epochs after its checkpoint
     if on_start:
@@ -361,4 +364,4 @@ def _frozen_copy(net: torch.nn.Module) -> torch.nn.Module:
 
 
 def _rewrite_metrics(path: Path, history: list[dict]) -> None:
-    path.write_text("".join(json.dumps(m) + "\n" for m in history))
+    atomic_write_text(path, "".join(json.dumps(m) + "\n" for m in history))

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from aae_runtime.fileio import atomic_write, atomic_write_bytes
+from aae_runtime.fileio import atomic_write, atomic_write_bytes, remove_stale_temporaries
 from aae_train.checkpoint import FORMAT, FORMAT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
 
 TIMEOUT = 240
@@ -171,6 +171,17 @@ def test_save_checkpoint_failing_mid_write_keeps_the_previous_checkpoint(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
 
 
+def test_only_the_temporaries_of_the_named_targets_are_removed(tmp_path):
+    stale = [tmp_path / ".checkpoint.pt.x1y2.tmp", tmp_path / ".checkpoint.pt.z3.tmp"]
+    kept = [tmp_path / "checkpoint.pt", tmp_path / ".notes.txt.ab.tmp", tmp_path / "user.tmp",
+            tmp_path / ".checkpoint.pt.keep"]
+    for path in stale + kept:
+        path.write_bytes(b"x")
+    removed = remove_stale_temporaries([tmp_path / "checkpoint.pt", tmp_path / "missing-dir" / "config.json"])
+    assert sorted(removed) == sorted(stale)
+    assert sorted(tmp_path.iterdir()) == sorted(kept)
+
+
 A_KILLED_WRITER = """
 import sys, time
 from aae_runtime.fileio import atomic_write
@@ -202,6 +213,11 @@ def test_a_run_killed_mid_epoch_resumes_from_its_last_checkpoint(runs, mnist_dir
     before = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(before) >= done  # the metrics of every checkpointed epoch are on disk
     target = done + 1
+    # What a kill during a write leaves (the kill above may have left one too): an empty and a
+    # half-written temporary beside the checkpoint, one beside a plot.
+    (run_dir / ".checkpoint.pt.killed1.tmp").write_bytes(b"")
+    (run_dir / ".checkpoint.pt.killed2.tmp").write_bytes(b"PK\x03\x04 half a checkpoint")
+    (run_dir / ".samples.png.killed3.tmp").write_bytes(b"\x89PNG")
     r = subprocess.run(train_cmd(run_dir, mnist_dir, "--epochs", str(target), "--resume", str(run_dir / "checkpoint.pt")),
                        capture_output=True, text=True, env=ENV, timeout=TIMEOUT)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -210,7 +226,7 @@ def test_a_run_killed_mid_epoch_resumes_from_its_last_checkpoint(runs, mnist_dir
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in history] == list(range(1, target + 1))
     assert history[:done] == before[:done]  # only the work after the checkpoint was redone
-    assert not any(p.name.endswith(".tmp") and p.stat().st_size == 0 for p in run_dir.iterdir())
+    assert not [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")]  # the resumed run cleared them
 
 
 # -- divergence -----------------------------------------------------------------------------------
