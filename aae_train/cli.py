@@ -51,6 +51,8 @@ LrSchedule = Annotated[str, typer.Option(help=f"Learning-rate schedule over the 
 LrMinFactor = Annotated[float, typer.Option(min=1e-6, max=1.0, help="cosine: final lr = this x lr; step: x this at 1/2 and 3/4 of the epochs.")]
 LabelSmoothing = Annotated[float, typer.Option(min=0.0, max=0.49, help="D stabiliser: target for prior samples is 1 - this.")]
 DiscNoise = Annotated[float, typer.Option(min=0.0, help="D stabiliser: std of Gaussian noise added to D's inputs.")]
+GradientPenalty = Annotated[float, typer.Option(
+    min=0.0, help="D stabiliser: R1 gradient penalty gamma (gamma/2 * |grad D|^2 at prior samples); 0 = off.")]
 DiscSteps = Annotated[int, typer.Option(min=1, max=100, help="Discriminator updates per minibatch (fresh prior samples each).")]
 CodeNoise = Annotated[float, typer.Option(min=0.0, help="Std of Gaussian noise added to the codes the decoder reconstructs from (training only).")]
 Ema = Annotated[float, typer.Option(min=0.0, max=0.99999, help="Keep a moving average of encoder + decoder weights with this decay (e.g. 0.999) and save it as the model; 0: off.")]
@@ -177,6 +179,7 @@ def mnist(
     lr_min_factor: LrMinFactor = TrainConfig.lr_min_factor,
     label_smoothing: LabelSmoothing = 0.0,
     disc_noise: DiscNoise = 0.0,
+    gradient_penalty: GradientPenalty = TrainConfig.gradient_penalty,
     disc_steps: DiscSteps = TrainConfig.disc_steps,
     code_noise: CodeNoise = TrainConfig.code_noise,
     ema: Ema = TrainConfig.ema,
@@ -200,7 +203,8 @@ def mnist(
         disc_dropout=disc_dropout, posterior=posterior, noise_dim=noise_dim,
         train=dict(epochs=epochs, batch_size=batch_size, lr_recon=lr_recon, lr_disc=lr_disc, lr_gen=lr_gen,
                    lr_schedule=lr_schedule, lr_min_factor=lr_min_factor, label_smoothing=label_smoothing,
-                   disc_noise=disc_noise, disc_steps=disc_steps, code_noise=code_noise, ema=ema, recon_loss=recon_loss, seed=seed, device=device),
+                   disc_noise=disc_noise, gradient_penalty=gradient_penalty, disc_steps=disc_steps,
+                   code_noise=code_noise, ema=ema, recon_loss=recon_loss, seed=seed, device=device),
     )
     run(cfg, out or _default_out("mnist", resume), data_dir, resume, threads)
 
@@ -237,6 +241,7 @@ def folder(
     lr_min_factor: LrMinFactor = TrainConfig.lr_min_factor,
     label_smoothing: LabelSmoothing = 0.0,
     disc_noise: DiscNoise = 0.0,
+    gradient_penalty: GradientPenalty = TrainConfig.gradient_penalty,
     disc_steps: DiscSteps = TrainConfig.disc_steps,
     code_noise: CodeNoise = TrainConfig.code_noise,
     ema: Ema = TrainConfig.ema,
@@ -263,7 +268,8 @@ def folder(
         disc_dropout=disc_dropout, posterior=posterior, noise_dim=noise_dim,
         train=dict(epochs=epochs, batch_size=batch_size, lr_recon=lr_recon, lr_disc=lr_disc, lr_gen=lr_gen,
                    lr_schedule=lr_schedule, lr_min_factor=lr_min_factor, label_smoothing=label_smoothing,
-                   disc_noise=disc_noise, disc_steps=disc_steps, code_noise=code_noise, ema=ema, recon_loss=recon_loss, seed=seed, device=device),
+                   disc_noise=disc_noise, gradient_penalty=gradient_penalty, disc_steps=disc_steps,
+                   code_noise=code_noise, ema=ema, recon_loss=recon_loss, seed=seed, device=device),
     )
     run(cfg, out or _default_out("folder", resume), directory if directory.is_dir() else None, resume, threads)
 

@@ -79,6 +79,7 @@ class TrainConfig:
     lr_min_factor: float = 0.1  # cosine: final lr / initial lr; step: lr is multiplied by it at 1/2 and 3/4 of the epochs
     label_smoothing: float = 0.0  # D's target for prior samples is 1 - this (one-sided smoothing)
     disc_noise: float = 0.0  # std of Gaussian noise added to both of D's inputs (codes and prior samples), in prior units
+    gradient_penalty: float = 0.0  # R1: gamma / 2 * E|grad D|^2 at prior samples, added to D's loss; 0 = off
     disc_steps: int = 1  # discriminator updates per minibatch (each on fresh prior samples), before the generator's one
     code_noise: float = 0.0  # std of Gaussian noise added to the codes the decoder reconstructs from (training only)
     ema: float = 0.0  # decay of an exponential moving average of encoder + decoder weights, saved as the model; 0 = off
@@ -100,6 +101,8 @@ class TrainConfig:
             raise ValueError("label smoothing must be in [0, 0.5)")
         if self.disc_noise < 0:
             raise ValueError("discriminator input noise must be >= 0")
+        if self.gradient_penalty < 0:
+            raise ValueError("gradient penalty must be >= 0")
         if self.disc_steps < 1:
             raise ValueError("discriminator steps per minibatch must be at least 1")
         if self.code_noise < 0:

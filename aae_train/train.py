@@ -156,9 +156,12 @@ class Trainer:
         real_target = 1.0 - t.label_smoothing  # one-sided: only the prior's targets are smoothed
         for _ in range(t.disc_steps):
             z_real = torch.from_numpy(sample_prior(self.cfg.model.prior, len(x), self.prior_rng)).to(self.device)
-            logits_real, logits_fake = disc(self.disc_input(z_real)), disc(self.disc_input(z_fake))
+            d_real = self.disc_input(z_real).requires_grad_(t.gradient_penalty > 0)
+            logits_real, logits_fake = disc(d_real), disc(self.disc_input(z_fake))
             d_loss = F.binary_cross_entropy_with_logits(logits_real, torch.full_like(logits_real, real_target)) + \
                 F.binary_cross_entropy_with_logits(logits_fake, torch.zeros_like(logits_fake))
+            if t.gradient_penalty > 0:
+                d_loss = d_loss + t.gradient_penalty / 2 * r1_penalty(logits_real, d_real)
             self.opt_disc.zero_grad(set_to_none=True)
             d_loss.backward()
             self.opt_disc.step()
@@ -361,6 +364,14 @@ def _frozen_copy(net: torch.nn.Module) -> torch.nn.Module:
     averaged = copy.deepcopy(net)
     averaged.requires_grad_(False)
     return averaged
+
+
+def r1_penalty(logits: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """Mean squared norm of D's gradient at its real inputs (R1, Mescheder et al. 2018): keeps D
+    flat where the prior is, so it cannot sharpen into a cliff that gives the encoder no usable
+    gradient. Differentiable, so D's update minimises it."""
+    (grad,) = torch.autograd.grad(logits.sum(), inputs, create_graph=True)
+    return grad.square().sum(1).mean()
 
 
 def _rewrite_metrics(path: Path, history: list[dict]) -> None:

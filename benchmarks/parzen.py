@@ -51,7 +51,7 @@ PAPER_CONFIG_COMMAND = ("aae-train mnist --epochs 64 --latent-dim 8 --prior gaus
 PAPER = {"DBN": 138, "Stacked CAE": 121, "Deep GSN": 214, "GAN": 225, "GMMN + AE": 282, "AAE (paper)": "340 ± 2"}
 # Training options named in the results table when a run changed them from their defaults.
 OPTION_NAMES = {"recon_loss": "loss", "label_smoothing": "label smoothing", "disc_noise": "D input noise",
-                "disc_steps": "D steps", "code_noise": "code noise", "ema": "EMA"}
+                "gradient_penalty": "R1 penalty", "disc_steps": "D steps", "code_noise": "code noise", "ema": "EMA"}
 
 
 def squared_distances(x: torch.Tensor, s: torch.Tensor, chunk: int = 1000):

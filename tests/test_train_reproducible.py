@@ -2,8 +2,8 @@
 
 The config switches on every source of randomness the loop has (dropout, Gaussian posterior
 sampling, instance noise on D's inputs, noise on the decoder's codes, shuffling, prior draws for
-several discriminator steps), a cosine learning-rate schedule and moving averages of the
-weights, so that a state the checkpoint forgot to carry would show up as a difference.
+several discriminator steps), a cosine learning-rate schedule, D's gradient penalty and moving
+averages of the weights, so that a state the checkpoint forgot to carry would show up as a difference.
 """
 
 from __future__ import annotations
@@ -11,13 +11,15 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
-from aae_runtime.priors import make_prior_spec
+from aae_runtime.priors import make_prior_spec, sample_prior
 from aae_train.checkpoint import load_checkpoint
 from aae_train.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from aae_train.train import lr_factor, mmd2, train
+from aae_train.models import build_models
+from aae_train.train import lr_factor, mmd2, r1_penalty, train
 
 
 def _cfg(mnist_dir, epochs: int, seed: int = 3) -> RunConfig:
@@ -26,7 +28,7 @@ def _cfg(mnist_dir, epochs: int, seed: int = 3) -> RunConfig:
                           prior=make_prior_spec("mog", 3, components=4, radius=2.0)),
         data=DataConfig(source="mnist", path=str(mnist_dir), limit=240, val_fraction=0.25),
         train=TrainConfig(epochs=epochs, batch_size=40, seed=seed, device="cpu", lr_schedule="cosine",
-                          label_smoothing=0.1, disc_noise=0.05, disc_steps=2, code_noise=0.3, ema=0.9),
+                          label_smoothing=0.1, disc_noise=0.05, gradient_penalty=1.0, disc_steps=2, code_noise=0.3, ema=0.9),
     )
 
 
@@ -90,6 +92,30 @@ def test_code_noise_changes_what_the_decoder_learns(tmp_path, mnist_dir):
     quiet = train(cfg.replace(train=replace(cfg.train, code_noise=0.0)), tmp_path / "quiet")
     noisy = train(cfg, tmp_path / "noisy")
     assert not torch.equal(_weights(quiet.checkpoint)["decoder.net.0.weight"], _weights(noisy.checkpoint)["decoder.net.0.weight"])
+
+
+def test_r1_penalty_is_the_squared_gradient_norm_of_d():
+    linear = torch.nn.Linear(3, 1)
+    z = torch.randn(5, 3, requires_grad=True)
+    penalty = r1_penalty(linear(z), z)  # D(z) = w.z + b: the gradient is w at every z
+    assert torch.allclose(penalty, linear.weight.square().sum())
+    penalty.backward()  # differentiable in D's weights: D's update can lower it
+    assert torch.allclose(linear.weight.grad, 2 * linear.weight)
+
+
+def test_gradient_penalty_keeps_the_discriminator_flat_at_prior_samples(tmp_path, mnist_dir):
+    cfg = _cfg(mnist_dir, 2)
+    cfg = cfg.replace(train=replace(cfg.train, lr_disc=1e-2, disc_noise=0.0))  # a D that learns fast
+
+    def penalty_after_training(gamma: float) -> float:
+        run = train(cfg.replace(train=replace(cfg.train, gradient_penalty=gamma)), tmp_path / f"gamma{gamma}")
+        state = load_checkpoint(run.checkpoint)
+        disc = build_models(cfg.model)[2]
+        disc.load_state_dict(state["discriminator"])
+        z = torch.from_numpy(sample_prior(cfg.model.prior, 500, np.random.default_rng(0))).requires_grad_(True)
+        return r1_penalty(disc.eval()(z), z).item()
+
+    assert penalty_after_training(10.0) < 0.5 * penalty_after_training(0.0)
 
 
 def test_ema_saves_the_moving_average_as_the_model(straight, tmp_path, mnist_dir):
