@@ -228,12 +228,17 @@ def write_results(result: dict, out_dir: Path = RESULTS) -> None:
         "",
         "The `-ls0.35-64ep` row is the same run without `--ema` (`--threads 1`, beside the `-ls0.45-64ep` run on the "
         "other core); its training losses match the EMA run's to the last digit, so the difference between the two rows "
-        "is what weight averaging adds. `paper-mlp-dropout0.2-120ep` is the recipe without label smoothing or EMA, "
-        "`--epochs 120`. The `paper-mlp-dropout0.2` rows up to 48 epochs come from a 20-epoch run (`--threads 1`, a "
-        "shared CPU with "
+        "is what weight averaging adds. The `-seed1` and `-seed2` rows are the documented command with `--seed 1` and "
+        "`--seed 2` (`--threads 1`, side by side with another run): the spread across training seeds. "
+        "`paper-mlp-h1200-dropout0.2-ls0.35-ema0.999-64ep` is the documented command with `--hidden 1200`, and "
+        "`paper-mlp-universal-dropout0.2-ls0.35-ema0.999-64ep` with `--posterior universal` (both `--threads 1`). "
+        "`paper-mlp-dropout0.2-120ep` is the recipe without label smoothing or EMA, `--epochs 120`. "
+        "The `paper-mlp-dropout0.2` rows up to 48 epochs come from a 20-epoch run (`--threads 1`, a shared CPU with "
         "other jobs running) continued with `--resume ... --epochs 32`, then 48 (each resume re-runs the cosine "
         "schedule over the new total). The `scr-*` rows are 10-epoch screens of one change each against "
-        "`scr-A-baseline` (same command with `--epochs 10 --threads 1`, plus the change named in the label). "
+        "`scr-A-baseline` (same command with `--epochs 10 --threads 1`, plus the change named in the label); "
+        "`scr-M` to `scr-Q` add one change each to `scr-L-label-smoothing0.35` and compare with it (`r1-G`: "
+        "`--gradient-penalty G`). "
         "Times are wall-clock.",
         "",
         "Diagnostics, not the metric: `-reconstructions` scores the model's reconstructions of 10,000 of its "
