@@ -258,6 +258,11 @@ def save_grid(images: np.ndarray, path: str | Path, ncols: int | None = None, pa
         grid[:, top : top + h, left : left + w] = images[i]
     pixels = np.rint(grid * 255).astype(np.uint8)
     img = Image.fromarray(pixels[0] if c == 1 else pixels.transpose(1, 2, 0), mode="L" if c == 1 else "RGB")
+    return save_png(img, path)
+
+
+def save_png(img: Image.Image, path: str | Path) -> Path:
+    """Write ``img`` as a PNG atomically: a run killed mid-write never leaves a broken picture."""
     return atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from aae_runtime.fileio import atomic_write
+from aae_runtime.images import save_png
 
 LOSS_CURVES_NAME = "loss_curves.png"
 LATENT_NAME = "latent.png"
@@ -91,7 +91,7 @@ def plot_losses(history: list[dict], path: str | Path) -> Path:
             for x, y in points:
                 draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
             draw.text((x1 - 110, y0 + 4 + 12 * j), key, fill=colour, font=_font())
-    return _save(img, path)
+    return save_png(img, path)
 
 
 def project_2d(z: np.ndarray) -> tuple[np.ndarray, str]:
@@ -149,8 +149,4 @@ def plot_latent(codes: np.ndarray, labels: np.ndarray | None, path: str | Path, 
             colour = PALETTE[int(c) % len(PALETTE)] if c >= 0 else (0, 0, 0)
             draw.rectangle((size + 4, 30 + 14 * i, size + 12, 38 + 14 * i), fill=colour)
             draw.text((size + 16, 28 + 14 * i), name[:16], fill="black", font=_font())
-    return _save(img, path)
-
-
-def _save(img: Image.Image, path: str | Path) -> Path:
-    return atomic_write(path, lambda f: img.save(f, format="PNG"))
+    return save_png(img, path)
