@@ -226,6 +226,8 @@ def write_results(result: dict, out_dir: Path = RESULTS) -> None:
         "",
         f"    {PAPER_CONFIG_COMMAND}",
         "",
+        "Its `-threads2` row is the same command with `--threads 2`, alone on the quiet machine: the recipe's training "
+        "time; it scores the same as the one-thread run (their losses agree to six digits). "
         "The `-seed1` and `-seed2` rows (of this recipe and of the dropout-0.2 one) are the same command with "
         "`--seed 1` and `--seed 2` (`--threads 1`, side by side): the spread across training seeds. "
         "`paper-mlp-dropout0.2-ls0.35-ema0.999-64ep` is the previous recipe, dropout 0.2, trained alone with "
