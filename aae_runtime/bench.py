@@ -35,9 +35,9 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from aae_runtime import __version__
-from aae_runtime.errors import AAEError, InputError
-from aae_runtime.fileio import atomic_write_text
-from aae_runtime.metadata import IMAGE_INPUT, LATENT_INPUT, LATENT_OUTPUT, RECONSTRUCTION_OUTPUT
+from aae_runtime.contract.errors import AAEError, InputError
+from aae_runtime.contract.fileio import atomic_write_text
+from aae_runtime.contract.metadata import IMAGE_INPUT, LATENT_INPUT, LATENT_OUTPUT, RECONSTRUCTION_OUTPUT
 from aae_runtime.model import AAEModel
 from aae_runtime.session import CUDA, LOW_LATENCY_SPIN_US, OPTIMIZATION_LEVELS, SessionConfig, _gpu_present, available_providers
 
@@ -252,7 +252,7 @@ class BoundSample(BoundScore):
     def _bind_decoder(self, n: int):
         import onnxruntime as ort
 
-        from aae_runtime.priors import sample_prior
+        from aae_runtime.contract.priors import sample_prior
 
         z_host = sample_prior(self.m.metadata.prior, n, np.random.default_rng(0)).astype(np.float32)
         z = ort.OrtValue.ortvalue_from_numpy(z_host, self.device, 0)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from aae_runtime.errors import InputError, ModelError
+from aae_runtime.contract.errors import InputError, ModelError
 
 DEFAULT_PERCENTILE = 99.0
 REPORTED_PERCENTILES = (1, 5, 25, 50, 75, 90, 95, 99, 99.5, 99.9)

@@ -27,7 +27,7 @@ from rich.table import Table
 
 from aae_runtime import __version__
 from aae_runtime.clierrors import EXIT_CANNOT_RUN, OneLineErrorsTyper
-from aae_runtime.errors import AAEError
+from aae_runtime.contract.errors import AAEError
 from aae_runtime.images import display_path, save_grid
 from aae_runtime.model import DEFAULT_BATCH_SIZE, AAEModel, ImageScore
 from aae_runtime.report import FORMATS as RESULT_FORMATS, write_results
@@ -45,9 +45,6 @@ app = OneLineErrorsTyper(add_completion=False, no_args_is_help=True,
                         help=f"Score images and sample from an exported AAE (no torch needed). {EXIT_CODES_HELP}")
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
-# Pillow warns (two stderr lines each) about damaged tags it skips; each file's row already says
-# whether it was scored, so the command's output stays rows and one-line errors.
-warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 
 ModelOpt = Annotated[Path, typer.Option("--model", "-m", help="Folder written by aae-export (encoder.onnx, decoder.onnx).")]
 DeviceOpt = Annotated[Literal[DEVICES], typer.Option(help="Execution device. auto falls back to the CPU with a notice.")]
@@ -183,7 +180,7 @@ def calibrate(
 ) -> None:
     """Refit the score statistics and threshold on new normal images; rewrites the model's metadata (no torch)."""
     from aae_runtime.recalibrate import MIN_NORMAL_IMAGES, load_folder, recalibrate_dir
-    from aae_runtime.scoring import SCORES
+    from aae_runtime.contract.scores import SCORES
 
     if score is not None and score not in SCORES:
         raise typer.BadParameter(f"{score!r} is not one of {', '.join(SCORES)}", param_hint="--score")
@@ -284,6 +281,10 @@ def bench(
 
 @app.callback(invoke_without_command=True)
 def _main(version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False) -> None:
+    # Pillow warns (two stderr lines each) about damaged tags it skips; each file's row already
+    # says whether it was scored, so the command's output stays rows and one-line errors. Set
+    # here, for the command's process, not when the module is imported.
+    warnings.filterwarnings("ignore", module=r"PIL\.")  # UserWarning on tags, DecompressionBombWarning (refused anyway)
     if version:
         out.print(f"aae-run {__version__}")
         raise typer.Exit()

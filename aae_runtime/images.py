@@ -13,15 +13,14 @@ import math
 import os
 import stat
 import threading
-import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from aae_runtime.errors import InputError
-from aae_runtime.fileio import atomic_write
-from aae_runtime.metadata import RESAMPLE_FILTERS, Preprocessing
+from aae_runtime.contract.errors import InputError
+from aae_runtime.contract.fileio import atomic_write
+from aae_runtime.contract.preprocessing import RESAMPLE_FILTERS, Preprocessing, pixels_to_input
 
 # Larger than any inspection camera (~150 MP), small enough that decoding stays bounded in memory.
 MAX_IMAGE_PIXELS = 200_000_000
@@ -38,12 +37,18 @@ FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
 RESAMPLE = {name: Image.Resampling[name.upper()] for name in RESAMPLE_FILTERS}  # metadata name -> PIL filter
 _BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "La": 2, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
 
-Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a half-grey image
-# Pillow's advice for untrusted input. Set once here, not per call: `warnings.catch_warnings`
-# is not thread-safe, and files are decoded on a worker thread. The explicit size checks in
-# `load_image` hold even where a caller (e.g. pytest) resets the warning filters.
-warnings.simplefilter("error", Image.DecompressionBombWarning)
+_PILLOW_READY = False
+
+
+def _configure_pillow() -> None:
+    """Pillow's limits for untrusted input, set on first use rather than at import (importing the
+    runtime changes no process-wide state). The explicit size checks in `_open_image` hold even
+    where a caller changes these back."""
+    global _PILLOW_READY
+    if not _PILLOW_READY:
+        Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+        ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a half-grey image
+        _PILLOW_READY = True
 
 
 def load_image(path: str | Path, pre: Preprocessing) -> np.ndarray:
@@ -53,6 +58,7 @@ def load_image(path: str | Path, pre: Preprocessing) -> np.ndarray:
     `MAX_DECODED_BYTES` are refused from their header, before any pixel memory is allocated.
     Raises `InputError` with a readable reason for everything else a file can do wrong.
     """
+    _configure_pillow()
     path = Path(path)
     with _open_regular_file(path) as f:
         img, decoded_bytes = _open_image(f)
@@ -194,14 +200,6 @@ def image_to_array(img: Image.Image, pre: Preprocessing) -> np.ndarray:
         img = img.resize((pre.width, pre.height), resample=RESAMPLE[pre.resample])
     pixels = np.asarray(img, dtype=np.uint8)
     return pixels_to_input(pixels[None], pre)[0]
-
-
-def pixels_to_input(pixels: np.ndarray, pre: Preprocessing) -> np.ndarray:
-    """uint8 pixels (N, H, W) or (N, H, W, C) -> model inputs (N, C, H, W) float32."""
-    x = pixels.astype(np.float32) * np.float32(pre.scale) + np.float32(pre.offset)
-    if x.ndim == 3:
-        return x[:, None, :, :]
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from aae_runtime.errors import InputError
-from aae_runtime.fileio import atomic_write_bytes, atomic_write_text
+from aae_runtime.contract.errors import InputError
+from aae_runtime.contract.fileio import atomic_write_bytes, atomic_write_text
 
 MIN_PANEL = 112  # pixels: smaller inputs are enlarged to at least this
 OVERLAY_ALPHA = 0.55

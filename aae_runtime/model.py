@@ -13,9 +13,9 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from aae_runtime.calibration import normalise, threshold_at_percentile
-from aae_runtime.errors import InputError, ModelError
+from aae_runtime.contract.errors import InputError, ModelError
 from aae_runtime.images import find_images, load_image
-from aae_runtime.metadata import (
+from aae_runtime.contract.metadata import (
     DECODER_FILE,
     ENCODER_FILE,
     IMAGE_INPUT,
@@ -28,8 +28,8 @@ from aae_runtime.metadata import (
     SCORER_FILE,
     ModelMetadata,
 )
-from aae_runtime.priors import sample_prior
-from aae_runtime.scoring import ScoreParts, evaluate_score, intensity, per_image, pixel_error
+from aae_runtime.contract.priors import sample_prior
+from aae_runtime.contract.scores import ScoreParts, evaluate_score, intensity, per_image, pixel_error
 from aae_runtime.session import SessionConfig, create_session
 
 DEFAULT_BATCH_SIZE = 64

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from aae_runtime.calibration import DEFAULT_PERCENTILE, f1_threshold, percentile_threshold
-from aae_runtime.errors import InputError, ModelError
-from aae_runtime.fileio import atomic_write_bytes
-from aae_runtime.metadata import DECODER_FILE, ENCODER_FILE, METADATA_KEY, SCORER_FILE, ModelMetadata
-from aae_runtime.scoring import ScoreParts, evaluate_score, fit_score, score_spec
+from aae_runtime.contract.errors import InputError, ModelError
+from aae_runtime.contract.fileio import atomic_write_bytes
+from aae_runtime.contract.metadata import DECODER_FILE, ENCODER_FILE, METADATA_KEY, SCORER_FILE, ModelMetadata
+from aae_runtime.contract.scores import ScoreParts, evaluate_score, fit_score, score_spec
 
 MIN_NORMAL_IMAGES = 10  # fewer cannot give a meaningful percentile or standardisation
 _MODEL_METADATA_FIELD = 14  # onnx.ModelProto.metadata_props

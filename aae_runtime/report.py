@@ -7,8 +7,8 @@ import io
 import json
 from pathlib import Path
 
-from aae_runtime.errors import InputError
-from aae_runtime.fileio import atomic_write_text
+from aae_runtime.contract.errors import InputError
+from aae_runtime.contract.fileio import atomic_write_text
 from aae_runtime.images import display_path
 from aae_runtime.model import ImageScore
 

@@ -15,15 +15,11 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from aae_runtime.errors import DeviceError, ModelError
+from aae_runtime.contract.errors import DeviceError, ModelError
 
 DEVICES = ("auto", "cpu", "cuda")
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
-
-# ORT's own log lines (e.g. a failed CUDA load) would bypass our one-line errors: errors only
-# from the session we report ourselves.
-ort.set_default_logger_severity(4)
 
 
 # Graph optimisation levels by name. "all" (layout and fusion passes included) measured best or
@@ -121,6 +117,10 @@ def create_session(model: bytes | str | Path, cfg: SessionConfig) -> tuple[ort.I
         _preload_cuda_libraries()
     providers = [CUDA, CPU] if want_cuda else [CPU]
     source = model if isinstance(model, bytes) else str(model)
+    # ORT's own log lines (e.g. a failed CUDA load) would bypass our one-line errors: the
+    # sessions' severity is set per session; the default logger's (used while a CUDA provider
+    # loads) only here, once a session is made, never at import.
+    ort.set_default_logger_severity(4)
     try:
         session = ort.InferenceSession(source, _session_options(cfg), providers=providers)
     except Exception as exc:  # ORT raises its own exception types for invalid files

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from aae_runtime.errors import AAEError
-from aae_runtime.fileio import atomic_write
+from aae_runtime.contract.errors import AAEError
+from aae_runtime.contract.fileio import atomic_write
 
 FORMAT = "aae-checkpoint"
 FORMAT_VERSION = 1

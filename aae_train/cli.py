@@ -12,9 +12,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from aae_runtime.clierrors import OneLineErrorsTyper, print_error
-from aae_runtime.errors import AAEError
+from aae_runtime.contract.errors import AAEError
 from aae_runtime.images import RESAMPLE
-from aae_runtime.priors import PRIOR_NAMES, make_prior_spec
+from aae_runtime.contract.priors import PRIOR_NAMES, make_prior_spec
 from aae_train.config import (
     ARCHS, DEVICES, LR_SCHEDULES, POSTERIORS, RECON_LOSSES, DataConfig, ModelConfig, RunConfig, TrainConfig,
 )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from aae_runtime.priors import make_prior_spec
+from aae_runtime.contract.priors import make_prior_spec
 
 ARCHS = ("mlp", "conv")
 POSTERIORS = ("deterministic", "gaussian", "universal")
@@ -54,7 +54,7 @@ class DataConfig:
     limit: int | None = None  # at most this many images before the validation split
     val_fraction: float = 0.1  # held out from the training images for validation and threshold
     split_seed: int = 0  # the hold-out split depends on this alone, not on the training seed
-    preprocessing: dict | None = None  # aae_runtime.metadata.Preprocessing as a dict; set by the data loader
+    preprocessing: dict | None = None  # aae_runtime.contract.metadata.Preprocessing as a dict; set by the data loader
 
     def __post_init__(self) -> None:
         if self.source not in DATA_SOURCES:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from aae_runtime.errors import InputError
-from aae_runtime.images import find_images, load_image, pixels_to_input
-from aae_runtime.metadata import Preprocessing
+from aae_runtime.contract.errors import InputError
+from aae_runtime.contract.preprocessing import Preprocessing, pixels_to_input
+from aae_runtime.images import find_images, load_image
 from aae_train.config import DataConfig
 from aae_train.mnist import DataError, ensure_mnist, load_mnist
 

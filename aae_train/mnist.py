@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from aae_runtime.errors import AAEError
+from aae_runtime.contract.errors import AAEError
 
 ENV_DATA_DIR = "AAE_DATA_DIR"
 FILES = {

@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from aae_runtime import __version__
-from aae_runtime.errors import AAEError
-from aae_runtime.fileio import atomic_write_text, remove_stale_temporaries
+from aae_runtime.contract.errors import AAEError
+from aae_runtime.contract.fileio import atomic_write_text, remove_stale_temporaries
 from aae_runtime.images import save_grid
-from aae_runtime.priors import sample_prior
+from aae_runtime.contract.priors import sample_prior
 from aae_train.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from aae_train.config import RunConfig
 from aae_train.data import Dataset, load_dataset

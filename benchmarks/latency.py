@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from aae_runtime import AAEModel, bench  # noqa: E402
-from aae_runtime.images import pixels_to_input  # noqa: E402
+from aae_runtime.contract.preprocessing import pixels_to_input  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 VARIANT_FLAGS = {"fp32": [], "int8": ["--quantize", "int8"], "fp16": ["--precision", "fp16"]}
@@ -200,7 +200,7 @@ def torch_setups(enc, dec, ort_model: AAEModel, cores: int) -> list[bench.Setup]
     squared reconstruction error per image (the same work as the runtime's reduction)."""
     import torch
 
-    from aae_runtime.priors import sample_prior
+    from aae_runtime.contract.priors import sample_prior
 
     prior = ort_model.metadata.prior
 
@@ -228,7 +228,7 @@ def torch_cuda_setups(enc, dec, ort_model: AAEModel) -> list[bench.Setup]:
 
     import torch
 
-    from aae_runtime.priors import sample_prior
+    from aae_runtime.contract.priors import sample_prior
 
     enc_c, dec_c = copy.deepcopy(enc).cuda(), copy.deepcopy(dec).cuda()
     prior = ort_model.metadata.prior
@@ -342,7 +342,7 @@ def quality(models: dict[str, AAEModel], enc, dec, cfg, data_dir: Path | None, q
     """AUROC of every variant (and of PyTorch, as a check) on the MNIST test split."""
     import torch
 
-    from aae_runtime.metadata import Preprocessing
+    from aae_runtime.contract.preprocessing import Preprocessing
     from aae_train.mnist import ensure_mnist, load_mnist
 
     classes = cfg.data.classes

@@ -73,7 +73,7 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
 
 
 def run_config(digit: int, args):
-    from aae_runtime.priors import make_prior_spec
+    from aae_runtime.contract.priors import make_prior_spec
     from aae_train.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 
     return RunConfig(
@@ -129,7 +129,7 @@ def main() -> None:
     args = p.parse_args()
     digits = [int(d) for d in args.digits.split(",")]
     if args.score is None:
-        from aae_runtime.scoring import DEFAULT_SCORE
+        from aae_runtime.contract.scores import DEFAULT_SCORE
 
         args.score = DEFAULT_SCORE
     records = {d: train_digit(d, args) for d in digits}
@@ -141,9 +141,9 @@ def main() -> None:
 def evaluate(digits, records, args) -> None:
     """Export each digit's model, score the test set with the runtime, AUROC per score."""
     from aae_runtime import AAEModel
-    from aae_runtime.images import pixels_to_input
+    from aae_runtime.contract.preprocessing import pixels_to_input
     from aae_runtime.recalibrate import calibrate_model, parts_of
-    from aae_runtime.scoring import DEFAULT_SCORE, SCORES, evaluate_score
+    from aae_runtime.contract.scores import DEFAULT_SCORE, SCORES, evaluate_score
     from aae_train.data import load_dataset
     from aae_train.mnist import load_mnist
     from export.onnx_export import export_checkpoint
@@ -194,7 +194,7 @@ def _export_is_current(model_dir: Path, checkpoint: Path, score: str) -> bool:
     """An earlier export of this very checkpoint with this score is reused (export is deterministic
     given the checkpoint; only its timestamps and export_id would differ)."""
     from aae_runtime import AAEModel
-    from aae_runtime.errors import AAEError
+    from aae_runtime.contract.errors import AAEError
     from aae_train.checkpoint import file_sha256
 
     try:

@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from aae_runtime.images import save_grid  # noqa: E402
-from aae_runtime.priors import sample_prior  # noqa: E402
+from aae_runtime.contract.priors import sample_prior  # noqa: E402
 from aae_train.config import RunConfig, TrainConfig  # noqa: E402
 from aae_train.data import MNIST_PREPROCESSING, load_dataset  # noqa: E402
 from aae_train.mnist import load_mnist  # noqa: E402
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
 
         args.data_dir = ensure_mnist(None)
     args.data_dir = Path(args.data_dir)
-    from aae_runtime.errors import AAEError
+    from aae_runtime.contract.errors import AAEError
 
     try:
         result, samples = run(args)

@@ -10,8 +10,8 @@ from rich.console import Console
 
 from aae_runtime.calibration import DEFAULT_PERCENTILE
 from aae_runtime.clierrors import OneLineErrorsTyper, print_error
-from aae_runtime.errors import AAEError
-from aae_runtime.scoring import DEFAULT_SCORE, SCORES
+from aae_runtime.contract.errors import AAEError
+from aae_runtime.contract.scores import DEFAULT_SCORE, SCORES
 
 app = OneLineErrorsTyper(add_completion=False, no_args_is_help=True, help="Export a trained AAE to ONNX.")  # unexpected errors: one line, exit 2
 err = Console(stderr=True, soft_wrap=True)
@@ -22,7 +22,7 @@ def export(
     checkpoint: Annotated[Path, typer.Option(help="checkpoint.pt written by aae-train (or its run folder).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for encoder.onnx and decoder.onnx.")] = Path("model"),
     data_dir: Annotated[Optional[Path], typer.Option(help="Where the training data is now, if it moved since training.")] = None,
-    score: Annotated[str, typer.Option(help=f"Anomaly score: {'|'.join(SCORES)} (see aae_runtime/scoring.py; "
+    score: Annotated[str, typer.Option(help=f"Anomaly score: {'|'.join(SCORES)} (see aae_runtime/contract/scores.py; "
                                              "benchmarks/results/one_class.md compares them).")] = DEFAULT_SCORE,
     percentile: Annotated[float, typer.Option(min=0.001, max=100.0, help="Threshold = this percentile of held-out normal scores.")] = DEFAULT_PERCENTILE,
     anomalies: Annotated[Optional[list[Path]], typer.Option(

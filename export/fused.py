@@ -2,7 +2,7 @@
 
 One ONNX Runtime call per batch instead of two (encoder, decoder) plus numpy: the runtime uses
 ``scorer.onnx`` transparently when a model folder has one. The per-pixel error is the same
-formula as `aae_runtime.scoring.pixel_error` (same clipping for bce), so the two paths agree to
+formula as `aae_runtime.contract.scores.pixel_error` (same clipping for bce), so the two paths agree to
 float32 rounding; export checks that on real images before writing the file.
 """
 
@@ -18,10 +18,10 @@ import onnx
 import torch
 from torch import nn
 
-from aae_runtime.metadata import IMAGE_INPUT, LATENT_OUTPUT, PIXEL_ERROR_OUTPUT, RECONSTRUCTION_ERROR_OUTPUT
+from aae_runtime.contract.metadata import IMAGE_INPUT, LATENT_OUTPUT, PIXEL_ERROR_OUTPUT, RECONSTRUCTION_ERROR_OUTPUT
 
 FUSED_TOLERANCE = 1e-4  # largest difference allowed between the two paths (see fused_parity)
-_EPS = 1e-6  # = aae_runtime.scoring._EPS: the bce clip
+_EPS = 1e-6  # = aae_runtime.contract.scores._EPS: the bce clip
 
 
 class FusedScorer(nn.Module):

@@ -1,4 +1,4 @@
-"""Build the metadata block that export writes into both graphs (schema in aae_runtime.metadata)."""
+"""Build the metadata block that export writes into both graphs (schema in aae_runtime.contract.metadata)."""
 
 from __future__ import annotations
 
@@ -10,19 +10,20 @@ import onnx
 import torch
 
 from aae_runtime import __version__
-from aae_runtime.metadata import (
+from aae_runtime.contract.preprocessing import Preprocessing
+from aae_runtime.contract.metadata import (
     DECODER_FILE, ENCODER_FILE, IMAGE_INPUT, LATENT_INPUT, LATENT_OUTPUT, METADATA_KEY, PIXEL_ERROR_OUTPUT,
-    RECONSTRUCTION_ERROR_OUTPUT, RECONSTRUCTION_OUTPUT, SCHEMA_VERSION, SCORER_FILE, Preprocessing,
+    RECONSTRUCTION_ERROR_OUTPUT, RECONSTRUCTION_OUTPUT, SCHEMA_VERSION, SCORER_FILE,
 )
-from aae_runtime.scoring import SCORE_DEFINITIONS
+from aae_runtime.contract.scores import SCORE_DEFINITIONS
 from aae_train.config import RunConfig
 
 
 def build_metadata(cfg: RunConfig, pre: Preprocessing, score: str | dict, threshold: dict, provenance: dict,
                    fused_pixel_error: str | None = None) -> dict:
-    """The JSON-able metadata document (see aae_runtime.metadata for how it is read).
+    """The JSON-able metadata document (see aae_runtime.contract.metadata for how it is read).
 
-    ``score``: a fitted score block (aae_runtime.scoring.fit_score), or a plain reconstruction
+    ``score``: a fitted score block (aae_runtime.contract.scores.fit_score), or a plain reconstruction
     score's name; ``fused_pixel_error``: set when the folder also gets the fused scorer graph.
     """
     if isinstance(score, str):

@@ -15,15 +15,16 @@ import onnx
 import torch
 
 from aae_runtime.calibration import DEFAULT_PERCENTILE
-from aae_runtime.errors import AAEError
-from aae_runtime.fileio import atomic_write_bytes
-from aae_runtime.metadata import (
+from aae_runtime.contract.errors import AAEError
+from aae_runtime.contract.fileio import atomic_write_bytes
+from aae_runtime.contract.preprocessing import Preprocessing
+from aae_runtime.contract.metadata import (
     DECODER_FILE, ENCODER_FILE, IMAGE_INPUT, LATENT_INPUT, LATENT_OUTPUT, RECONSTRUCTION_OUTPUT, SCORER_FILE,
-    ModelMetadata, Preprocessing,
+    ModelMetadata,
 )
 from aae_runtime.model import AAEModel
 from aae_runtime.recalibrate import calibrate_model
-from aae_runtime.scoring import DEFAULT_SCORE, SCORES, score_spec
+from aae_runtime.contract.scores import DEFAULT_SCORE, SCORES, score_spec
 from aae_runtime.session import SessionConfig, create_session
 from aae_train.checkpoint import file_sha256, load_checkpoint
 from aae_train.config import RunConfig
@@ -60,7 +61,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_dir: str
     ``variant`` "int8" or "fp16" (export.quantize) converts the verified float32 graphs; the
     threshold is then calibrated on the variant's own scores.
 
-    ``score`` names one of aae_runtime.scoring.SCORES; its statistics and the threshold are
+    ``score`` names one of aae_runtime.contract.scores.SCORES; its statistics and the threshold are
     fitted on the held-out normal images (F1-optimal when ``anomalies``, labelled anomalous
     images (N, C, H, W), are given). ``fused`` also writes scorer.onnx (image -> code, error
     map and mean error in one call), checked against the two-graph path.

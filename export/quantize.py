@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from aae_runtime.metadata import IMAGE_INPUT, LATENT_INPUT
-from aae_runtime.priors import sample_prior
+from aae_runtime.contract.metadata import IMAGE_INPUT, LATENT_INPUT
+from aae_runtime.contract.priors import sample_prior
 
 VARIANTS = ("fp32", "fp16", "int8")
 CALIBRATION_BATCH = 64

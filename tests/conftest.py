@@ -42,7 +42,7 @@ def mnist_test():
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, mnist_dir):
     """A checkpoint of a small AAE trained briefly on real MNIST (library API, CPU)."""
-    from aae_runtime.priors import make_prior_spec
+    from aae_runtime.contract.priors import make_prior_spec
     from aae_train.config import DataConfig, ModelConfig, RunConfig, TrainConfig
     from aae_train.train import train
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from aae_runtime.model import AAEModel
-from aae_runtime.priors import make_prior_spec, sample_prior
+from aae_runtime.contract.priors import make_prior_spec, sample_prior
 from aae_train.checkpoint import load_checkpoint
 from aae_train.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from aae_train.models import build_models, conv_plan

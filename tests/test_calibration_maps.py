@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from aae_runtime import AAEModel, ModelError
 from aae_runtime.cli import app
-from aae_runtime.metadata import METADATA_KEY
+from aae_runtime.contract.metadata import METADATA_KEY
 from aae_runtime.recalibrate import set_metadata_prop
 from tests.conftest import write_png
 

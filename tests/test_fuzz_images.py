@@ -20,9 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from aae_runtime.errors import InputError
+from aae_runtime.contract.errors import InputError
 from aae_runtime.images import load_image
-from aae_runtime.metadata import Preprocessing
+from aae_runtime.contract.preprocessing import Preprocessing
 from tests.hostile_inputs import encode
 
 # CI: a fixed, derandomized set of cases. A longer hunt: AAE_FUZZ_EXAMPLES=20000 AAE_FUZZ_RANDOM=1.

@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aae_runtime import AAEModel
-from aae_runtime.errors import AAEError, ModelError
-from aae_runtime.metadata import METADATA_KEY, ModelMetadata
+from aae_runtime.contract.errors import AAEError, ModelError
+from aae_runtime.contract.metadata import METADATA_KEY, ModelMetadata
 from aae_runtime.model import _check_graphs
 
 EXAMPLES = int(os.environ.get("AAE_FUZZ_EXAMPLES", "200"))

@@ -21,7 +21,7 @@ from aae_runtime.images import load_image
 
 @pytest.fixture(scope="module")
 def rgb_model(tmp_path_factory, mnist_test):
-    from aae_runtime.priors import make_prior_spec
+    from aae_runtime.contract.priors import make_prior_spec
     from aae_train.config import DataConfig, ModelConfig, RunConfig, TrainConfig
     from aae_train.train import train
     from export.onnx_export import export_checkpoint

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from aae_runtime.fileio import atomic_write, atomic_write_bytes, remove_stale_temporaries
+from aae_runtime.contract.fileio import atomic_write, atomic_write_bytes, remove_stale_temporaries
 from aae_train.checkpoint import FORMAT, FORMAT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
 
 TIMEOUT = 240
@@ -184,7 +184,7 @@ def test_only_the_temporaries_of_the_named_targets_are_removed(tmp_path):
 
 A_KILLED_WRITER = """
 import sys, time
-from aae_runtime.fileio import atomic_write
+from aae_runtime.contract.fileio import atomic_write
 def slow(f):
     f.write(b"new" * 1000); f.flush()
     print("writing", flush=True)

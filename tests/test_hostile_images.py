@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 from aae_runtime import AAEModel, InputError
 from aae_runtime.cli import app
 from aae_runtime.images import display_path, find_images, load_image
-from aae_runtime.metadata import Preprocessing
+from aae_runtime.contract.preprocessing import Preprocessing
 from tests.conftest import write_png
 from tests.hostile_inputs import ANY, ERROR, OK, make_hostile_folder, non_utf8_name, unreadable_file
 

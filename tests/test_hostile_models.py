@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from aae_runtime import AAEModel, ModelError
 from aae_runtime.cli import app as run_app
-from aae_runtime.metadata import DECODER_FILE, ENCODER_FILE, METADATA_KEY, SCHEMA_VERSION, SCORER_FILE
+from aae_runtime.contract.metadata import DECODER_FILE, ENCODER_FILE, METADATA_KEY, SCHEMA_VERSION, SCORER_FILE
 from tests.conftest import write_png
 
 

@@ -26,7 +26,7 @@ def test_scores_of_arrays_match_scores_of_the_same_images_as_files(model, mnist_
     images, _ = mnist_test
     paths = [write_png(tmp_path / f"{i}.png", images[i]) for i in range(5)]
     from_files = [r.score for r in model.score_paths(paths)]
-    from aae_runtime.images import pixels_to_input  # the files' exact preprocessing: x * (1/255), not x / 255
+    from aae_runtime.contract.preprocessing import pixels_to_input  # the files' exact preprocessing: x * (1/255), not x / 255
 
     from_arrays = model.score(pixels_to_input(images[:5], model.metadata.preprocessing))
     np.testing.assert_allclose(from_files, from_arrays, rtol=1e-6)

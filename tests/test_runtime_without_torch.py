@@ -45,3 +45,30 @@ def test_cli_scoring_and_sampling_leave_torch_unimported(tiny_model_dir, tmp_pat
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_importing_any_runtime_module_has_no_side_effects():
+    # Every module of the runtime package, imported in a fresh interpreter: no warning filter or
+    # ONNX Runtime log setting changes, and reading the version or an error class loads neither
+    # ONNX Runtime nor Pillow.
+    code = textwrap.dedent("""
+        import importlib, pkgutil, sys, warnings
+        import aae_runtime
+        from aae_runtime.contract.errors import ModelError
+        from aae_runtime.contract import metadata, preprocessing, priors, scores, fileio
+        aae_runtime.__version__, aae_runtime.InputError
+        heavy = sorted(m for m in ("onnxruntime", "PIL", "typer", "rich") if m in sys.modules)
+        assert not heavy, f"loaded at import: {heavy}"
+        import numpy, onnxruntime, PIL.Image, typer, rich.console, concurrent.futures  # their own filters
+        before = list(warnings.filters)
+        names = [m.name for m in pkgutil.walk_packages(aae_runtime.__path__, "aae_runtime.")]
+        for name in names:
+            importlib.import_module(name)
+        assert warnings.filters == before, [f for f in warnings.filters if f not in before]
+        bad = sorted(k for k in sys.modules if k.split(".")[0] in ("torch", "aae_train", "export"))
+        assert not bad, bad
+        print(len(names))
+    """)
+    r = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert int(r.stdout.split()[-1]) >= 15  # every module was imported

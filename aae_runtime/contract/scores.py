@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from aae_runtime.errors import ModelError
+from aae_runtime.contract.errors import ModelError
 
 _EPS = 1e-6
 _LOG_FLOOR = 1e-12  # keeps log(reconstruction error) finite for a perfect reconstruction
@@ -131,7 +131,7 @@ def per_image(pixel_err: np.ndarray) -> np.ndarray:
 
 
 def prior_nll(z: np.ndarray, prior: dict) -> np.ndarray:
-    """-log p(z) (N,) under a gaussian or mog prior spec (see aae_runtime.priors)."""
+    """-log p(z) (N,) under a gaussian or mog prior spec (see aae_runtime.contract.priors)."""
     z = np.asarray(z, dtype=np.float64)
     d = z.shape[1]
     name = prior["name"]

@@ -12,9 +12,10 @@ import json
 import math
 from dataclasses import dataclass
 
-from aae_runtime.errors import ModelError
-from aae_runtime.priors import validate_prior
-from aae_runtime.scoring import validate_score_block
+from aae_runtime.contract.errors import ModelError
+from aae_runtime.contract.preprocessing import Preprocessing
+from aae_runtime.contract.priors import validate_prior
+from aae_runtime.contract.scores import validate_score_block
 
 METADATA_KEY = "aae"
 SCHEMA_VERSION = 1
@@ -30,55 +31,6 @@ RECONSTRUCTION_OUTPUT = "reconstruction"
 SCORER_FILE = "scorer.onnx"
 PIXEL_ERROR_OUTPUT = "pixel_error"
 RECONSTRUCTION_ERROR_OUTPUT = "reconstruction_error"
-
-COLOR_MODES = {"L": 1, "RGB": 3}  # PIL mode -> channels
-RESAMPLE_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos", "box")  # PIL filters by name (images.RESAMPLE)
-MAX_INPUT_SIDE = 16384  # a model input side beyond this is a damaged block, not a model
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How an image file becomes the model's input: one definition, used by training too."""
-
-    color_mode: str  # PIL mode the image is converted to: "L" or "RGB"
-    height: int
-    width: int
-    resample: str  # PIL resampling filter name used when the size differs, e.g. "bilinear"
-    scale: float  # input = pixel * scale + offset; pixels are 0..255
-    offset: float
-
-    @property
-    def channels(self) -> int:
-        return COLOR_MODES[self.color_mode]
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of one model input."""
-        return (self.channels, self.height, self.width)
-
-    def to_dict(self) -> dict:
-        return {
-            "color_mode": self.color_mode,
-            "size": [self.height, self.width],
-            "resample": self.resample,
-            "scale": self.scale,
-            "offset": self.offset,
-            "layout": "NCHW",
-            "dtype": "float32",
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Preprocessing":
-        try:
-            height, width = (int(v) for v in d["size"])
-            pre = cls(str(d["color_mode"]), height, width, str(d["resample"]), float(d["scale"]), float(d["offset"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelError(f"model metadata has a malformed 'preprocessing' block ({exc!r}): re-export the model") from None
-        if (pre.color_mode not in COLOR_MODES or not 1 <= pre.height <= MAX_INPUT_SIDE or not 1 <= pre.width <= MAX_INPUT_SIDE
-                or pre.resample not in RESAMPLE_FILTERS or not math.isfinite(pre.scale) or not math.isfinite(pre.offset)):
-            raise ModelError(f"model metadata has unsupported preprocessing {d!r}: re-export the model")
-        return pre
-
 
 @dataclass(frozen=True)
 class ModelMetadata:

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from aae_runtime.errors import ModelError
+from aae_runtime.contract.errors import ModelError
 
 # Defaults for each prior's parameters; a spec names the prior and may override any of them.
 PRIOR_DEFAULTS: dict[str, dict] = {
