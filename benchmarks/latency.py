@@ -12,7 +12,7 @@ defaults). The script exports it three ways (``aae-export``, ``--quantize int8``
 
 - times `AAEModel.score` / `.sample` (whatever graph the runtime scores with, the fused one
   included) and PyTorch eager rebuilt from the checkpoint, at batch 1, 8, 64, 256, round-robin
-  so that load from other processes falls on all alike (see aae_runtime/bench.py);
+  so that load from other processes falls on all alike (see aae_runtime/bench/);
 - the floor: the same matrix products as the graphs (shapes read from the ONNX weights, no
   bias, no activation) on one thread, in numpy, in torch and as bare ONNX Runtime MatMul nodes;
   the fastest of the three sets it;
