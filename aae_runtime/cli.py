@@ -213,23 +213,84 @@ def sample(
     n: Annotated[int, typer.Option("-n", "--num", min=1, max=100_000, help="Number of samples.")] = 64,
     out_path: Annotated[Path, typer.Option("--out", "-o", help="A .png grid, or a .npy file with the raw (N, C, H, W) array.")] = Path("samples.png"),
     seed: Annotated[Optional[int], typer.Option(help="Seed for the prior draws (default: random).")] = None,
+    label: Annotated[Optional[str], typer.Option(help="Conditional models: draw images of this class (a class value, e.g. 7).")] = None,
+    grid: Annotated[bool, typer.Option("--grid", help="Conditional models: -n style codes as rows, one column per class.")] = False,
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = 0,
 ) -> None:
-    """Decode draws from the model's prior into images."""
+    """Decode draws from the model's prior into images (a conditional model: of a class, or a grid)."""
     if out_path.suffix.lower() not in (".png", ".npy"):
         raise typer.BadParameter(f"{out_path}: use a .png or .npy file name", param_hint="--out")
+    if grid and label is not None:
+        raise typer.BadParameter("give --label or --grid, not both", param_hint="--grid")
     try:
         m = _load(model, device, threads=threads)
-        images = m.sample(n, seed=seed)
+        if label is not None and m.classes and label not in m.classes:
+            raise typer.BadParameter(f"{label!r} is not a class of this model; choose one of {', '.join(m.classes)}",
+                                     param_hint="--label")
+        images = m.sample_grid(n, seed=seed) if grid else m.sample(n, seed=seed, label=label)
     except AAEError as exc:
         raise _fail(exc)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if out_path.suffix.lower() == ".npy":
         np.save(out_path, images)
     else:
-        save_grid(images, out_path)
-    err.print(f"wrote {n} samples from the {m.metadata.prior['name']} prior to {out_path}", highlight=False)
+        save_grid(images, out_path, ncols=len(m.classes) if grid else None)
+    what = f"{len(images)} samples" + (f" of class {label}" if label is not None else "") + (" (rows: style codes, columns: classes)" if grid else "")
+    err.print(f"wrote {what} from the {m.metadata.prior['name']} prior to {out_path}", highlight=False)
+
+
+@app.command(epilog=EXIT_CODES_HELP)
+def classify(
+    paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively).")],
+    model: ModelOpt,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write all rows to a .csv or .json file.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, max=4096, help="Images per inference call.")] = DEFAULT_BATCH_SIZE,
+    show: Annotated[int, typer.Option(min=0, help="Rows shown on screen (0: all).")] = 50,
+    device: DeviceOpt = "auto",
+    threads: ThreadsOpt = 0,
+) -> None:
+    """Classify images with a model that has a class head (--family semi), and score them.
+    Rows: path, label, confidence, p_<class> per class, score, anomaly, error."""
+    _check_output(output)
+    try:
+        m = _load(model, device, threads=threads)
+        if not m.metadata.classifies:
+            raise AAEError(f"{model} has no class head, so it cannot classify: train with --family semi "
+                           "(aae-run score gives its anomaly scores)")
+        results = m.classify_paths(paths, batch_size=batch_size)
+        if output is not None:
+            write_results(results, m.threshold, output, classes=m.classes)
+    except AAEError as exc:
+        raise _fail(exc)
+    _print_classes(results, m, show)
+    if output is not None:
+        err.print(f"wrote {len(results)} rows to {output}", highlight=False)
+    if not results:
+        err.print("[red]error:[/red] no image files found in the given paths")
+        raise typer.Exit(EXIT_CANNOT_RUN)
+    if any(not r.ok for r in results):
+        raise typer.Exit(EXIT_SOME_FAILED)
+
+
+def _print_classes(results: list[ImageScore], m: AAEModel, show: int) -> None:
+    table = Table(title=f"classes {', '.join(m.classes)}; {m.score_name} score, threshold {m.threshold:.6g}")
+    for name, justify in (("image", "left"), ("label", "center"), ("confidence", "right"), ("score", "right"),
+                          ("anomaly", "center"), ("error", "left")):
+        table.add_column(name, justify=justify, overflow="fold" if name in ("image", "error") else None,
+                         no_wrap=name not in ("image", "error"))
+    shown = results if show == 0 else results[:show]
+    for r in shown:
+        p = r.probabilities
+        best = int(p.argmax()) if p is not None else None
+        table.add_row(_printable(r.path), "" if p is None else m.classes[best], "" if p is None else f"{p[best]:.3f}",
+                      "" if r.score is None else f"{r.score:.6f}",
+                      "" if r.anomaly is None else ("[red]yes[/red]" if r.anomaly else "no"), _printable(r.error or ""))
+    out.print(table)
+    if len(shown) < len(results):
+        out.print(f"... {len(results) - len(shown)} more rows (use --output FILE for all, or --show 0)")
+    failed = sum(not r.ok for r in results)
+    out.print(f"classified {len(results) - failed} images, {failed} failed", highlight=False)
 
 
 @app.command()

@@ -16,9 +16,12 @@ from aae_runtime.calibration import normalise, threshold_at_percentile
 from aae_runtime.contract.errors import InputError, ModelError
 from aae_runtime.images import find_images, load_image
 from aae_runtime.contract.metadata import (
+    BEST_LABEL_OUTPUT,
+    CLASS_OUTPUT,
     DECODER_FILE,
     ENCODER_FILE,
     IMAGE_INPUT,
+    LABEL_INPUT,
     LATENT_INPUT,
     LATENT_OUTPUT,
     METADATA_KEY,
@@ -54,6 +57,8 @@ class ImageScore:
     # Per-pixel error (H, W) and the model input (C, H, W): only when asked for (anomaly maps).
     pixel_error: np.ndarray | None = field(default=None, repr=False, compare=False)
     image: np.ndarray | None = field(default=None, repr=False, compare=False)
+    # Class probabilities (K,) in the model's class order: only when classifying (`classify_paths`).
+    probabilities: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -109,7 +114,7 @@ class AAEModel:
         _check_same_calibration(meta_enc, meta_dec, DECODER_FILE, model_dir)
         _check_graphs(encoder, decoder, meta_enc)
         scorer = None
-        if use_scorer and (model_dir / SCORER_FILE).is_file():
+        if use_scorer and (model_dir / SCORER_FILE).is_file() and (meta_enc.schema_version == 1 or "scorer" in meta_enc.graphs):
             scorer, _ = create_session(model_dir / SCORER_FILE, cfg)
             meta_sc = ModelMetadata.from_json(scorer.get_modelmeta().custom_metadata_map.get(METADATA_KEY), SCORER_FILE)
             if meta_sc.export_id != meta_enc.export_id:
@@ -139,25 +144,65 @@ class AAEModel:
         return str(self.metadata.score.get("pixel_error", self.score_name))
 
     # -- arrays -----------------------------------------------------------------------------------
+    @property
+    def classes(self) -> tuple[str, ...] | None:
+        """The class values of a conditional or classifying model, in label order; None otherwise."""
+        return self.metadata.classes
+
     def encode(self, images: np.ndarray) -> np.ndarray:
         """Images (N, C, H, W) float32 in the model's value range -> latent codes (N, latent)."""
         return self.encoder.run([LATENT_OUTPUT], {IMAGE_INPUT: self._check_images(images)})[0]
 
-    def decode(self, latents: np.ndarray) -> np.ndarray:
-        """Latent codes (N, latent) -> images (N, C, H, W)."""
+    def class_probabilities(self, images: np.ndarray) -> np.ndarray:
+        """Images (N, C, H, W) -> class probabilities (N, K), K = len(classes); needs a class head."""
+        if not self.metadata.classifies:
+            raise InputError("this model has no class head (its encoder gives no class probabilities): "
+                             "classify with a model trained with --family semi")
+        return self.encoder.run([CLASS_OUTPUT], {IMAGE_INPUT: self._check_images(images)})[0]
+
+    def label_vectors(self, labels) -> np.ndarray:
+        """Class values (e.g. "7", or 7) -> one-hot rows (N, K) for the decoder's label input."""
+        names = self.classes or ()
+        index = {c: i for i, c in enumerate(names)}
+        rows = np.zeros((len(labels), len(names)), dtype=np.float32)
+        for n, label in enumerate(labels):
+            if str(label) not in index:
+                raise InputError(f"label {label!r} is not a class of this model; its classes are {', '.join(names)}")
+            rows[n, index[str(label)]] = 1.0
+        return rows
+
+    def decode(self, latents: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
+        """Latent codes (N, latent) -> images (N, C, H, W). A conditional decoder also takes
+        ``labels``: (N, K) one-hot rows or class probabilities (see `label_vectors`)."""
         z = np.ascontiguousarray(latents, dtype=np.float32)
         if z.ndim != 2 or z.shape[1] != self.metadata.latent_dim:
             raise InputError(f"latents must have shape (N, {self.metadata.latent_dim}), got {z.shape}")
-        return self.decoder.run([RECONSTRUCTION_OUTPUT], {LATENT_INPUT: z})[0]
+        feeds = {LATENT_INPUT: z}
+        if self.metadata.conditional:
+            if labels is None:
+                raise InputError(f"this model's decoder needs a label beside the code (classes: {', '.join(self.classes)})")
+            y = np.ascontiguousarray(labels, dtype=np.float32)
+            if y.shape != (len(z), len(self.classes)):
+                raise InputError(f"labels must have shape ({len(z)}, {len(self.classes)}), got {y.shape}")
+            feeds[LABEL_INPUT] = y
+        return self.decoder.run([RECONSTRUCTION_OUTPUT], feeds)[0]
 
     def reconstruct(self, images: np.ndarray) -> np.ndarray:
-        return self.decode(self.encode(images))
+        """Reconstructions as the score sees them (a conditional decoder: with the class head's
+        probabilities, or the label that reconstructs each image best)."""
+        x = self._check_images(images)
+        z, labels = self._codes(x)
+        if labels is None and self.metadata.conditional:
+            labels = self.label_vectors([self.classes[i] for i in self._best_labels(x, z)[0]])
+        return self.decode(z, labels)
 
     def score_parts(self, images: np.ndarray) -> ScoreParts:
         """Latent codes, per-pixel error maps and mean errors of preprocessed images (N, C, H, W).
 
-        One ONNX Runtime call through the fused scorer graph when the model has one, else two
-        (encoder, decoder) with the error computed in numpy; both give the same numbers.
+        One ONNX Runtime call through the fused scorer graph when the model has one, else the
+        encoder and decoder with the error computed in numpy; both give the same numbers. A
+        conditional decoder without a class head scores each image with the label that
+        reconstructs it best (every label is tried); with a class head, with its probabilities.
         """
         x = self._check_images(images)
         pre = self.metadata.preprocessing
@@ -165,9 +210,32 @@ class AAEModel:
         if self.scorer is not None:
             z, err, recon = self.scorer.run([LATENT_OUTPUT, PIXEL_ERROR_OUTPUT, RECONSTRUCTION_ERROR_OUTPUT], {IMAGE_INPUT: x})
             return ScoreParts(z, err, recon.astype(np.float64), ink)
-        z = self.encode(x)
-        err = pixel_error(x, self.decode(z), self.pixel_error_name)
+        z, labels = self._codes(x)
+        if labels is None and self.metadata.conditional:
+            _, err = self._best_labels(x, z)
+        else:
+            err = pixel_error(x, self.decode(z, labels), self.pixel_error_name)
         return ScoreParts(z, err, per_image(err), ink)
+
+    def _codes(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(latent codes, class probabilities or None) of checked images."""
+        if self.metadata.classifies:
+            z, probs = self.encoder.run([LATENT_OUTPUT, CLASS_OUTPUT], {IMAGE_INPUT: x})
+            return z, probs
+        return self.encoder.run([LATENT_OUTPUT], {IMAGE_INPUT: x})[0], None
+
+    def _best_labels(self, x: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(index of the best label (N,), its per-pixel error maps (N, H, W)) of a conditional decoder."""
+        k = len(self.classes)
+        errors = np.stack([pixel_error(x, self.decode(z, np.repeat(np.eye(k, dtype=np.float32)[c : c + 1], len(z), 0)),
+                                       self.pixel_error_name) for c in range(k)], axis=1)  # (N, K, H, W)
+        best = per_image(errors.reshape(len(z) * k, *errors.shape[2:])).reshape(len(z), k).argmin(axis=1)
+        return best, errors[np.arange(len(z)), best]
+
+    def classify(self, images: np.ndarray) -> tuple[list[str], np.ndarray]:
+        """(class value per image, class probabilities (N, K)) of preprocessed images; needs a class head."""
+        probs = self.class_probabilities(images)
+        return [self.classes[i] for i in probs.argmax(axis=1)], probs
 
     def score(self, images: np.ndarray) -> np.ndarray:
         """Anomaly scores (N,) float64 of preprocessed images (N, C, H, W); higher = more abnormal."""
@@ -191,12 +259,30 @@ class AAEModel:
     def is_anomaly(self, scores: np.ndarray) -> np.ndarray:
         return np.asarray(scores) > self.threshold
 
-    def sample(self, n: int, seed: int | None = None) -> np.ndarray:
-        """Decode ``n`` draws from the prior: images (n, C, H, W)."""
+    def sample(self, n: int, seed: int | None = None, label: str | int | None = None) -> np.ndarray:
+        """Decode ``n`` draws from the prior: images (n, C, H, W). A conditional model draws
+        images of class ``label`` (a class value, e.g. "7"), or of random classes without one."""
         if n < 1:
             raise InputError(f"number of samples must be at least 1, got {n}")
-        z = sample_prior(self.metadata.prior, n, np.random.default_rng(seed))
-        return self.decode(z)
+        if label is not None and not self.metadata.conditional:
+            raise InputError("--label: this model's decoder takes no label (train with --family supervised or semi)")
+        rng = np.random.default_rng(seed)
+        z = sample_prior(self.metadata.prior, n, rng)
+        if not self.metadata.conditional:
+            return self.decode(z)
+        labels = [label] * n if label is not None else [self.classes[i] for i in rng.integers(0, len(self.classes), n)]
+        return self.decode(z, self.label_vectors(labels))
+
+    def sample_grid(self, rows: int, seed: int | None = None) -> np.ndarray:
+        """The paper's figure for a conditional model: ``rows`` style codes, each decoded under
+        every label in class order: images (rows * K, C, H, W), row-major."""
+        if not self.metadata.conditional:
+            raise InputError("--grid: this model's decoder takes no label, so there is no label axis to draw")
+        if rows < 1:
+            raise InputError(f"number of rows must be at least 1, got {rows}")
+        k = len(self.classes)
+        z = np.repeat(sample_prior(self.metadata.prior, rows, np.random.default_rng(seed)), k, axis=0)
+        return self.decode(z, np.tile(np.eye(k, dtype=np.float32), (rows, 1)))
 
     # -- files ------------------------------------------------------------------------------------
     def load_images(self, paths: Iterable[str | Path]) -> list[np.ndarray | InputError]:
@@ -213,17 +299,24 @@ class AAEModel:
         """Score image files and folders (recursively). Unreadable files get an error row."""
         return list(self.iter_score_paths(paths, batch_size))
 
+    def classify_paths(self, paths: Iterable[str | Path], batch_size: int = DEFAULT_BATCH_SIZE) -> list[ImageScore]:
+        """Classify and score image files and folders: rows carry ``probabilities`` besides the
+        score. Needs a class head (a semi-supervised model)."""
+        self.class_probabilities(np.zeros((1, *self.input_shape), np.float32))  # a model without one fails here, at once
+        return list(self.iter_score_paths(paths, batch_size, classify=True))
+
     def iter_score_paths(self, paths: Iterable[str | Path], batch_size: int = DEFAULT_BATCH_SIZE,
-                         maps: bool = False) -> Iterator[ImageScore]:
+                         maps: bool = False, classify: bool = False) -> Iterator[ImageScore]:
         """Like `score_paths`, yielding rows batch by batch; decoding of the next batch overlaps
-        inference on the current one. With ``maps``, rows carry the per-pixel error and the input."""
+        inference on the current one. With ``maps``, rows carry the per-pixel error and the input;
+        with ``classify``, the class probabilities."""
         files = find_images(list(paths))
         if batch_size < 1:
             raise InputError(f"batch size must be at least 1, got {batch_size}")
         chunks = [files[i : i + batch_size] for i in range(0, len(files), batch_size)]
         if len(chunks) <= 1:  # nothing to overlap: no thread pool to start (cold start of one image)
             for chunk in chunks:
-                yield from self._score_decoded(chunk, self.load_images(chunk), maps)
+                yield from self._score_decoded(chunk, self.load_images(chunk), maps, classify)
             return
         from concurrent.futures import ThreadPoolExecutor  # folders only
 
@@ -240,21 +333,24 @@ class AAEModel:
                 if i + DECODE_AHEAD < len(chunks):
                     ahead.append(submit(chunks[i + DECODE_AHEAD]))
                 decoded = [item for f in futures for item in f.result()]
-                yield from self._score_decoded(chunk, decoded, maps)
+                yield from self._score_decoded(chunk, decoded, maps, classify)
 
-    def _score_decoded(self, chunk: list[Path], decoded: list, maps: bool = False) -> Iterator[ImageScore]:
+    def _score_decoded(self, chunk: list[Path], decoded: list, maps: bool = False, classify: bool = False) -> Iterator[ImageScore]:
         good = [k for k, item in enumerate(decoded) if isinstance(item, np.ndarray)]
         if good:
-            parts = self.score_parts(np.stack([decoded[k] for k in good]))
+            batch = np.stack([decoded[k] for k in good])
+            parts = self.score_parts(batch)
             scores = self.score_from_parts(parts)
             normalised = self.normalise(scores)
+            probs = self.class_probabilities(batch) if classify else None
         row = {k: j for j, k in enumerate(good)}
         for k, path in enumerate(chunk):
             if k in row:
                 j = row[k]
                 s = float(scores[j])
                 yield ImageScore(str(path), score=s, anomaly=bool(s > self.threshold), normalized=float(normalised[j]),
-                                 pixel_error=parts.pixel_error[j] if maps else None, image=decoded[k] if maps else None)
+                                 pixel_error=parts.pixel_error[j] if maps else None, image=decoded[k] if maps else None,
+                                 probabilities=probs[j] if classify else None)
             else:
                 yield ImageScore(str(path), error=str(decoded[k]))
 
@@ -283,7 +379,7 @@ def _check_same_calibration(first: ModelMetadata, other: ModelMetadata, name: st
 
 def _check_scorer(scorer, meta: ModelMetadata) -> None:
     outputs = {o.name for o in scorer.get_outputs()}
-    needed = {LATENT_OUTPUT, PIXEL_ERROR_OUTPUT, RECONSTRUCTION_ERROR_OUTPUT}
+    needed = {LATENT_OUTPUT, PIXEL_ERROR_OUTPUT, RECONSTRUCTION_ERROR_OUTPUT} | set((meta.graphs.get("scorer") or {}).get("outputs", []))
     if {i.name for i in scorer.get_inputs()} != {IMAGE_INPUT} or not needed <= outputs:
         raise ModelError(f"{SCORER_FILE} lacks the '{IMAGE_INPUT}' input or its outputs {sorted(needed)}: re-export the model")
     fused = (meta.raw.get("graphs") or {}).get("scorer") or {}
@@ -297,12 +393,22 @@ def _check_graphs(encoder, decoder, meta: ModelMetadata) -> None:
     enc_in = {i.name: i.shape for i in encoder.get_inputs()}
     enc_out = {o.name: o.shape for o in encoder.get_outputs()}
     dec_in = {i.name: i.shape for i in decoder.get_inputs()}
-    if IMAGE_INPUT not in enc_in or LATENT_OUTPUT not in enc_out:
-        raise ModelError(f"{ENCODER_FILE} lacks the '{IMAGE_INPUT}' input or '{LATENT_OUTPUT}' output: re-export the model")
-    if LATENT_INPUT not in dec_in or RECONSTRUCTION_OUTPUT not in {o.name for o in decoder.get_outputs()}:
-        raise ModelError(f"{DECODER_FILE} lacks the '{LATENT_INPUT}' input or '{RECONSTRUCTION_OUTPUT}' output: re-export the model")
+    dec_out = {o.name for o in decoder.get_outputs()}
+    listed = meta.graphs
+    if set(enc_in) != set(listed["encoder"]["inputs"]) or not set(listed["encoder"]["outputs"]) <= set(enc_out) \
+            or IMAGE_INPUT not in enc_in or LATENT_OUTPUT not in enc_out:
+        raise ModelError(f"{ENCODER_FILE} does not have the inputs {listed['encoder']['inputs']} and outputs "
+                         f"{listed['encoder']['outputs']} its metadata lists: re-export the model")
+    if set(dec_in) != set(listed["decoder"]["inputs"]) or not set(listed["decoder"]["outputs"]) <= dec_out \
+            or LATENT_INPUT not in dec_in or RECONSTRUCTION_OUTPUT not in dec_out:
+        raise ModelError(f"{DECODER_FILE} does not have the inputs {listed['decoder']['inputs']} and outputs "
+                         f"{listed['decoder']['outputs']} its metadata lists: re-export the model")
     if list(enc_in[IMAGE_INPUT][1:]) != list(meta.preprocessing.shape):
         raise ModelError(f"{ENCODER_FILE} takes {enc_in[IMAGE_INPUT][1:]} images but its metadata says {list(meta.preprocessing.shape)}")
     for name, dim in ((ENCODER_FILE, enc_out[LATENT_OUTPUT][-1]), (DECODER_FILE, dec_in[LATENT_INPUT][-1])):
         if dim != meta.latent_dim:
             raise ModelError(f"{name} has latent size {dim}, the metadata says {meta.latent_dim}: the encoder and decoder do not belong together")
+    k = len(meta.classes) if meta.classes else None
+    for name, dim in ((ENCODER_FILE, enc_out.get(CLASS_OUTPUT, [None])[-1]), (DECODER_FILE, dec_in.get(LABEL_INPUT, [None])[-1])):
+        if dim is not None and dim != k:
+            raise ModelError(f"{name} has {dim} classes, its metadata names {k}: re-export the model")

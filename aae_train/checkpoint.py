@@ -11,6 +11,7 @@ import hashlib
 import pickle
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,8 +20,9 @@ from aae_runtime.contract.errors import AAEError
 from aae_runtime.contract.fileio import atomic_write
 
 FORMAT = "aae-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: model families (config 'family' and 'options', networks by name, best.pt); 1 still loads
 CHECKPOINT_NAME = "checkpoint.pt"
+BEST_NAME = "best.pt"  # the epoch with the best validation figure the family names (same format)
 # What export and resume read, and its type: checked on load, so a damaged file fails in one line.
 REQUIRED = {"config": dict, "epoch": int, "encoder": dict, "decoder": dict}
 
@@ -64,6 +66,38 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if wrong:
         raise CheckpointError(f"{path} lacks or has damaged {', '.join(wrong)}: it is damaged or not written by aae-train")
     return state
+
+
+@dataclass
+class Trained:
+    """A checkpoint's networks rebuilt from its config alone, weights loaded, in eval mode."""
+
+    state: dict
+    cfg: "RunConfig"
+    family: type  # the aae_train.families Family class
+    nets: dict[str, torch.nn.Module]  # the model networks (the moving averages with --ema)
+
+
+def load_trained(path: str | Path, map_location: str | torch.device = "cpu") -> Trained:
+    """The one place that turns a checkpoint into networks: export, benchmarks and tools use it
+    (resume rebuilds the whole trainer through the same family constructors)."""
+    from aae_train.config import RunConfig
+    from aae_train.families import get_family
+
+    state = load_checkpoint(path, map_location)
+    try:
+        cfg = RunConfig.from_dict(state["config"])
+        family = get_family(cfg.family)
+        nets = {name: net for name, net in family.networks(cfg).items() if name in family.model_networks}
+        for name, net in nets.items():
+            net.load_state_dict(state[name])
+            net.eval()
+    except AAEError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: its config or weights do not fit together ({_first_line(exc)}): "
+                              "it is damaged or not written by aae-train") from None
+    return Trained(state, cfg, family, nets)
 
 
 def _refused_object(exc: BaseException) -> str:

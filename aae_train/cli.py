@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
+
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -18,6 +19,7 @@ from aae_runtime.contract.priors import PRIOR_NAMES, make_prior_spec
 from aae_train.config import (
     ARCHS, DEVICES, LR_SCHEDULES, POSTERIORS, RECON_LOSSES, DataConfig, ModelConfig, RunConfig, TrainConfig,
 )
+from aae_train.families import DEFAULT_FAMILY, FAMILY_MODULES, FAMILY_NAMES
 
 app = OneLineErrorsTyper(add_completion=False, no_args_is_help=True, help="Train Adversarial Autoencoders.")  # unexpected errors: one line, exit 2
 err = Console(stderr=True, soft_wrap=True)
@@ -63,7 +65,19 @@ ValFraction = Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of the
 Seed = Annotated[int, typer.Option(min=0, help="Seeds weights, shuffling, prior and noise draws (identical results on the CPU).")]
 Device = Annotated[Literal[DEVICES], typer.Option(help="Training device; auto: CUDA when PyTorch sees a GPU.")]
 Threads = Annotated[Optional[int], typer.Option(min=1, max=256, help="CPU threads for torch (default: all cores). On a busy machine 1 is often much faster.")]
+FamilyOpt = Annotated[str, typer.Option("--family", help="Model family: " + "; ".join(
+    f"{name}: {text}" for name, (_, text) in FAMILY_MODULES.items()) + ".")]
+Labels = Annotated[Optional[str], typer.Option(help="semi: labelled training images, class-balanced (default 100), or all.")]
+LabelSeed = Annotated[Optional[int], typer.Option(min=0, help="semi: seed of the labelled subset's draw (default 0).")]
+LrClass = Annotated[Optional[float], typer.Option(min=0, max=1e6, help="semi: Adam learning rate, supervised classification step (default 1e-3).")]
 Resume = Annotated[Optional[Path], typer.Option(exists=True, help="Continue from this checkpoint (its config is kept; --epochs sets the total).")]
+
+# Options that only mean something for some families, by parameter name: given on the command
+# line with another family they are an error, not silently ignored.
+ADVERSARIAL_OPTIONS = ("prior", "prior_std", "mog_components", "mog_radius", "mog_std", "uniform_low", "uniform_high",
+                       "swissroll_turns", "swissroll_radius", "swissroll_noise", "posterior", "noise_dim", "lr_disc",
+                       "lr_gen", "label_smoothing", "disc_noise", "gradient_penalty", "disc_steps", "disc_dropout")
+SEMI_OPTIONS = ("labels", "label_seed", "lr_class", "unlabelled_dir")
 
 PRIOR_OPTIONS = {  # CLI option -> (prior it belongs to, parameter in the prior spec)
     "--prior-std": ("gaussian", "std"), "--mog-components": ("mog", "components"), "--mog-radius": ("mog", "radius"),
@@ -123,7 +137,7 @@ def prior_spec(name: str, latent_dim: int, given: dict[str, float | None]) -> di
 
 def build_config(*, data: DataConfig, image_shape: tuple[int, int, int], latent_dim: int | None, default_latent: int,
                  prior: str, prior_params: dict, arch: str, hidden: int, dropout: float, disc_dropout: float,
-                 posterior: str, noise_dim: int, train: dict) -> RunConfig:
+                 posterior: str, noise_dim: int, train: dict, family: str = DEFAULT_FAMILY, options=None) -> RunConfig:
     """Validate the options shared by all commands and assemble the run config (BadParameter on error)."""
     _choice(arch, ARCHS, "--arch")
     _choice(posterior, POSTERIORS, "--posterior")
@@ -139,9 +153,53 @@ def build_config(*, data: DataConfig, image_shape: tuple[int, int, int], latent_
                               disc_dropout=disc_dropout, posterior=posterior, noise_dim=noise_dim, prior=spec),
             data=data,
             train=TrainConfig(**train),
+            family=family,
+            options=options,
         )
     except (AAEError, ValueError) as exc:
         raise typer.BadParameter(str(exc)) from None
+
+
+def _option_name(param: str) -> str:
+    return "--" + param.replace("_", "-")
+
+
+def family_options(ctx: typer.Context, family: str, labels: str | None, label_seed: int | None, lr_class: float | None):
+    """The family's options dataclass from the CLI; an option given for another family is an error."""
+    _choice(family, FAMILY_NAMES, "--family")
+    given = [p for p in ctx.params if getattr(ctx.get_parameter_source(p), "name", "") in ("COMMANDLINE", "ENVIRONMENT")]
+    adversarial = [n for n, (_, text) in FAMILY_MODULES.items() if n != "ae"]
+    for param in given:
+        if param in ADVERSARIAL_OPTIONS and family == "ae":
+            raise typer.BadParameter(f"applies to the families with a discriminator ({', '.join(adversarial)}), "
+                                     "not --family ae", param_hint=_option_name(param))
+        if param in SEMI_OPTIONS and family != "semi":
+            raise typer.BadParameter(f"applies to --family semi, not {family}", param_hint=_option_name(param))
+    from aae_train.families import get_family
+
+    kind = get_family(family)
+    if family != "semi":
+        return kind.options_class()
+    defaults = kind.options_class()
+    try:
+        return kind.options_class(labels=parse_labels(labels) if labels is not None else defaults.labels,
+                                  label_seed=defaults.label_seed if label_seed is None else label_seed,
+                                  lr_class=defaults.lr_class if lr_class is None else lr_class)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def parse_labels(text: str) -> int | None:
+    """'100' -> 100; 'all' -> None (every label)."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise typer.BadParameter(f"{text!r}: give a number of labelled images (e.g. 100) or all", param_hint="--labels")
+    return value
 
 
 def _default_out(prefix: str, resume: Path | None) -> Path:
@@ -152,6 +210,7 @@ def _default_out(prefix: str, resume: Path | None) -> Path:
 
 @app.command()
 def mnist(
+    ctx: typer.Context,
     data_dir: Annotated[Optional[Path], typer.Option(help="Folder with the four MNIST IDX files (else $AAE_DATA_DIR, else the user cache, downloading).")] = None,
     out: Out = None,
     epochs: Epochs = TrainConfig.epochs,
@@ -192,11 +251,16 @@ def mnist(
     device: Device = TrainConfig.device,
     resume: Resume = None,
     threads: Threads = None,
+    family: FamilyOpt = DEFAULT_FAMILY,
+    labels: Labels = None,
+    label_seed: LabelSeed = None,
+    lr_class: LrClass = None,
 ) -> None:
     """Train on MNIST (28x28 grayscale digits; the paper's setting: 8-D Gaussian prior, std 5)."""
+    options = family_options(ctx, family, labels, label_seed, lr_class)
     if prior == "gaussian" and prior_std is None:
         prior_std = 5.0  # the paper's MNIST likelihood model
-    cfg = build_config(
+    cfg = build_config(family=family, options=options,
         data=DataConfig(source="mnist", classes=_parse_classes(classes), limit=limit, val_fraction=val_fraction),
         image_shape=(1, 28, 28), latent_dim=latent_dim, default_latent=ModelConfig.latent_dim,
         prior=prior, prior_params=_prior_params(locals()), arch=arch, hidden=hidden, dropout=dropout,
@@ -211,6 +275,7 @@ def mnist(
 
 @app.command()
 def folder(
+    ctx: typer.Context,
     directory: Annotated[Path, typer.Argument(help="Folder of normal images (searched recursively; png, jpg, bmp, tif, webp, ...).")],
     size: Annotated[str, typer.Option(help="Resize every image to this: one side (64) or WIDTHxHEIGHT (96x64).")] = "64",
     color: Annotated[str, typer.Option(help="L (grayscale) or RGB.")] = "L",
@@ -253,6 +318,12 @@ def folder(
     device: Device = TrainConfig.device,
     resume: Resume = None,
     threads: Threads = None,
+    family: FamilyOpt = DEFAULT_FAMILY,
+    labels: Labels = None,
+    label_seed: LabelSeed = None,
+    lr_class: LrClass = None,
+    unlabelled_dir: Annotated[Optional[str], typer.Option(
+        help="semi: the sub-folder of DIRECTORY holding unlabelled images (the other sub-folders are the classes).")] = None,
 ) -> None:
     """Train on your own normal images: every image under DIRECTORY, resized as `aae-run` will resize it."""
     if resume is None and not directory.is_dir():
@@ -260,9 +331,13 @@ def folder(
     _choice(color, ("L", "RGB"), "--color")
     _choice(resample, tuple(RESAMPLE), "--resample")
     height, width = parse_size(size)
+    options = family_options(ctx, family, labels, label_seed, lr_class)
+    if unlabelled_dir is not None and not (directory / unlabelled_dir).is_dir():
+        raise typer.BadParameter(f"{directory / unlabelled_dir} is not a folder: name a sub-folder of DIRECTORY",
+                                 param_hint="--unlabelled-dir")
     data = DataConfig(source="folder", path=str(directory), image_size=(height, width), color_mode=color, resample=resample,
-                      limit=limit, val_fraction=val_fraction)
-    cfg = build_config(
+                      limit=limit, val_fraction=val_fraction, unlabelled_dir=unlabelled_dir)
+    cfg = build_config(family=family, options=options,
         data=data, image_shape=(3 if color == "RGB" else 1, height, width), latent_dim=latent_dim, default_latent=16,
         prior=prior, prior_params=_prior_params(locals()), arch=arch, hidden=hidden, dropout=dropout,
         disc_dropout=disc_dropout, posterior=posterior, noise_dim=noise_dim,
@@ -272,6 +347,24 @@ def folder(
                    code_noise=code_noise, ema=ema, recon_loss=recon_loss, seed=seed, device=device),
     )
     run(cfg, out or _default_out("folder", resume), directory if directory.is_dir() else None, resume, threads)
+
+
+# metrics key -> (short name, format) for the progress bar and the per-epoch lines
+SHOWN_LOSSES = {"recon_loss": ("recon", ".4f"), "disc_loss": ("D", ".3f"), "disc_acc": ("acc", ".2f"),
+                "cat_disc_loss": ("Dy", ".3f"), "cat_disc_acc": ("acc", ".2f"), "gen_loss": ("G", ".3f"),
+                "class_loss": ("CE", ".3f")}
+
+
+def format_losses(losses: dict) -> str:
+    return "  ".join(f"{SHOWN_LOSSES[k][0]} {v:{SHOWN_LOSSES[k][1]}}" for k, v in losses.items() if k in SHOWN_LOSSES)
+
+
+def format_epoch(m: dict) -> str:
+    """One epoch's line: the training losses, the validation loss and error where the family has them."""
+    text = format_losses({k: m[k] for k in SHOWN_LOSSES if k in m})
+    recon, rest = text.split("  ", 1) if "  " in text else (text, "")
+    val = f"  val {m['val_recon_loss']:.4f}" + (f"  val error {m['val_error']:.2%}" if "val_error" in m else "")
+    return recon + val + ("  " + rest if rest else "")
 
 
 def _prior_params(options: dict) -> dict[str, float | None]:
@@ -307,16 +400,13 @@ def run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, t
                 err.print(f"[yellow]warning:[/yellow] {note}", highlight=False)
             err.print(f"training on {trainer.device}: {n_train} images, {n_val} held out; run folder {out}", highlight=False)
 
-        def on_step(step: int, steps: int, losses) -> None:
-            progress.update(task, completed=step, total=steps, losses=(
-                f"recon {losses.recon:.4f}  D {losses.disc:.3f} (acc {losses.disc_acc:.2f})  G {losses.gen:.3f}"))
+        def on_step(step: int, steps: int, losses: dict) -> None:
+            progress.update(task, completed=step, total=steps, losses=format_losses(losses))
 
         def on_epoch(m: dict) -> None:
             if m["epoch"] < cfg.train.epochs:
                 progress.update(task, description=f"epoch {m['epoch'] + 1}/{cfg.train.epochs}")
-            progress.console.print(
-                f"epoch {m['epoch']:>3}: recon {m['recon_loss']:.4f}  val {m['val_recon_loss']:.4f}  "
-                f"D {m['disc_loss']:.3f} acc {m['disc_acc']:.2f}  G {m['gen_loss']:.3f}  {m['seconds']:.1f}s", highlight=False)
+            progress.console.print(f"epoch {m['epoch']:>3}: {format_epoch(m)}  {m['seconds']:.1f}s", highlight=False)
 
         progress.update(task, description=f"epoch 1/{cfg.train.epochs}")
         try:

@@ -7,6 +7,7 @@ changes what the model is or how it was trained lives here.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
 
 from aae_runtime.contract.priors import make_prior_spec
 
@@ -54,7 +55,8 @@ class DataConfig:
     limit: int | None = None  # at most this many images before the validation split
     val_fraction: float = 0.1  # held out from the training images for validation and threshold
     split_seed: int = 0  # the hold-out split depends on this alone, not on the training seed
-    preprocessing: dict | None = None  # aae_runtime.contract.metadata.Preprocessing as a dict; set by the data loader
+    preprocessing: dict | None = None  # aae_runtime.contract.preprocessing.Preprocessing as a dict; set by the data loader
+    unlabelled_dir: str | None = None  # folder: the sub-folder of unlabelled images (semi-supervised family)
 
     def __post_init__(self) -> None:
         if self.source not in DATA_SOURCES:
@@ -116,17 +118,32 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    family: str = "aae"  # a name in aae_train.families.FAMILY_MODULES
+    options: Any = None  # the family's own options dataclass; None: its defaults
+
+    def __post_init__(self) -> None:
+        if self.options is None:
+            from aae_train.families import get_family
+
+            object.__setattr__(self, "options", get_family(self.family).options_class())
 
     def to_dict(self) -> dict:
         """Plain dict of str/int/float/bool/list/None: safe for torch.load(weights_only=True) and JSON."""
-        return _plain(asdict(self))
+        return _plain({"model": asdict(self.model), "data": asdict(self.data), "train": asdict(self.train),
+                       "family": self.family, "options": asdict(self.options)})
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
+        """The config of a checkpoint's dict; one written before families existed is an "aae" run."""
+        from aae_train.families import get_family
+
+        family = d.get("family", "aae")
         return cls(
             model=_build(ModelConfig, d.get("model", {})),
             data=_build(DataConfig, d.get("data", {})),
             train=_build(TrainConfig, d.get("train", {})),
+            family=family,
+            options=_build(get_family(family).options_class, d.get("options", {})),
         )
 
     def replace(self, **sections) -> "RunConfig":
@@ -139,6 +156,8 @@ def _build(kind, values: dict):
     for key in ("image_shape", "classes", "image_size"):
         if kwargs.get(key) is not None:
             kwargs[key] = tuple(kwargs[key])
+    if kind.__name__.endswith("Options") and kwargs.get("classes") is not None:
+        kwargs["classes"] = tuple(str(c) for c in kwargs["classes"])
     return kind(**kwargs)
 
 

@@ -89,8 +89,9 @@ def load_folder_dataset(cfg: DataConfig, data_dir: str | None = None) -> Dataset
 
     The hold-out split is drawn over the sorted file list before decoding, so a file that later
     becomes unreadable never moves another file between train and validation. Unreadable files
-    are skipped and counted in one warning. Labels are the first-level subfolders, if any
-    (used only to colour latent plots).
+    are skipped and counted in one warning. Labels are the first-level subfolders, if any (the
+    classes of the supervised families; the others colour latent plots with them); images at the
+    top level or in the folder named ``cfg.unlabelled_dir`` are unlabelled (-1).
     """
     root = Path(data_dir if data_dir is not None else cfg.path or "")
     if not root.is_dir():
@@ -103,7 +104,7 @@ def load_folder_dataset(cfg: DataConfig, data_dir: str | None = None) -> Dataset
     if len(files) < 2:
         raise DataError(f"found {len(files)} image file(s) under {root}; need at least 2 (suffixes: png, jpg, bmp, tif, ...)")
     tr, va = split_indices(len(files), cfg.val_fraction, cfg.split_seed)
-    subdirs = sorted({f.relative_to(root).parts[0] for f in files if len(f.relative_to(root).parts) > 1})
+    subdirs = sorted({f.relative_to(root).parts[0] for f in files if len(f.relative_to(root).parts) > 1} - {cfg.unlabelled_dir})
     label_of = {name: i for i, name in enumerate(subdirs)}
     skipped: list[str] = []
 
@@ -116,7 +117,7 @@ def load_folder_dataset(cfg: DataConfig, data_dir: str | None = None) -> Dataset
                 skipped.append(f"{files[i].relative_to(root)}: {exc}")
                 continue
             parts = files[i].relative_to(root).parts
-            labels.append(label_of[parts[0]] if len(parts) > 1 else -1)
+            labels.append(label_of.get(parts[0], -1) if len(parts) > 1 else -1)  # -1: unlabelled
         x = np.stack(arrays) if arrays else np.zeros((0, *pre.shape), np.float32)
         return x, np.asarray(labels, dtype=np.int64)
 
@@ -137,6 +138,37 @@ def load_folder_dataset(cfg: DataConfig, data_dir: str | None = None) -> Dataset
         preprocessing=pre, path=str(root.resolve()), notes=tuple(notes),
         class_names=tuple(subdirs) if has_labels else None,
     )
+
+
+def class_labels(data: Dataset) -> tuple[tuple[str, ...] | None, np.ndarray | None, np.ndarray | None]:
+    """(class values in label order, train class indices, val class indices; -1: unlabelled).
+
+    MNIST labels are digits, and the classes are the digits present (so --classes 0,3 gives two
+    classes, "0" and "3"); folder labels already index their sub-folder names.
+    """
+    if data.train_labels is None:
+        return None, None, None
+    if data.class_names is not None:
+        return data.class_names, data.train_labels, data.val_labels
+    digits = np.unique(np.concatenate([data.train_labels, data.val_labels]))
+    return tuple(str(d) for d in digits), np.searchsorted(digits, data.train_labels), np.searchsorted(digits, data.val_labels)
+
+
+def balanced_subset(labels: np.ndarray, n: int, n_classes: int, seed: int, option: str, where: str) -> np.ndarray:
+    """Sorted indices of ``n`` labelled items (labels >= 0), as equal per class as ``n`` allows
+    (the first ``n % n_classes`` classes get one more), drawn by ``seed``."""
+    if n < n_classes:
+        raise DataError(f"{option} {n}: need at least one labelled image per class ({n_classes} classes)")
+    rng = np.random.default_rng(seed)
+    picked = []
+    for c in range(n_classes):
+        want = n // n_classes + (c < n % n_classes)
+        have = np.flatnonzero(labels == c)
+        if len(have) < want:
+            raise DataError(f"{option} {n}: {where} has only {len(have)} images of class {c} but a balanced draw needs "
+                            f"{want}; give at most {n_classes * min(int((labels == k).sum()) for k in range(n_classes))} or all")
+        picked.append(rng.choice(have, size=want, replace=False))
+    return np.sort(np.concatenate(picked))
 
 
 def load_dataset(cfg: DataConfig, data_dir: str | None = None, progress=None) -> Dataset:

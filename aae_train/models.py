@@ -86,14 +86,16 @@ class ConvUpsampler(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Images (B, C, H, W) -> latent codes (B, latent_dim)."""
+    """Images (B, C, H, W) -> latent codes (B, latent_dim); with ``n_classes`` > 0 also class
+    logits (B, n_classes) from the same trunk (the semi-supervised AAE's categorical code y)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, n_classes: int = 0):
         super().__init__()
         self.posterior = cfg.posterior
         self.noise_dim = cfg.noise_dim if cfg.posterior == "universal" else 0
+        self.n_classes = n_classes
         n_in = math.prod(cfg.image_shape) + self.noise_dim
-        n_out = cfg.latent_dim * (2 if cfg.posterior == "gaussian" else 1)
+        n_out = cfg.latent_dim * (2 if cfg.posterior == "gaussian" else 1) + n_classes
         self.latent_dim = cfg.latent_dim
         if cfg.arch == "conv":
             self.features, n_feat = conv_features(tuple(cfg.image_shape))
@@ -104,6 +106,10 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Samples z ~ q(z|x) in training mode; the deterministic code in eval mode."""
+        return self.codes(x)[0]
+
+    def codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(z (B, latent_dim), class logits (B, n_classes) or None)."""
         h = self.features(x)  # (B, F)
         if self.noise_dim:
             if self.training:
@@ -112,37 +118,49 @@ class Encoder(nn.Module):
                 noise = (h[:, :1] * 0).expand(-1, self.noise_dim)
             h = torch.cat([h, noise], dim=1)
         out = self.net(h)
+        logits = None
+        if self.n_classes:
+            out, logits = out[:, : -self.n_classes], out[:, -self.n_classes :]
         if self.posterior != "gaussian":
-            return out
+            return out, logits
         mean, log_var = out.chunk(2, dim=1)
         if not self.training:
-            return mean
-        return mean + torch.randn_like(mean) * torch.exp(0.5 * log_var.clamp(-20, 10))
+            return mean, logits
+        return mean + torch.randn_like(mean) * torch.exp(0.5 * log_var.clamp(-20, 10)), logits
 
 
 class Decoder(nn.Module):
-    """Latent codes (B, latent_dim) -> images (B, C, H, W) in [0, 1] (sigmoid output)."""
+    """Latent codes (B, latent_dim) -> images (B, C, H, W) in [0, 1] (sigmoid output).
 
-    def __init__(self, cfg: ModelConfig):
+    With ``n_classes`` > 0 the decoder is conditional: it also takes a label vector (B, n_classes),
+    one-hot or class probabilities, concatenated to the code (the supervised and semi-supervised
+    AAEs: the label carries the class, the code the style)."""
+
+    def __init__(self, cfg: ModelConfig, n_classes: int = 0):
         super().__init__()
         self.image_shape = tuple(cfg.image_shape)
+        self.n_classes = n_classes
+        n_in = cfg.latent_dim + n_classes
         if cfg.arch == "conv":
             self.upsample = ConvUpsampler(self.image_shape)
-            self.net = nn.Sequential(mlp([cfg.latent_dim, cfg.hidden, self.upsample.n_features], cfg.dropout), nn.ReLU())
+            self.net = nn.Sequential(mlp([n_in, cfg.hidden, self.upsample.n_features], cfg.dropout), nn.ReLU())
         else:
             self.upsample = nn.Identity()
-            self.net = mlp([cfg.latent_dim, cfg.hidden, cfg.hidden, math.prod(cfg.image_shape)], cfg.dropout)
+            self.net = mlp([n_in, cfg.hidden, cfg.hidden, math.prod(cfg.image_shape)], cfg.dropout)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
+        if self.n_classes:
+            z = torch.cat([z, label], dim=1)
         return torch.sigmoid(self.upsample(self.net(z))).view(-1, *self.image_shape)
 
 
 class Discriminator(nn.Module):
-    """Latent codes (B, latent_dim) -> logits (B, 1): high for prior samples (real), low for codes (fake)."""
+    """Codes (B, n_in) -> logits (B, 1): high for prior samples (real), low for codes (fake).
+    ``n_in``: the latent size (the default), or the number of classes for a categorical code."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, n_in: int | None = None):
         super().__init__()
-        self.net = mlp([cfg.latent_dim, cfg.hidden, cfg.hidden, 1], cfg.disc_dropout)
+        self.net = mlp([n_in or cfg.latent_dim, cfg.hidden, cfg.hidden, 1], cfg.disc_dropout)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z)

@@ -1,7 +1,9 @@
-"""The AAE training loop: per minibatch a reconstruction phase, then a regularisation phase.
+"""The one training loop every model family runs (see `aae_train.families`).
 
-Regularisation: the discriminator learns prior samples = real (1) and encoder codes = fake (0);
-then the encoder, as generator, is updated so that D calls its codes real.
+The loop owns what is the same for all: the device, seeds and RNG streams, the learning-rate
+schedule over the optimisers a family returns, weight averaging (--ema), the NaN/inf guard,
+atomic checkpoints (``checkpoint.pt`` every epoch, ``best.pt`` at the best validation figure
+the family names), metrics, plots and progress. The family owns the phases of a step.
 """
 
 from __future__ import annotations
@@ -16,26 +18,24 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from aae_runtime import __version__
 from aae_runtime.contract.errors import AAEError
 from aae_runtime.contract.fileio import atomic_write_text, remove_stale_temporaries
 from aae_runtime.images import save_grid
 from aae_runtime.contract.priors import sample_prior
-from aae_train.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from aae_train.checkpoint import BEST_NAME, CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from aae_train.config import RunConfig
-from aae_train.data import Dataset, load_dataset
-from aae_train.models import build_models
+from aae_train.data import Dataset, class_labels, load_dataset
+from aae_train.families import get_family
+from aae_train.families.base import Batch, Streams
 from aae_train.plots import LATENT_NAME, LOSS_CURVES_NAME, RECONSTRUCTIONS_NAME, SAMPLES_NAME, plot_latent, plot_losses
 
 METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "config.json"
-RUN_FILES = (CONFIG_NAME, METRICS_NAME, CHECKPOINT_NAME, LOSS_CURVES_NAME, LATENT_NAME, SAMPLES_NAME, RECONSTRUCTIONS_NAME)
+RUN_FILES = (CONFIG_NAME, METRICS_NAME, CHECKPOINT_NAME, BEST_NAME, LOSS_CURVES_NAME, LATENT_NAME, SAMPLES_NAME,
+             RECONSTRUCTIONS_NAME)
 LATENT_PLOT_POINTS = 2000  # held-out codes drawn in latent.png
-
-
-MMD_SAMPLES = 1000  # validation codes and prior samples compared per epoch
 
 
 def lr_factor(schedule: str, epoch: int, epochs: int, min_factor: float) -> float:
@@ -48,33 +48,8 @@ def lr_factor(schedule: str, epoch: int, epochs: int, min_factor: float) -> floa
     return 1.0
 
 
-def mmd2(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Unbiased MMD^2 between samples ``a`` (N, D) and ``b`` (M, D), RBF kernels over several widths.
-
-    Widths are multiples of the median distance between prior samples ``b``, so the figure is
-    comparable across priors of any scale: 0 when codes match the prior, larger the worse.
-    """
-    ab = torch.cat([a, b])
-    d2 = torch.cdist(ab, ab).square()
-    n, m = len(a), len(b)
-    median = torch.cdist(b, b).median().clamp_min(1e-12)
-    k = sum(torch.exp(-d2 / (2 * (s * median) ** 2)) for s in (0.25, 0.5, 1.0, 2.0))
-    kaa, kbb, kab = k[:n, :n], k[n:, n:], k[:n, n:]
-    term_a = (kaa.sum() - kaa.diagonal().sum()) / (n * (n - 1))
-    term_b = (kbb.sum() - kbb.diagonal().sum()) / (m * (m - 1))
-    return float(term_a + term_b - 2 * kab.mean())
-
-
 class TrainingError(AAEError):
     """Training cannot go on (e.g. the loss diverged); nothing broken was saved."""
-
-
-@dataclass
-class StepLosses:
-    recon: float
-    disc: float
-    disc_acc: float
-    gen: float
 
 
 def resolve_device(name: str) -> torch.device:
@@ -86,41 +61,48 @@ def resolve_device(name: str) -> torch.device:
 
 
 class Trainer:
-    """Holds the models, optimisers, data (on the training device) and RNG streams of one run."""
+    """Holds the family, its networks and optimisers, the data (on the training device) and the
+    RNG streams of one run."""
 
     def __init__(self, cfg: RunConfig, data: Dataset):
         self.cfg = cfg
         self.device = resolve_device(cfg.train.device)
-        torch.manual_seed(cfg.train.seed)
-        self.encoder, self.decoder, self.discriminator = (m.to(self.device) for m in build_models(cfg.model))
         t = cfg.train
-        self.opt_recon = torch.optim.Adam([*self.encoder.parameters(), *self.decoder.parameters()], lr=t.lr_recon)
-        self.opt_disc = torch.optim.Adam(self.discriminator.parameters(), lr=t.lr_disc, betas=(0.5, 0.999))
-        self.opt_gen = torch.optim.Adam(self.encoder.parameters(), lr=t.lr_gen, betas=(0.5, 0.999))
+        torch.manual_seed(t.seed)
+        kind = get_family(cfg.family)
+        self.nets = {name: net.to(self.device) for name, net in kind.networks(cfg).items()}
+        self.family = kind(cfg, self.nets, self.device)
+        self.optimizers = self.family.optimizers()  # name -> (optimiser, base learning rate)
+        self.family.opt = {name: opt for name, (opt, _) in self.optimizers.items()}
         # The whole data set lives on the training device: no loader can stall a GPU.
         self.train_x = torch.from_numpy(data.train).to(self.device)
         self.val_x = torch.from_numpy(data.val).to(self.device)
-        self.val_labels = data.val_labels
+        _, train_y, val_y = class_labels(data) if kind.uses_labels else (None, None, None)
+        self.train_y = torch.from_numpy(np.asarray(train_y, dtype=np.int64)).to(self.device) if train_y is not None else None
+        self.val_y = torch.from_numpy(np.asarray(val_y, dtype=np.int64)).to(self.device) if val_y is not None else None
+        self.val_labels = data.val_labels  # latent plot colours
         self.class_names = data.class_names
         self.notes = data.notes  # one-line messages for the user (e.g. skipped files)
         self.shuffle = torch.Generator().manual_seed(t.seed + 1)
-        self.prior_rng = np.random.default_rng(t.seed + 2)
+        self.streams = Streams(prior=np.random.default_rng(t.seed + 2),
+                               extra={name: torch.Generator().manual_seed(t.seed + 3 + i) for i, name in enumerate(kind.extra_streams)})
+        self.family.prepare(data, self.streams)
         self.epoch = 0  # epochs completed
         self.history: list[dict] = []
-        # With --ema, averaged copies of encoder and decoder are the model: evaluated, plotted,
-        # checkpointed as "encoder"/"decoder" and so exported; the trained weights ride along for resume.
-        self.ema = {"encoder": _frozen_copy(self.encoder), "decoder": _frozen_copy(self.decoder)} if t.ema > 0 else None
+        self.best: dict | None = None  # {"metric", "value", "epoch"} of best.pt
+        # With --ema, averaged copies of the model networks are the model: evaluated, plotted,
+        # checkpointed under their names and so exported; the trained weights ride along for resume.
+        names = kind.model_networks
+        self.ema = {name: _frozen_copy(self.nets[name]) for name in names} if t.ema > 0 else None
         self.ema_updates = 0
         if self.ema is not None:  # (averages, trained weights), in the same order; load_state_dict keeps the objects
-            self._ema_params = ([*self.ema["encoder"].parameters(), *self.ema["decoder"].parameters()],
-                                [*self.encoder.parameters(), *self.decoder.parameters()])
+            self._ema_params = ([p for name in names for p in self.ema[name].parameters()],
+                                [p for name in names for p in self.nets[name].parameters()])
 
     @property
-    def model(self) -> tuple[torch.nn.Module, torch.nn.Module]:
-        """(encoder, decoder) as evaluated and saved: the moving averages with --ema, else the trained ones."""
-        if self.ema is not None:
-            return self.ema["encoder"], self.ema["decoder"]
-        return self.encoder, self.decoder
+    def model(self) -> dict[str, torch.nn.Module]:
+        """The networks as evaluated and saved: the moving averages with --ema, else the trained ones."""
+        return {**self.nets, **(self.ema or {})}
 
     @torch.no_grad()
     def update_ema(self) -> None:
@@ -130,181 +112,136 @@ class Trainer:
         decay = min(self.cfg.train.ema, (1 + self.ema_updates) / (10 + self.ema_updates))
         torch._foreach_lerp_(*self._ema_params, 1.0 - decay)
 
-    # -- one minibatch --------------------------------------------------------------------------
-    def disc_input(self, z: torch.Tensor) -> torch.Tensor:
-        """Instance noise on D's inputs (a stabiliser): blurs both distributions so D cannot win outright."""
-        std = self.cfg.train.disc_noise
-        return z + std * torch.randn_like(z) if std > 0 else z
-
-    def recon_loss(self, recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if self.cfg.train.recon_loss == "bce":
-            return F.binary_cross_entropy(recon, x)
-        return F.mse_loss(recon, x)
-
-    def step(self, x: torch.Tensor) -> torch.Tensor:
-        """One minibatch of both phases; returns (4,) losses: recon, disc, disc accuracy, gen."""
-        enc, dec, disc, t = self.encoder, self.decoder, self.discriminator, self.cfg.train
-        # Reconstruction phase: encoder + decoder (optionally from noisy codes, so that the decoder
-        # also learns the space between the codes of training images, where prior samples land).
-        z = enc(x)
-        recon = self.recon_loss(dec(z + t.code_noise * torch.randn_like(z) if t.code_noise > 0 else z), x)
-        self.opt_recon.zero_grad(set_to_none=True)
-        recon.backward()
-        self.opt_recon.step()
-        # Regularisation phase, 1: the discriminator; prior samples are real, codes are fake.
-        z_fake = enc(x).detach()
-        real_target = 1.0 - t.label_smoothing  # one-sided: only the prior's targets are smoothed
-        for _ in range(t.disc_steps):
-            z_real = torch.from_numpy(sample_prior(self.cfg.model.prior, len(x), self.prior_rng)).to(self.device)
-            d_real = self.disc_input(z_real).requires_grad_(t.gradient_penalty > 0)
-            logits_real, logits_fake = disc(d_real), disc(self.disc_input(z_fake))
-            d_loss = F.binary_cross_entropy_with_logits(logits_real, torch.full_like(logits_real, real_target)) + \
-                F.binary_cross_entropy_with_logits(logits_fake, torch.zeros_like(logits_fake))
-            if t.gradient_penalty > 0:
-                d_loss = d_loss + t.gradient_penalty / 2 * r1_penalty(logits_real, d_real)
-            self.opt_disc.zero_grad(set_to_none=True)
-            d_loss.backward()
-            self.opt_disc.step()
-        d_acc = 0.5 * ((logits_real > 0).float().mean() + (logits_fake < 0).float().mean())
-        # Regularisation phase, 2: the encoder as generator, trying to make D call its codes real.
-        logits_gen = disc(self.disc_input(enc(x)))
-        g_loss = F.binary_cross_entropy_with_logits(logits_gen, torch.ones_like(logits_gen))
-        self.opt_gen.zero_grad(set_to_none=True)
-        g_loss.backward()
-        self.opt_gen.step()
-        if self.ema is not None:
-            self.update_ema()
-        return torch.stack([recon.detach(), d_loss.detach(), d_acc.detach(), g_loss.detach()])
-
     # -- one epoch ------------------------------------------------------------------------------
     def set_learning_rates(self) -> float:
         """Apply the schedule for the coming epoch (a function of the epoch alone, so resume agrees)."""
         t = self.cfg.train
         factor = lr_factor(t.lr_schedule, self.epoch, t.epochs, t.lr_min_factor)
-        for opt, base in ((self.opt_recon, t.lr_recon), (self.opt_disc, t.lr_disc), (self.opt_gen, t.lr_gen)):
+        for opt, base in self.optimizers.values():
             for group in opt.param_groups:
                 group["lr"] = base * factor
         return factor
 
-    def train_epoch(self, on_step: Callable[[int, int, StepLosses], None] | None = None) -> dict:
-        for m in (self.encoder, self.decoder, self.discriminator):
+    def train_epoch(self, on_step: Callable[[int, int, dict], None] | None = None) -> dict:
+        for m in self.nets.values():
             m.train()
         factor = self.set_learning_rates()
         bs = self.cfg.train.batch_size
         n = len(self.train_x)
         order = torch.randperm(n, generator=self.shuffle).to(self.device)
         steps = max(1, n // bs)  # drop the last partial batch: D sees equal real and fake counts
+        names = self.family.loss_names
         start = time.perf_counter()
-        total = torch.zeros(4, device=self.device)
+        total = torch.zeros(len(names), device=self.device)
         for i in range(steps):
+            idx = order[i * bs : (i + 1) * bs]
+            batch = Batch(self.train_x[idx], self.train_y[idx] if self.train_y is not None else None)
             try:
-                total += self.step(self.train_x[order[i * bs : (i + 1) * bs]])
+                total += self.family.step(batch)
             except RuntimeError:  # e.g. BCE refusing a NaN reconstruction once the weights diverged
                 if self.weights_finite():
                     raise
                 raise TrainingError(f"the weights became NaN or infinite in epoch {self.epoch + 1}, step {i + 1}/{steps}; "
                                     "nothing was saved for this epoch: lower the learning rates and --resume or retrain") from None
+            if self.ema is not None:
+                self.update_ema()
             if on_step and (i % 10 == 9 or i == steps - 1):
-                on_step(i + 1, steps, StepLosses(*(total / (i + 1)).tolist()))
-        means = (total / steps).tolist()
-        if not all(math.isfinite(v) for v in means) or not self.weights_finite():
-            raise TrainingError(
-                f"loss became NaN or infinite in epoch {self.epoch + 1} (recon {means[0]:.3g}, disc {means[1]:.3g}, "
-                f"gen {means[3]:.3g}); nothing was saved for this epoch: lower the learning rates and --resume or retrain"
-            )
+                on_step(i + 1, steps, dict(zip(names, (total / (i + 1)).tolist())))
+        means = dict(zip(names, (total / steps).tolist()))
+        if not all(math.isfinite(v) for v in means.values()) or not self.weights_finite():
+            shown = ", ".join(f"{k} {v:.3g}" for k, v in means.items() if not k.endswith("_acc"))
+            raise TrainingError(f"loss became NaN or infinite in epoch {self.epoch + 1} ({shown}); nothing was saved "
+                                "for this epoch: lower the learning rates and --resume or retrain")
         self.epoch += 1
-        metrics = {
-            "epoch": self.epoch,
-            "recon_loss": means[0],
-            "disc_loss": means[1],
-            "disc_acc": means[2],
-            "gen_loss": means[3],
-            "lr_factor": round(factor, 6),
-            **self.evaluate(),
-            "seconds": round(time.perf_counter() - start, 3),
-        }
+        metrics = {"epoch": self.epoch, **means, "lr_factor": round(factor, 6), **self.evaluate(),
+                   "seconds": round(time.perf_counter() - start, 3)}
         self.history.append(metrics)
         return metrics
 
     @torch.no_grad()
     def weights_finite(self) -> bool:
         """No NaN or infinite parameter: checked before every checkpoint, so none holds a broken model."""
-        return all(bool(torch.isfinite(p).all()) for m in (self.encoder, self.decoder, self.discriminator) for p in m.parameters())
+        return all(bool(torch.isfinite(p).all()) for m in self.nets.values() for p in m.parameters())
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Validation reconstruction loss and how the codes of validation images match the prior."""
-        encoder, decoder = (net.eval() for net in self.model)
-        z = torch.cat([encoder(b) for b in self.val_x.split(1000)])
-        recon = torch.cat([decoder(b) for b in z.split(1000)])
-        # Prior samples from their own seeded stream: evaluating never shifts the training RNGs.
-        z_prior = torch.from_numpy(sample_prior(self.cfg.model.prior, min(len(z), MMD_SAMPLES), np.random.default_rng(self.epoch)))
-        return {
-            "val_recon_loss": float(self.recon_loss(recon, self.val_x)),
-            "val_mse": float(F.mse_loss(recon, self.val_x)),
-            "latent_mean": [round(v, 4) for v in z.mean(0).tolist()],
-            "latent_std": [round(v, 4) for v in z.std(0).tolist()],
-            "prior_mmd": round(mmd2(z[:MMD_SAMPLES].cpu().double(), z_prior.double()), 6),
-        }
+        """The family's validation figures of the model networks (eval mode)."""
+        model = self.model
+        for name in self.family.model_networks:
+            model[name].eval()
+        return self.family.evaluate(model, Batch(self.val_x, self.val_y), self.epoch)
+
+    def improved(self, metrics: dict) -> bool:
+        """Whether this epoch is the best so far by the family's validation figure (ties: the later)."""
+        key, mode = self.family.selection
+        value = metrics[key]
+        better = self.best is None or (value <= self.best["value"] if mode == "min" else value >= self.best["value"])
+        if better:
+            self.best = {"metric": key, "value": value, "epoch": metrics["epoch"]}
+        return better
 
     # -- outputs --------------------------------------------------------------------------------
     @torch.no_grad()
     def write_plots(self, run_dir: Path, n: int = 64) -> None:
         """Loss curves, held-out codes coloured by label over prior samples, sample grid, reconstructions."""
-        encoder, decoder = (net.eval() for net in self.model)
-        z = torch.from_numpy(sample_prior(self.cfg.model.prior, n, np.random.default_rng(0))).to(self.device)
-        save_grid(decoder(z).cpu().numpy(), run_dir / SAMPLES_NAME)
+        model = self.model
+        for name in self.family.model_networks:
+            model[name].eval()
+        samples = self.family.sample_images(model, n, self.val_x)
+        k = len(self.family.cfg.options.classes) if getattr(self.cfg.options, "classes", None) else None
+        save_grid(samples.cpu().numpy(), run_dir / SAMPLES_NAME, ncols=k if k and k <= 16 else None)
         x = self.val_x[: n // 2]
-        pairs = torch.stack([x, decoder(encoder(x))], dim=1).flatten(0, 1)  # original, reconstruction, ...
+        y = self.val_y[: n // 2] if self.val_y is not None else None
+        pairs = torch.stack([x, self.family.reconstruct(model, x, y)[1]], dim=1).flatten(0, 1)  # original, reconstruction, ...
         save_grid(pairs.cpu().numpy(), run_dir / RECONSTRUCTIONS_NAME, ncols=16)
         if self.history:
             plot_losses(self.history, run_dir / LOSS_CURVES_NAME)
         x = self.val_x[:LATENT_PLOT_POINTS]
-        codes = torch.cat([encoder(b) for b in x.split(1000)]).cpu().numpy()
+        codes = torch.cat([model["encoder"](b) for b in x.split(1000)]).cpu().numpy()
         labels = self.val_labels[: len(codes)] if self.val_labels is not None else None
-        prior = sample_prior(self.cfg.model.prior, len(codes), np.random.default_rng(1))
+        spec = self.family.prior_spec(codes)
+        prior = sample_prior(spec, len(codes), np.random.default_rng(1)) if spec is not None else None
         plot_latent(codes, labels, run_dir / LATENT_NAME, prior_samples=prior, class_names=self.class_names)
 
     def state(self) -> dict:
-        rng = {"torch": torch.get_rng_state(), "shuffle": self.shuffle.get_state(), "prior": self.prior_rng.bit_generator.state}
+        rng = {"torch": torch.get_rng_state(), "shuffle": self.shuffle.get_state(), "prior": self.streams.prior.bit_generator.state,
+               **{name: g.get_state() for name, g in self.streams.extra.items()}}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        encoder, decoder = self.model
         state = {
             "config": self.cfg.to_dict(),
             "epoch": self.epoch,
             "package_version": __version__,
-            "encoder": encoder.state_dict(),
-            "decoder": decoder.state_dict(),
-            "discriminator": self.discriminator.state_dict(),
-            "optimizers": {"recon": self.opt_recon.state_dict(), "disc": self.opt_disc.state_dict(), "gen": self.opt_gen.state_dict()},
+            **{name: net.state_dict() for name, net in self.model.items()},
+            "optimizers": {name: opt.state_dict() for name, (opt, _) in self.optimizers.items()},
             "rng": rng,
             "history": self.history,
+            "best": self.best,
         }
         if self.ema is not None:
-            state["trained"] = {"encoder": self.encoder.state_dict(), "decoder": self.decoder.state_dict(),
-                                "ema_updates": self.ema_updates}
+            state["trained"] = {**{name: self.nets[name].state_dict() for name in self.ema}, "ema_updates": self.ema_updates}
         return state
 
     def load_state(self, state: dict) -> None:
         trained = state.get("trained", state)
-        self.encoder.load_state_dict(trained["encoder"])
-        self.decoder.load_state_dict(trained["decoder"])
+        for name, net in self.nets.items():
+            net.load_state_dict(trained[name] if self.ema is not None and name in self.ema else state[name])
         if self.ema is not None:
-            self.ema["encoder"].load_state_dict(state["encoder"])
-            self.ema["decoder"].load_state_dict(state["decoder"])
+            for name, net in self.ema.items():
+                net.load_state_dict(state[name])
             self.ema_updates = int(state["trained"]["ema_updates"]) if "trained" in state else 0
-        self.discriminator.load_state_dict(state["discriminator"])
-        self.opt_recon.load_state_dict(state["optimizers"]["recon"])
-        self.opt_disc.load_state_dict(state["optimizers"]["disc"])
-        self.opt_gen.load_state_dict(state["optimizers"]["gen"])
+        for name, (opt, _) in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][name])
         torch.set_rng_state(state["rng"]["torch"])
         self.shuffle.set_state(state["rng"]["shuffle"])
-        self.prior_rng.bit_generator.state = state["rng"]["prior"]
+        self.streams.prior.bit_generator.state = state["rng"]["prior"]
+        for name, g in self.streams.extra.items():
+            g.set_state(state["rng"][name])
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         self.epoch = int(state["epoch"])
         self.history = list(state["history"])
+        self.best = state.get("best")
 
 
 @dataclass
@@ -317,7 +254,7 @@ class TrainResult:
 
 def train(cfg: RunConfig, run_dir: str | Path, data_dir: str | None = None, resume: str | Path | None = None,
           on_epoch: Callable[[dict], None] | None = None, on_step=None, on_start=None, download_progress=None) -> TrainResult:
-    """Train (or resume) an AAE, writing checkpoint, metrics and grids into ``run_dir``.
+    """Train (or resume) a model of ``cfg.family``, writing checkpoints, metrics and grids into ``run_dir``.
 
     With ``resume``, the checkpoint's config is used, except that ``cfg.train.epochs`` may
     extend the run; training goes on from the last completed epoch with its RNG states.
@@ -333,6 +270,7 @@ def train(cfg: RunConfig, run_dir: str | Path, data_dir: str | None = None, resu
         raise TrainingError(f"the model expects images of shape {tuple(cfg.model.image_shape)} but the data are "
                             f"{data.preprocessing.shape}: set image_shape to the data's (C, H, W)")
     cfg = cfg.replace(data=replace(cfg.data, path=data.path, preprocessing=data.preprocessing.to_dict()))
+    cfg = get_family(cfg.family).configure(cfg, data)
     trainer = Trainer(cfg, data)
     if state is not None:
         trainer.load_state(state)
@@ -350,7 +288,10 @@ def train(cfg: RunConfig, run_dir: str | Path, data_dir: str | None = None, resu
         # dies between the two writes (a line ahead of the checkpoint is dropped on resume).
         with open(metrics_path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
-        save_checkpoint(trainer.state(), checkpoint)
+        state = trainer.state() if trainer.improved(metrics) else None
+        if state is not None:
+            save_checkpoint(state, run_dir / BEST_NAME)
+        save_checkpoint(state or trainer.state(), checkpoint)
         trainer.write_plots(run_dir)  # refreshed every epoch, so a run can be watched
         if on_epoch:
             on_epoch(metrics)
@@ -364,14 +305,6 @@ def _frozen_copy(net: torch.nn.Module) -> torch.nn.Module:
     averaged = copy.deepcopy(net)
     averaged.requires_grad_(False)
     return averaged
-
-
-def r1_penalty(logits: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-    """Mean squared norm of D's gradient at its real inputs (R1, Mescheder et al. 2018): keeps D
-    flat where the prior is, so it cannot sharpen into a cliff that gives the encoder no usable
-    gradient. Differentiable, so D's update minimises it."""
-    (grad,) = torch.autograd.grad(logits.sum(), inputs, create_graph=True)
-    return grad.square().sum(1).mean()
 
 
 def _rewrite_metrics(path: Path, history: list[dict]) -> None:

@@ -11,33 +11,30 @@ import torch
 
 from aae_runtime import __version__
 from aae_runtime.contract.preprocessing import Preprocessing
-from aae_runtime.contract.metadata import (
-    DECODER_FILE, ENCODER_FILE, IMAGE_INPUT, LATENT_INPUT, LATENT_OUTPUT, METADATA_KEY, PIXEL_ERROR_OUTPUT,
-    RECONSTRUCTION_ERROR_OUTPUT, RECONSTRUCTION_OUTPUT, SCHEMA_VERSION, SCORER_FILE,
-)
+from aae_runtime.contract.metadata import GRAPH_FILES, IMAGE_INPUT, METADATA_KEY, SCHEMA_VERSION
 from aae_runtime.contract.scores import SCORE_DEFINITIONS
 from aae_train.config import RunConfig
 
 
-def build_metadata(cfg: RunConfig, pre: Preprocessing, score: str | dict, threshold: dict, provenance: dict,
-                   fused_pixel_error: str | None = None) -> dict:
+def build_metadata(cfg: RunConfig, family, pre: Preprocessing, prior: dict, score: str | dict, threshold: dict,
+                   provenance: dict, graphs) -> dict:
     """The JSON-able metadata document (see aae_runtime.contract.metadata for how it is read).
 
-    ``score``: a fitted score block (aae_runtime.contract.scores.fit_score), or a plain reconstruction
-    score's name; ``fused_pixel_error``: set when the folder also gets the fused scorer graph.
+    ``family``: the Family class; ``prior``: what the model samples from; ``score``: a fitted
+    score block (aae_runtime.contract.scores.fit_score), or a plain reconstruction score's name;
+    ``graphs``: the family's GraphSpecs, listed with their inputs and outputs.
     """
     if isinstance(score, str):
         score = {"name": score, "pixel_error": score, "definition": SCORE_DEFINITIONS[score], "higher_is_more_anomalous": True}
-    graphs = {
-        "encoder": {"file": ENCODER_FILE, "input": IMAGE_INPUT, "output": LATENT_OUTPUT},
-        "decoder": {"file": DECODER_FILE, "input": LATENT_INPUT, "output": RECONSTRUCTION_OUTPUT},
-    }
-    if fused_pixel_error:
-        graphs["scorer"] = {"file": SCORER_FILE, "input": IMAGE_INPUT, "pixel_error": fused_pixel_error,
-                            "outputs": [LATENT_OUTPUT, PIXEL_ERROR_OUTPUT, RECONSTRUCTION_ERROR_OUTPUT]}
-    return {
+    listed = {}
+    for g in graphs:
+        listed[g.name] = {"file": GRAPH_FILES[g.name], "inputs": list(g.inputs), "outputs": list(g.outputs)}
+        if g.name == "scorer":
+            listed[g.name]["pixel_error"] = score.get("pixel_error", score["name"])
+    block = {
         "schema_version": SCHEMA_VERSION,
         "export_id": provenance["export_id"],
+        "family": cfg.family,
         "input": {
             "name": IMAGE_INPUT,
             "shape": ["batch", *pre.shape],
@@ -46,13 +43,15 @@ def build_metadata(cfg: RunConfig, pre: Preprocessing, score: str | dict, thresh
         },
         "preprocessing": pre.to_dict(),
         "latent_dim": cfg.model.latent_dim,
-        "prior": cfg.model.prior,
+        "prior": prior,
         "posterior": {"name": cfg.model.posterior, "exported_as": _deterministic_path(cfg.model.posterior)},
         "score": score,
         "threshold": threshold,
-        "graphs": graphs,
+        "graphs": listed,
         "provenance": provenance,
+        **family.metadata(cfg),
     }
+    return block
 
 
 def provenance(checkpoint_sha256: str, state: dict) -> dict:
@@ -91,4 +90,5 @@ def _last_metrics(state: dict) -> dict:
     if not history:
         return {}
     last = history[-1]
-    return {k: last[k] for k in ("epoch", "recon_loss", "val_recon_loss", "disc_loss", "disc_acc", "gen_loss") if k in last}
+    return {k: last[k] for k in ("epoch", "recon_loss", "val_recon_loss", "disc_loss", "disc_acc", "gen_loss", "class_loss",
+                                 "val_error") if k in last}

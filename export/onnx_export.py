@@ -1,4 +1,9 @@
-"""Checkpoint -> verified ONNX encoder and decoder, with metadata and a calibrated threshold."""
+"""Checkpoint -> verified ONNX graphs (the ones its family lists), with metadata and a calibrated threshold.
+
+Export is a loop over the family's graphs: each is converted, checked by the ONNX checker and
+compared with PyTorch on real held-out images (batches 1, 2, 7, 64; one tolerance, keyed by
+output name), so a family with new outputs needs no exporter change.
+"""
 
 from __future__ import annotations
 
@@ -18,19 +23,15 @@ from aae_runtime.calibration import DEFAULT_PERCENTILE
 from aae_runtime.contract.errors import AAEError
 from aae_runtime.contract.fileio import atomic_write_bytes
 from aae_runtime.contract.preprocessing import Preprocessing
-from aae_runtime.contract.metadata import (
-    DECODER_FILE, ENCODER_FILE, IMAGE_INPUT, LATENT_INPUT, LATENT_OUTPUT, RECONSTRUCTION_OUTPUT, SCORER_FILE,
-    ModelMetadata,
-)
+from aae_runtime.contract.metadata import GRAPH_FILES, ModelMetadata
+from aae_runtime.contract.priors import fit_gaussian_prior
 from aae_runtime.model import AAEModel
 from aae_runtime.recalibrate import calibrate_model
 from aae_runtime.contract.scores import DEFAULT_SCORE, SCORES, score_spec
 from aae_runtime.session import SessionConfig, create_session
-from aae_train.checkpoint import file_sha256, load_checkpoint
-from aae_train.config import RunConfig
+from aae_train.checkpoint import CHECKPOINT_NAME, file_sha256, load_trained
 from aae_train.data import load_dataset
-from aae_train.models import build_models
-from export.fused import FUSED_TOLERANCE, fused_onnx, fused_parity
+from export.fused import FUSED_TOLERANCE, fused_parity
 from export.metadata import attach, build_metadata, provenance
 from export.quantize import VARIANTS, make_variant
 
@@ -45,65 +46,72 @@ class ExportError(AAEError):
 @dataclass
 class ExportResult:
     out_dir: Path
-    encoder: Path
-    decoder: Path
+    files: dict[str, Path]  # graph name (encoder, decoder, scorer) -> file written
     metadata: dict
-    max_abs_diff: dict[str, float]  # per graph, over all parity batches
-    scorer: Path | None = None  # the fused scoring graph, when exported
+    max_abs_diff: dict[str, float]  # "graph.output" -> largest |ONNX Runtime - PyTorch| over the parity batches
+
+    @property
+    def encoder(self) -> Path:
+        return self.files["encoder"]
+
+    @property
+    def decoder(self) -> Path:
+        return self.files["decoder"]
+
+    @property
+    def scorer(self) -> Path | None:
+        return self.files.get("scorer")
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_dir: str | None = None,
                       score: str = DEFAULT_SCORE, percentile: float = DEFAULT_PERCENTILE,
                       log: Callable[[str], None] = print, variant: str = "fp32", fused: bool = True,
                       anomalies: np.ndarray | list | None = None) -> ExportResult:
-    """Export ``checkpoint`` to ``out_dir``/{encoder,decoder}.onnx, verify both, calibrate the threshold.
+    """Export ``checkpoint`` to ``out_dir``: one ONNX file per graph its family lists (encoder,
+    decoder and, with ``fused``, the scorer), each verified, and the threshold calibrated.
 
-    ``variant`` "int8" or "fp16" (export.quantize) converts the verified float32 graphs; the
-    threshold is then calibrated on the variant's own scores.
-
-    ``score`` names one of aae_runtime.contract.scores.SCORES; its statistics and the threshold are
-    fitted on the held-out normal images (F1-optimal when ``anomalies``, labelled anomalous
-    images (N, C, H, W), are given). ``fused`` also writes scorer.onnx (image -> code, error
-    map and mean error in one call), checked against the two-graph path.
+    ``variant`` "int8" or "fp16" (export.quantize) converts the verified float32 encoder and
+    decoder; the threshold is then calibrated on the variant's own scores (and no fused scorer
+    is written). ``score`` names one of aae_runtime.contract.scores.SCORES; its statistics and the
+    threshold are fitted on the held-out normal images (F1-optimal when ``anomalies``, labelled
+    anomalous images (N, C, H, W) or paths, are given).
     """
     if score not in SCORES:
         raise ExportError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
     if variant not in VARIANTS:
         raise ExportError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-    state = load_checkpoint(checkpoint)
-    cfg = RunConfig.from_dict(state["config"])
-    encoder, decoder, _ = build_models(cfg.model)
-    encoder.load_state_dict(state["encoder"])
-    decoder.load_state_dict(state["decoder"])
-    encoder.eval()
-    decoder.eval()
+    trained = load_trained(checkpoint)
+    cfg, state = trained.cfg, trained.state
     data = load_dataset(cfg.data, data_dir)  # the held-out split, rebuilt from the config
     pre = Preprocessing.from_dict(cfg.data.preprocessing)
     normal = data.val
-    log(f"exporting {Path(checkpoint)} (epoch {state['epoch']}); {len(normal)} held-out normal images for checks and threshold")
-
-    example = torch.from_numpy(normal[:2])
-    enc_proto = to_onnx(encoder, example, IMAGE_INPUT, LATENT_OUTPUT)
-    with torch.no_grad():
-        dec_proto = to_onnx(decoder, encoder(example), LATENT_INPUT, RECONSTRUCTION_OUTPUT)
-
-    prov = provenance(file_sha256(Path(checkpoint) if Path(checkpoint).is_file() else Path(checkpoint) / "checkpoint.pt"), state)
+    log(f"exporting {Path(checkpoint)} ({cfg.family}, epoch {state['epoch']}); {len(normal)} held-out normal images "
+        "for checks and threshold")
     pix = score_spec(score)[0]
-    draft = build_metadata(cfg, pre, pix, {"value": 0.0, "method": "pending"}, prov)
-    for proto in (enc_proto, dec_proto):
+    specs = {g.name: g for g in trained.family.graphs(cfg, trained.nets, pix if fused and variant == "fp32" else None)}
+    example = torch.from_numpy(normal[:2])
+    with torch.no_grad():
+        protos = {name: to_onnx(g.module, g.examples(example), g.inputs, g.outputs) for name, g in specs.items()}
+    prior = _prior(cfg, trained, normal)
+    ckpt_file = Path(checkpoint) if Path(checkpoint).is_file() else Path(checkpoint) / CHECKPOINT_NAME
+    prov = provenance(file_sha256(ckpt_file), state)
+    draft = build_metadata(cfg, trained.family, pre, prior, pix, {"value": 0.0, "method": "pending"}, prov, specs.values())
+    for proto in protos.values():
         attach(proto, draft)
         onnx.checker.check_model(proto, full_check=True)
     log("onnx checker (full check): passed")
 
-    model = _runtime_model(enc_proto, dec_proto, draft)
-    diffs = check_parity(encoder, decoder, model, normal)
+    diffs = check_parity(specs, protos, normal)
     log("parity with PyTorch, batches " + ", ".join(map(str, PARITY_BATCHES)) + ": largest |difference| "
         + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()) + f" (limit {PARITY_TOLERANCE:.0e})")
     if max(diffs.values()) > PARITY_TOLERANCE:
-        raise ExportError(f"ONNX Runtime differs from PyTorch by {max(diffs.values()):.2e} > {PARITY_TOLERANCE:.0e}; no files written")
+        worst = max(diffs, key=diffs.get)
+        raise ExportError(f"ONNX Runtime differs from PyTorch by {diffs[worst]:.2e} > {PARITY_TOLERANCE:.0e} ({worst}); "
+                          "no files written")
 
-    model, enc_proto, dec_proto, variant_info = _apply_variant(variant, enc_proto, dec_proto, draft, model, normal,
-                                                               cfg.model.prior, log)
+    model = _runtime_model(protos["encoder"], protos["decoder"], draft)
+    model, protos["encoder"], protos["decoder"], variant_info = _apply_variant(
+        variant, protos["encoder"], protos["decoder"], draft, model, normal, prior, log)
     if anomalies is not None and not isinstance(anomalies, np.ndarray):
         anomalies = _load_anomalies(anomalies, pre)
     block, threshold = calibrate_model(model, normal, anomalies, score, percentile, min_images=1)
@@ -111,23 +119,31 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_dir: str
     how = (f"F1-optimal (F1 {threshold['f1']:.3f}) on {len(normal)} held-out normal and {threshold['anomaly_count']} anomalous images"
            if threshold["method"] == "f1" else f"{percentile:g}th percentile of the scores of {len(normal)} held-out normal images")
     log(f"score {score}; threshold {threshold['value']:.6g} = {how}")
-    scorer_proto = None
-    if fused and variant == "fp32":
-        scorer_proto = _fused_scorer(encoder, decoder, pix, example, draft, model, normal, log)
+    if "scorer" in protos:
+        _check_fused(protos["scorer"], model, normal, log)
     elif fused:
         log(f"fused scorer graph: not made for the {variant} variant; the runtime uses the two graphs")
-    metadata = build_metadata(cfg, pre, block, threshold, prov, fused_pixel_error=pix if scorer_proto is not None else None)
+    metadata = build_metadata(cfg, trained.family, pre, prior, block, threshold, prov, specs.values())
     metadata["variant"] = variant_info
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    graphs = [(ENCODER_FILE, enc_proto), (DECODER_FILE, dec_proto)] + ([(SCORER_FILE, scorer_proto)] if scorer_proto else [])
-    for name, proto in graphs:
+    files = {}
+    for name, proto in protos.items():
         attach(proto, metadata)
-        paths[name] = atomic_write_bytes(out_dir / name, proto.SerializeToString())  # < 2 GB: weights inline
-    if scorer_proto is None:
-        (out_dir / SCORER_FILE).unlink(missing_ok=True)  # a stale one from an earlier export would not match
-    return ExportResult(out_dir, paths[ENCODER_FILE], paths[DECODER_FILE], metadata, diffs, paths.get(SCORER_FILE))
+        files[name] = atomic_write_bytes(out_dir / GRAPH_FILES[name], proto.SerializeToString())  # < 2 GB: weights inline
+    for name in set(GRAPH_FILES) - set(protos):
+        (out_dir / GRAPH_FILES[name]).unlink(missing_ok=True)  # a stale one from an earlier export would not match
+    return ExportResult(out_dir, files, metadata, diffs)
+
+
+def _prior(cfg, trained, normal: np.ndarray) -> dict:
+    """The prior the model samples from: the one training imposed, or (a family without one, the
+    plain autoencoder) a Gaussian fitted to the held-out codes."""
+    if trained.family.adversarial:
+        return cfg.model.prior
+    with torch.no_grad():
+        codes = torch.cat([trained.nets["encoder"](torch.from_numpy(b)) for b in _batches(normal, 1000)]).numpy()
+    return fit_gaussian_prior(codes, f"{len(codes)} held-out codes (validation split, split_seed {cfg.data.split_seed})")
 
 
 def _load_anomalies(paths: list, pre: Preprocessing) -> np.ndarray:
@@ -146,12 +162,8 @@ def _load_anomalies(paths: list, pre: Preprocessing) -> np.ndarray:
     return np.stack(images)
 
 
-def _fused_scorer(encoder, decoder, pixel_error: str, example: torch.Tensor, draft: dict, two_graph: AAEModel,
-                  normal: np.ndarray, log: Callable[[str], None]) -> onnx.ModelProto:
-    """The fused scoring graph, checked and compared with the two-graph path on real images."""
-    proto = fused_onnx(encoder, decoder, pixel_error, example)
-    attach(proto, draft)
-    onnx.checker.check_model(proto, full_check=True)
+def _check_fused(proto: onnx.ModelProto, two_graph: AAEModel, normal: np.ndarray, log: Callable[[str], None]) -> None:
+    """The fused scorer against the runtime's two-graph path (its numpy errors) on real images."""
     scorer, _ = create_session(proto.SerializeToString(), SessionConfig(device="cpu"))
     fused_model = AAEModel(two_graph.encoder, two_graph.decoder, two_graph.metadata, scorer=scorer)
     diffs = fused_parity(fused_model, two_graph, normal)
@@ -159,7 +171,6 @@ def _fused_scorer(encoder, decoder, pixel_error: str, example: torch.Tensor, dra
         + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()) + f" (limit {FUSED_TOLERANCE:.0e})")
     if max(diffs.values()) > FUSED_TOLERANCE:
         raise ExportError(f"the fused scorer differs from the two-graph path by {max(diffs.values()):.2e}; no files written")
-    return proto
 
 
 def _apply_variant(variant: str, enc_proto, dec_proto, draft: dict, fp32: AAEModel, normal: np.ndarray,
@@ -191,8 +202,8 @@ def _rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1]) if len(a) > 1 else 1.0
 
 
-def to_onnx(module: torch.nn.Module, example: torch.Tensor, input_name: str, output_name: str) -> onnx.ModelProto:
-    """Export ``module`` with a dynamic batch axis, weights inside the proto (no external .data)."""
+def to_onnx(module: torch.nn.Module, examples: tuple[torch.Tensor, ...], input_names, output_names) -> onnx.ModelProto:
+    """Export ``module`` with a dynamic batch axis on every input and output, weights inside the proto."""
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     quiet = io.StringIO()
     torch_logger = logging.getLogger("torch")
@@ -202,32 +213,38 @@ def to_onnx(module: torch.nn.Module, example: torch.Tensor, input_name: str, out
         with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                module, (example,), dynamo=True, input_names=[input_name], output_names=[output_name],
-                dynamic_shapes=({0: batch},), verbose=False, optimize=True,
+                module.eval(), tuple(examples), dynamo=True, input_names=list(input_names), output_names=list(output_names),
+                dynamic_shapes=tuple({0: batch} for _ in examples), verbose=False, optimize=True,
             )
     finally:
         torch_logger.setLevel(level)
     proto = program.model_proto
-    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
-    proto.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    for value in (*proto.graph.input, *proto.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_param = "batch"
     return proto
 
 
-def check_parity(encoder, decoder, model: AAEModel, images: np.ndarray) -> dict[str, float]:
-    """Largest absolute difference between ORT and PyTorch, per graph, over batches of real images."""
-    worst = {"encoder": 0.0, "decoder": 0.0}
-    start = 0
-    with torch.no_grad():
+def check_parity(specs: dict, protos: dict[str, onnx.ModelProto], images: np.ndarray) -> dict[str, float]:
+    """Largest absolute difference between ONNX Runtime and PyTorch, keyed "graph.output", over
+    batches of 1, 2, 7 and 64 real images (each graph fed what the family says it takes)."""
+    worst: dict[str, float] = {}
+    cpu = SessionConfig(device="cpu")
+    for name, spec in specs.items():
+        session, _ = create_session(protos[name].SerializeToString(), cpu)
+        start = 0
         for size in PARITY_BATCHES:
             x = images[start : start + size]
             if len(x) < size:  # tiny validation sets: wrap around
                 x = np.resize(images, (size, *images.shape[1:]))
             start = (start + size) % len(images)
-            z_ref = encoder(torch.from_numpy(x)).numpy()
-            z = model.encode(x)
-            worst["encoder"] = max(worst["encoder"], float(np.abs(z - z_ref).max()))
-            r_ref = decoder(torch.from_numpy(z_ref)).numpy()
-            worst["decoder"] = max(worst["decoder"], float(np.abs(model.decode(z_ref) - r_ref).max()))
+            with torch.no_grad():
+                inputs = spec.examples(torch.from_numpy(x))
+                expected = spec.module(*inputs)
+            expected = expected if isinstance(expected, tuple) else (expected,)
+            got = session.run(list(spec.outputs), {n: t.numpy() for n, t in zip(spec.inputs, inputs)})
+            for out, ref, value in zip(spec.outputs, expected, got):
+                diff = float(np.abs(value.astype(np.float64) - ref.numpy().astype(np.float64)).max())
+                worst[f"{name}.{out}"] = max(worst.get(f"{name}.{out}", 0.0), diff)
     return worst
 
 

@@ -137,7 +137,7 @@ def test_other_encoders_export_their_deterministic_path(arch, posterior):
     if posterior != "deterministic":
         assert not torch.equal(encoder(x), encoder(x)), "the training path should be stochastic"
     encoder.eval()
-    proto = to_onnx(encoder, x[:2], "image", "latent")
+    proto = to_onnx(encoder, (x[:2],), ("image",), ("latent",))
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     for batch in (1, 7):
         got = session.run(None, {"image": x[:batch].numpy()})[0]

@@ -31,7 +31,7 @@ def test_prior_nll_is_the_gaussian_density_and_a_mixture_of_its_components():
     draws = sample_prior(m, 4000, rng)
     # codes drawn from the mixture are likelier under it than codes far away from every component
     assert np.median(prior_nll(draws, m)) < np.median(prior_nll(draws * 3, m))
-    with pytest.raises(ModelError, match="gaussian or mog"):
+    with pytest.raises(ModelError, match="gaussian, mog or fitted_gaussian"):
         prior_nll(z[:, :2], make_prior_spec("swissroll", 2))
 
 
@@ -106,3 +106,22 @@ def test_metadata_rewrite_changes_only_the_metadata(tiny_model_dir):
     np.testing.assert_array_equal(session.run(None, {"image": x})[0], before)
     with pytest.raises(ModelError):
         set_metadata_prop(data[: len(data) // 2], "aae", "{}")
+
+
+def test_fitted_gaussian_prior_samples_and_density_match_the_codes_it_was_fitted_on():
+    # The plain autoencoder's prior: a full-covariance Gaussian fitted to held-out codes.
+    from aae_runtime.contract.priors import fit_gaussian_prior
+
+    rng = np.random.default_rng(2)
+    mix = np.array([[2.0, 0.0, 0.0], [1.5, 0.5, 0.0], [0.0, 0.0, 0.2]])
+    codes = rng.normal(size=(5000, 3)) @ mix.T + np.array([1.0, -2.0, 0.5])
+    spec = fit_gaussian_prior(codes, "5000 test codes")
+    draws = sample_prior(spec, 100_000, np.random.default_rng(3)).astype(np.float64)
+    np.testing.assert_allclose(draws.mean(0), codes.mean(0), atol=0.05)
+    np.testing.assert_allclose(np.cov(draws, rowvar=False), np.cov(codes, rowvar=False), rtol=0.05, atol=0.02)
+    cov = np.cov(codes, rowvar=False)
+    u = codes[:5] - codes.mean(0)
+    expected = 0.5 * np.einsum("ni,ij,nj->n", u, np.linalg.inv(cov), u) + 0.5 * np.log(np.linalg.det(2 * np.pi * cov))
+    np.testing.assert_allclose(prior_nll(codes[:5], spec), expected, rtol=1e-4)
+    with pytest.raises(ModelError, match="fitted_gaussian"):
+        sample_prior(dict(spec, scale_tril=[[1.0]]), 2, rng)

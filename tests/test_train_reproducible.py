@@ -19,7 +19,8 @@ from aae_runtime.contract.priors import make_prior_spec, sample_prior
 from aae_train.checkpoint import load_checkpoint
 from aae_train.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from aae_train.models import build_models
-from aae_train.train import lr_factor, mmd2, r1_penalty, train
+from aae_train.families.adversary import mmd2, r1_penalty
+from aae_train.train import lr_factor, train
 
 
 def _cfg(mnist_dir, epochs: int, seed: int = 3) -> RunConfig:

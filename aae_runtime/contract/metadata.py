@@ -18,7 +18,9 @@ from aae_runtime.contract.priors import validate_prior
 from aae_runtime.contract.scores import validate_score_block
 
 METADATA_KEY = "aae"
-SCHEMA_VERSION = 1
+# 2: model families: "graphs" lists each graph's inputs and outputs, "family" and "classes";
+# priors may be "fitted_gaussian". Schema 1 (one encoder and decoder, no classes) still loads.
+SCHEMA_VERSION = 2
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
 # Graph input and output names, fixed by export and relied on by the runtime.
@@ -31,6 +33,23 @@ RECONSTRUCTION_OUTPUT = "reconstruction"
 SCORER_FILE = "scorer.onnx"
 PIXEL_ERROR_OUTPUT = "pixel_error"
 RECONSTRUCTION_ERROR_OUTPUT = "reconstruction_error"
+# What the graphs of the other families add. The runtime reads what a model can do from the
+# inputs and outputs its graphs list, never from the family's name: a decoder with a LABEL_INPUT
+# is conditional (sampling takes a label; scoring tries each label, or uses the class head); an
+# encoder with a CLASS_OUTPUT classifies; a scorer with BEST_LABEL_OUTPUT says which label fitted.
+LABEL_INPUT = "label"  # (N, K) float32: one-hot label or class probabilities, K = len(classes)
+CLASS_OUTPUT = "class_probs"  # (N, K) float32 softmax
+BEST_LABEL_OUTPUT = "best_label"  # (N,) int64: index into classes
+GRAPH_FILES = {"encoder": ENCODER_FILE, "decoder": DECODER_FILE, "scorer": SCORER_FILE}
+KNOWN_INPUTS = (IMAGE_INPUT, LATENT_INPUT, LABEL_INPUT)
+KNOWN_OUTPUTS = (LATENT_OUTPUT, RECONSTRUCTION_OUTPUT, PIXEL_ERROR_OUTPUT, RECONSTRUCTION_ERROR_OUTPUT, CLASS_OUTPUT,
+                 BEST_LABEL_OUTPUT)
+MAX_CLASSES = 10_000
+# The graphs of a schema-1 model, which named one input and output each.
+SCHEMA_1_GRAPHS = {
+    "encoder": {"file": ENCODER_FILE, "inputs": [IMAGE_INPUT], "outputs": [LATENT_OUTPUT]},
+    "decoder": {"file": DECODER_FILE, "inputs": [LATENT_INPUT], "outputs": [RECONSTRUCTION_OUTPUT]},
+}
 
 @dataclass(frozen=True)
 class ModelMetadata:
@@ -44,6 +63,19 @@ class ModelMetadata:
     prior: dict
     score: dict
     threshold: dict
+    graphs: dict  # name -> {"file", "inputs": [...], "outputs": [...]} (schema 1: normalised to this)
+    classes: tuple[str, ...] | None = None  # class values, in label order (conditional or classifying models)
+    family: str = "aae"  # what trained it; informational only (the runtime reads the graphs)
+
+    @property
+    def conditional(self) -> bool:
+        """The decoder takes a label beside the code."""
+        return LABEL_INPUT in self.graphs["decoder"]["inputs"]
+
+    @property
+    def classifies(self) -> bool:
+        """The encoder has a class head."""
+        return CLASS_OUTPUT in self.graphs["encoder"]["outputs"]
 
     @property
     def threshold_value(self) -> float:
@@ -99,7 +131,12 @@ class ModelMetadata:
             raise ModelError(f"{source} metadata has no score definition: re-export the model")
         validate_score_block(d["score"], source)
         _check_codes(d["score"], latent_dim, source)
+        graphs = _graphs(d, version, source)
+        classes = _classes(d, graphs, source)
         return cls(
+            graphs=graphs,
+            classes=classes,
+            family=str(d.get("family", "aae")),
             raw=d,
             schema_version=version,
             export_id=str(d["export_id"]),
@@ -110,6 +147,40 @@ class ModelMetadata:
             score=d["score"],
             threshold=threshold,
         )
+
+
+def _graphs(d: dict, version: int, source: str) -> dict:
+    """The graphs block as {name: {"file", "inputs", "outputs", ...}}; schema 1's is implied."""
+    if version == 1:
+        graphs = {name: dict(g) for name, g in SCHEMA_1_GRAPHS.items()}
+        old = d.get("graphs") if isinstance(d.get("graphs"), dict) else {}
+        if isinstance(old.get("scorer"), dict):
+            graphs["scorer"] = {"file": SCORER_FILE, "inputs": [IMAGE_INPUT], "pixel_error": old["scorer"].get("pixel_error"),
+                                "outputs": [LATENT_OUTPUT, PIXEL_ERROR_OUTPUT, RECONSTRUCTION_ERROR_OUTPUT]}
+        return graphs
+    graphs = d.get("graphs")
+    ok = isinstance(graphs, dict) and {"encoder", "decoder"} <= set(graphs) and set(graphs) <= set(GRAPH_FILES)
+    for name, g in graphs.items() if ok else ():
+        ok = ok and isinstance(g, dict) and g.get("file") == GRAPH_FILES[name]
+        ok = ok and isinstance(g.get("inputs"), list) and all(i in KNOWN_INPUTS for i in g["inputs"]) and g["inputs"]
+        ok = ok and isinstance(g.get("outputs"), list) and all(o in KNOWN_OUTPUTS for o in g["outputs"]) and g["outputs"]
+    if not ok:
+        raise ModelError(f"{source} metadata has a malformed 'graphs' block (encoder and decoder, each with its file, "
+                         "inputs and outputs, are required): re-export the model")
+    return graphs
+
+
+def _classes(d: dict, graphs: dict, source: str) -> tuple[str, ...] | None:
+    """The class values a conditional or classifying model needs; None for the others."""
+    needs = LABEL_INPUT in graphs["decoder"]["inputs"] or CLASS_OUTPUT in graphs["encoder"]["outputs"]
+    classes = d.get("classes")
+    if classes is None and not needs:
+        return None
+    ok = isinstance(classes, list) and 2 <= len(classes) <= MAX_CLASSES and all(isinstance(c, str) for c in classes)
+    if not ok or len(set(classes)) != len(classes):
+        raise ModelError(f"{source} metadata needs 'classes', a list of at least two distinct class names, for its "
+                         "label input or class head: re-export the model")
+    return tuple(classes)
 
 
 def _finite_number(v) -> bool:

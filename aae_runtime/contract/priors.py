@@ -22,7 +22,12 @@ PRIOR_DEFAULTS: dict[str, dict] = {
     # A 2-D spiral; `noise` is the std of Gaussian jitter around the curve.
     "swissroll": {"turns": 1.5, "radius": 4.0, "noise": 0.05},
 }
-PRIOR_NAMES = tuple(PRIOR_DEFAULTS)
+PRIOR_NAMES = tuple(PRIOR_DEFAULTS)  # the priors training can impose
+# Not imposed but measured: a Gaussian fitted to a trained model's held-out codes, for models
+# without a prior (the plain autoencoder), so that they can be sampled. Full covariance, stored
+# as its lower Cholesky factor ``scale_tril`` (dim x dim) beside ``mean`` (dim,).
+FITTED_GAUSSIAN = "fitted_gaussian"
+MAX_FITTED_DIM = 1024  # a larger fitted prior is a damaged block, not a model
 
 
 def make_prior_spec(name: str, dim: int, **overrides: float) -> dict:
@@ -35,8 +40,35 @@ def make_prior_spec(name: str, dim: int, **overrides: float) -> dict:
     return spec
 
 
+def fit_gaussian_prior(codes: np.ndarray, fitted_on: str) -> dict:
+    """The ``fitted_gaussian`` spec of codes (N, dim): their mean and covariance (ridge 1e-6 x the
+    mean variance, so that it always factors), described by ``fitted_on``."""
+    z = np.asarray(codes, dtype=np.float64)
+    cov = np.atleast_2d(np.cov(z, rowvar=False)) if len(z) > 1 else np.eye(z.shape[1])
+    cov = cov + 1e-6 * max(float(np.trace(cov)) / len(cov), 1e-12) * np.eye(len(cov))
+    return {"name": FITTED_GAUSSIAN, "dim": int(z.shape[1]), "mean": z.mean(axis=0).tolist(),
+            "scale_tril": np.linalg.cholesky(cov).tolist(), "fitted_on": fitted_on}
+
+
+def _validate_fitted(spec: dict) -> None:
+    dim = spec.get("dim")
+    ok = isinstance(dim, int) and not isinstance(dim, bool) and 1 <= dim <= MAX_FITTED_DIM
+    try:
+        mean = np.asarray(spec["mean"], dtype=np.float64)
+        tril = np.asarray(spec["scale_tril"], dtype=np.float64)
+        ok = ok and mean.shape == (dim,) and tril.shape == (dim, dim)
+        ok = ok and bool(np.isfinite(mean).all() and np.isfinite(tril).all()) and bool((np.diag(tril) > 0).all())
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ModelError("the fitted_gaussian prior needs 'mean' (dim,) and a lower-triangular 'scale_tril' (dim, dim) "
+                         "with a positive diagonal, all finite: re-export the model")
+
+
 def validate_prior(spec: object) -> None:
     """Raise ModelError unless ``spec`` describes a prior this runtime can sample."""
+    if isinstance(spec, dict) and spec.get("name") == FITTED_GAUSSIAN:
+        return _validate_fitted(spec)
     if not isinstance(spec, dict) or spec.get("name") not in PRIOR_DEFAULTS:
         name = spec.get("name") if isinstance(spec, dict) else spec
         raise ModelError(f"unknown prior {name!r}: this runtime knows {', '.join(PRIOR_NAMES)}; upgrade aae")
@@ -56,6 +88,10 @@ def validate_prior(spec: object) -> None:
 def sample_prior(spec: dict, n: int, rng: np.random.Generator) -> np.ndarray:
     """Draw ``n`` latent codes, shape (n, dim), float32, from the prior ``spec``."""
     validate_prior(spec)
+    if spec["name"] == FITTED_GAUSSIAN:
+        tril = np.asarray(spec["scale_tril"], dtype=np.float64)
+        z = np.asarray(spec["mean"], dtype=np.float64) + rng.standard_normal((n, spec["dim"])) @ tril.T
+        return np.asarray(z, dtype=np.float32)
     p = {**PRIOR_DEFAULTS[spec["name"]], **spec}
     dim = p["dim"]
     if p["name"] == "gaussian":

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from aae_runtime.contract.errors import ModelError
+from aae_runtime.contract.priors import FITTED_GAUSSIAN
 
 _EPS = 1e-6
 _LOG_FLOOR = 1e-12  # keeps log(reconstruction error) finite for a perfect reconstruction
@@ -139,6 +140,10 @@ def prior_nll(z: np.ndarray, prior: dict) -> np.ndarray:
         std = float(prior.get("std", 1.0))
         u = (z - float(prior.get("mean", 0.0))) / std
         return 0.5 * (u**2).sum(axis=1) + d * math.log(std) + 0.5 * d * math.log(2 * math.pi)
+    if name == FITTED_GAUSSIAN:
+        tril = np.asarray(prior["scale_tril"], dtype=np.float64)
+        u = np.linalg.solve(tril, (z - np.asarray(prior["mean"], dtype=np.float64)).T).T  # whitened
+        return 0.5 * (u**2).sum(axis=1) + float(np.log(np.diag(tril)).sum()) + 0.5 * d * math.log(2 * math.pi)
     if name == "mog":
         k, radius, std = int(prior["components"]), float(prior["radius"]), float(prior["std"])
         angle = 2 * np.pi * np.arange(k) / k
@@ -148,7 +153,7 @@ def prior_nll(z: np.ndarray, prior: dict) -> np.ndarray:
         lo = sq.min(axis=1)
         log_mix = -lo + np.log(np.exp(-(sq - lo[:, None])).mean(axis=1))  # stable log-mean-exp
         return -log_mix + d * math.log(std) + 0.5 * d * math.log(2 * math.pi)
-    raise ModelError(f"the 'prior' score needs a gaussian or mog prior, this model has {name!r}: choose another --score")
+    raise ModelError(f"the 'prior' score needs a gaussian, mog or fitted_gaussian prior, this model has {name!r}: choose another --score")
 
 
 def fit_codes(z: np.ndarray) -> dict:

@@ -1,0 +1,90 @@
+"""The unsupervised AAE (Makhzani et al. 2015, section 2): per minibatch a reconstruction phase,
+then a regularisation phase that pushes the codes towards the prior."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from aae_runtime.contract.metadata import IMAGE_INPUT, LATENT_INPUT, LATENT_OUTPUT, PIXEL_ERROR_OUTPUT, \
+    RECONSTRUCTION_ERROR_OUTPUT, RECONSTRUCTION_OUTPUT
+from aae_runtime.contract.priors import sample_prior
+from aae_train.config import RunConfig
+from aae_train.families.adversary import MMD_SAMPLES, discriminator_phase, generator_loss, mmd2
+from aae_train.families.base import Batch, Family, GraphSpec
+from aae_train.graphs import Scorer
+from aae_train.models import Decoder, Discriminator, Encoder
+
+
+@dataclass(frozen=True)
+class AAEOptions:
+    """None of its own: the prior, posterior and discriminator options are ModelConfig's and
+    TrainConfig's, shared with the other adversarial families."""
+
+
+class AAEFamily(Family):
+    name = "aae"
+    options_class = AAEOptions
+    loss_names = ("recon_loss", "disc_loss", "disc_acc", "gen_loss")
+    optimizer_names = ("recon", "disc", "gen")
+
+    @classmethod
+    def networks(cls, cfg: RunConfig) -> dict[str, torch.nn.Module]:
+        return {"encoder": Encoder(cfg.model), "decoder": Decoder(cfg.model), "discriminator": Discriminator(cfg.model)}
+
+    def optimizers(self):
+        t, n = self.cfg.train, self.nets
+        return {
+            "recon": (torch.optim.Adam([*n["encoder"].parameters(), *n["decoder"].parameters()], lr=t.lr_recon), t.lr_recon),
+            "disc": (torch.optim.Adam(n["discriminator"].parameters(), lr=t.lr_disc, betas=(0.5, 0.999)), t.lr_disc),
+            "gen": (torch.optim.Adam(n["encoder"].parameters(), lr=t.lr_gen, betas=(0.5, 0.999)), t.lr_gen),
+        }
+
+    def draw_prior(self, n: int) -> torch.Tensor:
+        return torch.from_numpy(sample_prior(self.cfg.model.prior, n, self.streams.prior)).to(self.device)
+
+    def step(self, batch: Batch) -> torch.Tensor:
+        enc, dec, disc, t, opt = self.nets["encoder"], self.nets["decoder"], self.nets["discriminator"], self.cfg.train, self.opt
+        x = batch.x
+        # Reconstruction phase: encoder + decoder (optionally from noisy codes, so that the decoder
+        # also learns the space between the codes of training images, where prior samples land).
+        z = enc(x)
+        recon = self.recon_loss(dec(z + t.code_noise * torch.randn_like(z) if t.code_noise > 0 else z), x)
+        opt["recon"].zero_grad(set_to_none=True)
+        recon.backward()
+        opt["recon"].step()
+        # Regularisation phase: the discriminator (prior samples real, codes fake), then the
+        # encoder as generator, trying to make D call its codes real.
+        d_loss, d_acc = discriminator_phase(disc, opt["disc"], enc(x).detach(), self.draw_prior, t)
+        g_loss = generator_loss(disc, enc(x), t)
+        opt["gen"].zero_grad(set_to_none=True)
+        g_loss.backward()
+        opt["gen"].step()
+        return torch.stack([recon.detach(), d_loss, d_acc, g_loss.detach()])
+
+    def evaluate(self, model, val: Batch, epoch: int) -> dict:
+        figures = super().evaluate(model, val, epoch)
+        z = torch.cat([model["encoder"](b) for b in val.x[:MMD_SAMPLES].split(1000)])
+        # Prior samples from their own seeded stream: evaluating never shifts the training RNGs.
+        z_prior = torch.from_numpy(sample_prior(self.cfg.model.prior, min(len(val.x), MMD_SAMPLES), np.random.default_rng(epoch)))
+        figures["prior_mmd"] = round(mmd2(z.cpu().double(), z_prior.double()), 6)
+        return figures
+
+    def sample_images(self, model, n: int, val_x: torch.Tensor) -> torch.Tensor:
+        z = torch.from_numpy(sample_prior(self.cfg.model.prior, n, np.random.default_rng(0))).to(self.device)
+        return model["decoder"](z)
+
+    @classmethod
+    def graphs(cls, cfg: RunConfig, model, pixel_error: str | None) -> list[GraphSpec]:
+        enc, dec = model["encoder"], model["decoder"]
+        specs = [GraphSpec("encoder", enc, (IMAGE_INPUT,), (LATENT_OUTPUT,), lambda x: (x,)),
+                 GraphSpec("decoder", dec, (LATENT_INPUT,), (RECONSTRUCTION_OUTPUT,), lambda x: (enc(x),))]
+        if pixel_error:
+            specs.append(GraphSpec("scorer", Scorer(enc, dec, pixel_error), (IMAGE_INPUT,),
+                                   (LATENT_OUTPUT, PIXEL_ERROR_OUTPUT, RECONSTRUCTION_ERROR_OUTPUT), lambda x: (x,)))
+        return specs
+
+
+FAMILY = AAEFamily

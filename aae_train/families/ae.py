@@ -1,0 +1,59 @@
+"""The plain autoencoder: the AAE without its regularisation phase (the baseline the others are
+measured against). It has no prior; `sample` draws from a Gaussian fitted to its held-out codes,
+recorded in the metadata as such (prior ``fitted_gaussian``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from aae_runtime.contract.priors import fit_gaussian_prior, sample_prior
+from aae_train.config import RunConfig
+from aae_train.families.aae import AAEFamily
+from aae_train.families.base import Batch
+from aae_train.models import Decoder, Encoder
+
+
+@dataclass(frozen=True)
+class AEOptions:
+    """No options of its own: the networks, reconstruction loss and learning rate are shared."""
+
+
+class AEFamily(AAEFamily):
+    name = "ae"
+    options_class = AEOptions
+    loss_names = ("recon_loss",)
+    optimizer_names = ("recon",)
+    adversarial = False
+
+    @classmethod
+    def networks(cls, cfg: RunConfig) -> dict[str, torch.nn.Module]:
+        return {"encoder": Encoder(cfg.model), "decoder": Decoder(cfg.model)}
+
+    def optimizers(self):
+        t, n = self.cfg.train, self.nets
+        params = [*n["encoder"].parameters(), *n["decoder"].parameters()]
+        return {"recon": (torch.optim.Adam(params, lr=t.lr_recon), t.lr_recon)}
+
+    def step(self, batch: Batch) -> torch.Tensor:
+        recon = self.recon_loss(self.nets["decoder"](self.nets["encoder"](batch.x)), batch.x)
+        self.opt["recon"].zero_grad(set_to_none=True)
+        recon.backward()
+        self.opt["recon"].step()
+        return recon.detach()[None]
+
+    def evaluate(self, model, val: Batch, epoch: int) -> dict:
+        return super(AAEFamily, self).evaluate(model, val, epoch)
+
+    def prior_spec(self, codes: np.ndarray) -> dict | None:
+        return fit_gaussian_prior(codes, f"{len(codes)} held-out codes")
+
+    def sample_images(self, model, n: int, val_x: torch.Tensor) -> torch.Tensor:
+        codes = torch.cat([model["encoder"](b) for b in val_x.split(1000)]).cpu().numpy()
+        z = sample_prior(self.prior_spec(codes), n, np.random.default_rng(0))
+        return model["decoder"](torch.from_numpy(z).to(self.device))
+
+
+FAMILY = AEFamily

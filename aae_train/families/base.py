@@ -1,0 +1,128 @@
+"""What a model family is: the contract between a family module and the one training loop.
+
+The loop (`aae_train.train.Trainer`) owns everything that is the same for every family: the
+device, seeds and RNG streams, learning-rate schedules over whatever optimisers the family
+returns, weight averaging (EMA), the NaN/inf guard, atomic checkpoints (`checkpoint.pt` and
+`best.pt`), metrics and progress. A family owns what differs: its options, networks, optimisers,
+the phases of one training step, its validation figures and the graphs it exports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from aae_train.config import RunConfig
+
+# Export (`export.onnx_export`) turns each of a family's GraphSpecs into one ONNX file. The
+# names below are the runtime's (aae_runtime.contract.metadata); the runtime decides what a
+# model can do from the inputs and outputs its graphs list, never from the family's name.
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One exported graph: a module in eval mode, its named inputs and outputs."""
+
+    name: str  # encoder | decoder | scorer
+    module: torch.nn.Module  # forward(*inputs) -> one tensor or a tuple, in the order of `outputs`
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    examples: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]  # images (B, C, H, W) -> the graph's inputs
+
+
+@dataclass
+class Batch:
+    """A minibatch as the step sees it: images and their class indices (-1: unlabelled)."""
+
+    x: torch.Tensor  # (B, C, H, W)
+    y: torch.Tensor | None = None  # (B,) int64, or None for families that use no labels
+
+
+@dataclass
+class Streams:
+    """The loop's seeded random streams, saved in every checkpoint so that resume is exact."""
+
+    prior: np.random.Generator  # prior draws for the discriminators
+    extra: dict[str, torch.Generator] = field(default_factory=dict)  # a family's own (e.g. labelled batches)
+
+
+class Family:
+    """Base class of a family; subclasses set the class attributes and override the hooks."""
+
+    name: ClassVar[str]
+    options_class: ClassVar[type]  # the family's own options dataclass (RunConfig.options)
+    loss_names: ClassVar[tuple[str, ...]]  # the per-step losses `step` returns, in order (metrics keys)
+    optimizer_names: ClassVar[tuple[str, ...]]
+    selection: ClassVar[tuple[str, str]] = ("val_recon_loss", "min")  # best.pt: (metric, min|max)
+    model_networks: ClassVar[tuple[str, ...]] = ("encoder", "decoder")  # averaged by --ema, exported
+    uses_labels: ClassVar[bool] = False  # needs class labels (train/val index arrays)
+    adversarial: ClassVar[bool] = True  # has a discriminator: prior and D options apply
+    extra_streams: ClassVar[tuple[str, ...]] = ()  # names of torch.Generator streams it needs
+
+    def __init__(self, cfg: RunConfig, nets: dict[str, torch.nn.Module], device: torch.device):
+        self.cfg, self.nets, self.device = cfg, nets, device
+
+    # -- building -------------------------------------------------------------------------------
+    @classmethod
+    def configure(cls, cfg: RunConfig, data) -> RunConfig:
+        """The config completed from the data (e.g. the class names); called once per run."""
+        return cfg
+
+    @classmethod
+    def networks(cls, cfg: RunConfig) -> dict[str, torch.nn.Module]:
+        """Fresh networks from the config alone, built in a fixed order (the RNG draws depend on it)."""
+        raise NotImplementedError
+
+    def optimizers(self) -> dict[str, tuple[torch.optim.Optimizer, float]]:
+        """name -> (optimiser, base learning rate); the loop applies the schedule to each."""
+        raise NotImplementedError
+
+    def prepare(self, data, streams: Streams) -> None:
+        """Hook to keep data the step needs besides the minibatch (e.g. the labelled pool)."""
+        self.streams = streams
+
+    # -- training -------------------------------------------------------------------------------
+    def step(self, batch: Batch) -> torch.Tensor:
+        """One minibatch of every phase; returns the losses (len(loss_names),), detached."""
+        raise NotImplementedError
+
+    def recon_loss(self, recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.train.recon_loss == "bce":
+            return F.binary_cross_entropy(recon, x)
+        return F.mse_loss(recon, x)
+
+    # -- evaluation and outputs -----------------------------------------------------------------
+    def reconstruct(self, model: dict[str, torch.nn.Module], x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes, reconstructions) of ``x`` by the model networks in eval mode."""
+        z = model["encoder"](x)
+        return z, model["decoder"](z)
+
+    def evaluate(self, model: dict[str, torch.nn.Module], val: Batch, epoch: int) -> dict:
+        """Validation figures of the model networks (already in eval mode), merged into metrics."""
+        ys = val.y.split(1000) if val.y is not None else [None] * len(val.x.split(1000))
+        z, recon = (torch.cat(parts) for parts in zip(*(self.reconstruct(model, x, y) for x, y in zip(val.x.split(1000), ys))))
+        return {"val_recon_loss": float(self.recon_loss(recon, val.x)), "val_mse": float(F.mse_loss(recon, val.x)),
+                "latent_mean": [round(v, 4) for v in z.mean(0).tolist()],
+                "latent_std": [round(v, 4) for v in z.std(0).tolist()]}
+
+    def sample_images(self, model: dict[str, torch.nn.Module], n: int, val_x: torch.Tensor) -> torch.Tensor:
+        """Images decoded from ``n`` prior draws, for samples.png."""
+        raise NotImplementedError
+
+    def prior_spec(self, codes: np.ndarray) -> dict | None:
+        """The prior generated images are drawn from (None: none to draw in the latent plot)."""
+        return self.cfg.model.prior
+
+    @classmethod
+    def graphs(cls, cfg: RunConfig, model: dict[str, torch.nn.Module], pixel_error: str | None) -> list[GraphSpec]:
+        """The graphs export writes: encoder, decoder and (with ``pixel_error``) the fused scorer."""
+        raise NotImplementedError
+
+    @classmethod
+    def metadata(cls, cfg: RunConfig) -> dict:
+        """Family-specific metadata fields (e.g. the class values); merged into the exported block."""
+        return {}

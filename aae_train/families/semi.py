@@ -1,0 +1,158 @@
+"""The semi-supervised AAE (paper section 5): the encoder outputs a categorical code y (softmax,
+pushed to a one-hot categorical prior by its own discriminator) and a style code z (pushed to
+the Gaussian prior by another); the decoder reconstructs from both. Per minibatch: the
+reconstruction phase, the regularisation of both codes, and a supervised classification step on
+a minibatch of the few labelled images.
+
+The labelled images are a class-balanced subset of the training split drawn by ``label_seed``;
+the others train unlabelled. The validation figure that picks the kept checkpoint (``best.pt``)
+is the classification error on a class-balanced labelled subset of the validation split no
+larger than the labelled training set, so no choice sees more labels than the run was given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from aae_runtime.contract.metadata import CLASS_OUTPUT, IMAGE_INPUT, LABEL_INPUT, LATENT_INPUT, LATENT_OUTPUT, \
+    PIXEL_ERROR_OUTPUT, RECONSTRUCTION_ERROR_OUTPUT, RECONSTRUCTION_OUTPUT
+from aae_train.config import RunConfig
+from aae_train.data import DataError, balanced_subset, class_labels
+from aae_train.families.adversary import discriminator_phase, generator_loss
+from aae_train.families.base import Batch, GraphSpec, Streams
+from aae_train.families.supervised import SupervisedFamily
+from aae_train.graphs import ClassifyingEncoder, Scorer
+from aae_train.models import Decoder, Discriminator, Encoder
+
+
+@dataclass(frozen=True)
+class SemiOptions:
+    labels: int | None = 100  # labelled training images (class-balanced); None: every label
+    label_seed: int = 0  # draws the labelled subset (and the labelled validation subset)
+    lr_class: float = 1e-3  # Adam, encoder's class head and trunk, supervised classification step
+    classes: tuple[str, ...] | None = None  # the class values, in label order (set from the data)
+
+    def __post_init__(self) -> None:
+        if self.labels is not None and self.labels < 1:
+            raise ValueError("labels must be a positive number of images, or all")
+        if not self.lr_class >= 0:
+            raise ValueError("lr_class must be >= 0")
+
+
+def labelled_split(cfg: RunConfig, data) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the labelled training images and of the labelled validation images."""
+    classes, train_y, val_y = class_labels(data)
+    k, n, seed = len(classes), cfg.options.labels, cfg.options.label_seed
+    if n is None:
+        return np.flatnonzero(train_y >= 0), np.flatnonzero(val_y >= 0)
+    train = balanced_subset(train_y, n, k, seed, "--labels", "the training split")
+    val = balanced_subset(val_y, min(n, int((val_y >= 0).sum())), k, seed + 1, "--labels", "the validation split")
+    return train, val
+
+
+class SemiFamily(SupervisedFamily):
+    name = "semi"
+    options_class = SemiOptions
+    loss_names = ("recon_loss", "disc_loss", "disc_acc", "cat_disc_loss", "cat_disc_acc", "gen_loss", "class_loss")
+    optimizer_names = ("recon", "disc", "cat_disc", "gen", "classify")
+    selection = ("val_error", "min")
+    extra_streams = ("labelled",)
+
+    @classmethod
+    def configure(cls, cfg: RunConfig, data) -> RunConfig:
+        cfg = super().configure(cfg, data)
+        labelled_split(cfg, data)  # refuses --labels the data cannot give, before any training
+        return cfg
+
+    @classmethod
+    def networks(cls, cfg: RunConfig) -> dict[str, torch.nn.Module]:
+        k = cls.n_classes(cfg)
+        return {"encoder": Encoder(cfg.model, n_classes=k), "decoder": Decoder(cfg.model, n_classes=k),
+                "discriminator": Discriminator(cfg.model), "cat_discriminator": Discriminator(cfg.model, n_in=k)}
+
+    def optimizers(self):
+        t, n, o = self.cfg.train, self.nets, self.cfg.options
+        adam = torch.optim.Adam
+        return {
+            "recon": (adam([*n["encoder"].parameters(), *n["decoder"].parameters()], lr=t.lr_recon), t.lr_recon),
+            "disc": (adam(n["discriminator"].parameters(), lr=t.lr_disc, betas=(0.5, 0.999)), t.lr_disc),
+            "cat_disc": (adam(n["cat_discriminator"].parameters(), lr=t.lr_disc, betas=(0.5, 0.999)), t.lr_disc),
+            "gen": (adam(n["encoder"].parameters(), lr=t.lr_gen, betas=(0.5, 0.999)), t.lr_gen),
+            "classify": (adam(n["encoder"].parameters(), lr=o.lr_class), o.lr_class),
+        }
+
+    def prepare(self, data, streams: Streams) -> None:
+        super().prepare(data, streams)
+        train_idx, val_idx = labelled_split(self.cfg, data)
+        _, train_y, val_y = class_labels(data)
+        self.labelled_x = torch.from_numpy(data.train[train_idx]).to(self.device)
+        self.labelled_y = torch.from_numpy(train_y[train_idx]).to(self.device)
+        self.val_idx = torch.from_numpy(val_idx).to(self.device)
+
+    def draw_categorical(self, n: int) -> torch.Tensor:
+        """One-hot draws from the uniform categorical prior (the prior stream, like the Gaussian's)."""
+        k = self.n_classes(self.cfg)
+        return self.one_hot(torch.from_numpy(self.streams.prior.integers(0, k, size=n)).to(self.device))
+
+    def step(self, batch: Batch) -> torch.Tensor:
+        enc, dec, t, opt = self.nets["encoder"], self.nets["decoder"], self.cfg.train, self.opt
+        x = batch.x
+        # Reconstruction phase, from both codes.
+        z, logits = enc.codes(x)
+        recon = self.recon_loss(dec(z + t.code_noise * torch.randn_like(z) if t.code_noise > 0 else z,
+                                    torch.softmax(logits, dim=1)), x)
+        opt["recon"].zero_grad(set_to_none=True)
+        recon.backward()
+        opt["recon"].step()
+        # Regularisation phase: one discriminator per code, then the encoder fools both.
+        with torch.no_grad():
+            z_fake, logits_fake = enc.codes(x)
+        d_loss, d_acc = discriminator_phase(self.nets["discriminator"], opt["disc"], z_fake, self.draw_prior, t)
+        c_loss, c_acc = discriminator_phase(self.nets["cat_discriminator"], opt["cat_disc"], torch.softmax(logits_fake, 1),
+                                            self.draw_categorical, t, noise=False)
+        z, logits = enc.codes(x)
+        g_loss = generator_loss(self.nets["discriminator"], z, t) + \
+            generator_loss(self.nets["cat_discriminator"], torch.softmax(logits, dim=1), t, noise=False)
+        opt["gen"].zero_grad(set_to_none=True)
+        g_loss.backward()
+        opt["gen"].step()
+        # Semi-supervised classification phase, on a minibatch of the labelled images.
+        pick = torch.randint(len(self.labelled_x), (min(len(x), len(self.labelled_x)),),
+                             generator=self.streams.extra["labelled"]).to(self.device)
+        class_loss = F.cross_entropy(enc.codes(self.labelled_x[pick])[1], self.labelled_y[pick])
+        opt["classify"].zero_grad(set_to_none=True)
+        class_loss.backward()
+        opt["classify"].step()
+        return torch.stack([recon.detach(), d_loss, d_acc, c_loss, c_acc, g_loss.detach(), class_loss.detach()])
+
+    def reconstruct(self, model, x: torch.Tensor, y: torch.Tensor | None):
+        z, logits = model["encoder"].codes(x)
+        return z, model["decoder"](z, torch.softmax(logits, dim=1))
+
+    def evaluate(self, model, val: Batch, epoch: int) -> dict:
+        figures = super().evaluate(model, val, epoch)
+        x, y = val.x[self.val_idx], val.y[self.val_idx]
+        logits = torch.cat([model["encoder"].codes(b)[1] for b in x.split(1000)])
+        figures["val_error"] = round(float((logits.argmax(1) != y).float().mean()), 6)
+        figures["val_class_nll"] = round(float(F.cross_entropy(logits, y)), 6)
+        figures["val_labelled"] = int(len(y))
+        return figures
+
+    @classmethod
+    def graphs(cls, cfg: RunConfig, model, pixel_error: str | None) -> list[GraphSpec]:
+        enc, dec = model["encoder"], model["decoder"]
+        head = ClassifyingEncoder(enc)
+        specs = [GraphSpec("encoder", head, (IMAGE_INPUT,), (LATENT_OUTPUT, CLASS_OUTPUT), lambda x: (x,)),
+                 GraphSpec("decoder", dec, (LATENT_INPUT, LABEL_INPUT), (RECONSTRUCTION_OUTPUT,), lambda x: head(x))]
+        if pixel_error:
+            specs.append(GraphSpec("scorer", Scorer(enc, dec, pixel_error, classifies=True), (IMAGE_INPUT,),
+                                   (LATENT_OUTPUT, PIXEL_ERROR_OUTPUT, RECONSTRUCTION_ERROR_OUTPUT, CLASS_OUTPUT),
+                                   lambda x: (x,)))
+        return specs
+
+
+FAMILY = SemiFamily
