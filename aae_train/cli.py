@@ -385,7 +385,7 @@ def run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, t
 
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[losses]}"),
-        TimeElapsedColumn(), console=err, transient=False,
+        TimeElapsedColumn(), console=err, transient=True,  # the bar goes at the end; the epoch lines stay
     ) as progress:
         task = progress.add_task("starting", total=None, losses="")
         download = {}
