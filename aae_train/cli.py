@@ -69,6 +69,7 @@ FamilyOpt = Annotated[str, typer.Option("--family", help="Model family: " + "; "
     f"{name}: {text}" for name, (_, text) in FAMILY_MODULES.items()) + ".")]
 Labels = Annotated[Optional[str], typer.Option(help="semi: labelled training images, class-balanced (default 100), or all.")]
 LabelSeed = Annotated[Optional[int], typer.Option(min=0, help="semi: seed of the labelled subset's draw (default 0).")]
+ClassNoise = Annotated[Optional[float], typer.Option(min=0, max=10, help="semi: std of Gaussian noise on the labelled images of the classification step (default 0).")]
 LrClass = Annotated[Optional[float], typer.Option(min=0, max=1e6, help="semi: Adam learning rate, supervised classification step (default 1e-3).")]
 Resume = Annotated[Optional[Path], typer.Option(exists=True, help="Continue from this checkpoint (its config is kept; --epochs sets the total).")]
 
@@ -77,7 +78,7 @@ Resume = Annotated[Optional[Path], typer.Option(exists=True, help="Continue from
 ADVERSARIAL_OPTIONS = ("prior", "prior_std", "mog_components", "mog_radius", "mog_std", "uniform_low", "uniform_high",
                        "swissroll_turns", "swissroll_radius", "swissroll_noise", "posterior", "noise_dim", "lr_disc",
                        "lr_gen", "label_smoothing", "disc_noise", "gradient_penalty", "disc_steps", "disc_dropout")
-SEMI_OPTIONS = ("labels", "label_seed", "lr_class", "unlabelled_dir")
+SEMI_OPTIONS = ("labels", "label_seed", "lr_class", "class_noise", "unlabelled_dir")
 
 PRIOR_OPTIONS = {  # CLI option -> (prior it belongs to, parameter in the prior spec)
     "--prior-std": ("gaussian", "std"), "--mog-components": ("mog", "components"), "--mog-radius": ("mog", "radius"),
@@ -164,7 +165,8 @@ def _option_name(param: str) -> str:
     return "--" + param.replace("_", "-")
 
 
-def family_options(ctx: typer.Context, family: str, labels: str | None, label_seed: int | None, lr_class: float | None):
+def family_options(ctx: typer.Context, family: str, labels: str | None, label_seed: int | None, lr_class: float | None,
+                   class_noise: float | None):
     """The family's options dataclass from the CLI; an option given for another family is an error."""
     _choice(family, FAMILY_NAMES, "--family")
     given = [p for p in ctx.params if getattr(ctx.get_parameter_source(p), "name", "") in ("COMMANDLINE", "ENVIRONMENT")]
@@ -184,7 +186,8 @@ def family_options(ctx: typer.Context, family: str, labels: str | None, label_se
     try:
         return kind.options_class(labels=parse_labels(labels) if labels is not None else defaults.labels,
                                   label_seed=defaults.label_seed if label_seed is None else label_seed,
-                                  lr_class=defaults.lr_class if lr_class is None else lr_class)
+                                  lr_class=defaults.lr_class if lr_class is None else lr_class,
+                                  class_noise=defaults.class_noise if class_noise is None else class_noise)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
 
@@ -255,9 +258,10 @@ def mnist(
     labels: Labels = None,
     label_seed: LabelSeed = None,
     lr_class: LrClass = None,
+    class_noise: ClassNoise = None,
 ) -> None:
     """Train on MNIST (28x28 grayscale digits; the paper's setting: 8-D Gaussian prior, std 5)."""
-    options = family_options(ctx, family, labels, label_seed, lr_class)
+    options = family_options(ctx, family, labels, label_seed, lr_class, class_noise)
     if prior == "gaussian" and prior_std is None:
         prior_std = 5.0  # the paper's MNIST likelihood model
     cfg = build_config(family=family, options=options,
@@ -322,6 +326,7 @@ def folder(
     labels: Labels = None,
     label_seed: LabelSeed = None,
     lr_class: LrClass = None,
+    class_noise: ClassNoise = None,
     unlabelled_dir: Annotated[Optional[str], typer.Option(
         help="semi: the sub-folder of DIRECTORY holding unlabelled images (the other sub-folders are the classes).")] = None,
 ) -> None:
@@ -331,7 +336,7 @@ def folder(
     _choice(color, ("L", "RGB"), "--color")
     _choice(resample, tuple(RESAMPLE), "--resample")
     height, width = parse_size(size)
-    options = family_options(ctx, family, labels, label_seed, lr_class)
+    options = family_options(ctx, family, labels, label_seed, lr_class, class_noise)
     if unlabelled_dir is not None and not (directory / unlabelled_dir).is_dir():
         raise typer.BadParameter(f"{directory / unlabelled_dir} is not a folder: name a sub-folder of DIRECTORY",
                                  param_hint="--unlabelled-dir")

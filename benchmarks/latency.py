@@ -183,16 +183,10 @@ def _exported_from(d: Path, sha: str, variant: str) -> bool:
 
 def rebuild_torch(checkpoint: Path):
     """Encoder and decoder in eval mode, rebuilt from the checkpoint alone (as export does)."""
-    from aae_train.checkpoint import load_checkpoint
-    from aae_train.config import RunConfig
-    from aae_train.models import build_models
+    from aae_train.checkpoint import load_trained
 
-    state = load_checkpoint(checkpoint)
-    cfg = RunConfig.from_dict(state["config"])
-    enc, dec, _ = build_models(cfg.model)
-    enc.load_state_dict(state["encoder"])
-    dec.load_state_dict(state["decoder"])
-    return enc.eval(), dec.eval(), cfg
+    trained = load_trained(checkpoint)
+    return trained.nets["encoder"], trained.nets["decoder"], trained.cfg
 
 
 def torch_setups(enc, dec, ort_model: AAEModel, cores: int) -> list[bench.Setup]:

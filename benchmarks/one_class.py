@@ -81,6 +81,7 @@ def run_config(digit: int, args):
                           prior=make_prior_spec("gaussian", args.latent_dim, std=args.prior_std)),
         data=DataConfig(source="mnist", path=str(args.data_dir), classes=(digit,)),
         train=TrainConfig(epochs=args.epochs, seed=args.seed, device=args.device),
+        family=args.family,
     )
 
 
@@ -92,6 +93,8 @@ def train_digit(digit: int, args) -> dict:
     record_path = run_dir / "benchmark_train.json"
     cfg = run_config(digit, args)
     wanted = {"model": cfg.to_dict()["model"], "train": cfg.to_dict()["train"], "classes": [digit]}
+    if args.family != "aae":  # records written before families existed hold no family
+        wanted["family"] = args.family
     if record_path.exists():
         record = json.loads(record_path.read_text())
         if record.get("settings") == wanted and (run_dir / "checkpoint.pt").exists():
@@ -115,7 +118,8 @@ def train_digit(digit: int, args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", type=Path, required=True, help="folder with the four MNIST IDX files")
-    p.add_argument("--work-dir", type=Path, default=REPO / "runs" / "one_class", help="checkpoints and exported models")
+    p.add_argument("--family", default="aae", choices=("aae", "ae"), help="model family; ae: the plain autoencoder baseline")
+    p.add_argument("--work-dir", type=Path, default=None, help="checkpoints and exported models (default runs/one_class[-FAMILY])")
     p.add_argument("--digits", default="0,1,2,3,4,5,6,7,8,9")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--hidden", type=int, default=256)
@@ -123,10 +127,17 @@ def main() -> None:
     p.add_argument("--prior-std", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 beside other work)")
     p.add_argument("--score", default=None, help="score to export with (default: the runtime's default)")
     p.add_argument("--train-only", action="store_true", help="train (or reuse) the checkpoints and stop")
     p.add_argument("--results", type=Path, default=RESULTS)
     args = p.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.work_dir is None:
+        args.work_dir = REPO / "runs" / ("one_class" if args.family == "aae" else f"one_class-{args.family}")
     digits = [int(d) for d in args.digits.split(",")]
     if args.score is None:
         from aae_runtime.contract.scores import DEFAULT_SCORE
@@ -231,14 +242,26 @@ def write_results(per_digit: dict, digits: list[int], args, scores, default_scor
         "published_mean_auroc": PUBLISHED,
         "notes": NOTES,
     }
+    out["family"] = args.family
     args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "one_class.json").write_text(json.dumps(out, indent=1) + "\n")
-    (args.results / "one_class.md").write_text(markdown(out, digits, scores) + "\n")
+    (args.results / RESULT_FILES[args.family]).write_text(json.dumps(out, indent=1) + "\n")
+    aae = out if args.family == "aae" else _load_results("aae", args.results)
+    baseline = out if args.family == "ae" else _load_results("ae", args.results)
+    if aae is not None:
+        (args.results / "one_class.md").write_text(markdown(aae, digits, scores, baseline) + "\n")
     print("mean AUROC: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(means.items(), key=lambda kv: -kv[1])))
-    print(f"wrote {args.results / 'one_class.json'} and {args.results / 'one_class.md'}")
+    print(f"wrote {args.results / RESULT_FILES[args.family]} and {args.results / 'one_class.md'}")
 
 
-def markdown(out: dict, digits: list[int], scores) -> str:
+RESULT_FILES = {"aae": "one_class.json", "ae": "one_class_ae.json"}  # per family; the markdown shows both
+
+
+def _load_results(family: str, results: Path) -> dict | None:
+    path = results / RESULT_FILES[family]
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def markdown(out: dict, digits: list[int], scores, baseline: dict | None = None) -> str:
     b = out["training_budget"]
     lines = [
         "# One-class MNIST (AUROC, %)",
@@ -255,6 +278,15 @@ def markdown(out: dict, digits: list[int], scores) -> str:
         cells = [f"{100 * out['per_digit'][str(d)]['auroc'][name]:.1f}" for d in digits]
         mark = " (default)" if name == out["runtime_default_score"] else ""
         lines.append(f"| `{name}`{mark} | " + " | ".join(cells) + f" | **{100 * out['mean_auroc'][name]:.1f}** |")
+    if baseline is not None:  # the plain autoencoder, same networks and budget, no adversary
+        name = out["runtime_default_score"]
+        cells = [f"{100 * baseline['per_digit'][str(d)]['auroc'][name]:.1f}" for d in digits]
+        lines.append(f"| plain AE (`--family ae`), `{name}` | " + " | ".join(cells) +
+                     f" | **{100 * baseline['mean_auroc'][name]:.1f}** |")
+        best = baseline["best_score"]
+        lines.append(f"| plain AE, its best score `{best}` | " + " | ".join(
+            f"{100 * baseline['per_digit'][str(d)]['auroc'][best]:.1f}" for d in digits) +
+            f" | **{100 * baseline['mean_auroc'][best]:.1f}** |")
     for name, per_class in PUBLISHED_PER_CLASS.items():
         if len(digits) == 10:
             lines.append(f"| {name} (published) | " + " | ".join(f"{v:.1f}" for v in per_class) + f" | {np.mean(per_class):.1f} |")

@@ -100,8 +100,14 @@ def load_generator(source: Path, sample_std: float | None = None):
         if sample_std is not None:
             raise SystemExit("--sample-std needs a checkpoint, not an exported model folder")
         return (lambda n, seed: model.sample(n, seed=seed)), cfg, info
-    state, cfg, _, decoder = load_trained(source)
+    state, cfg, encoder, decoder = load_trained(source)
     prior = cfg.model.prior
+    if cfg.family == "ae":  # no prior imposed: sample as its export does, from a Gaussian fitted to held-out codes
+        from aae_runtime.contract.priors import fit_gaussian_prior
+
+        val = torch.from_numpy(load_dataset(cfg.data, None).val)
+        with torch.no_grad():
+            prior = fit_gaussian_prior(torch.cat([encoder(b) for b in val.split(1000)]).numpy(), "held-out codes")
     if sample_std is not None:  # diagnostic: is a mismatch of scale what costs likelihood?
         if prior.get("name") != "gaussian":
             raise SystemExit("--sample-std needs a model with a Gaussian prior")
@@ -116,16 +122,13 @@ def load_generator(source: Path, sample_std: float | None = None):
 
 
 def load_trained(checkpoint: Path):
-    """(checkpoint state, RunConfig, encoder, decoder), the networks in eval mode."""
-    from aae_train.checkpoint import load_checkpoint
-    from aae_train.models import build_models
+    """(checkpoint state, RunConfig, encoder, decoder), the networks in eval mode (aae_train.checkpoint.load_trained)."""
+    from aae_train.checkpoint import load_trained as rebuild
 
-    state = load_checkpoint(checkpoint)
-    cfg = RunConfig.from_dict(state["config"])
-    encoder, decoder, _ = build_models(cfg.model)
-    encoder.load_state_dict(state["encoder"])
-    decoder.load_state_dict(state["decoder"])
-    return state, cfg, encoder.eval(), decoder.eval()
+    trained = rebuild(checkpoint)
+    if trained.family.uses_labels:
+        raise SystemExit(f"{checkpoint}: the Parzen benchmark samples unconditional models (aae, ae), not {trained.cfg.family}")
+    return trained.state, trained.cfg, trained.nets["encoder"], trained.nets["decoder"]
 
 
 def reconstructions(checkpoint: Path, data_dir: Path, n: int, seed: int, jitter: float = 0.0) -> tuple[np.ndarray, dict, dict]:

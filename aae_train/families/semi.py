@@ -34,6 +34,7 @@ class SemiOptions:
     labels: int | None = 100  # labelled training images (class-balanced); None: every label
     label_seed: int = 0  # draws the labelled subset (and the labelled validation subset)
     lr_class: float = 1e-3  # Adam, encoder's class head and trunk, supervised classification step
+    class_noise: float = 0.0  # std of Gaussian noise on the labelled images of the classification step (training only)
     classes: tuple[str, ...] | None = None  # the class values, in label order (set from the data)
 
     def __post_init__(self) -> None:
@@ -41,6 +42,8 @@ class SemiOptions:
             raise ValueError("labels must be a positive number of images, or all")
         if not self.lr_class >= 0:
             raise ValueError("lr_class must be >= 0")
+        if not self.class_noise >= 0:
+            raise ValueError("class_noise must be >= 0")
 
 
 def labelled_split(cfg: RunConfig, data) -> tuple[np.ndarray, np.ndarray]:
@@ -123,7 +126,10 @@ class SemiFamily(SupervisedFamily):
         # Semi-supervised classification phase, on a minibatch of the labelled images.
         pick = torch.randint(len(self.labelled_x), (min(len(x), len(self.labelled_x)),),
                              generator=self.streams.extra["labelled"]).to(self.device)
-        class_loss = F.cross_entropy(enc.codes(self.labelled_x[pick])[1], self.labelled_y[pick])
+        xl = self.labelled_x[pick]
+        if self.cfg.options.class_noise > 0:  # a few labels are memorised at once; noise makes each pass new
+            xl = xl + self.cfg.options.class_noise * torch.randn_like(xl)
+        class_loss = F.cross_entropy(enc.codes(xl)[1], self.labelled_y[pick])
         opt["classify"].zero_grad(set_to_none=True)
         class_loss.backward()
         opt["classify"].step()
