@@ -154,16 +154,20 @@ def class_labels(data: Dataset) -> tuple[tuple[str, ...] | None, np.ndarray | No
     return tuple(str(d) for d in digits), np.searchsorted(digits, data.train_labels), np.searchsorted(digits, data.val_labels)
 
 
-def balanced_subset(labels: np.ndarray, n: int, n_classes: int, seed: int, option: str, where: str) -> np.ndarray:
+def balanced_subset(labels: np.ndarray, n: int, n_classes: int, seed: int, option: str, where: str,
+                    strict: bool = True) -> np.ndarray:
     """Sorted indices of ``n`` labelled items (labels >= 0), as equal per class as ``n`` allows
-    (the first ``n % n_classes`` classes get one more), drawn by ``seed``."""
-    if n < n_classes:
+    (the first ``n % n_classes`` classes get one more), drawn by ``seed``. Not ``strict``: at
+    most ``n``, a class short of its share giving what it has (a validation subset)."""
+    if strict and n < n_classes:
         raise DataError(f"{option} {n}: need at least one labelled image per class ({n_classes} classes)")
     rng = np.random.default_rng(seed)
     picked = []
     for c in range(n_classes):
         want = n // n_classes + (c < n % n_classes)
         have = np.flatnonzero(labels == c)
+        if not strict:
+            want = min(want, len(have))
         if len(have) < want:
             raise DataError(f"{option} {n}: {where} has only {len(have)} images of class {c} but a balanced draw needs "
                             f"{want}; give at most {n_classes * min(int((labels == k).sum()) for k in range(n_classes))} or all")

@@ -239,3 +239,23 @@ def test_labels_beyond_what_the_data_holds_are_refused_before_training(tmp_path,
              "--labels", "1000", "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and "--labels 1000" in r.stderr and "give at most" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_folder_training_takes_classes_from_sub_folders_and_unlabelled_images_from_their_own(tmp_path, mnist_test, mnist_dir):
+    images, labels = mnist_test
+    root = tmp_path / "parts"
+    for i in range(120):
+        kind = {0: "round", 1: "straight"}.get(int(labels[i]) % 2)
+        write_png(root / ("unsorted" if i % 3 == 0 else kind) / f"{i}.png", images[i])
+    write_png(root / "loose.png", images[200])  # at the top level: unlabelled
+    common = ["aae-train", "folder", str(root), "--size", "28", "--arch", "mlp", "--hidden", "16", "--latent-dim", "2",
+              "--epochs", "1", "--batch-size", "10", "--threads", "1"]
+    r = _cli(*common, "--family", "semi", "--labels", "20", "--unlabelled-dir", "unsorted", "--out", str(tmp_path / "semi"))
+    assert r.returncode == 0, r.stderr
+    cfg = RunConfig.from_dict(load_checkpoint(tmp_path / "semi" / "checkpoint.pt")["config"])
+    assert cfg.options.classes == ("round", "straight") and cfg.data.unlabelled_dir == "unsorted"
+    r = _cli(*common, "--family", "supervised", "--out", str(tmp_path / "sup"))
+    assert r.returncode == 2 and "outside the class sub-folders" in r.stderr  # loose.png has no class (unsorted/ is one)
+    r = _cli(*common, "--family", "semi", "--unlabelled-dir", "missing", "--out", str(tmp_path / "x"))
+    text = " ".join(r.stderr.replace("│", " ").split())
+    assert r.returncode == 2 and "--unlabelled-dir" in text and "is not a folder" in text

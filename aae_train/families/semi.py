@@ -6,8 +6,9 @@ a minibatch of the few labelled images.
 
 The labelled images are a class-balanced subset of the training split drawn by ``label_seed``;
 the others train unlabelled. The validation figure that picks the kept checkpoint (``best.pt``)
-is the classification error on a class-balanced labelled subset of the validation split no
-larger than the labelled training set, so no choice sees more labels than the run was given.
+is the classification error on a labelled subset of the validation split, class-balanced as far
+as the split allows and no larger than the labelled training set, so no choice sees more labels
+than the run was given.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def labelled_split(cfg: RunConfig, data) -> tuple[np.ndarray, np.ndarray]:
     if n is None:
         return np.flatnonzero(train_y >= 0), np.flatnonzero(val_y >= 0)
     train = balanced_subset(train_y, n, k, seed, "--labels", "the training split")
-    val = balanced_subset(val_y, min(n, int((val_y >= 0).sum())), k, seed + 1, "--labels", "the validation split")
+    val = balanced_subset(val_y, n, k, seed + 1, "--labels", "the validation split", strict=False)
     return train, val
 
 
