@@ -49,9 +49,13 @@ def command(args, labels: str, draw: int) -> list[str]:
             "--out", str(run_dir(args, labels, draw))]
 
 
-def finished(path: Path, epochs: int) -> bool:
-    metrics = path / "metrics.jsonl"
-    return metrics.exists() and len(metrics.read_text().splitlines()) >= epochs and (path / "best.pt").exists()
+def finished(path: Path, epochs: int | None = None) -> bool:
+    """The run trained ``epochs`` (None: the epochs its own config asked for) and kept a best.pt."""
+    metrics, config = path / "metrics.jsonl", path / "config.json"
+    if not (metrics.exists() and config.exists() and (path / "best.pt").exists()):
+        return False
+    wanted = epochs if epochs is not None else json.loads(config.read_text())["train"]["epochs"]
+    return len(metrics.read_text().splitlines()) >= wanted
 
 
 def train_run(args, labels: str, draw: int) -> None:
@@ -99,8 +103,11 @@ def summarise(args, label_sets: list[str]) -> dict:
         runs = {}
         for draw in range(args.draws):
             path = run_dir(args, labels, draw)
-            if finished(path, args.epochs):
-                runs[draw] = {**test_error(path, args.data_dir), "command": shlex.join(command(args, labels, draw))}
+            if finished(path):
+                record = test_error(path, args.data_dir)
+                record["command"] = shlex.join(command(args, labels, draw)).replace(f"--epochs {args.epochs}",
+                                                                                  f"--epochs {record['epochs']}")
+                runs[draw] = record
         errors = [r["test_error"] for r in runs.values()]
         results[labels] = {"runs": runs, "mean": float(np.mean(errors)) if errors else None,
                            "std": float(np.std(errors, ddof=1)) if len(errors) > 1 else None}
@@ -108,13 +115,14 @@ def summarise(args, label_sets: list[str]) -> dict:
 
 
 def write(results: dict, args) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = args.results
+    out.mkdir(parents=True, exist_ok=True)
     meta = {"recipe": args.recipe, "epochs": args.epochs, "threads": args.threads,
             "machine": f"{platform.machine()}, {os.cpu_count()} cores", "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d")}
-    (RESULTS / "semi_supervised.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+    (out / "semi_supervised.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
     lines = ["# Semi-supervised MNIST (semi-supervised AAE, paper section 5)", "",
-             f"Recipe: `aae-train mnist --family semi {' '.join(args.recipe)} --epochs {args.epochs}`; "
+             f"Recipe: `aae-train mnist --family semi {' '.join(args.recipe)}`, epochs per run in the table; "
              f"kept checkpoint: `best.pt` (lowest error on a labelled validation subset no larger than the labelled "
              f"training set). Machine: {meta['machine']} (CPU, `--threads {args.threads}`, runs side by side). "
              "Test labels are read only by the final error.", "",
@@ -132,7 +140,7 @@ def write(results: dict, args) -> None:
         for draw, x in r["runs"].items():
             lines.append(f"- {labels} labels, draw {draw}: test {x['test_error']:.2f}, validation {x['val_error']:.1f} "
                          f"({x['val_labelled']} labelled) at epoch {x['best_epoch']}: `{x['command']}`")
-    (RESULTS / "semi_supervised.md").write_text("\n".join(lines) + "\n")
+    (out / "semi_supervised.md").write_text("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", type=Path, default=REPO / "runs" / "semi")
     p.add_argument("--recipe", default=shlex.join(RECIPE), help="aae-train options of the recipe")
     p.add_argument("--train-only", action="store_true", help="train the runs and stop (no test error)")
+    p.add_argument("--results", type=Path, default=RESULTS, help="folder for semi_supervised.{json,md}")
     p.add_argument("--only-draw", type=int, default=None, help="train only this draw (to run draws side by side)")
     args = p.parse_args(argv)
     args.recipe = shlex.split(args.recipe)
@@ -156,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                 train_run(args, labels, draw)
     if not args.train_only:
         results = summarise(args, list(dict.fromkeys([*PAPER, *label_sets])))  # every size with finished runs
+        results = {k: v for k, v in results.items() if v["runs"]}
         write(results, args)
         print(json.dumps({k: (v["mean"], v["std"]) for k, v in results.items()}))
     return 0
