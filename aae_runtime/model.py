@@ -187,14 +187,19 @@ class AAEModel:
             feeds[LABEL_INPUT] = y
         return self.decoder.run([RECONSTRUCTION_OUTPUT], feeds)[0]
 
-    def reconstruct(self, images: np.ndarray) -> np.ndarray:
-        """Reconstructions as the score sees them (a conditional decoder: with the class head's
-        probabilities, or the label that reconstructs each image best)."""
+    def decoder_labels(self, images: np.ndarray) -> np.ndarray | None:
+        """The label rows a conditional decoder gets when these images are scored: the class
+        head's probabilities, or the one-hot label that reconstructs each image best (None for an
+        unconditional decoder)."""
+        if not self.metadata.conditional:
+            return None
         x = self._check_images(images)
-        z, labels = self._codes(x)
-        if labels is None and self.metadata.conditional:
-            labels = self.label_vectors([self.classes[i] for i in self._best_labels(x, z)[0]])
-        return self.decode(z, labels)
+        z, probs = self._codes(x)
+        return probs if probs is not None else self.label_vectors([self.classes[i] for i in self._best_labels(x, z)[0]])
+
+    def reconstruct(self, images: np.ndarray) -> np.ndarray:
+        """Reconstructions as the score sees them (a conditional decoder: see `decoder_labels`)."""
+        return self.decode(self.encode(images), self.decoder_labels(images))
 
     def score_parts(self, images: np.ndarray) -> ScoreParts:
         """Latent codes, per-pixel error maps and mean errors of preprocessed images (N, C, H, W).

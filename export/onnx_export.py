@@ -179,7 +179,8 @@ def _apply_variant(variant: str, enc_proto, dec_proto, draft: dict, fp32: AAEMod
     if variant == "fp32":
         return fp32, enc_proto, dec_proto, {"precision": "fp32"}
     latents = np.concatenate([fp32.encode(b) for b in _batches(normal, 256)])
-    enc_v, dec_v, info = make_variant(variant, enc_proto, dec_proto, normal, latents, prior)
+    labels = np.concatenate([fp32.decoder_labels(b) for b in _batches(normal, 256)]) if fp32.metadata.conditional else None
+    enc_v, dec_v, info = make_variant(variant, enc_proto, dec_proto, normal, latents, prior, labels=labels)
     for proto in (enc_v, dec_v):
         attach(proto, draft)
         onnx.checker.check_model(proto, full_check=True)

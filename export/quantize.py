@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from aae_runtime.contract.metadata import IMAGE_INPUT, LATENT_INPUT
+from aae_runtime.contract.metadata import IMAGE_INPUT, LABEL_INPUT, LATENT_INPUT
 from aae_runtime.contract.priors import sample_prior
 
 VARIANTS = ("fp32", "fp16", "int8")
@@ -36,11 +36,14 @@ FP16_METHOD = "float16 weights and ops, float32 inputs and outputs (onnxruntime.
 
 
 def make_variant(variant: str, encoder: onnx.ModelProto, decoder: onnx.ModelProto, normal: np.ndarray,
-                 latents: np.ndarray, prior: dict, seed: int = 0) -> tuple[onnx.ModelProto, onnx.ModelProto, dict]:
+                 latents: np.ndarray, prior: dict, seed: int = 0,
+                 labels: np.ndarray | None = None) -> tuple[onnx.ModelProto, onnx.ModelProto, dict]:
     """The ``variant`` of the float32 graphs, and the metadata block describing it.
 
     ``normal``: held-out normal images (N, C, H, W) for calibration; ``latents``: their codes
-    from the float32 encoder (N, latent); ``prior``: the prior spec, for the decoder's calibration.
+    from the float32 encoder (N, latent); ``prior``: the prior spec, for the decoder's calibration;
+    ``labels``: a conditional decoder's label rows for those codes (N, K); the prior draws get
+    one-hot rows of random classes.
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
@@ -48,20 +51,25 @@ def make_variant(variant: str, encoder: onnx.ModelProto, decoder: onnx.ModelProt
         return encoder, decoder, {"precision": "fp32"}
     if variant == "fp16":
         return to_fp16(encoder), to_fp16(decoder), {"precision": "fp16", "method": FP16_METHOD}
-    draws = sample_prior(prior, len(latents), np.random.default_rng(seed)).astype(np.float32)
-    enc = quantize_int8(encoder, IMAGE_INPUT, normal)
-    dec = quantize_int8(decoder, LATENT_INPUT, np.concatenate([latents, draws]))
+    rng = np.random.default_rng(seed)
+    draws = sample_prior(prior, len(latents), rng).astype(np.float32)
+    enc = quantize_int8(encoder, {IMAGE_INPUT: normal})
+    feeds = {LATENT_INPUT: np.concatenate([latents, draws])}
+    if labels is not None:
+        k = labels.shape[1]
+        feeds[LABEL_INPUT] = np.concatenate([labels, np.eye(k, dtype=np.float32)[rng.integers(0, k, len(draws))]])
+    dec = quantize_int8(decoder, feeds)
     info = {"precision": "int8", "method": INT8_METHOD, "calibration_images": int(len(normal)),
             "calibration_prior_draws": int(len(draws))}
     return enc, dec, info
 
 
-def quantize_int8(proto: onnx.ModelProto, input_name: str, calibration: np.ndarray) -> onnx.ModelProto:
-    """Static QDQ int8 quantisation of one graph, calibrated on ``calibration`` (its inputs)."""
+def quantize_int8(proto: onnx.ModelProto, calibration: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """Static QDQ int8 quantisation of one graph, calibrated on ``calibration`` (input name -> rows)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    reader = _ArrayReader(input_name, np.ascontiguousarray(calibration, dtype=np.float32))
+    reader = _ArrayReader({name: np.ascontiguousarray(rows, dtype=np.float32) for name, rows in calibration.items()})
     with tempfile.TemporaryDirectory(prefix="aae-quant-") as tmp, _quiet():
         src, pre, dst = Path(tmp, "fp32.onnx"), Path(tmp, "pre.onnx"), Path(tmp, "int8.onnx")
         onnx.save(proto, src)
@@ -105,10 +113,12 @@ def _sort_topologically(graph: onnx.GraphProto) -> None:
 
 
 class _ArrayReader:
-    """onnxruntime.quantization CalibrationDataReader over one array, in batches."""
+    """onnxruntime.quantization CalibrationDataReader over arrays of equal length (one per input), in batches."""
 
-    def __init__(self, name: str, data: np.ndarray):
-        self._feeds = iter([{name: data[i : i + CALIBRATION_BATCH]} for i in range(0, len(data), CALIBRATION_BATCH)])
+    def __init__(self, data: dict[str, np.ndarray]):
+        n = len(next(iter(data.values())))
+        self._feeds = iter([{name: rows[i : i + CALIBRATION_BATCH] for name, rows in data.items()}
+                            for i in range(0, n, CALIBRATION_BATCH)])
 
     def get_next(self) -> dict | None:
         return next(self._feeds, None)

@@ -259,3 +259,16 @@ def test_folder_training_takes_classes_from_sub_folders_and_unlabelled_images_fr
     r = _cli(*common, "--family", "semi", "--unlabelled-dir", "missing", "--out", str(tmp_path / "x"))
     text = " ".join(r.stderr.replace("│", " ").split())
     assert r.returncode == 2 and "--unlabelled-dir" in text and "is not a folder" in text
+
+
+@pytest.mark.parametrize("variant", ["int8", "fp16"])
+def test_conditional_models_export_their_smaller_variants(families, variant, tmp_path, mnist_test):
+    # int8 calibrates the decoder on (code, label) pairs: the labels it gets when scoring.
+    x = pixels_to_input(mnist_test[0][:64], MNIST_PREPROCESSING)
+    for name in ("supervised", "semi"):
+        run, fp32_dir = families[name]
+        export_checkpoint(run.checkpoint, tmp_path / name, variant=variant, log=lambda s: None)
+        small, ref = AAEModel.load(tmp_path / name, device="cpu"), AAEModel.load(fp32_dir, device="cpu")
+        assert small.metadata.raw["variant"]["precision"] == variant and small.metadata.conditional
+        ranks = [np.argsort(np.argsort(m.score(x))) for m in (small, ref)]
+        assert np.corrcoef(*ranks)[0, 1] > 0.9, name
