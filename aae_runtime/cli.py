@@ -33,7 +33,8 @@ from aae_runtime.model import DEFAULT_BATCH_SIZE, AAEModel, ImageScore
 from aae_runtime.report import FORMATS as RESULT_FORMATS, write_results
 from aae_runtime.session import DEVICES, SessionConfig, available_providers
 
-EXIT_OK, EXIT_SOME_FAILED = 0, 1  # EXIT_CANNOT_RUN = 2 comes from clierrors, shared by all commands
+EXIT_OK, EXIT_SOME_FAILED = 0, 1
+MAX_GRID_ROWS = 1000  # sample --grid: rows x classes images are decoded at once  # EXIT_CANNOT_RUN = 2 comes from clierrors, shared by all commands
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 all images scored; 1 some files could not be scored (each has an error row); "
@@ -223,6 +224,8 @@ def sample(
         raise typer.BadParameter(f"{out_path}: use a .png or .npy file name", param_hint="--out")
     if grid and label is not None:
         raise typer.BadParameter("give --label or --grid, not both", param_hint="--grid")
+    if grid and n > MAX_GRID_ROWS:
+        raise typer.BadParameter(f"{n} rows: a grid has at most {MAX_GRID_ROWS} rows (style codes)", param_hint="-n")
     try:
         m = _load(model, device, threads=threads)
         if label is not None and m.classes and label not in m.classes:

@@ -16,7 +16,6 @@ from aae_runtime.calibration import normalise, threshold_at_percentile
 from aae_runtime.contract.errors import InputError, ModelError
 from aae_runtime.images import find_images, load_image
 from aae_runtime.contract.metadata import (
-    BEST_LABEL_OUTPUT,
     CLASS_OUTPUT,
     DECODER_FILE,
     ENCODER_FILE,

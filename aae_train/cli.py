@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 import warnings
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Annotated, Literal, Optional
-
 
 import typer
 from rich.console import Console
@@ -19,7 +19,7 @@ from aae_runtime.contract.priors import PRIOR_NAMES, make_prior_spec
 from aae_train.config import (
     ARCHS, DEVICES, LR_SCHEDULES, POSTERIORS, RECON_LOSSES, DataConfig, ModelConfig, RunConfig, TrainConfig,
 )
-from aae_train.families import DEFAULT_FAMILY, FAMILY_MODULES, FAMILY_NAMES
+from aae_train.families import DEFAULT_FAMILY, FAMILY_MODULES, FAMILY_NAMES, get_family
 
 app = OneLineErrorsTyper(add_completion=False, no_args_is_help=True, help="Train Adversarial Autoencoders.")  # unexpected errors: one line, exit 2
 err = Console(stderr=True, soft_wrap=True)
@@ -78,7 +78,9 @@ Resume = Annotated[Optional[Path], typer.Option(exists=True, help="Continue from
 ADVERSARIAL_OPTIONS = ("prior", "prior_std", "mog_components", "mog_radius", "mog_std", "uniform_low", "uniform_high",
                        "swissroll_turns", "swissroll_radius", "swissroll_noise", "posterior", "noise_dim", "lr_disc",
                        "lr_gen", "label_smoothing", "disc_noise", "gradient_penalty", "disc_steps", "disc_dropout")
-SEMI_OPTIONS = ("labels", "label_seed", "lr_class", "class_noise", "unlabelled_dir")
+# Family options of the command line -> the family they belong to (its options dataclass has the field;
+# --unlabelled-dir belongs to every family that trains on labelled and unlabelled images).
+FAMILY_OPTIONS = {"labels": "semi", "label_seed": "semi", "lr_class": "semi", "class_noise": "semi", "unlabelled_dir": "semi"}
 
 PRIOR_OPTIONS = {  # CLI option -> (prior it belongs to, parameter in the prior spec)
     "--prior-std": ("gaussian", "std"), "--mog-components": ("mog", "components"), "--mog-radius": ("mog", "radius"),
@@ -170,17 +172,17 @@ def family_options(ctx: typer.Context, family: str, labels: str | None, label_se
     """The family's options dataclass from the CLI; an option given for another family is an error."""
     _choice(family, FAMILY_NAMES, "--family")
     given = [p for p in ctx.params if getattr(ctx.get_parameter_source(p), "name", "") in ("COMMANDLINE", "ENVIRONMENT")]
-    adversarial = [n for n, (_, text) in FAMILY_MODULES.items() if n != "ae"]
-    for param in given:
-        if param in ADVERSARIAL_OPTIONS and family == "ae":
-            raise typer.BadParameter(f"applies to the families with a discriminator ({', '.join(adversarial)}), "
-                                     "not --family ae", param_hint=_option_name(param))
-        if param in SEMI_OPTIONS and family != "semi":
-            raise typer.BadParameter(f"applies to --family semi, not {family}", param_hint=_option_name(param))
-    from aae_train.families import get_family
-
     kind = get_family(family)
-    if family != "semi":
+    adversarial = [n for n in FAMILY_NAMES if get_family(n).adversarial]
+    fields = {f.name for f in dataclass_fields(kind.options_class)}
+    for param in given:
+        if param in ADVERSARIAL_OPTIONS and not kind.adversarial:
+            raise typer.BadParameter(f"applies to the families with a discriminator ({', '.join(adversarial)}), "
+                                     f"not --family {family}", param_hint=_option_name(param))
+        owner = FAMILY_OPTIONS.get(param)
+        if owner is not None and param not in fields and not (param == "unlabelled_dir" and kind.allows_unlabelled and kind.uses_labels):
+            raise typer.BadParameter(f"applies to --family {owner}, not {family}", param_hint=_option_name(param))
+    if "labels" not in fields:
         return kind.options_class()
     defaults = kind.options_class()
     try:
@@ -381,7 +383,7 @@ def run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, t
     """Train with a live progress bar; one-line errors, never a traceback."""
     from aae_train.data import DataWarning
     from aae_train.plots import PLOT_NAMES
-    from aae_train.train import train  # torch is imported only once arguments are valid
+    from aae_train.train import train  # the training loop, once arguments are valid
 
     if threads is not None:
         import torch

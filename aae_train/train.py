@@ -87,6 +87,8 @@ class Trainer:
         self.streams = Streams(prior=np.random.default_rng(t.seed + 2),
                                extra={name: torch.Generator().manual_seed(t.seed + 3 + i) for i, name in enumerate(kind.extra_streams)})
         self.family.prepare(data, self.streams)
+        if self.train_y is not None:  # what the step may see: e.g. -1 for the semi-supervised family's unlabelled images
+            self.train_y = torch.from_numpy(self.family.training_labels(self.train_y.cpu().numpy())).to(self.device)
         self.epoch = 0  # epochs completed
         self.history: list[dict] = []
         self.best: dict | None = None  # {"metric", "value", "epoch"} of best.pt
@@ -175,6 +177,8 @@ class Trainer:
         """Whether this epoch is the best so far by the family's validation figure (ties: the later)."""
         key, mode = self.family.selection
         value = metrics[key]
+        if not math.isfinite(value):
+            return False
         better = self.best is None or (value <= self.best["value"] if mode == "min" else value >= self.best["value"])
         if better:
             self.best = {"metric": key, "value": value, "epoch": metrics["epoch"]}
@@ -196,11 +200,10 @@ class Trainer:
         save_grid(pairs.cpu().numpy(), run_dir / RECONSTRUCTIONS_NAME, ncols=16)
         if self.history:
             plot_losses(self.history, run_dir / LOSS_CURVES_NAME)
-        x = self.val_x[:LATENT_PLOT_POINTS]
-        codes = torch.cat([model["encoder"](b) for b in x.split(1000)]).cpu().numpy()
+        codes = torch.cat([model["encoder"](b) for b in self.val_x.split(1000)]).cpu().numpy()
+        prior = sample_prior(self.family.prior_spec(self.cfg, codes), LATENT_PLOT_POINTS, np.random.default_rng(1))
+        codes = codes[:LATENT_PLOT_POINTS]
         labels = self.val_labels[: len(codes)] if self.val_labels is not None else None
-        spec = self.family.prior_spec(codes)
-        prior = sample_prior(spec, len(codes), np.random.default_rng(1)) if spec is not None else None
         plot_latent(codes, labels, run_dir / LATENT_NAME, prior_samples=prior, class_names=self.class_names)
 
     def state(self) -> dict:
@@ -270,7 +273,12 @@ def train(cfg: RunConfig, run_dir: str | Path, data_dir: str | None = None, resu
         raise TrainingError(f"the model expects images of shape {tuple(cfg.model.image_shape)} but the data are "
                             f"{data.preprocessing.shape}: set image_shape to the data's (C, H, W)")
     cfg = cfg.replace(data=replace(cfg.data, path=data.path, preprocessing=data.preprocessing.to_dict()))
-    cfg = get_family(cfg.family).configure(cfg, data)
+    configured = get_family(cfg.family).configure(cfg, data)
+    if state is not None and configured.options != cfg.options:  # e.g. a folder's class sub-folders changed
+        raise TrainingError(f"--resume {resume}: the data no longer matches the checkpoint (its classes were "
+                            f"{getattr(cfg.options, 'classes', None)}, the data now gives {getattr(configured.options, 'classes', None)}); "
+                            "restore the data as it was, or train a new run")
+    cfg = configured
     trainer = Trainer(cfg, data)
     if state is not None:
         trainer.load_state(state)

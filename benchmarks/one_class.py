@@ -107,7 +107,7 @@ def train_digit(digit: int, args) -> dict:
         "settings": wanted,
         "train_seconds": round(time.perf_counter() - start, 1),
         "epochs": len(result.metrics),
-        "final": {k: result.metrics[-1][k] for k in ("recon_loss", "val_recon_loss", "disc_acc")},
+        "final": {k: result.metrics[-1][k] for k in ("recon_loss", "val_recon_loss", "disc_acc") if k in result.metrics[-1]},
         "device": result.device,
     }
     record_path.write_text(json.dumps(record, indent=1) + "\n")

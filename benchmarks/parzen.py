@@ -102,12 +102,13 @@ def load_generator(source: Path, sample_std: float | None = None):
         return (lambda n, seed: model.sample(n, seed=seed)), cfg, info
     state, cfg, encoder, decoder = load_trained(source)
     prior = cfg.model.prior
-    if cfg.family == "ae":  # no prior imposed: sample as its export does, from a Gaussian fitted to held-out codes
-        from aae_runtime.contract.priors import fit_gaussian_prior
+    from aae_train.families import get_family
 
+    family = get_family(cfg.family)
+    if not family.adversarial:  # no prior imposed: sample as its export does (a Gaussian fitted to held-out codes)
         val = torch.from_numpy(load_dataset(cfg.data, None).val)
         with torch.no_grad():
-            prior = fit_gaussian_prior(torch.cat([encoder(b) for b in val.split(1000)]).numpy(), "held-out codes")
+            prior = family.prior_spec(cfg, torch.cat([encoder(b) for b in val.split(1000)]).numpy())
     if sample_std is not None:  # diagnostic: is a mismatch of scale what costs likelihood?
         if prior.get("name") != "gaussian":
             raise SystemExit("--sample-std needs a model with a Gaussian prior")

@@ -272,3 +272,43 @@ def test_conditional_models_export_their_smaller_variants(families, variant, tmp
         assert small.metadata.raw["variant"]["precision"] == variant and small.metadata.conditional
         ranks = [np.argsort(np.argsort(m.score(x))) for m in (small, ref)]
         assert np.corrcoef(*ranks)[0, 1] > 0.9, name
+
+
+def test_review_edge_cases_fail_in_one_line_not_silently(tmp_path, mnist_dir):
+    from aae_runtime.contract.errors import ModelError
+    from aae_runtime.contract.metadata import ModelMetadata
+    from aae_runtime.contract.priors import fit_gaussian_prior, validate_prior
+
+    # a fitted prior whose factor is not lower-triangular is refused at load, not at scoring
+    spec = fit_gaussian_prior(np.random.default_rng(0).normal(size=(50, 2)), "test")
+    with pytest.raises(ModelError, match="lower-triangular"):
+        validate_prior(dict(spec, scale_tril=[[1.0, 1.0], [1.0, 1.0]]))
+    # graphs may only take and give what their kind does: an encoder taking a label is damaged
+    meta = json.loads(AAEModel.load(FIXTURES / "v1" / "model", device="cpu").encoder.get_modelmeta().custom_metadata_map["aae"])
+    v2 = dict(meta, schema_version=2, graphs={"encoder": {"file": "encoder.onnx", "inputs": ["image", "label"], "outputs": ["latent"]},
+                                             "decoder": {"file": "decoder.onnx", "inputs": ["latent"], "outputs": ["reconstruction"]}})
+    with pytest.raises(ModelError, match="malformed 'graphs'"):
+        ModelMetadata.from_dict(v2, "test")
+
+
+def test_semi_step_sees_only_its_labelled_subset_and_resume_refuses_changed_classes(tmp_path, mnist_dir, mnist_test):
+    from aae_train.train import Trainer
+    from aae_train.data import load_dataset
+
+    cfg = _cfg(mnist_dir, "semi", options=get_family("semi").options_class(labels=30))
+    data = load_dataset(cfg.data)
+    cfg = get_family("semi").configure(cfg, data)
+    trainer = Trainer(cfg, data)
+    visible = trainer.train_y.numpy()
+    assert (visible >= 0).sum() == 30 and np.bincount(visible[visible >= 0]).tolist() == [3] * 10
+    # a folder run whose class sub-folders change between training and --resume
+    images, labels = mnist_test
+    root = tmp_path / "parts"
+    for i in range(60):
+        write_png(root / ("a" if labels[i] % 2 else "b") / f"{i}.png", images[i])
+    common = ["aae-train", "folder", str(root), "--size", "28", "--arch", "mlp", "--hidden", "8", "--latent-dim", "2",
+              "--batch-size", "10", "--threads", "1", "--family", "supervised"]
+    assert _cli(*common, "--epochs", "1", "--out", str(tmp_path / "run")).returncode == 0
+    (root / "a").rename(root / "c")
+    r = _cli(*common, "--epochs", "2", "--resume", str(tmp_path / "run" / "checkpoint.pt"), "--out", str(tmp_path / "run"))
+    assert r.returncode == 2 and "no longer matches the checkpoint" in r.stderr

@@ -41,9 +41,11 @@ LABEL_INPUT = "label"  # (N, K) float32: one-hot label or class probabilities, K
 CLASS_OUTPUT = "class_probs"  # (N, K) float32 softmax
 BEST_LABEL_OUTPUT = "best_label"  # (N,) int64: index into classes
 GRAPH_FILES = {"encoder": ENCODER_FILE, "decoder": DECODER_FILE, "scorer": SCORER_FILE}
-KNOWN_INPUTS = (IMAGE_INPUT, LATENT_INPUT, LABEL_INPUT)
-KNOWN_OUTPUTS = (LATENT_OUTPUT, RECONSTRUCTION_OUTPUT, PIXEL_ERROR_OUTPUT, RECONSTRUCTION_ERROR_OUTPUT, CLASS_OUTPUT,
-                 BEST_LABEL_OUTPUT)
+# What each graph may take and give: (inputs it must take, inputs it may take), outputs it may give.
+GRAPH_INPUTS = {"encoder": ({IMAGE_INPUT}, set()), "decoder": ({LATENT_INPUT}, {LABEL_INPUT}),
+                "scorer": ({IMAGE_INPUT}, set())}
+GRAPH_OUTPUTS = {"encoder": {LATENT_OUTPUT, CLASS_OUTPUT}, "decoder": {RECONSTRUCTION_OUTPUT},
+                 "scorer": {LATENT_OUTPUT, PIXEL_ERROR_OUTPUT, RECONSTRUCTION_ERROR_OUTPUT, CLASS_OUTPUT, BEST_LABEL_OUTPUT}}
 MAX_CLASSES = 10_000
 # The graphs of a schema-1 model, which named one input and output each.
 SCHEMA_1_GRAPHS = {
@@ -162,8 +164,11 @@ def _graphs(d: dict, version: int, source: str) -> dict:
     ok = isinstance(graphs, dict) and {"encoder", "decoder"} <= set(graphs) and set(graphs) <= set(GRAPH_FILES)
     for name, g in graphs.items() if ok else ():
         ok = ok and isinstance(g, dict) and g.get("file") == GRAPH_FILES[name]
-        ok = ok and isinstance(g.get("inputs"), list) and all(i in KNOWN_INPUTS for i in g["inputs"]) and g["inputs"]
-        ok = ok and isinstance(g.get("outputs"), list) and all(o in KNOWN_OUTPUTS for o in g["outputs"]) and g["outputs"]
+        ok = ok and isinstance(g.get("inputs"), list) and isinstance(g.get("outputs"), list)
+        if ok:
+            must, may = GRAPH_INPUTS[name]
+            inputs, outputs = set(map(str, g["inputs"])), set(map(str, g["outputs"]))
+            ok = must <= inputs <= must | may and len(inputs) == len(g["inputs"]) and outputs and outputs <= GRAPH_OUTPUTS[name]
     if not ok:
         raise ModelError(f"{source} metadata has a malformed 'graphs' block (encoder and decoder, each with its file, "
                          "inputs and outputs, are required): re-export the model")

@@ -58,6 +58,7 @@ def _validate_fitted(spec: dict) -> None:
         tril = np.asarray(spec["scale_tril"], dtype=np.float64)
         ok = ok and mean.shape == (dim,) and tril.shape == (dim, dim)
         ok = ok and bool(np.isfinite(mean).all() and np.isfinite(tril).all()) and bool((np.diag(tril) > 0).all())
+        ok = ok and not np.triu(tril, 1).any()  # lower-triangular: the density and sampling assume it
     except (KeyError, TypeError, ValueError):
         ok = False
     if not ok:

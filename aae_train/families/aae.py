@@ -28,7 +28,6 @@ class AAEFamily(Family):
     name = "aae"
     options_class = AAEOptions
     loss_names = ("recon_loss", "disc_loss", "disc_acc", "gen_loss")
-    optimizer_names = ("recon", "disc", "gen")
 
     @classmethod
     def networks(cls, cfg: RunConfig) -> dict[str, torch.nn.Module]:

@@ -25,7 +25,6 @@ class AEFamily(AAEFamily):
     name = "ae"
     options_class = AEOptions
     loss_names = ("recon_loss",)
-    optimizer_names = ("recon",)
     adversarial = False
 
     @classmethod
@@ -38,7 +37,8 @@ class AEFamily(AAEFamily):
         return {"recon": (torch.optim.Adam(params, lr=t.lr_recon), t.lr_recon)}
 
     def step(self, batch: Batch) -> torch.Tensor:
-        recon = self.recon_loss(self.nets["decoder"](self.nets["encoder"](batch.x)), batch.x)
+        z, code_noise = self.nets["encoder"](batch.x), self.cfg.train.code_noise
+        recon = self.recon_loss(self.nets["decoder"](z + code_noise * torch.randn_like(z) if code_noise > 0 else z), batch.x)
         self.opt["recon"].zero_grad(set_to_none=True)
         recon.backward()
         self.opt["recon"].step()
@@ -47,12 +47,13 @@ class AEFamily(AAEFamily):
     def evaluate(self, model, val: Batch, epoch: int) -> dict:
         return super(AAEFamily, self).evaluate(model, val, epoch)
 
-    def prior_spec(self, codes: np.ndarray) -> dict | None:
-        return fit_gaussian_prior(codes, f"{len(codes)} held-out codes")
+    @classmethod
+    def prior_spec(cls, cfg: RunConfig, codes: np.ndarray) -> dict:
+        return fit_gaussian_prior(codes, f"{len(codes)} held-out codes (validation split, split_seed {cfg.data.split_seed})")
 
     def sample_images(self, model, n: int, val_x: torch.Tensor) -> torch.Tensor:
         codes = torch.cat([model["encoder"](b) for b in val_x.split(1000)]).cpu().numpy()
-        z = sample_prior(self.prior_spec(codes), n, np.random.default_rng(0))
+        z = sample_prior(self.prior_spec(self.cfg, codes), n, np.random.default_rng(0))
         return model["decoder"](torch.from_numpy(z).to(self.device))
 
 

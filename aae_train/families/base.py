@@ -56,10 +56,10 @@ class Family:
     name: ClassVar[str]
     options_class: ClassVar[type]  # the family's own options dataclass (RunConfig.options)
     loss_names: ClassVar[tuple[str, ...]]  # the per-step losses `step` returns, in order (metrics keys)
-    optimizer_names: ClassVar[tuple[str, ...]]
     selection: ClassVar[tuple[str, str]] = ("val_recon_loss", "min")  # best.pt: (metric, min|max)
     model_networks: ClassVar[tuple[str, ...]] = ("encoder", "decoder")  # averaged by --ema, exported
     uses_labels: ClassVar[bool] = False  # needs class labels (train/val index arrays)
+    allows_unlabelled: ClassVar[bool] = True  # images without a class may train (only if uses_labels)
     adversarial: ClassVar[bool] = True  # has a discriminator: prior and D options apply
     extra_streams: ClassVar[tuple[str, ...]] = ()  # names of torch.Generator streams it needs
 
@@ -113,9 +113,15 @@ class Family:
         """Images decoded from ``n`` prior draws, for samples.png."""
         raise NotImplementedError
 
-    def prior_spec(self, codes: np.ndarray) -> dict | None:
-        """The prior generated images are drawn from (None: none to draw in the latent plot)."""
-        return self.cfg.model.prior
+    @classmethod
+    def prior_spec(cls, cfg: RunConfig, codes: np.ndarray) -> dict:
+        """The prior the model samples from (plots, export's metadata): the one training imposed;
+        ``codes`` (N, latent), held-out codes, serve families without one."""
+        return cfg.model.prior
+
+    def training_labels(self, train_y: np.ndarray | None) -> np.ndarray | None:
+        """The labels the step may see (the semi-supervised family hides all but its labelled subset)."""
+        return train_y
 
     @classmethod
     def graphs(cls, cfg: RunConfig, model: dict[str, torch.nn.Module], pixel_error: str | None) -> list[GraphSpec]:

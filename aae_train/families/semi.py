@@ -62,14 +62,17 @@ class SemiFamily(SupervisedFamily):
     name = "semi"
     options_class = SemiOptions
     loss_names = ("recon_loss", "disc_loss", "disc_acc", "cat_disc_loss", "cat_disc_acc", "gen_loss", "class_loss")
-    optimizer_names = ("recon", "disc", "cat_disc", "gen", "classify")
+    allows_unlabelled = True
     selection = ("val_error", "min")
     extra_streams = ("labelled",)
 
     @classmethod
     def configure(cls, cfg: RunConfig, data) -> RunConfig:
         cfg = super().configure(cfg, data)
-        labelled_split(cfg, data)  # refuses --labels the data cannot give, before any training
+        _, val = labelled_split(cfg, data)  # refuses --labels the data cannot give, before any training
+        if len(val) == 0:
+            raise DataError("--family semi: the validation split holds no labelled image, so no checkpoint can be chosen; "
+                            "put more labelled images in the class sub-folders or raise --val-fraction")
         return cfg
 
     @classmethod
@@ -96,6 +99,12 @@ class SemiFamily(SupervisedFamily):
         self.labelled_x = torch.from_numpy(data.train[train_idx]).to(self.device)
         self.labelled_y = torch.from_numpy(train_y[train_idx]).to(self.device)
         self.val_idx = torch.from_numpy(val_idx).to(self.device)
+        self.train_idx = train_idx
+
+    def training_labels(self, train_y: np.ndarray | None) -> np.ndarray | None:
+        visible = np.full_like(train_y, -1)  # the step sees the labels of its labelled subset only
+        visible[self.train_idx] = train_y[self.train_idx]
+        return visible
 
     def draw_categorical(self, n: int) -> torch.Tensor:
         """One-hot draws from the uniform categorical prior (the prior stream, like the Gaussian's)."""

@@ -34,16 +34,18 @@ class SupervisedFamily(AAEFamily):
     name = "supervised"
     options_class = SupervisedOptions
     uses_labels = True
+    allows_unlabelled = False
 
     @classmethod
     def configure(cls, cfg: RunConfig, data) -> RunConfig:
-        classes, train_y, _ = class_labels(data)
+        classes, train_y, val_y = class_labels(data)
         if classes is None or len(classes) < 2:
             raise DataError(f"--family {cls.name} needs images of at least two classes (MNIST digits, or one "
                             "sub-folder per class); this data has none")
-        if cls.name == "supervised" and (train_y < 0).any():
-            raise DataError(f"--family supervised needs a label for every training image: {int((train_y < 0).sum())} "
-                            "images are outside the class sub-folders; move them into one, or use --family semi")
+        unlabelled = int((train_y < 0).sum() + (val_y < 0).sum())
+        if not cls.allows_unlabelled and unlabelled:
+            raise DataError(f"--family {cls.name} needs a label for every image: {unlabelled} images are outside the "
+                            "class sub-folders; move them into one, or use --family semi")
         return cfg.replace(options=cls.options_class(**{**vars(cfg.options), "classes": classes}))
 
     @classmethod
