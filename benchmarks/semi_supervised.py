@@ -44,9 +44,14 @@ def run_dir(args, labels: str, draw: int) -> Path:
 def command(args, labels: str, draw: int) -> list[str]:
     """The aae-train command of one run (a resumed run adds --resume; the config is kept)."""
     seed_opts = ["--label-seed", "0", "--seed", str(draw)] if labels == "all" else ["--label-seed", str(draw), "--seed", "0"]
-    return ["aae-train", "mnist", "--data-dir", str(args.data_dir), "--family", "semi", "--labels", labels, *seed_opts,
+    return ["aae-train", "mnist", "--data-dir", _shown(args.data_dir), "--family", "semi", "--labels", labels, *seed_opts,
             *args.recipe, "--epochs", str(args.epochs), "--threads", str(args.threads), "--device", "cpu",
-            "--out", str(run_dir(args, labels, draw))]
+            "--out", _shown(run_dir(args, labels, draw))]
+
+
+def _shown(path: Path) -> str:
+    """A path as the commands show it: relative to the repository root, where they are run."""
+    return os.path.relpath(Path(path).resolve(), REPO)
 
 
 def finished(path: Path, epochs: int | None = None) -> bool:
@@ -64,10 +69,10 @@ def train_run(args, labels: str, draw: int) -> None:
         return
     cmd = command(args, labels, draw)
     if (path / "checkpoint.pt").exists():
-        cmd = ["aae-train", "mnist", "--resume", str(path / "checkpoint.pt"), "--epochs", str(args.epochs),
-               "--threads", str(args.threads), "--data-dir", str(args.data_dir), "--out", str(path)]
+        cmd = ["aae-train", "mnist", "--resume", str(path.resolve() / "checkpoint.pt"), "--epochs", str(args.epochs),
+               "--threads", str(args.threads), "--data-dir", str(args.data_dir.resolve()), "--out", str(path.resolve())]
     print("$", shlex.join(cmd), flush=True)
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "PATH": _scripts_path()})
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "PATH": _scripts_path()}, cwd=REPO)
 
 
 def _scripts_path() -> str:
@@ -158,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only-draw", type=int, default=None, help="train only this draw (to run draws side by side)")
     args = p.parse_args(argv)
     args.recipe = shlex.split(args.recipe)
+    args.data_dir = args.data_dir.resolve()  # the runs start in the repository root
     label_sets = [t.strip() for t in args.labels.split(",") if t.strip()]
     for labels in label_sets:
         for draw in range(args.draws):
