@@ -284,9 +284,10 @@ def markdown(out: dict, digits: list[int], scores, baseline: dict | None = None)
         lines.append(f"| plain AE (`--family ae`), `{name}` | " + " | ".join(cells) +
                      f" | **{100 * baseline['mean_auroc'][name]:.1f}** |")
         best = baseline["best_score"]
-        lines.append(f"| plain AE, its best score `{best}` | " + " | ".join(
-            f"{100 * baseline['per_digit'][str(d)]['auroc'][best]:.1f}" for d in digits) +
-            f" | **{100 * baseline['mean_auroc'][best]:.1f}** |")
+        if best != name:
+                lines.append(f"| plain AE, its best score `{best}` | " + " | ".join(
+                f"{100 * baseline['per_digit'][str(d)]['auroc'][best]:.1f}" for d in digits) +
+                f" | **{100 * baseline['mean_auroc'][best]:.1f}** |")
     for name, per_class in PUBLISHED_PER_CLASS.items():
         if len(digits) == 10:
             lines.append(f"| {name} (published) | " + " | ".join(f"{v:.1f}" for v in per_class) + f" | {np.mean(per_class):.1f} |")
