@@ -249,6 +249,9 @@ def write_results(result: dict, out_dir: Path = RESULTS) -> None:
         "the change named in the label); "
         "`scr-M` to `scr-U` add one change each to `scr-L-label-smoothing0.35` and compare with it (`r1-G`: "
         "`--gradient-penalty G`). "
+        "`plain-ae-dropout0.3-ema0.999-64ep` is the baseline without an adversary: the documented recipe with "
+        "`--family ae` and without its discriminator options (`--label-smoothing`, `--prior*`), `--threads 1` beside "
+        "other runs. "
         "Times are wall-clock.",
         "",
         "Diagnostics, not the metric: `-reconstructions` scores the model's reconstructions of 10,000 of its "
@@ -267,7 +270,8 @@ def write_results(result: dict, out_dir: Path = RESULTS) -> None:
     for r in ordered:
         cfg = r.get("training_config") or {}
         m, t = cfg.get("model", {}), cfg.get("train", {})
-        desc = (f"{m.get('arch')} hidden {m.get('hidden')}, dropout {m.get('dropout', 0)}, {m.get('latent_dim')}-D "
+        family = "" if cfg.get("family", "aae") == "aae" else f"family {cfg['family']} (no prior imposed: samples from a Gaussian fitted to held-out codes), "
+        desc = (family + f"{m.get('arch')} hidden {m.get('hidden')}, dropout {m.get('dropout', 0)}, {m.get('latent_dim')}-D "
                 f"{(m.get('prior') or {}).get('name')} std {(m.get('prior') or {}).get('std')}, posterior {m.get('posterior')}, "
                 f"lr {t.get('lr_recon')}/{t.get('lr_disc')}/{t.get('lr_gen')} {t.get('lr_schedule', 'constant')}, batch {t.get('batch_size')}"
                 + _training_options(t)) if m else "—"

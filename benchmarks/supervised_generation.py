@@ -33,7 +33,11 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 RESULTS = REPO / "benchmarks" / "results"
 FIGURE = REPO / "docs" / "images" / "supervised-grid.png"
-RECIPE = ["--latent-dim", "8", "--prior-std", "1", "--hidden", "1000"]  # besides --family, --epochs, --seed
+# The recipe (besides --family, --epochs, --seed). A 2-D style code leaves the class nowhere to hide
+# but in the label: measured at 12 epochs, 98.0 % label accuracy, against 78.0 % with a 4-D code
+# and 75.4 % with an 8-D one (without dropout, smoothing or EMA, 15 epochs).
+RECIPE = ["--latent-dim", "2", "--prior-std", "1", "--hidden", "1000", "--dropout", "0.3", "--label-smoothing", "0.35",
+          "--ema", "0.999"]
 PER_LABEL = 1000  # generated digits per label (10,000 in all)
 
 
