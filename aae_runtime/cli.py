@@ -120,6 +120,11 @@ def score(
     except AAEError as exc:
         raise _fail(exc)
     _print_scores(results, m, show)
+    _exit_for_rows(results, output)
+
+
+def _exit_for_rows(results: list[ImageScore], output: Path | None) -> None:
+    """The end of `score` and `classify`: say where the rows went, and the exit code they earn."""
     if output is not None:
         err.print(f"wrote {len(results)} rows to {output}", highlight=False)
     if not results:
@@ -267,13 +272,7 @@ def classify(
     except AAEError as exc:
         raise _fail(exc)
     _print_classes(results, m, show)
-    if output is not None:
-        err.print(f"wrote {len(results)} rows to {output}", highlight=False)
-    if not results:
-        err.print("[red]error:[/red] no image files found in the given paths")
-        raise typer.Exit(EXIT_CANNOT_RUN)
-    if any(not r.ok for r in results):
-        raise typer.Exit(EXIT_SOME_FAILED)
+    _exit_for_rows(results, output)
 
 
 def _print_classes(results: list[ImageScore], m: AAEModel, show: int) -> None:

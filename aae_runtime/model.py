@@ -154,10 +154,13 @@ class AAEModel:
 
     def class_probabilities(self, images: np.ndarray) -> np.ndarray:
         """Images (N, C, H, W) -> class probabilities (N, K), K = len(classes); needs a class head."""
+        self._require_class_head()
+        return self.encoder.run([CLASS_OUTPUT], {IMAGE_INPUT: self._check_images(images)})[0]
+
+    def _require_class_head(self) -> None:
         if not self.metadata.classifies:
             raise InputError("this model has no class head (its encoder gives no class probabilities): "
                              "classify with a model trained with --family semi")
-        return self.encoder.run([CLASS_OUTPUT], {IMAGE_INPUT: self._check_images(images)})[0]
 
     def label_vectors(self, labels) -> np.ndarray:
         """Class values (e.g. "7", or 7) -> one-hot rows (N, K) for the decoder's label input."""
@@ -190,15 +193,18 @@ class AAEModel:
         """The label rows a conditional decoder gets when these images are scored: the class
         head's probabilities, or the one-hot label that reconstructs each image best (None for an
         unconditional decoder)."""
-        if not self.metadata.conditional:
-            return None
-        x = self._check_images(images)
-        z, probs = self._codes(x)
-        return probs if probs is not None else self.label_vectors([self.classes[i] for i in self._best_labels(x, z)[0]])
+        return self._decoder_inputs(self._check_images(images))[1]
 
     def reconstruct(self, images: np.ndarray) -> np.ndarray:
         """Reconstructions as the score sees them (a conditional decoder: see `decoder_labels`)."""
-        return self.decode(self.encode(images), self.decoder_labels(images))
+        return self.decode(*self._decoder_inputs(self._check_images(images)))
+
+    def _decoder_inputs(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(codes, label rows or None) that the decoder reconstructs checked images from."""
+        z, probs = self._codes(x)
+        if probs is None and self.metadata.conditional:
+            return z, self.label_vectors([self.classes[i] for i in self._best_labels(x, z)[0]])
+        return z, probs
 
     def score_parts(self, images: np.ndarray) -> ScoreParts:
         """Latent codes, per-pixel error maps and mean errors of preprocessed images (N, C, H, W).
@@ -212,14 +218,15 @@ class AAEModel:
         pre = self.metadata.preprocessing
         ink = intensity(x, pre.offset, pre.offset + 255 * pre.scale)
         if self.scorer is not None:
-            z, err, recon = self.scorer.run([LATENT_OUTPUT, PIXEL_ERROR_OUTPUT, RECONSTRUCTION_ERROR_OUTPUT], {IMAGE_INPUT: x})
-            return ScoreParts(z, err, recon.astype(np.float64), ink)
-        z, labels = self._codes(x)
-        if labels is None and self.metadata.conditional:
+            names = [LATENT_OUTPUT, PIXEL_ERROR_OUTPUT, RECONSTRUCTION_ERROR_OUTPUT] + ([CLASS_OUTPUT] if self.metadata.classifies else [])
+            z, err, recon, *probs = self.scorer.run(names, {IMAGE_INPUT: x})
+            return ScoreParts(z, err, recon.astype(np.float64), ink, probs[0] if probs else None)
+        z, probs = self._codes(x)
+        if probs is None and self.metadata.conditional:
             _, err = self._best_labels(x, z)
         else:
-            err = pixel_error(x, self.decode(z, labels), self.pixel_error_name)
-        return ScoreParts(z, err, per_image(err), ink)
+            err = pixel_error(x, self.decode(z, probs), self.pixel_error_name)
+        return ScoreParts(z, err, per_image(err), ink, probs)
 
     def _codes(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(latent codes, class probabilities or None) of checked images."""
@@ -306,7 +313,7 @@ class AAEModel:
     def classify_paths(self, paths: Iterable[str | Path], batch_size: int = DEFAULT_BATCH_SIZE) -> list[ImageScore]:
         """Classify and score image files and folders: rows carry ``probabilities`` besides the
         score. Needs a class head (a semi-supervised model)."""
-        self.class_probabilities(np.zeros((1, *self.input_shape), np.float32))  # a model without one fails here, at once
+        self._require_class_head()
         return list(self.iter_score_paths(paths, batch_size, classify=True))
 
     def iter_score_paths(self, paths: Iterable[str | Path], batch_size: int = DEFAULT_BATCH_SIZE,
@@ -342,11 +349,9 @@ class AAEModel:
     def _score_decoded(self, chunk: list[Path], decoded: list, maps: bool = False, classify: bool = False) -> Iterator[ImageScore]:
         good = [k for k, item in enumerate(decoded) if isinstance(item, np.ndarray)]
         if good:
-            batch = np.stack([decoded[k] for k in good])
-            parts = self.score_parts(batch)
+            parts = self.score_parts(np.stack([decoded[k] for k in good]))
             scores = self.score_from_parts(parts)
             normalised = self.normalise(scores)
-            probs = self.class_probabilities(batch) if classify else None
         row = {k: j for j, k in enumerate(good)}
         for k, path in enumerate(chunk):
             if k in row:
@@ -354,7 +359,7 @@ class AAEModel:
                 s = float(scores[j])
                 yield ImageScore(str(path), score=s, anomaly=bool(s > self.threshold), normalized=float(normalised[j]),
                                  pixel_error=parts.pixel_error[j] if maps else None, image=decoded[k] if maps else None,
-                                 probabilities=probs[j] if classify else None)
+                                 probabilities=parts.class_probs[j] if classify else None)
             else:
                 yield ImageScore(str(path), error=str(decoded[k]))
 
@@ -384,6 +389,7 @@ def _check_same_calibration(first: ModelMetadata, other: ModelMetadata, name: st
 def _check_scorer(scorer, meta: ModelMetadata) -> None:
     outputs = {o.name for o in scorer.get_outputs()}
     needed = {LATENT_OUTPUT, PIXEL_ERROR_OUTPUT, RECONSTRUCTION_ERROR_OUTPUT} | set((meta.graphs.get("scorer") or {}).get("outputs", []))
+    needed |= {CLASS_OUTPUT} if meta.classifies else set()  # score_parts reads the class head from the same call
     if {i.name for i in scorer.get_inputs()} != {IMAGE_INPUT} or not needed <= outputs:
         raise ModelError(f"{SCORER_FILE} lacks the '{IMAGE_INPUT}' input or its outputs {sorted(needed)}: re-export the model")
     fused = (meta.raw.get("graphs") or {}).get("scorer") or {}

@@ -77,9 +77,6 @@ class Trainer:
         # The whole data set lives on the training device: no loader can stall a GPU.
         self.train_x = torch.from_numpy(data.train).to(self.device)
         self.val_x = torch.from_numpy(data.val).to(self.device)
-        _, train_y, val_y = class_labels(data) if kind.uses_labels else (None, None, None)
-        self.train_y = torch.from_numpy(np.asarray(train_y, dtype=np.int64)).to(self.device) if train_y is not None else None
-        self.val_y = torch.from_numpy(np.asarray(val_y, dtype=np.int64)).to(self.device) if val_y is not None else None
         self.val_labels = data.val_labels  # latent plot colours
         self.class_names = data.class_names
         self.notes = data.notes  # one-line messages for the user (e.g. skipped files)
@@ -87,8 +84,10 @@ class Trainer:
         self.streams = Streams(prior=np.random.default_rng(t.seed + 2),
                                extra={name: torch.Generator().manual_seed(t.seed + 3 + i) for i, name in enumerate(kind.extra_streams)})
         self.family.prepare(data, self.streams)
-        if self.train_y is not None:  # what the step may see: e.g. -1 for the semi-supervised family's unlabelled images
-            self.train_y = torch.from_numpy(self.family.training_labels(self.train_y.cpu().numpy())).to(self.device)
+        _, train_y, val_y = class_labels(data) if kind.uses_labels else (None, None, None)
+        train_y = self.family.training_labels(train_y)  # what the step may see: the semi family hides most labels
+        self.train_y, self.val_y = (torch.from_numpy(np.asarray(y, dtype=np.int64)).to(self.device) if y is not None else None
+                                    for y in (train_y, val_y))
         self.epoch = 0  # epochs completed
         self.history: list[dict] = []
         self.best: dict | None = None  # {"metric", "value", "epoch"} of best.pt

@@ -104,6 +104,7 @@ class ScoreParts:
     pixel_error: np.ndarray  # (N, H, W) float32, averaged over channels
     reconstruction: np.ndarray  # (N,) float64, mean of pixel_error per image
     intensity: np.ndarray  # (N,) float64, mean input intensity on a 0..1 scale
+    class_probs: np.ndarray | None = None  # (N, K) float32, from a model with a class head (the same pass)
 
 
 def pixel_error(x: np.ndarray, recon: np.ndarray, name: str) -> np.ndarray:

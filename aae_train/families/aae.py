@@ -47,10 +47,9 @@ class AAEFamily(Family):
     def step(self, batch: Batch) -> torch.Tensor:
         enc, dec, disc, t, opt = self.nets["encoder"], self.nets["decoder"], self.nets["discriminator"], self.cfg.train, self.opt
         x = batch.x
-        # Reconstruction phase: encoder + decoder (optionally from noisy codes, so that the decoder
-        # also learns the space between the codes of training images, where prior samples land).
-        z = enc(x)
-        recon = self.recon_loss(dec(z + t.code_noise * torch.randn_like(z) if t.code_noise > 0 else z), x)
+        # Reconstruction phase: encoder + decoder (from noisy codes with --code-noise; a conditional
+        # decoder also gets the label).
+        recon = self.recon_loss(dec(self.with_code_noise(enc(x)), self.decoder_label(batch)), x)
         opt["recon"].zero_grad(set_to_none=True)
         recon.backward()
         opt["recon"].step()

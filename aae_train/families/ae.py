@@ -37,8 +37,7 @@ class AEFamily(AAEFamily):
         return {"recon": (torch.optim.Adam(params, lr=t.lr_recon), t.lr_recon)}
 
     def step(self, batch: Batch) -> torch.Tensor:
-        z, code_noise = self.nets["encoder"](batch.x), self.cfg.train.code_noise
-        recon = self.recon_loss(self.nets["decoder"](z + code_noise * torch.randn_like(z) if code_noise > 0 else z), batch.x)
+        recon = self.recon_loss(self.nets["decoder"](self.with_code_noise(self.nets["encoder"](batch.x))), batch.x)
         self.opt["recon"].zero_grad(set_to_none=True)
         recon.backward()
         self.opt["recon"].step()

@@ -90,6 +90,16 @@ class Family:
         """One minibatch of every phase; returns the losses (len(loss_names),), detached."""
         raise NotImplementedError
 
+    def with_code_noise(self, z: torch.Tensor) -> torch.Tensor:
+        """The codes the decoder reconstructs from in training: jittered by N(0, code_noise^2) when
+        asked, so that the decoder also learns the space between the codes, where prior samples land."""
+        std = self.cfg.train.code_noise
+        return z + std * torch.randn_like(z) if std > 0 else z
+
+    def decoder_label(self, batch: Batch) -> torch.Tensor | None:
+        """What a conditional decoder gets beside the code in the reconstruction phase (None: nothing)."""
+        return None
+
     def recon_loss(self, recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self.cfg.train.recon_loss == "bce":
             return F.binary_cross_entropy(recon, x)

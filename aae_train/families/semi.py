@@ -116,8 +116,7 @@ class SemiFamily(SupervisedFamily):
         x = batch.x
         # Reconstruction phase, from both codes.
         z, logits = enc.codes(x)
-        recon = self.recon_loss(dec(z + t.code_noise * torch.randn_like(z) if t.code_noise > 0 else z,
-                                    torch.softmax(logits, dim=1)), x)
+        recon = self.recon_loss(dec(self.with_code_noise(z), torch.softmax(logits, dim=1)), x)
         opt["recon"].zero_grad(set_to_none=True)
         recon.backward()
         opt["recon"].step()

@@ -19,7 +19,6 @@ from aae_runtime.contract.priors import sample_prior
 from aae_train.config import RunConfig
 from aae_train.data import DataError, class_labels
 from aae_train.families.aae import AAEFamily
-from aae_train.families.adversary import discriminator_phase, generator_loss
 from aae_train.families.base import Batch, GraphSpec
 from aae_train.graphs import BestLabelScorer
 from aae_train.models import Decoder, Discriminator, Encoder
@@ -60,20 +59,8 @@ class SupervisedFamily(AAEFamily):
     def one_hot(self, y: torch.Tensor) -> torch.Tensor:
         return F.one_hot(y, self.n_classes(self.cfg)).to(torch.float32)
 
-    def step(self, batch: Batch) -> torch.Tensor:
-        enc, dec, disc, t, opt = self.nets["encoder"], self.nets["decoder"], self.nets["discriminator"], self.cfg.train, self.opt
-        x, label = batch.x, self.one_hot(batch.y)
-        z = enc(x)
-        recon = self.recon_loss(dec(z + t.code_noise * torch.randn_like(z) if t.code_noise > 0 else z, label), x)
-        opt["recon"].zero_grad(set_to_none=True)
-        recon.backward()
-        opt["recon"].step()
-        d_loss, d_acc = discriminator_phase(disc, opt["disc"], enc(x).detach(), self.draw_prior, t)
-        g_loss = generator_loss(disc, enc(x), t)
-        opt["gen"].zero_grad(set_to_none=True)
-        g_loss.backward()
-        opt["gen"].step()
-        return torch.stack([recon.detach(), d_loss, d_acc, g_loss.detach()])
+    def decoder_label(self, batch: Batch) -> torch.Tensor:
+        return self.one_hot(batch.y)  # the step is the AAE's, with the label into the decoder
 
     def reconstruct(self, model, x: torch.Tensor, y: torch.Tensor | None):
         z = model["encoder"](x)
