@@ -98,6 +98,10 @@ def score(
         min=0.0, max=100.0, help="Anomaly threshold at this percentile of the normal scores stored at calibration.")] = None,
     maps: Annotated[Optional[Path], typer.Option(help="Write a per-pixel error heat map PNG per scored image into this folder.")] = None,
     maps_only_flagged: Annotated[bool, typer.Option(help="With --maps: only for images flagged as anomalous.")] = False,
+    maps_raw: Annotated[bool, typer.Option(help="With --maps: also save each map's values as NAME.npy (float32, the photo's "
+                                                "height x width for a model trained on crops), listed in maps.csv.")] = False,
+    regions: Annotated[Optional[Path], typer.Option(help="Write the connected regions above the model's map threshold to "
+                                                         "this .csv (path, region, x, y, width, height, area, peak).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, max=4096, help="Images per inference call.")] = DEFAULT_BATCH_SIZE,
     show: Annotated[int, typer.Option(min=0, help="Rows shown on screen (0: all).")] = 50,
     device: DeviceOpt = "auto",
@@ -110,13 +114,19 @@ def score(
         raise typer.BadParameter("give --threshold or --threshold-percentile, not both", param_hint="--threshold")
     if maps_only_flagged and maps is None:
         raise typer.BadParameter("--maps-only-flagged needs --maps DIR", param_hint="--maps-only-flagged")
+    if maps_raw and maps is None:
+        raise typer.BadParameter("--maps-raw needs --maps DIR", param_hint="--maps-raw")
+    if regions is not None and regions.suffix.lower() != ".csv":
+        raise typer.BadParameter(f"{_printable(str(regions))}: use a file name ending in .csv", param_hint="--regions")
     _check_finite(threshold, "--threshold")
     _check_output(output)  # before scoring: a bad name must not cost a whole run's results
     try:
         m = _load(model, device, threshold, threshold_percentile, threads, low_latency)
-        results = _score_with_maps(m, paths, batch_size, maps, maps_only_flagged)
+        results, region_rows = _score_with_maps(m, paths, batch_size, maps, maps_only_flagged, maps_raw, regions is not None)
         if output is not None:
             write_results(results, m.threshold, output)
+        if regions is not None:
+            _write_regions(region_rows, regions)
     except AAEError as exc:
         raise _fail(exc)
     _print_scores(results, m, show)
@@ -134,25 +144,53 @@ def _exit_for_rows(results: list[ImageScore], output: Path | None) -> None:
         raise typer.Exit(EXIT_SOME_FAILED)
 
 
-def _score_with_maps(m: AAEModel, paths: list[Path], batch_size: int, maps: Path | None, only_flagged: bool) -> list[ImageScore]:
-    """Score batch by batch; maps are written as rows come, so no batch's arrays outlive it."""
-    if maps is None:
-        return m.score_paths(paths, batch_size=batch_size)
+def _score_with_maps(m: AAEModel, paths: list[Path], batch_size: int, maps: Path | None, only_flagged: bool,
+                     raw: bool = False, regions: bool = False) -> tuple[list[ImageScore], list[tuple]]:
+    """Score batch by batch; maps are written (and regions found) as rows come, so no batch's
+    arrays outlive it. Returns the rows and, with ``regions``, one (path, Region) per region."""
+    if maps is None and not regions:
+        return m.score_paths(paths, batch_size=batch_size), []
     from aae_runtime.maps import MapWriter
+    from aae_runtime.regions import find_regions
 
     lo, hi = m.metadata.raw.get("input", {}).get("value_range", [0.0, 1.0])
-    writer = MapWriter(maps, paths, float(m.metadata.score.get("pixel_error_scale", 0.0)) or 1.0, (float(lo), float(hi)))
-    results = []
+    scale = float(m.metadata.score.get("pixel_error_scale", 0.0)) or 1.0
+    writer = MapWriter(maps, paths, scale, (float(lo), float(hi)), raw=raw) if maps is not None else None
+    results, found = [], []
     for r in m.iter_score_paths(paths, batch_size=batch_size, maps=True):
-        if r.ok and (r.anomaly or not only_flagged):
+        if writer is not None and r.ok and (r.anomaly or not only_flagged):
             try:
                 writer.write(r.path, r.image, r.pixel_error)
             except OSError as exc:
                 raise AAEError(f"--maps {maps}: cannot write a map ({exc.strerror or exc})") from None
+        if regions and r.ok:
+            found.extend((r.path, region) for region in find_regions(r.pixel_error, m.map_threshold))
         results.append(replace(r, pixel_error=None, image=None))
-    writer.close()
-    err.print(f"wrote {len(writer.rows)} anomaly maps to {_printable(str(maps))} (index: maps.csv)", highlight=False)
-    return results
+    if writer is not None:
+        writer.close()
+        err.print(f"wrote {len(writer.rows)} anomaly maps to {_printable(str(maps))} (index: maps.csv)", highlight=False)
+    return results, found
+
+
+def _write_regions(found: list[tuple], path: Path) -> None:
+    """One CSV row per region: which image, its number in that image (largest peak first), box, area, peak."""
+    import csv
+    import io
+
+    from aae_runtime.contract.fileio import atomic_write_text
+
+    buf = io.StringIO()
+    rows = csv.writer(buf, lineterminator="\n")
+    rows.writerow(["path", "region", "x", "y", "width", "height", "area", "peak"])
+    number: dict[str, int] = {}
+    for image, r in found:
+        number[image] = number.get(image, 0) + 1
+        rows.writerow([image, number[image], r.x, r.y, r.width, r.height, r.area, f"{r.peak:.6g}"])
+    try:
+        atomic_write_text(path, buf.getvalue())
+    except OSError as exc:
+        raise AAEError(f"--regions {path}: cannot write ({exc.strerror or exc})") from None
+    err.print(f"wrote {len(found)} regions above the map threshold to {_printable(str(path))}", highlight=False)
 
 
 def _print_scores(results: list[ImageScore], m: AAEModel, show: int) -> None:
@@ -246,6 +284,61 @@ def sample(
         save_grid(images, out_path, ncols=len(m.classes) if grid else None)
     what = f"{len(images)} samples" + (f" of class {label}" if label is not None else "") + (" (rows: style codes, columns: classes)" if grid else "")
     err.print(f"wrote {what} from the {m.metadata.prior['name']} prior to {out_path}", highlight=False)
+
+
+@app.command(epilog=EXIT_CODES_HELP)
+def evaluate(
+    normal: Annotated[list[Path], typer.Argument(help="Normal (good) photos: files and/or folders.")],
+    model: ModelOpt,
+    anomalies: Annotated[list[Path], typer.Option(help="Defective photos (file or folder; repeatable). One sub-folder per "
+                                                       "defect kind gives per-kind detection rates.")],
+    masks: Annotated[Optional[Path], typer.Option(help="Folder of defect masks (white on the defect), named as the defective "
+                                                       "photos: adds the pixel AUROC of the maps.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write the figures to this .json file.")] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="Anomaly threshold as a score value; overrides the model's metadata.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, max=4096, help="Images (tiled models: tiles) per inference call.")] = DEFAULT_BATCH_SIZE,
+    device: DeviceOpt = "auto",
+    threads: ThreadsOpt = 0,
+) -> None:
+    """Measure a model on your own parts: image AUROC, pixel AUROC (with --masks), false alarms
+    and detections at the model's threshold."""
+    import json as _json
+
+    from aae_runtime.evaluate import evaluate as run_evaluation
+
+    _check_finite(threshold, "--threshold")
+    if output is not None and output.suffix.lower() != ".json":
+        raise typer.BadParameter(f"{_printable(str(output))}: use a file name ending in .json", param_hint="--output")
+    try:
+        m = _load(model, device, threshold, threads=threads)
+        result = run_evaluation(m, normal, anomalies, masks, batch_size)
+        if output is not None:
+            from aae_runtime.contract.fileio import atomic_write_text
+
+            atomic_write_text(output, _json.dumps(result.to_dict(), indent=2))
+    except AAEError as exc:
+        raise _fail(exc)
+    except OSError as exc:
+        raise _fail(AAEError(f"--output {output}: cannot write ({exc.strerror or exc})"))
+    for path, reason in result.failed:
+        err.print(f"[yellow]skipped[/yellow] {_printable(path)}: {_printable(reason)}", highlight=False)
+    table = Table(title=f"{m.score_name} score, threshold {m.threshold:.6g} ({m.threshold_source})")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_row("image AUROC", f"{result.image_auroc:.4f}")
+    if result.pixel_auroc is not None:
+        table.add_row("pixel AUROC" + ("" if result.pixel_auroc_exact else " (pixel subsample)"),
+                      f"{result.pixel_auroc:.4f} ({result.masked} masks)")
+    table.add_row("false alarms at threshold", f"{result.false_alarms} of {result.normal} ({result.false_alarm_rate:.1%})")
+    table.add_row("detections at threshold", f"{result.detections} of {result.anomalous} ({result.detection_rate:.1%})")
+    for kind, k in sorted(result.per_kind.items()):
+        if len(result.per_kind) > 1:
+            table.add_row(f"  detected: {kind}", f"{k['detected']} of {k['images']} ({k['detected'] / k['images']:.1%})")
+    out.print(table)
+    if output is not None:
+        err.print(f"wrote {output}", highlight=False)
+    if result.failed:
+        raise typer.Exit(EXIT_SOME_FAILED)
 
 
 @app.command(epilog=EXIT_CODES_HELP)

@@ -51,8 +51,9 @@ def _configure_pillow() -> None:
         _PILLOW_READY = True
 
 
-def load_image(path: str | Path, pre: Preprocessing) -> np.ndarray:
-    """Decode ``path`` into one model input of shape (C, H, W), float32, as ``pre`` says.
+def load_image(path: str | Path, pre: Preprocessing, native: bool = False) -> np.ndarray:
+    """Decode ``path`` into one model input of shape (C, H, W), float32, as ``pre`` says
+    (``native``: at the file's own size, not resized: a photo for tiled scoring).
 
     Only regular files in `FORMATS` are decoded; images above `MAX_IMAGE_PIXELS` or
     `MAX_DECODED_BYTES` are refused from their header, before any pixel memory is allocated.
@@ -67,7 +68,7 @@ def load_image(path: str | Path, pre: Preprocessing) -> np.ndarray:
         with _LARGE_DECODE if decoded_bytes > LARGE_IMAGE_BYTES else contextlib.nullcontext():
             _load(img)
             try:
-                return image_to_array(img, pre)
+                return image_to_array(img, pre, resize=not native)
             except (ValueError, OSError) as exc:  # e.g. a colour mode Pillow cannot convert
                 raise InputError(f"cannot convert a {img.mode} image to {pre.color_mode} ({_first_line(exc)})") from None
             except MemoryError:
@@ -189,14 +190,14 @@ def _file_kind(mode: int) -> str:
     return "special file"
 
 
-def image_to_array(img: Image.Image, pre: Preprocessing) -> np.ndarray:
-    """Convert a decoded PIL image to one model input, (C, H, W) float32."""
+def image_to_array(img: Image.Image, pre: Preprocessing, resize: bool = True) -> np.ndarray:
+    """Convert a decoded PIL image to one model input, (C, H, W) float32 (resized to ``pre``'s size unless not ``resize``)."""
     img = _to_8bit(img)
     if img.mode != pre.color_mode:
         if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
             img = _flatten_alpha(img)
         img = img.convert(pre.color_mode)
-    if img.size != (pre.width, pre.height):
+    if resize and img.size != (pre.width, pre.height):
         img = img.resize((pre.width, pre.height), resample=RESAMPLE[pre.resample])
     pixels = np.asarray(img, dtype=np.uint8)
     return pixels_to_input(pixels[None], pre)[0]

@@ -6,9 +6,14 @@ per-pixel errors of normal validation images, stored at calibration), so maps of
 images compare: only errors that are rare on normal images look hot. Small images are enlarged
 (nearest neighbour) so that a 28x28 defect stays visible.
 
+A tiled model's map (a model trained on crops: aae_runtime.contract.tiling) has the photo's own
+resolution: the smoothed map whose maximum is the photo's score, coloured from 0 to twice the
+threshold, so the threshold sits mid-ramp. With ``raw`` the map's values are also saved as
+``NAME.npy`` (float32, the photo's height x width; an untiled model's: its input's size).
+
 File names map back to the inputs: the path relative to the inputs' common folder, with
 separators replaced by ``__`` (``lineA/img_001.png`` -> ``lineA__img_001.png.map.png``), so
-equal names in different folders cannot collide; ``maps.csv`` lists input -> map.
+equal names in different folders cannot collide; ``maps.csv`` lists input -> map (and raw_map).
 """
 
 from __future__ import annotations
@@ -58,7 +63,8 @@ def render_map(image: np.ndarray, error: np.ndarray, scale: float) -> Image.Imag
 class MapWriter:
     """Writes one map per scored image into ``out_dir`` and, on close, the index CSV."""
 
-    def __init__(self, out_dir: str | Path, inputs: list[str | Path], scale: float, value_range: tuple[float, float]):
+    def __init__(self, out_dir: str | Path, inputs: list[str | Path], scale: float, value_range: tuple[float, float],
+                 raw: bool = False):
         self.out_dir = Path(out_dir)
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -67,7 +73,8 @@ class MapWriter:
         self.scale = scale
         self.low, self.high = value_range
         self.root = _common_root(inputs)
-        self.rows: list[tuple[str, str]] = []
+        self.raw = raw
+        self.rows: list[tuple[str, ...]] = []
         self.used: set[str] = set()
 
     def name_for(self, path: str) -> str:
@@ -89,13 +96,20 @@ class MapWriter:
         buf = io.BytesIO()
         render_map(shown, error, self.scale).save(buf, format="PNG")
         target = atomic_write_bytes(self.out_dir / name, buf.getvalue())
-        self.rows.append((path, name))
+        if self.raw:
+            raw_name = name[: -len(".map.png")] + ".npy"
+            npy = io.BytesIO()
+            np.save(npy, np.ascontiguousarray(error, dtype=np.float32))
+            atomic_write_bytes(self.out_dir / raw_name, npy.getvalue())
+            self.rows.append((path, name, raw_name))
+        else:
+            self.rows.append((path, name))
         return target
 
     def close(self) -> Path:
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(["image", "map"])
+        writer.writerow(["image", "map", "raw_map"] if self.raw else ["image", "map"])
         writer.writerows(self.rows)
         return atomic_write_text(self.out_dir / INDEX_NAME, buf.getvalue())
 

@@ -54,6 +54,7 @@ class ImageScore:
     error: str | None = None
     normalized: float | None = None  # 0.5 at the threshold, clamped to [0, 1] (see calibration.py)
     # Per-pixel error (H, W) and the model input (C, H, W): only when asked for (anomaly maps).
+    # A tiled model's: the photo's smoothed map (the one its score and regions come from) and the photo.
     pixel_error: np.ndarray | None = field(default=None, repr=False, compare=False)
     image: np.ndarray | None = field(default=None, repr=False, compare=False)
     # Class probabilities (K,) in the model's class order: only when classifying (`classify_paths`).
@@ -86,6 +87,7 @@ class AAEModel:
         else:
             self.threshold, self.threshold_source = metadata.threshold_value, _describe(metadata.threshold)
         self.notice = notice  # set when the requested device fell back to another
+        self.tiling = metadata.tiling  # not None: whole photos are tiled at their own resolution, never resized
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "auto", threshold: float | None = None,
@@ -136,6 +138,14 @@ class AAEModel:
     @property
     def score_name(self) -> str:
         return str(self.metadata.score["name"])
+
+    @property
+    def map_threshold(self) -> float:
+        """Where a map's regions begin: a tiled model's image threshold (a photo is flagged exactly
+        when its map has a region); else the normal per-pixel error's 99.9th percentile."""
+        if self.tiling is not None:
+            return self.threshold
+        return float(self.metadata.score.get("map_threshold", self.metadata.score.get("pixel_error_scale", 1.0)))
 
     @property
     def pixel_error_name(self) -> str:
@@ -248,8 +258,20 @@ class AAEModel:
         probs = self.class_probabilities(images)
         return [self.classes[i] for i in probs.argmax(axis=1)], probs
 
+    def score_photo(self, photo: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE) -> tuple[float, np.ndarray]:
+        """(image score, map (H, W) float32) of one whole photo (C, H, W) at its own resolution, by a
+        tiled model: tiles ``batch_size`` at a time (aae_runtime.contract.tiling)."""
+        if self.tiling is None:
+            raise InputError("this model was not trained on crops, so it scores images resized to its input, not tiled photos")
+        x = np.ascontiguousarray(photo, dtype=np.float32)
+        if x.ndim != 3 or x.shape[0] != self.input_shape[0]:
+            raise InputError(f"a photo must have shape ({self.input_shape[0]}, H, W), got {x.shape}")
+        smoothed = self.tiling.smooth(self.tiling.raw_map(x, lambda t: self.score_parts(t).pixel_error, batch_size))
+        return self.tiling.score_of(smoothed), smoothed
+
     def score(self, images: np.ndarray) -> np.ndarray:
-        """Anomaly scores (N,) float64 of preprocessed images (N, C, H, W); higher = more abnormal."""
+        """Anomaly scores (N,) float64 of preprocessed images (N, C, H, W); higher = more abnormal.
+        (A tiled model's whole photos: `score_photo`; here each input-sized image is one tile.)"""
         return self.score_from_parts(self.score_parts(images))
 
     def with_score(self, score: dict) -> "AAEModel":
@@ -301,7 +323,7 @@ class AAEModel:
         out: list[np.ndarray | InputError] = []
         for p in paths:
             try:
-                out.append(load_image(p, pre))
+                out.append(load_image(p, pre, native=self.tiling is not None))
             except InputError as exc:
                 out.append(exc)
         return out
@@ -320,14 +342,16 @@ class AAEModel:
                          maps: bool = False, classify: bool = False) -> Iterator[ImageScore]:
         """Like `score_paths`, yielding rows batch by batch; decoding of the next batch overlaps
         inference on the current one. With ``maps``, rows carry the per-pixel error and the input;
-        with ``classify``, the class probabilities."""
+        with ``classify``, the class probabilities. A tiled model scores one photo at a time,
+        ``batch_size`` tiles per inference call."""
         files = find_images(list(paths))
         if batch_size < 1:
             raise InputError(f"batch size must be at least 1, got {batch_size}")
-        chunks = [files[i : i + batch_size] for i in range(0, len(files), batch_size)]
+        per_chunk = 1 if self.tiling is not None else batch_size
+        chunks = [files[i : i + per_chunk] for i in range(0, len(files), per_chunk)]
         if len(chunks) <= 1:  # nothing to overlap: no thread pool to start (cold start of one image)
             for chunk in chunks:
-                yield from self._score_decoded(chunk, self.load_images(chunk), maps, classify)
+                yield from self._score_decoded(chunk, self.load_images(chunk), maps, classify, batch_size)
             return
         from concurrent.futures import ThreadPoolExecutor  # folders only
 
@@ -344,9 +368,13 @@ class AAEModel:
                 if i + DECODE_AHEAD < len(chunks):
                     ahead.append(submit(chunks[i + DECODE_AHEAD]))
                 decoded = [item for f in futures for item in f.result()]
-                yield from self._score_decoded(chunk, decoded, maps, classify)
+                yield from self._score_decoded(chunk, decoded, maps, classify, batch_size)
 
-    def _score_decoded(self, chunk: list[Path], decoded: list, maps: bool = False, classify: bool = False) -> Iterator[ImageScore]:
+    def _score_decoded(self, chunk: list[Path], decoded: list, maps: bool = False, classify: bool = False,
+                       batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator[ImageScore]:
+        if self.tiling is not None:
+            yield from self._score_photos(chunk, decoded, maps, batch_size)
+            return
         good = [k for k, item in enumerate(decoded) if isinstance(item, np.ndarray)]
         if good:
             parts = self.score_parts(np.stack([decoded[k] for k in good]))
@@ -362,6 +390,20 @@ class AAEModel:
                                  probabilities=parts.class_probs[j] if classify else None)
             else:
                 yield ImageScore(str(path), error=str(decoded[k]))
+
+    def _score_photos(self, chunk: list[Path], decoded: list, maps: bool, batch_size: int) -> Iterator[ImageScore]:
+        """Rows of whole photos scored by tiling; a photo that cannot be tiled gets an error row."""
+        for path, photo in zip(chunk, decoded):
+            if not isinstance(photo, np.ndarray):
+                yield ImageScore(str(path), error=str(photo))
+                continue
+            try:
+                s, smoothed = self.score_photo(photo, batch_size)
+            except InputError as exc:  # e.g. a photo smaller than one tile
+                yield ImageScore(str(path), error=str(exc))
+                continue
+            yield ImageScore(str(path), score=s, anomaly=bool(s > self.threshold), normalized=float(self.normalise(np.array([s]))[0]),
+                             pixel_error=smoothed if maps else None, image=photo if maps else None)
 
     def _check_images(self, images: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(images, dtype=np.float32)

@@ -44,6 +44,8 @@ def calibrate_model(model, normal: np.ndarray, anomalies: np.ndarray | None = No
     F1-optimal, else the ``percentile`` of the normal scores.
     """
     name = score or model.score_name
+    if model.tiling is not None:
+        return calibrate_tiled(model, normal, anomalies, name, percentile, min_images)
     pix, _ = score_spec(name)
     fused = (model.metadata.raw.get("graphs") or {}).get("scorer")
     if model.scorer is not None and fused and fused.get("pixel_error") != pix:
@@ -59,11 +61,39 @@ def calibrate_model(model, normal: np.ndarray, anomalies: np.ndarray | None = No
     # maps of different images compare, and only errors rare on normal images look hot.
     scale = float(np.percentile(parts.pixel_error, 99.9))
     block["pixel_error_scale"] = scale if scale > 0 else 1.0
+    block["map_threshold"] = block["pixel_error_scale"]  # --regions: pixels rarer than 1 in 1,000 normal ones
     if anomalies is not None and len(anomalies):
         anomaly_scores = evaluate_score(block, parts_of(probe, anomalies), model.metadata.prior)
         threshold = f1_threshold(normal_scores, anomaly_scores)
     else:
         threshold = percentile_threshold(normal_scores, percentile)
+    return block, threshold
+
+
+def calibrate_tiled(model, photos, anomalies, name: str, percentile: float, min_images: int) -> tuple[dict, dict]:
+    """(score block, threshold block) of a tiled model from whole normal photos (a list of
+    (C, H, W) arrays, any sizes): each photo's score is the maximum of its map."""
+    from aae_runtime.contract.scores import PIXEL_DEFINITIONS, RECONSTRUCTION_SCORES
+
+    if name not in RECONSTRUCTION_SCORES:
+        raise InputError(f"score {name!r}: a tiled model's score is the maximum of its per-pixel error map; choose one of "
+                         f"{', '.join(RECONSTRUCTION_SCORES)}")
+    if len(photos) < min_images:
+        raise InputError(f"need at least {min_images} normal photos to calibrate, got {len(photos)}")
+    fused = (model.metadata.raw.get("graphs") or {}).get("scorer")
+    if model.scorer is not None and fused and fused.get("pixel_error") != name:
+        raise InputError(f"score {name!r} needs {name} pixel errors but this model's fused graph computes "
+                         f"{fused.get('pixel_error')}: choose {fused.get('pixel_error')}, or export again")
+    block = {"name": name, "pixel_error": name, "higher_is_more_anomalous": True, "fitted_on": len(photos),
+             "definition": f"{model.tiling.to_dict()['definition']}; per-pixel error {PIXEL_DEFINITIONS[name]}"}
+    probe = model.with_score(block)
+    normal_scores = np.array([probe.score_photo(p)[0] for p in photos])
+    if anomalies is not None and len(anomalies):
+        threshold = f1_threshold(normal_scores, np.array([probe.score_photo(p)[0] for p in anomalies]))
+    else:
+        threshold = percentile_threshold(normal_scores, percentile)
+    # Map colours run from 0 to twice the threshold: the threshold sits mid-ramp, where a region begins.
+    block["pixel_error_scale"] = 2 * threshold["value"] if threshold["value"] > 0 else 1.0
     return block, threshold
 
 
@@ -89,14 +119,20 @@ def recalibrate_dir(model_dir: str | Path, normal: np.ndarray, anomalies: np.nda
     return metadata
 
 
-def load_folder(model, paths: list[str | Path]) -> tuple[np.ndarray, list[tuple[str, str]]]:
-    """Images of files/folders as one array (N, C, H, W), and (path, reason) of those that failed."""
+def load_folder(model, paths: list[str | Path]) -> tuple[np.ndarray | list[np.ndarray], list[tuple[str, str]]]:
+    """Images of files/folders as one array (N, C, H, W) (a tiled model: a list of whole photos),
+    and (path, reason) of those that failed."""
     from aae_runtime.images import find_images
 
     files = find_images(list(paths))
     decoded = model.load_images(files)
     good = [d for d in decoded if isinstance(d, np.ndarray)]
     failed = [(str(f), str(d)) for f, d in zip(files, decoded) if not isinstance(d, np.ndarray)]
+    if model.tiling is not None:  # whole photos of any size: a list, never stacked
+        small = [(str(f), "smaller than the model's tile") for f, d in zip(files, decoded)
+                 if isinstance(d, np.ndarray) and min(d.shape[1] - model.tiling.tile[0], d.shape[2] - model.tiling.tile[1]) < 0]
+        good = [d for d in good if d.shape[1] >= model.tiling.tile[0] and d.shape[2] >= model.tiling.tile[1]]
+        return good, failed + small
     return (np.stack(good) if good else np.empty((0, *model.input_shape), np.float32)), failed
 
 

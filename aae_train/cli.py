@@ -19,6 +19,7 @@ from aae_runtime.contract.priors import PRIOR_NAMES, make_prior_spec
 from aae_train.config import (
     ARCHS, DEVICES, LR_SCHEDULES, POSTERIORS, RECON_LOSSES, DataConfig, ModelConfig, RunConfig, TrainConfig,
 )
+from aae_train.crops import parse_augment
 from aae_train.families import DEFAULT_FAMILY, FAMILY_MODULES, FAMILY_NAMES, get_family
 
 app = OneLineErrorsTyper(add_completion=False, no_args_is_help=True, help="Train Adversarial Autoencoders.")  # unexpected errors: one line, exit 2
@@ -283,7 +284,15 @@ def mnist(
 def folder(
     ctx: typer.Context,
     directory: Annotated[Path, typer.Argument(help="Folder of normal images (searched recursively; png, jpg, bmp, tif, webp, ...).")],
-    size: Annotated[str, typer.Option(help="Resize every image to this: one side (64) or WIDTHxHEIGHT (96x64).")] = "64",
+    size: Annotated[Optional[str], typer.Option(help="Resize every image to this: one side (64) or WIDTHxHEIGHT (96x64); default 64.")] = None,
+    crop: Annotated[Optional[int], typer.Option(min=8, max=1024, help=(
+        "Train on random CROP x CROP crops of whole photos at their own resolution (no resizing); aae-run then tiles "
+        "whole photos into a full-resolution defect map. Excludes --size."))] = None,
+    crops_per_image: Annotated[Optional[int], typer.Option(min=1, max=1_000_000, help=(
+        "With --crop: crops drawn from each training photo per epoch (default: about 8192 an epoch in all)."))] = None,
+    augment: Annotated[Optional[str], typer.Option(help=(
+        "With --crop: random transforms the part allows, comma-separated: flip (mirror left-right and up-down), "
+        "rot90 (quarter turns). Default: none."))] = None,
     color: Annotated[str, typer.Option(help="L (grayscale) or RGB.")] = "L",
     resample: Annotated[str, typer.Option(help=f"Resize filter: {'|'.join(RESAMPLE)}.")] = DataConfig.resample,
     out: Out = None,
@@ -337,13 +346,26 @@ def folder(
         raise typer.BadParameter(f"{directory} is not a folder: pass the folder of normal images", param_hint="DIRECTORY")
     _choice(color, ("L", "RGB"), "--color")
     _choice(resample, tuple(RESAMPLE), "--resample")
-    height, width = parse_size(size)
+    if crop is not None and size is not None:
+        raise typer.BadParameter("--crop and --size exclude each other: crops keep the photo's resolution, --size resizes",
+                                 param_hint="--crop")
+    if crop is None and (crops_per_image is not None or augment is not None):
+        raise typer.BadParameter("needs --crop (crops of whole photos)", param_hint="--crops-per-image" if crops_per_image else "--augment")
+    if crop is not None and family in ("supervised", "semi"):
+        raise typer.BadParameter(f"--crop trains on unlabelled crops; --family {family} needs whole labelled images (use --size)",
+                                 param_hint="--crop")
+    try:
+        augment_kinds = parse_augment(augment)
+    except AAEError as exc:
+        raise typer.BadParameter(str(exc).split(": ", 1)[-1], param_hint="--augment") from None
+    height, width = (crop, crop) if crop is not None else parse_size(size or "64")
     options = family_options(ctx, family, labels, label_seed, lr_class, class_noise)
     if unlabelled_dir is not None and not (directory / unlabelled_dir).is_dir():
         raise typer.BadParameter(f"{directory / unlabelled_dir} is not a folder: name a sub-folder of DIRECTORY",
                                  param_hint="--unlabelled-dir")
-    data = DataConfig(source="folder", path=str(directory), image_size=(height, width), color_mode=color, resample=resample,
-                      limit=limit, val_fraction=val_fraction, unlabelled_dir=unlabelled_dir)
+    data = DataConfig(source="folder", path=str(directory), image_size=None if crop else (height, width), color_mode=color,
+                      resample=resample, limit=limit, val_fraction=val_fraction, unlabelled_dir=unlabelled_dir,
+                      crop=crop, crops_per_image=crops_per_image, augment=augment_kinds)
     cfg = build_config(family=family, options=options,
         data=data, image_shape=(3 if color == "RGB" else 1, height, width), latent_dim=latent_dim, default_latent=16,
         prior=prior, prior_params=_prior_params(locals()), arch=arch, hidden=hidden, dropout=dropout,
@@ -405,7 +427,11 @@ def run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, t
         def on_start(trainer, n_train: int, n_val: int) -> None:
             for note in trainer.notes:
                 err.print(f"[yellow]warning:[/yellow] {note}", highlight=False)
-            err.print(f"training on {trainer.device}: {n_train} images, {n_val} held out; run folder {out}", highlight=False)
+            if trainer.crops is not None:
+                err.print(f"training on {trainer.device}: {n_train} random {trainer.crops.crop} x {trainer.crops.crop} crops an "
+                          f"epoch from {len(trainer.crops.photos)} photo(s); {trainer.held_out}; run folder {out}", highlight=False)
+            else:
+                err.print(f"training on {trainer.device}: {n_train} images, {n_val} held out; run folder {out}", highlight=False)
 
         def on_step(step: int, steps: int, losses: dict) -> None:
             progress.update(task, completed=step, total=steps, losses=format_losses(losses))

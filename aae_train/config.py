@@ -13,7 +13,7 @@ from aae_runtime.contract.priors import make_prior_spec
 
 ARCHS = ("mlp", "conv")
 POSTERIORS = ("deterministic", "gaussian", "universal")
-RECON_LOSSES = ("bce", "mse")
+RECON_LOSSES = ("bce", "mse", "ssim")
 LR_SCHEDULES = ("constant", "cosine", "step")
 DEVICES = ("auto", "cpu", "cuda")
 DATA_SOURCES = ("mnist", "folder")
@@ -57,6 +57,9 @@ class DataConfig:
     split_seed: int = 0  # the hold-out split depends on this alone, not on the training seed
     preprocessing: dict | None = None  # aae_runtime.contract.preprocessing.Preprocessing as a dict; set by the data loader
     unlabelled_dir: str | None = None  # folder: the sub-folder of unlabelled images (semi-supervised family)
+    crop: int | None = None  # folder: train on random crop x crop crops of whole photos (none: resize to image_size)
+    crops_per_image: int | None = None  # crops per training photo per epoch (None: aae_train.crops.EPOCH_CROPS in all)
+    augment: tuple[str, ...] = ()  # crop augmentations the part allows: "flip", "rot90" (aae_train.crops)
 
     def __post_init__(self) -> None:
         if self.source not in DATA_SOURCES:
@@ -65,6 +68,10 @@ class DataConfig:
             raise ValueError("val_fraction must be in [0, 1): part of the images is held out (at least one)")
         if self.color_mode is not None and self.color_mode not in ("L", "RGB"):
             raise ValueError(f"unknown colour mode {self.color_mode!r}; choose L (grayscale) or RGB")
+        if self.crop is not None and (self.crop < 8 or self.image_size is not None):
+            raise ValueError("crop must be at least 8 pixels, and excludes image_size (--crop and --size exclude each other)")
+        if self.crops_per_image is not None and self.crops_per_image < 1:
+            raise ValueError("crops per image must be at least 1")
         if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) < 1):
             raise ValueError(f"image size must be two positive integers (height, width), got {self.image_size!r}")
 
@@ -76,7 +83,7 @@ class TrainConfig:
     lr_recon: float = 1e-3  # Adam, encoder + decoder, reconstruction phase
     lr_disc: float = 2e-4  # Adam, discriminator
     lr_gen: float = 2e-4  # Adam, encoder as generator
-    recon_loss: str = "bce"  # bce suits [0, 1] images with a sigmoid decoder; mse also offered
+    recon_loss: str = "bce"  # bce suits [0, 1] images with a sigmoid decoder; mse; ssim (1 - SSIM: textures)
     lr_schedule: str = "constant"  # constant | cosine (to lr_min_factor x lr at the last epoch) | step
     lr_min_factor: float = 0.1  # cosine: final lr / initial lr; step: lr is multiplied by it at 1/2 and 3/4 of the epochs
     label_smoothing: float = 0.0  # D's target for prior samples is 1 - this (one-sided smoothing)
@@ -153,7 +160,7 @@ class RunConfig:
 def _build(kind, values: dict):
     known = {f.name for f in fields(kind)}
     kwargs = {k: v for k, v in values.items() if k in known}
-    for key in ("image_shape", "classes", "image_size"):
+    for key in ("image_shape", "classes", "image_size", "augment"):
         if kwargs.get(key) is not None:
             kwargs[key] = tuple(kwargs[key])
     if kind.__name__.endswith("Options") and kwargs.get("classes") is not None:

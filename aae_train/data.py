@@ -18,6 +18,7 @@ from aae_runtime.contract.errors import InputError
 from aae_runtime.contract.preprocessing import Preprocessing, pixels_to_input
 from aae_runtime.images import find_images, load_image
 from aae_train.config import DataConfig
+from aae_train.crops import CropSampler, split_photos
 from aae_train.mnist import DataError, ensure_mnist, load_mnist
 
 MNIST_PREPROCESSING = Preprocessing(color_mode="L", height=28, width=28, resample="bilinear", scale=1 / 255, offset=0.0)
@@ -33,6 +34,9 @@ class Dataset:
     path: str  # where the images were read from
     notes: tuple[str, ...] = ()  # one-line messages for the user, e.g. how many files were skipped
     class_names: tuple[str, ...] | None = None  # label i is class_names[i] (folders: the subfolder names)
+    crops: CropSampler | None = None  # --crop: draws each epoch's training crops (``train`` holds epoch 0's)
+    windows: tuple[np.ndarray, ...] = ()  # --crop: held-out photos (C, h, w) that export scores whole for the threshold
+    held_out: str | None = None  # what was held out, said to the user when it is not simply "M images"
 
 
 class DataWarning(UserWarning):
@@ -76,7 +80,10 @@ def load_mnist_dataset(cfg: DataConfig, data_dir: str | None = None, progress=No
 
 
 def folder_preprocessing(cfg: DataConfig) -> Preprocessing:
-    """Preprocessing of a folder run: the configured colour mode and size, pixels / 255."""
+    """Preprocessing of a folder run: the configured colour mode and size (a crop's, with --crop), pixels / 255."""
+    if cfg.crop is not None and cfg.color_mode is not None:
+        return Preprocessing(color_mode=cfg.color_mode, height=cfg.crop, width=cfg.crop, resample=cfg.resample,
+                             scale=1 / 255, offset=0.0)
     if cfg.image_size is None or cfg.color_mode is None:
         raise DataError("a folder data set needs image_size and color_mode (aae-train folder --size 64 --color L)")
     height, width = cfg.image_size
@@ -101,6 +108,10 @@ def load_folder_dataset(cfg: DataConfig, data_dir: str | None = None) -> Dataset
     if cfg.limit is not None and cfg.limit < len(files):
         keep = np.sort(np.random.default_rng(cfg.split_seed).choice(len(files), size=cfg.limit, replace=False))
         files = [files[i] for i in keep]
+    if cfg.crop is not None:  # one photo is enough: a band of it is held out
+        if not files:
+            raise DataError(f"found no image files under {root} (suffixes: png, jpg, bmp, tif, ...)")
+        return _load_photo_crops(cfg, root, files, pre)
     if len(files) < 2:
         raise DataError(f"found {len(files)} image file(s) under {root}; need at least 2 (suffixes: png, jpg, bmp, tif, ...)")
     tr, va = split_indices(len(files), cfg.val_fraction, cfg.split_seed)
@@ -138,6 +149,31 @@ def load_folder_dataset(cfg: DataConfig, data_dir: str | None = None) -> Dataset
         preprocessing=pre, path=str(root.resolve()), notes=tuple(notes),
         class_names=tuple(subdirs) if has_labels else None,
     )
+
+
+def _load_photo_crops(cfg: DataConfig, root: Path, files: list[Path], pre: Preprocessing) -> Dataset:
+    """Whole photos at their own size, split as aae_train.crops says; unreadable files skipped (one warning)."""
+    photos, names, skipped = [], [], []
+    for f in files:
+        try:
+            x = load_image(f, pre, native=True)
+        except InputError as exc:
+            skipped.append(f"{f.relative_to(root)}: {exc}")
+            continue
+        photos.append(np.rint((x - pre.offset) / pre.scale).clip(0, 255).astype(np.uint8))  # 1 byte a pixel in memory
+        names.append(str(f.relative_to(root)))
+    notes = []
+    if skipped:
+        notes.append(f"skipped {len(skipped)} of {len(files)} files under {root} that could not be read "
+                     f"(first: {skipped[0]}); fix or remove them to use them")
+        warnings.warn(notes[-1], DataWarning, stacklevel=3)
+    if not photos:
+        raise DataError(f"no readable photos under {root}: add images")
+    split = split_photos(photos, names, cfg.crop, cfg.crops_per_image, tuple(cfg.augment), cfg.val_fraction,
+                         cfg.split_seed, pre.scale, pre.offset)
+    return Dataset(train=split.sampler.draw(0), val=split.val, train_labels=None, val_labels=None, preprocessing=pre,
+                   path=str(root.resolve()), notes=tuple(notes), crops=split.sampler, windows=split.windows,
+                   held_out=split.note)
 
 
 def class_labels(data: Dataset) -> tuple[tuple[str, ...] | None, np.ndarray | None, np.ndarray | None]:

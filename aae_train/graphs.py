@@ -8,7 +8,10 @@ the runtime's two-graph path agree to float32 rounding; export checks that on re
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from aae_runtime.contract.scores import SSIM_C1, SSIM_C2, SSIM_WINDOW
 
 _EPS = 1e-6  # = aae_runtime.contract.scores._EPS: the bce clip
 
@@ -19,10 +22,28 @@ def pixel_error(x: torch.Tensor, r: torch.Tensor, name: str) -> torch.Tensor:
         err = (x - r) ** 2
     elif name == "mae":
         err = (x - r).abs()
+    elif name == "ssim":
+        err = 1.0 - ssim_map(x, r)
     else:  # bce
         rc = r.clamp(_EPS, 1 - _EPS)
         err = -(x * rc.log() + (1 - x) * (1 - rc).log())
     return err.mean(dim=1)
+
+
+def ssim_map(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-pixel SSIM (B, C, H, W): `aae_runtime.contract.scores.ssim_map` in torch (a loss, and the graphs)."""
+    # (co)variances from inputs centred on mid-grey: in float32, E[x^2] - E[x]^2 of values near
+    # 0.5 loses digits that the variance of a smooth patch needs; centred, it keeps them
+    xc, yc = x - 0.5, y - 0.5
+    mxc, myc = _box(xc), _box(yc)
+    vx, vy, cxy = _box(xc * xc) - mxc * mxc, _box(yc * yc) - myc * myc, _box(xc * yc) - mxc * myc
+    mx, my = mxc + 0.5, myc + 0.5
+    return (2 * mx * my + SSIM_C1) * (2 * cxy + SSIM_C2) / ((mx * mx + my * my + SSIM_C1) * (vx + vy + SSIM_C2))
+
+
+def _box(a: torch.Tensor) -> torch.Tensor:
+    r = SSIM_WINDOW // 2
+    return F.avg_pool2d(F.pad(a, (r, r, r, r), mode="reflect"), SSIM_WINDOW, stride=1)
 
 
 class ClassifyingEncoder(nn.Module):

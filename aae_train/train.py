@@ -80,6 +80,9 @@ class Trainer:
         self.val_labels = data.val_labels  # latent plot colours
         self.class_names = data.class_names
         self.notes = data.notes  # one-line messages for the user (e.g. skipped files)
+        # --crop: fresh crops every epoch, from a stream of the training seed (the hold-out depends on split_seed alone)
+        self.crops = replace(data.crops, seed=t.seed) if data.crops is not None else None
+        self.held_out = data.held_out
         self.shuffle = torch.Generator().manual_seed(t.seed + 1)
         self.streams = Streams(prior=np.random.default_rng(t.seed + 2),
                                extra={name: torch.Generator().manual_seed(t.seed + 3 + i) for i, name in enumerate(kind.extra_streams)})
@@ -127,6 +130,8 @@ class Trainer:
         for m in self.nets.values():
             m.train()
         factor = self.set_learning_rates()
+        if self.crops is not None:
+            self.train_x = torch.from_numpy(self.crops.draw(self.epoch)).to(self.device)
         bs = self.cfg.train.batch_size
         n = len(self.train_x)
         order = torch.randperm(n, generator=self.shuffle).to(self.device)

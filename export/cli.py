@@ -12,6 +12,7 @@ from aae_runtime.calibration import DEFAULT_PERCENTILE
 from aae_runtime.clierrors import OneLineErrorsTyper, print_error
 from aae_runtime.contract.errors import AAEError
 from aae_runtime.contract.scores import DEFAULT_SCORE, SCORES
+from aae_runtime.contract.tiling import DEFAULT_SMOOTH_SIGMA
 
 app = OneLineErrorsTyper(add_completion=False, no_args_is_help=True, help="Export a trained AAE to ONNX.")  # unexpected errors: one line, exit 2
 err = Console(stderr=True, soft_wrap=True)
@@ -22,17 +23,20 @@ def export(
     checkpoint: Annotated[Path, typer.Option(help="checkpoint.pt written by aae-train (or its run folder).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for encoder.onnx and decoder.onnx.")] = Path("model"),
     data_dir: Annotated[Optional[Path], typer.Option(help="Where the training data is now, if it moved since training.")] = None,
-    score: Annotated[str, typer.Option(help=f"Anomaly score: {'|'.join(SCORES)} (see aae_runtime/contract/scores.py; "
-                                             "benchmarks/results/one_class.md compares them).")] = DEFAULT_SCORE,
+    score: Annotated[Optional[str], typer.Option(help=f"Anomaly score: {'|'.join(SCORES)} (see aae_runtime/contract/scores.py; "
+                                             f"benchmarks/results/one_class.md compares them). Default {DEFAULT_SCORE}; a model "
+                                             "trained with --crop: mse (its score is the maximum of its tiled map).")] = None,
     percentile: Annotated[float, typer.Option(min=0.001, max=100.0, help="Threshold = this percentile of held-out normal scores.")] = DEFAULT_PERCENTILE,
     anomalies: Annotated[Optional[list[Path]], typer.Option(
         help="Labelled anomalous images (file or folder; repeatable): the threshold becomes F1-optimal.")] = None,
     fused: Annotated[bool, typer.Option(help="Also write scorer.onnx: image -> score parts and error map in one call.")] = True,
     quantize: Annotated[Optional[str], typer.Option(help="int8: static QDQ quantisation calibrated on held-out normal images (CPU speed).")] = None,
     precision: Annotated[str, typer.Option(help="fp32, or fp16 (float16 weights and ops for GPUs; inputs and outputs stay float32).")] = "fp32",
+    map_sigma: Annotated[float, typer.Option(min=0.0, max=64.0, help="Models trained with --crop: smoothing of the defect map, in pixels.")] = DEFAULT_SMOOTH_SIGMA,
+    tile_stride: Annotated[Optional[int], typer.Option(min=1, max=4096, help="Models trained with --crop: pixels between tiles (default: half a tile).")] = None,
 ) -> None:
     """Export, verify (ONNX checker, parity with PyTorch) and calibrate the anomaly threshold."""
-    if score not in SCORES:
+    if score is not None and score not in SCORES:
         raise typer.BadParameter(f"{score!r} is not one of {', '.join(SCORES)}", param_hint="--score")
     if quantize not in (None, "int8"):
         raise typer.BadParameter(f"{quantize!r}: the only quantisation is int8", param_hint="--quantize")
@@ -45,7 +49,8 @@ def export(
     try:
         result = export_checkpoint(checkpoint, out, data_dir=str(data_dir) if data_dir else None, score=score,
                                    percentile=percentile, log=lambda s: err.print(s, highlight=False),
-                                   variant=quantize or precision, fused=fused, anomalies=anomalies)
+                                   variant=quantize or precision, fused=fused, anomalies=anomalies,
+                                   map_sigma=map_sigma, tile_stride=tile_stride)
     except AAEError as exc:
         print_error(str(exc), err)  # literal text: paths may hold "[/]"
         raise typer.Exit(2)

@@ -11,18 +11,20 @@ import torch
 
 from aae_runtime import __version__
 from aae_runtime.contract.preprocessing import Preprocessing
-from aae_runtime.contract.metadata import GRAPH_FILES, IMAGE_INPUT, METADATA_KEY, SCHEMA_VERSION
+from aae_runtime.contract.metadata import GRAPH_FILES, IMAGE_INPUT, METADATA_KEY, SCHEMA_VERSION, SCHEMA_WITHOUT_REQUIREMENTS
+from aae_runtime.contract.tiling import TILING, Tiling
 from aae_runtime.contract.scores import SCORE_DEFINITIONS
 from aae_train.config import RunConfig
 
 
 def build_metadata(cfg: RunConfig, family, pre: Preprocessing, prior: dict, score: str | dict, threshold: dict,
-                   provenance: dict, graphs) -> dict:
+                   provenance: dict, graphs, tiling: Tiling | None = None) -> dict:
     """The JSON-able metadata document (see aae_runtime.contract.metadata for how it is read).
 
     ``family``: the Family class; ``prior``: what the model samples from; ``score``: a fitted
     score block (aae_runtime.contract.scores.fit_score), or a plain reconstruction score's name;
-    ``graphs``: the family's GraphSpecs, listed with their inputs and outputs.
+    ``graphs``: the family's GraphSpecs, listed with their inputs and outputs; ``tiling``: how
+    whole photos are scored, for a model trained on crops (then required of every reader).
     """
     if isinstance(score, str):
         score = {"name": score, "pixel_error": score, "definition": SCORE_DEFINITIONS[score], "higher_is_more_anomalous": True}
@@ -31,8 +33,9 @@ def build_metadata(cfg: RunConfig, family, pre: Preprocessing, prior: dict, scor
         listed[g.name] = {"file": GRAPH_FILES[g.name], "inputs": list(g.inputs), "outputs": list(g.outputs)}
         if g.name == "scorer":
             listed[g.name]["pixel_error"] = score.get("pixel_error", score["name"])
+    requires = [TILING] if tiling is not None else []
     block = {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": SCHEMA_VERSION if requires else SCHEMA_WITHOUT_REQUIREMENTS,
         "export_id": provenance["export_id"],
         "family": cfg.family,
         "input": {
@@ -51,6 +54,8 @@ def build_metadata(cfg: RunConfig, family, pre: Preprocessing, prior: dict, scor
         "provenance": provenance,
         **family.metadata(cfg),
     }
+    if tiling is not None:
+        block["requires"], block["tiling"] = requires, tiling.to_dict()
     return block
 
 

@@ -24,6 +24,7 @@ from aae_runtime.contract.errors import AAEError
 from aae_runtime.contract.fileio import atomic_write_bytes
 from aae_runtime.contract.preprocessing import Preprocessing
 from aae_runtime.contract.metadata import BEST_LABEL_OUTPUT, GRAPH_FILES, ModelMetadata
+from aae_runtime.contract.tiling import DEFAULT_SMOOTH_SIGMA, Tiling
 from aae_runtime.model import AAEModel
 from aae_runtime.recalibrate import calibrate_model
 from aae_runtime.contract.scores import DEFAULT_SCORE, SCORES, score_spec
@@ -35,6 +36,8 @@ from export.metadata import attach, build_metadata, provenance
 from export.quantize import VARIANTS, make_variant
 
 PARITY_BATCHES = (1, 2, 7, 64)
+TILED_DEFAULT_SCORE = "mse"  # a tiled model's default per-pixel error: ssim measured worse (benchmarks/results/textures.md)
+MAP_SIGMA = DEFAULT_SMOOTH_SIGMA
 PARITY_TOLERANCE = 1e-4  # largest absolute difference allowed between ONNX Runtime and PyTorch
 DISCRETE_OUTPUTS = (BEST_LABEL_OUTPUT,)  # compared through the continuous outputs they select (see check_parity)
 
@@ -64,19 +67,25 @@ class ExportResult:
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_dir: str | None = None,
-                      score: str = DEFAULT_SCORE, percentile: float = DEFAULT_PERCENTILE,
+                      score: str | None = None, percentile: float = DEFAULT_PERCENTILE,
                       log: Callable[[str], None] = print, variant: str = "fp32", fused: bool = True,
-                      anomalies: np.ndarray | list | None = None) -> ExportResult:
+                      anomalies: np.ndarray | list | None = None, map_sigma: float = MAP_SIGMA,
+                      tile_stride: int | None = None) -> ExportResult:
     """Export ``checkpoint`` to ``out_dir``: one ONNX file per graph its family lists (encoder,
     decoder and, with ``fused``, the scorer), each verified, and the threshold calibrated.
 
     ``variant`` "int8" or "fp16" (export.quantize) converts the verified float32 encoder and
     decoder; the threshold is then calibrated on the variant's own scores (and no fused scorer
-    is written). ``score`` names one of aae_runtime.contract.scores.SCORES; its statistics and the
+    is written). ``score`` names one of aae_runtime.contract.scores.SCORES (None: DEFAULT_SCORE,
+    or TILED_DEFAULT_SCORE for a tiled model); its statistics and the
     threshold are fitted on the held-out normal images (F1-optimal when ``anomalies``, labelled
     anomalous images (N, C, H, W) or paths, are given).
+
+    A model trained on crops (``--crop``) is exported tiled (aae_runtime.contract.tiling): tiles
+    ``tile_stride`` apart (default half a tile), maps smoothed by ``map_sigma`` pixels, and the
+    threshold set on the held-out photos (or windows of the held-out band), scored whole.
     """
-    if score not in SCORES:
+    if score is not None and score not in SCORES:
         raise ExportError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
     if variant not in VARIANTS:
         raise ExportError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
@@ -85,9 +94,14 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_dir: str
     data = load_dataset(cfg.data, data_dir)  # the held-out split, rebuilt from the config
     pre = Preprocessing.from_dict(cfg.data.preprocessing)
     normal = data.val
-    log(f"exporting {Path(checkpoint)} ({cfg.family}, epoch {state['epoch']}); {len(normal)} held-out normal images "
-        "for checks and threshold")
+    log(f"exporting {Path(checkpoint)} ({cfg.family}, epoch {state['epoch']}); {len(normal)} held-out normal "
+        + ("crops for the checks" if cfg.data.crop else "images for checks and threshold"))
+    tiling = _tiling(cfg, map_sigma, tile_stride)
+    score = score or (TILED_DEFAULT_SCORE if tiling is not None else DEFAULT_SCORE)
     pix = score_spec(score)[0]
+    if tiling is not None and score != pix:
+        raise ExportError(f"--score {score}: a tiled model's score is the maximum of its per-pixel error map; "
+                          "choose mse, mae, bce or ssim")
     specs = {g.name: g for g in trained.family.graphs(cfg, trained.nets, pix if fused and variant == "fp32" else None)}
     example = torch.from_numpy(normal[:2])
     with torch.no_grad():
@@ -95,7 +109,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_dir: str
     prior = _prior(cfg, trained, normal)
     ckpt_file = Path(checkpoint) if Path(checkpoint).is_file() else Path(checkpoint) / CHECKPOINT_NAME
     prov = provenance(file_sha256(ckpt_file), state)
-    draft = build_metadata(cfg, trained.family, pre, prior, pix, {"value": 0.0, "method": "pending"}, prov, specs.values())
+    draft = build_metadata(cfg, trained.family, pre, prior, pix, {"value": 0.0, "method": "pending"}, prov, specs.values(),
+                           tiling)
     for proto in protos.values():
         attach(proto, draft)
         onnx.checker.check_model(proto, full_check=True)
@@ -114,16 +129,19 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_dir: str
         variant, protos["encoder"], protos["decoder"], draft, model, normal, prior, log)
     if anomalies is not None and not isinstance(anomalies, np.ndarray):
         anomalies = _load_anomalies(anomalies, pre)
-    block, threshold = calibrate_model(model, normal, anomalies, score, percentile, min_images=1)
-    threshold["split"] = f"validation split held out from the training images ({len(normal)} images, split_seed {cfg.data.split_seed})"
-    how = (f"F1-optimal (F1 {threshold['f1']:.3f}) on {len(normal)} held-out normal and {threshold['anomaly_count']} anomalous images"
-           if threshold["method"] == "f1" else f"{percentile:g}th percentile of the scores of {len(normal)} held-out normal images")
+    held = list(data.windows) if tiling is not None else normal  # a tiled model's threshold is about whole photos
+    what = "held-out photos" if tiling is not None else "held-out normal images"
+    block, threshold = calibrate_model(model, held, anomalies, score, percentile, min_images=1)
+    threshold["split"] = (f"{data.held_out} (split_seed {cfg.data.split_seed})" if tiling is not None else
+                          f"validation split held out from the training images ({len(normal)} images, split_seed {cfg.data.split_seed})")
+    how = (f"F1-optimal (F1 {threshold['f1']:.3f}) on {len(held)} {what} and {threshold['anomaly_count']} anomalous images"
+           if threshold["method"] == "f1" else f"{percentile:g}th percentile of the scores of {len(held)} {what}")
     log(f"score {score}; threshold {threshold['value']:.6g} = {how}")
     if "scorer" in protos:
         _check_fused(protos["scorer"], model, normal, log)
     elif fused:
         log(f"fused scorer graph: not made for the {variant} variant; the runtime uses the two graphs")
-    metadata = build_metadata(cfg, trained.family, pre, prior, block, threshold, prov, specs.values())
+    metadata = build_metadata(cfg, trained.family, pre, prior, block, threshold, prov, specs.values(), tiling)
     metadata["variant"] = variant_info
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -134,6 +152,19 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_dir: str
     for name in set(GRAPH_FILES) - set(protos):
         (out_dir / GRAPH_FILES[name]).unlink(missing_ok=True)  # a stale one from an earlier export would not match
     return ExportResult(out_dir, files, metadata, diffs)
+
+
+def _tiling(cfg, map_sigma: float, tile_stride: int | None) -> Tiling | None:
+    """How a model trained on crops scores whole photos; None for a model of whole images."""
+    if cfg.data.crop is None:
+        return None
+    crop = cfg.data.crop
+    stride = tile_stride or max(1, crop // 2)
+    if not 1 <= stride <= crop:
+        raise ExportError(f"--tile-stride {stride}: must be between 1 and the tile size {crop} (tiles must cover the photo)")
+    if not 0 <= map_sigma <= 64:
+        raise ExportError(f"--map-sigma {map_sigma}: must be between 0 (no smoothing) and 64 pixels")
+    return Tiling((crop, crop), (stride, stride), float(map_sigma))
 
 
 def _prior(cfg, trained, normal: np.ndarray) -> dict:

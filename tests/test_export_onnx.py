@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from aae_runtime.contract.metadata import METADATA_KEY, SCHEMA_VERSION
+from aae_runtime.contract.metadata import METADATA_KEY, SCHEMA_WITHOUT_REQUIREMENTS as SCHEMA_VERSION
 
 
 def _meta(path):

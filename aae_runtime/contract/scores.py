@@ -39,7 +39,13 @@ _LOG_FLOOR = 1e-12  # keeps log(reconstruction error) finite for a perfect recon
 _SHRINK = 1e-3  # ridge on the code covariance, as a share of its mean variance: invertible always
 INTENSITY_FLOOR = 0.01  # added to the mean intensity in the relative error: a blank image stays finite
 
-RECONSTRUCTION_SCORES = ("mse", "mae", "bce")
+RECONSTRUCTION_SCORES = ("mse", "mae", "bce", "ssim")
+# SSIM (Wang et al. 2004) as a per-pixel error, 1 - SSIM over a SSIM_WINDOW x SSIM_WINDOW uniform
+# window (edges reflected), for textures (Bergmann et al. 2019): a reconstruction that keeps the
+# local mean but loses the structure (blur, a scratch in a regular pattern) has a small squared
+# error yet a low SSIM. Constants for inputs spanning 1 (pixels / 255).
+SSIM_WINDOW = 7
+SSIM_C1, SSIM_C2 = 0.01**2, 0.03**2
 LATENT_SOURCES = ("prior", "codes")
 UNSTANDARDISED = ("reconstruction", "relative")  # alone, these keep their natural units
 
@@ -71,6 +77,7 @@ PIXEL_DEFINITIONS = {
     "mse": "(x - decoder(encoder(x)))^2",
     "mae": "|x - decoder(encoder(x))|",
     "bce": "binary cross-entropy of x under decoder(encoder(x))",
+    "ssim": f"1 - SSIM(x, decoder(encoder(x))) over {SSIM_WINDOW} x {SSIM_WINDOW} uniform windows (edges reflected)",
 }
 SOURCE_DEFINITIONS = {
     "reconstruction": "mean over pixels and channels of the per-pixel error",
@@ -116,9 +123,32 @@ def pixel_error(x: np.ndarray, recon: np.ndarray, name: str) -> np.ndarray:
     elif name == "bce":
         r = np.clip(recon, _EPS, 1 - _EPS)
         err = -(x * np.log(r) + (1 - x) * np.log(1 - r))
+    elif name == "ssim":
+        err = 1.0 - ssim_map(x, recon)
     else:
         raise ValueError(f"unknown reconstruction score {name!r}; choose one of {', '.join(RECONSTRUCTION_SCORES)}")
     return err.mean(axis=1)
+
+
+def ssim_map(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per-pixel SSIM (N, C, H, W) of two image batches; the formula `aae_train.graphs.ssim_map`
+    builds into the graphs (same window, padding and constants), computed in float64."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    mx, my = _box(x), _box(y)
+    vx, vy, cxy = _box(x * x) - mx * mx, _box(y * y) - my * my, _box(x * y) - mx * my
+    num = (2 * mx * my + SSIM_C1) * (2 * cxy + SSIM_C2)
+    return (num / ((mx * mx + my * my + SSIM_C1) * (vx + vy + SSIM_C2))).astype(np.float32)
+
+
+def _box(a: np.ndarray) -> np.ndarray:
+    """Mean over SSIM_WINDOW x SSIM_WINDOW windows of (N, C, H, W), edges reflected (torch's "reflect")."""
+    r = SSIM_WINDOW // 2
+    if min(a.shape[-2:]) <= r:
+        raise ValueError(f"SSIM needs images larger than {r} pixels on each side")
+    p = np.pad(a, [(0, 0), (0, 0), (r, r), (r, r)], mode="reflect")
+    h, w = a.shape[-2:]
+    rows = sum(p[:, :, j : j + h, :] for j in range(SSIM_WINDOW))
+    return sum(rows[:, :, :, j : j + w] for j in range(SSIM_WINDOW)) / SSIM_WINDOW**2
 
 
 def intensity(x: np.ndarray, low: float, high: float) -> np.ndarray:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from aae_train.config import RunConfig
+from aae_train.graphs import ssim_map
 
 # Export (`export.onnx_export`) turns each of a family's GraphSpecs into one ONNX file. The
 # names below are the runtime's (aae_runtime.contract.metadata); the runtime decides what a
@@ -103,6 +104,8 @@ class Family:
     def recon_loss(self, recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self.cfg.train.recon_loss == "bce":
             return F.binary_cross_entropy(recon, x)
+        if self.cfg.train.recon_loss == "ssim":
+            return (1.0 - ssim_map(recon, x)).mean()
         return F.mse_loss(recon, x)
 
     # -- evaluation and outputs -----------------------------------------------------------------

@@ -1,0 +1,139 @@
+"""Measuring a model on a user's own parts: normal photos, defective ones and (optionally) defect masks.
+
+`evaluate` scores both sets the way `aae-run score` does and reports what the benchmark reports
+(benchmarks/textures.py): image AUROC, pixel AUROC of the maps against the masks, and the false
+alarms and detections at the model's threshold, per defect kind where the defective photos sit
+in one sub-folder per kind (``defects/scratch/*.png``).
+
+Masks are found by the defective photo's path relative to its folder (``masks/scratch/a.png``)
+or, failing that, by its file stem anywhere under the masks folder (``a.png``, ``a_mask.png``);
+a mask is white (> 127) on the defect. A map is compared at its own size: a tiled model's map
+has the photo's size, an untiled model's the model input's, so a mask is resized to it
+(nearest neighbour). Normal photos count as all-normal pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from aae_runtime.contract.errors import InputError
+from aae_runtime.images import find_images
+from aae_runtime.regions import PixelAUROC, auroc
+
+MASK_SUFFIXES = ("", "_mask", ".mask", "_gt")
+
+
+@dataclass
+class Evaluation:
+    threshold: float
+    normal: int = 0  # photos scored
+    anomalous: int = 0
+    false_alarms: int = 0  # normal photos flagged
+    detections: int = 0  # defective photos flagged
+    image_auroc: float | None = None
+    pixel_auroc: float | None = None  # None without masks
+    pixel_auroc_exact: bool = True  # False: estimated on a uniform subsample of the pixels (very many of them)
+    masked: int = 0  # defective photos that had a mask
+    per_kind: dict[str, dict] = field(default_factory=dict)  # kind -> {"images", "detected"}
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+    @property
+    def false_alarm_rate(self) -> float:
+        return self.false_alarms / self.normal if self.normal else float("nan")
+
+    @property
+    def detection_rate(self) -> float:
+        return self.detections / self.anomalous if self.anomalous else float("nan")
+
+    def to_dict(self) -> dict:
+        return {"threshold": self.threshold, "normal_images": self.normal, "anomalous_images": self.anomalous,
+                "image_auroc": self.image_auroc, "pixel_auroc": self.pixel_auroc, "pixel_auroc_exact": self.pixel_auroc_exact,
+                "masked_images": self.masked, "false_alarms": self.false_alarms, "false_alarm_rate": self.false_alarm_rate,
+                "detections": self.detections, "detection_rate": self.detection_rate, "per_kind": self.per_kind,
+                "failed": [{"path": p, "error": e} for p, e in self.failed]}
+
+
+def evaluate(model, normal: list[str | Path], anomalies: list[str | Path], masks: str | Path | None = None,
+             batch_size: int = 64) -> Evaluation:
+    """Score ``normal`` and ``anomalies`` (files or folders) with ``model`` (an `AAEModel`) and
+    measure it; ``masks``: a folder of defect masks for the pixel AUROC."""
+    if masks is not None and not Path(masks).is_dir():
+        raise InputError(f"--masks {masks}: not a folder; pass the folder of defect masks")
+    result = Evaluation(threshold=model.threshold)
+    pixels = PixelAUROC() if masks is not None else None
+    mask_files = {p.stem: p for p in find_images([masks])} if masks is not None else {}
+    scores: list[float] = []
+    labels: list[bool] = []
+    for positive, paths in ((False, normal), (True, anomalies)):
+        roots = [Path(p) for p in paths]
+        for row in model.iter_score_paths(paths, batch_size=batch_size, maps=pixels is not None):
+            if not row.ok:
+                result.failed.append((row.path, row.error))
+                continue
+            scores.append(row.score)
+            labels.append(positive)
+            _count(result, row, positive, _kind(Path(row.path), roots) if positive else None)
+            if pixels is not None:
+                truth = _mask_for(Path(row.path), roots, Path(masks), mask_files, row.pixel_error.shape) if positive else None
+                if positive and truth is None:
+                    continue  # no mask: the photo counts for the image figures only
+                result.masked += positive
+                pixels.add(row.pixel_error, truth if truth is not None else np.zeros(row.pixel_error.shape, bool))
+    if not result.normal or not result.anomalous:
+        raise InputError(f"need scored normal and defective photos, got {result.normal} normal and {result.anomalous} "
+                         "defective: check both folders")
+    result.image_auroc = auroc(np.asarray(scores), np.asarray(labels))
+    if pixels is not None and result.masked:
+        result.pixel_auroc, result.pixel_auroc_exact = pixels.result(), pixels.exact
+    return result
+
+
+def _count(result: Evaluation, row, positive: bool, kind: str | None) -> None:
+    if not positive:
+        result.normal += 1
+        result.false_alarms += bool(row.anomaly)
+        return
+    result.anomalous += 1
+    result.detections += bool(row.anomaly)
+    entry = result.per_kind.setdefault(kind or "all", {"images": 0, "detected": 0})
+    entry["images"] += 1
+    entry["detected"] += bool(row.anomaly)
+
+
+def _relative(path: Path, roots: list[Path]) -> Path:
+    for root in roots:
+        if root.is_dir():
+            try:
+                return path.relative_to(root)
+            except ValueError:
+                continue
+    return Path(path.name)
+
+
+def _kind(path: Path, roots: list[Path]) -> str:
+    """The first sub-folder of the photo under its root (the defect kind), or "all"."""
+    rel = _relative(path, roots)
+    return rel.parts[0] if len(rel.parts) > 1 else "all"
+
+
+def _mask_for(path: Path, roots: list[Path], masks: Path, by_stem: dict[str, Path], shape: tuple[int, int]) -> np.ndarray | None:
+    """The defect mask (bool, ``shape``) of a defective photo, or None when it has none."""
+    from PIL import Image
+
+    rel = _relative(path, roots)
+    candidates = [masks / rel] + [by_stem[path.stem + s] for s in MASK_SUFFIXES if path.stem + s in by_stem]
+    for candidate in candidates:
+        if candidate.is_file():
+            try:
+                with Image.open(candidate) as img:
+                    m = img.convert("L")
+                    if m.size != (shape[1], shape[0]):
+                        m = m.resize((shape[1], shape[0]), Image.Resampling.NEAREST)
+                    return np.asarray(m) > 127
+            except OSError as exc:
+                raise InputError(f"mask {candidate}: cannot read it ({exc}); fix or remove it") from None
+    return None
+

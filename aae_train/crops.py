@@ -1,0 +1,153 @@
+"""Training on random crops of whole photos (``aae-train folder DIR --crop 64``).
+
+Inspection photos are 512 x 512 to 2048 x 2048; a defect is a few pixels of one. Resizing the
+photo to the model's input would erase the defect, so the model learns crops at the photo's own
+resolution, and the runtime tiles whole photos (aae_runtime.contract.tiling).
+
+What is held out never overlaps a training crop:
+
+- with two or more photos, whole photos are held out (``val_fraction`` of them, at least one);
+- with a single photo, its bottom band of rows is (``val_fraction`` of its height, at least one
+  crop high), and training crops come only from the rows above it.
+
+Validation crops (the loss the loop reports and best.pt selects on) are a fixed grid of crops
+of the held-out photos or band; the *calibration windows* (whole held-out photos, or square
+windows of the band) are what export scores whole, by tiling, to set the threshold, so the
+threshold is a statement about photos, not crops.
+
+Training crops are drawn afresh every epoch from a stream seeded by (seed, epoch), so a resumed
+run draws the same crops as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from aae_train.mnist import DataError
+
+AUGMENTATIONS = ("flip", "rot90")
+EPOCH_CROPS = 8192  # default crops per epoch, over all training photos (at least one per photo)
+MAX_VAL_CROPS = 4096  # validation crops kept (a fixed subset of the grid beyond this)
+MAX_WINDOWS = 64  # calibration windows cut from a single photo's held-out band
+
+
+@dataclass(frozen=True)
+class CropSampler:
+    """Random crops of the training photos, as model inputs (N, C, crop, crop) float32."""
+
+    photos: tuple[np.ndarray, ...]  # (C, H, W) uint8 each: the training photos (or the training band)
+    crop: int
+    per_photo: int  # crops drawn from each photo per epoch
+    augment: tuple[str, ...]  # among AUGMENTATIONS
+    scale: float  # pixels -> inputs: value = pixel * scale + offset (the model's preprocessing)
+    offset: float
+    seed: int
+
+    def __len__(self) -> int:
+        return self.per_photo * len(self.photos)
+
+    def draw(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, epoch])
+        out = []
+        for photo in self.photos:
+            _, h, w = photo.shape
+            rows = rng.integers(0, h - self.crop + 1, self.per_photo)
+            cols = rng.integers(0, w - self.crop + 1, self.per_photo)
+            out.extend(photo[:, r : r + self.crop, c : c + self.crop] for r, c in zip(rows, cols))
+        crops = np.stack(out)
+        crops = augment(crops, self.augment, rng)
+        return (crops.astype(np.float32) * np.float32(self.scale) + np.float32(self.offset)).astype(np.float32)
+
+
+def augment(crops: np.ndarray, kinds: tuple[str, ...], rng: np.random.Generator) -> np.ndarray:
+    """Random flips (horizontal and vertical) and quarter turns of (N, C, s, s) crops, as asked."""
+    if "flip" in kinds:
+        h = rng.random(len(crops)) < 0.5
+        crops[h] = crops[h][..., ::-1]
+        v = rng.random(len(crops)) < 0.5
+        crops[v] = crops[v][..., ::-1, :]
+    if "rot90" in kinds:
+        turns = rng.integers(0, 4, len(crops))
+        for k in (1, 2, 3):
+            crops[turns == k] = np.rot90(crops[turns == k], k, axes=(2, 3))
+    return crops
+
+
+def parse_augment(text: str | None) -> tuple[str, ...]:
+    """``"flip,rot90"`` -> ("flip", "rot90"); unknown names are a DataError naming the allowed ones."""
+    if not text:
+        return ()
+    kinds = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    unknown = [k for k in kinds if k not in AUGMENTATIONS]
+    if unknown:
+        raise DataError(f"--augment {text}: unknown {', '.join(unknown)}; choose from {', '.join(AUGMENTATIONS)} (comma-separated)")
+    return kinds
+
+
+@dataclass(frozen=True)
+class CropSplit:
+    sampler: CropSampler
+    val: np.ndarray  # (M, C, crop, crop) float32: fixed validation crops
+    windows: tuple[np.ndarray, ...]  # (C, h, w) float32: held-out photos or band windows, scored whole at export
+    note: str  # what was held out, for the user
+
+
+def split_photos(photos: list[np.ndarray], names: list[str], crop: int, per_photo: int | None, augment_kinds: tuple[str, ...],
+                 val_fraction: float, seed: int, scale: float, offset: float) -> CropSplit:
+    """Hold out whole photos (or one photo's bottom band), and a sampler over the rest; see the module doc."""
+    small = [n for n, p in zip(names, photos) if min(p.shape[1:]) < crop]
+    if small:
+        raise DataError(f"{len(small)} photo(s) are smaller than --crop {crop} (first: {small[0]}): use a smaller crop "
+                        "or remove them")
+    if len(photos) >= 2:
+        order = np.random.default_rng(seed).permutation(len(photos))
+        n_val = min(len(photos) - 1, max(1, int(round(len(photos) * val_fraction))))
+        train = [photos[i] for i in sorted(order[n_val:])]
+        held = [photos[i] for i in sorted(order[:n_val])]
+        windows = held
+        note = f"{len(held)} whole photos held out for validation and threshold"
+    else:
+        photo = photos[0]
+        h = photo.shape[1]
+        band = max(crop, int(round(h * val_fraction)))
+        if h - band < crop:
+            raise DataError(f"a single {photo.shape[2]} x {h} photo cannot give a training region and a held-out band "
+                            f"of at least {crop} rows each: use a photo at least {2 * crop} pixels high, or more photos")
+        train, held = [photo[:, : h - band]], [photo[:, h - band :]]
+        windows = band_windows(held[0], MAX_WINDOWS)
+        note = (f"a single photo: its bottom {band} rows held out for validation and threshold "
+                f"({len(windows)} windows of {windows[0].shape[1]} x {windows[0].shape[2]}), training crops from the "
+                f"{h - band} rows above")
+    if per_photo is None:
+        per_photo = max(1, math.ceil(EPOCH_CROPS / len(train)))
+    sampler = CropSampler(tuple(train), crop, per_photo, augment_kinds, scale, offset, seed)
+    val = np.concatenate([grid_crops(p, crop) for p in held])
+    if len(val) > MAX_VAL_CROPS:
+        val = val[np.sort(np.random.default_rng(seed).choice(len(val), MAX_VAL_CROPS, replace=False))]
+    to_input = lambda a: (a.astype(np.float32) * np.float32(scale) + np.float32(offset)).astype(np.float32)  # noqa: E731
+    return CropSplit(sampler, to_input(val), tuple(to_input(w) for w in windows), note)
+
+
+def grid_crops(photo: np.ndarray, crop: int) -> np.ndarray:
+    """Crops of a (C, H, W) photo on a grid half a crop apart, the last row and column flush with its edges."""
+    _, h, w = photo.shape
+    rows, cols = _starts(h, crop, max(1, crop // 2)), _starts(w, crop, max(1, crop // 2))
+    return np.stack([photo[:, r : r + crop, c : c + crop] for r in rows for c in cols])
+
+
+def band_windows(band: np.ndarray, limit: int) -> list[np.ndarray]:
+    """Square windows as high as the band, spread evenly along it (at most ``limit``): the
+    held-out "photos" of a single-photo run."""
+    _, h, w = band.shape
+    side = min(h, w)
+    n = min(limit, w - side + 1)
+    starts = np.unique(np.linspace(0, w - side, n).round().astype(int))
+    return [band[:, :, c : c + side] for c in starts]
+
+
+def _starts(length: int, size: int, stride: int) -> list[int]:
+    starts = list(range(0, length - size + 1, stride))
+    return starts if starts[-1] == length - size else starts + [length - size]

@@ -1,0 +1,241 @@
+"""Whole photos: crops for training, tiles and full-resolution maps for scoring (issue: real part images).
+
+Real photographs (scikit-image's grass), real training through `aae-train folder --crop`, real
+export and ONNX Runtime scoring; the numeric pieces (stitching, smoothing, SSIM) against
+independent references (scipy, scikit-image).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from aae_runtime.contract.errors import InputError, ModelError
+from aae_runtime.contract.metadata import ModelMetadata
+from aae_runtime.contract.scores import pixel_error, ssim_map
+from aae_runtime.contract.tiling import Tiling, gaussian_smooth
+from aae_train.crops import CropSampler, augment, split_photos
+from tests.conftest import write_png
+
+runner = CliRunner()
+CROP = 32
+
+
+@pytest.fixture(scope="module")
+def grass():
+    from skimage.data import grass
+
+    return grass()  # (512, 512) uint8, a real photograph
+
+
+def test_tiles_cover_the_photo_and_the_last_ones_are_flush_with_its_edges():
+    t = Tiling((32, 32), (16, 16), 2.0)
+    origins = t.origins(100, 70)
+    rows, cols = sorted({r for r, _ in origins}), sorted({c for _, c in origins})
+    assert rows == [0, 16, 32, 48, 64, 68] and cols == [0, 16, 32, 38]
+    with pytest.raises(InputError, match="smaller than the model's 32 x 32 tile"):
+        t.origins(31, 200)
+
+
+def test_stitching_averages_overlapping_tiles_back_into_the_photo():
+    rng = np.random.default_rng(0)
+    photo = rng.random((3, 101, 77)).astype(np.float32)
+    t = Tiling((32, 32), (13, 13), 0.0)
+    # each tile's "error" is its own channel mean: the stitched average must give back the photo's
+    raw = t.raw_map(photo, lambda tiles: tiles.mean(axis=1), batch=5)
+    assert raw.shape == (101, 77)
+    np.testing.assert_allclose(raw, photo.mean(axis=0), rtol=1e-6)
+
+
+def test_smoothing_matches_scipys_gaussian_filter():
+    from scipy.ndimage import gaussian_filter
+
+    x = np.random.default_rng(1).random((90, 130)).astype(np.float32)
+    for sigma in (0.7, 4.0, 40.0):  # a kernel wider than the map, too
+        np.testing.assert_allclose(gaussian_smooth(x, sigma), gaussian_filter(x.astype(np.float64), sigma, mode="reflect",
+                                                                             truncate=3.0), atol=1e-5)
+
+
+def test_ssim_matches_scikit_image_and_the_torch_graph_formula(grass):
+    from skimage.metrics import structural_similarity
+
+    from aae_train.graphs import pixel_error as torch_pixel_error
+
+    x = grass[:64, :64].astype(np.float32)[None, None] / 255
+    y = np.clip(x + np.random.default_rng(2).normal(0, 0.1, x.shape), 0, 1).astype(np.float32)
+    _, ref = structural_similarity(x[0, 0], y[0, 0], data_range=1.0, win_size=7, use_sample_covariance=False, full=True)
+    np.testing.assert_allclose(ssim_map(x, y)[0, 0, 3:-3, 3:-3], ref[3:-3, 3:-3], atol=1e-5)  # skimage crops its border
+    ours = torch_pixel_error(torch.from_numpy(x), torch.from_numpy(y), "ssim").numpy()
+    np.testing.assert_allclose(ours, pixel_error(x, y, "ssim"), atol=1e-5)
+    assert pixel_error(x, x, "ssim").max() < 1e-5  # a perfect reconstruction has no error
+
+
+def test_a_single_photo_holds_out_a_band_no_training_crop_can_reach(grass):
+    photo = grass[None, :200, :300]
+    split = split_photos([photo], ["grass.png"], CROP, 50, (), 0.25, 0, 1 / 255, 0.0)
+    (train,) = split.sampler.photos
+    assert train.shape == (1, 150, 300)  # the top rows only
+    np.testing.assert_array_equal(train, photo[:, :150])
+    band = photo[:, 150:].astype(np.float32) / 255
+    for w in split.windows:  # held-out windows are windows of the band, whole
+        assert w.shape == (1, 50, 50)
+        assert any(np.allclose(w, band[:, :, c : c + 50], atol=1e-6) for c in range(251))
+    crops = split.sampler.draw(3)
+    assert crops.shape == (50, 1, CROP, CROP) and crops.dtype == np.float32
+
+
+def test_several_photos_hold_out_whole_photos(grass):
+    photos = [grass[None, i * 100 : i * 100 + 100, :200] for i in range(5)]
+    split = split_photos(photos, [f"{i}.png" for i in range(5)], CROP, None, (), 0.4, 0, 1 / 255, 0.0)
+    held = [np.rint(w * 255).astype(np.uint8) for w in split.windows]
+    assert len(held) == 2 and len(split.sampler.photos) == 3
+    for h in held:  # no held-out photo is among the training photos
+        assert not any(np.array_equal(h, t) for t in split.sampler.photos)
+
+
+def test_crops_are_redrawn_each_epoch_and_the_same_on_resume(grass):
+    s = CropSampler((grass[None, :128, :128],), CROP, 20, ("flip", "rot90"), 1 / 255, 0.0, seed=5)
+    again = CropSampler((grass[None, :128, :128],), CROP, 20, ("flip", "rot90"), 1 / 255, 0.0, seed=5)
+    np.testing.assert_array_equal(s.draw(4), again.draw(4))
+    assert not np.array_equal(s.draw(4), s.draw(5))
+
+
+def test_augmentations_only_move_pixels():
+    rng = np.random.default_rng(0)
+    crops = rng.integers(0, 255, (64, 1, 8, 8)).astype(np.uint8)
+    out = augment(crops.copy(), ("flip", "rot90"), rng)
+    assert not np.array_equal(out, crops)
+    np.testing.assert_array_equal(np.sort(out.reshape(64, -1), axis=1), np.sort(crops.reshape(64, -1), axis=1))
+
+
+# -- the real pipeline --------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiled_model(tmp_path_factory, grass):
+    """A model trained on crops of one real photo, exported: (model folder, work folder)."""
+    from aae_train.cli import app as train_app
+    from export.onnx_export import export_checkpoint
+
+    root = tmp_path_factory.mktemp("tiled")
+    write_png(root / "train" / "grass.png", grass[:160, :256])
+    r = runner.invoke(train_app, ["folder", str(root / "train"), "--crop", str(CROP), "--crops-per-image", "128",
+                                  "--epochs", "2", "--batch-size", "32", "--val-fraction", "0.3", "--augment", "flip",
+                                  "--hidden", "64", "--threads", "1", "--out", str(root / "run")])
+    assert r.exit_code == 0, r.output
+    export_checkpoint(root / "run" / "checkpoint.pt", root / "model", log=lambda s: None)
+    return root / "model", root
+
+
+def test_a_tiled_model_requires_tiling_and_scores_photos_at_their_own_resolution(tiled_model, grass):
+    from aae_runtime import AAEModel
+
+    model_dir, root = tiled_model
+    m = AAEModel.load(model_dir, device="cpu")
+    meta = m.metadata.raw
+    assert meta["schema_version"] == 3 and meta["requires"] == ["tiling"] and meta["tiling"]["tile"] == [CROP, CROP]
+    assert meta["score"]["name"] == "mse" and "held out" in meta["threshold"]["split"]
+    photo = grass[None, 200:333, 100:290].astype(np.float32) / 255  # not a multiple of the tile or stride
+    score, smoothed = m.score_photo(photo, batch_size=7)
+    assert smoothed.shape == (133, 190) and score == pytest.approx(float(smoothed.max()))
+    # tile batches do not change the result, and the fused graph and the two graphs agree
+    two_graph = AAEModel.load(model_dir, device="cpu", use_scorer=False)
+    np.testing.assert_allclose(two_graph.score_photo(photo, batch_size=64)[1], smoothed, atol=1e-4)
+    # a defect raises the map where it is, not elsewhere
+    hit = photo.copy()
+    hit[:, 60:70, 90:100] = 0.0
+    _, bad_map = m.score_photo(hit)
+    assert np.unravel_index(np.argmax(bad_map - smoothed), bad_map.shape) in {(r, c) for r in range(50, 80) for c in range(80, 110)}
+
+
+def test_score_writes_full_resolution_maps_raw_maps_and_regions(tiled_model, grass, tmp_path):
+    from aae_runtime.cli import app
+
+    model_dir, _ = tiled_model
+    photos = tmp_path / "photos"
+    write_png(photos / "a.png", grass[300:420, 0:150])
+    bad = grass[300:420, 200:350].copy()
+    bad[40:56, 60:76] = 255
+    write_png(photos / "b.png", bad)
+    write_png(photos / "tiny.png", grass[:10, :10])
+    r = runner.invoke(app, ["score", str(photos), "--model", str(model_dir), "--maps", str(tmp_path / "maps"), "--maps-raw",
+                            "--regions", str(tmp_path / "regions.csv"), "--threshold", "0.05", "--output", str(tmp_path / "s.csv")])
+    assert r.exit_code == 1, r.output  # tiny.png cannot be tiled: its own error row, the others scored
+    rows = {row["path"].rsplit("/", 1)[-1]: row for row in csv.DictReader(open(tmp_path / "s.csv"))}
+    assert "smaller than the model's" in rows["tiny.png"]["error"] and rows["b.png"]["score"]
+    index = list(csv.DictReader(open(tmp_path / "maps" / "maps.csv")))
+    assert {"image", "map", "raw_map"} <= set(index[0])
+    raw = {row["image"].rsplit("/", 1)[-1]: np.load(tmp_path / "maps" / row["raw_map"]) for row in index}
+    assert raw["a.png"].shape == (120, 150) and raw["a.png"].dtype == np.float32
+    from PIL import Image
+
+    assert Image.open(tmp_path / "maps" / index[0]["map"]).height == 120  # panels at the photo's resolution
+    regions = list(csv.DictReader(open(tmp_path / "regions.csv")))
+    assert list(regions[0]) == ["path", "region", "x", "y", "width", "height", "area", "peak"]
+    b_regions = [g for g in regions if g["path"].endswith("b.png")]
+    assert b_regions and all(float(g["peak"]) > 0.05 for g in b_regions)
+    box = b_regions[0]  # the highest peak covers the white square
+    assert int(box["x"]) <= 68 <= int(box["x"]) + int(box["width"]) and int(box["y"]) <= 48 <= int(box["y"]) + int(box["height"])
+
+
+def test_evaluate_reports_image_and_pixel_auroc_and_rates_at_the_threshold(tiled_model, grass, tmp_path):
+    from aae_runtime.cli import app
+
+    model_dir, _ = tiled_model
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        r, c = rng.integers(160, 400), rng.integers(0, 400)
+        window = grass[r : r + 80, c : c + 80].copy()
+        write_png(tmp_path / "normal" / f"n{i}.png", window)
+        mask = np.zeros_like(window)
+        mask[20:34, 30:44] = 255
+        window[20:34, 30:44] = 0
+        write_png(tmp_path / "defects" / "hole" / f"d{i}.png", window)
+        write_png(tmp_path / "masks" / "hole" / f"d{i}.png", mask)
+    r = runner.invoke(app, ["evaluate", str(tmp_path / "normal"), "--anomalies", str(tmp_path / "defects"), "--model",
+                            str(model_dir), "--masks", str(tmp_path / "masks"), "--output", str(tmp_path / "e.json")])
+    assert r.exit_code == 0, r.output
+    e = json.loads((tmp_path / "e.json").read_text())
+    assert e["normal_images"] == 6 and e["anomalous_images"] == 6 and e["masked_images"] == 6
+    assert 0.0 <= e["image_auroc"] <= 1.0 and e["pixel_auroc"] > 0.5  # a black square on grass is not subtle
+    assert e["per_kind"] == {"hole": {"images": 6, "detected": e["detections"]}}
+    assert "image AUROC" in r.stdout and "false alarms at threshold" in r.stdout
+
+
+def _meta(model_dir):
+    from aae_runtime import AAEModel
+
+    return dict(AAEModel.load(model_dir, device="cpu").metadata.raw)
+
+
+def test_a_runtime_refuses_features_it_does_not_know_and_tiling_it_is_not_told_to_require(tiled_model):
+    meta = _meta(tiled_model[0])
+    with pytest.raises(ModelError, match="requires 'warp'.*upgrade aae"):
+        ModelMetadata.from_dict(dict(meta, requires=["tiling", "warp"]), "encoder.onnx")
+    with pytest.raises(ModelError, match="does not list it in 'requires'"):
+        ModelMetadata.from_dict(dict(meta, requires=[]), "encoder.onnx")
+    with pytest.raises(ModelError, match="malformed 'tiling'"):
+        ModelMetadata.from_dict(dict(meta, tiling=dict(meta["tiling"], stride=[0, 16])), "encoder.onnx")
+    with pytest.raises(ModelError, match="maximum of its per-pixel error map"):
+        ModelMetadata.from_dict(dict(meta, score=dict(meta["score"], name="mse_absrel")), "encoder.onnx")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--crop", "32", "--size", "64"], "--crop and --size exclude each other"),
+    (["--crops-per-image", "5"], "needs --crop"),
+    (["--crop", "32", "--augment", "flip,shear"], "unknown shear; choose from flip, rot90"),
+    (["--crop", "32", "--family", "semi", "--labels", "all"], "--family semi needs whole labelled images"),
+])
+def test_crop_options_that_do_not_fit_are_one_line_errors(tmp_path, grass, args, message):
+    from aae_train.cli import app as train_app
+
+    write_png(tmp_path / "p" / "g.png", grass[:100, :100])
+    r = runner.invoke(train_app, ["folder", str(tmp_path / "p"), *args, "--epochs", "1", "--out", str(tmp_path / "run")])
+    text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", r.output).split())  # Rich's error box wraps long lines
+    assert r.exit_code == 2 and message in text, r.output
+    assert "Traceback" not in r.output
