@@ -183,6 +183,27 @@ def _cell(f: dict, pct: bool = False) -> str:
     return f"{fmt(f['value'])} [{fmt(f['ci95'][0])}, {fmt(f['ci95'][1])}]"
 
 
+def write_example(texture: str, out: Path, seed: int = 1) -> Path:
+    """A 512 x 128 test photo for the README: the texture's whole test band with three defects
+    (a hole, a scratch, a stain) in three places, and its mask (``masks/NAME`` beside it)."""
+    from PIL import Image
+
+    from benchmarks.texture_defects import DEFECTS
+
+    band = split_regions(load_texture(texture))["test"].astype(np.float32) / 255  # rows never trained on
+    mask = np.zeros(band.shape, bool)
+    rng = np.random.default_rng(seed)
+    for kind, left in (("hole", 40), ("scratch", 210), ("stain", 380)):
+        window = band[16:112, left : left + 96]
+        band[16:112, left : left + 96], m = DEFECTS[kind](window.copy(), rng)
+        mask[16:112, left : left + 96] |= m
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.round(band * 255).astype(np.uint8), mode="L").save(out)
+    (out.parent / "masks").mkdir(exist_ok=True)
+    Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(out.parent / "masks" / out.name)
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--textures", default=",".join(TEXTURES))
@@ -195,7 +216,11 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", type=Path, default=REPO / "runs" / "textures")
     p.add_argument("--name", default="textures", help="results file stem under benchmarks/results")
+    p.add_argument("--example", metavar="PNG", type=Path, help="only write the README's example photo (the first texture's) and stop")
     args = p.parse_args(argv)
+    if args.example:
+        print(write_example(args.textures.split(",")[0], args.example))
+        return
     textures, recipes = args.textures.split(","), args.recipes.split(",")
     report = {"textures": textures, "epochs": args.epochs, "crops": args.crops, "test_images": args.test_images,
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, load {os.getloadavg()[0]:.1f}",
