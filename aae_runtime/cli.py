@@ -101,8 +101,8 @@ def score(
     maps_raw: Annotated[bool, typer.Option(help="With --maps: also save each map's values as NAME.npy (float32, the photo's "
                                                 "height x width for a model trained on crops), listed in maps.csv.")] = False,
     regions: Annotated[Optional[Path], typer.Option(help="Write the connected regions above the model's map threshold to "
-                                                         "this .csv (path, region, x, y, width, height, area, peak).")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, max=4096, help="Images per inference call.")] = DEFAULT_BATCH_SIZE,
+                                                         "this .csv (path, region, x, y, width, height, area, peak; untiled models: in the model input's pixels).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, max=4096, help="Images (tiled models: tiles) per inference call.")] = DEFAULT_BATCH_SIZE,
     show: Annotated[int, typer.Option(min=0, help="Rows shown on screen (0: all).")] = 50,
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = 0,
@@ -118,6 +118,8 @@ def score(
         raise typer.BadParameter("--maps-raw needs --maps DIR", param_hint="--maps-raw")
     if regions is not None and regions.suffix.lower() != ".csv":
         raise typer.BadParameter(f"{_printable(str(regions))}: use a file name ending in .csv", param_hint="--regions")
+    if regions is not None and regions.parent.exists() and not regions.parent.is_dir():
+        raise typer.BadParameter(f"{_printable(str(regions.parent))} is not a folder", param_hint="--regions")
     _check_finite(threshold, "--threshold")
     _check_output(output)  # before scoring: a bad name must not cost a whole run's results
     try:
@@ -322,6 +324,8 @@ def evaluate(
         raise _fail(AAEError(f"--output {output}: cannot write ({exc.strerror or exc})"))
     for path, reason in result.failed:
         err.print(f"[yellow]skipped[/yellow] {_printable(path)}: {_printable(reason)}", highlight=False)
+    for note in result.notes:
+        err.print(f"[yellow]note:[/yellow] {_printable(note)}", highlight=False)
     table = Table(title=f"{m.score_name} score, threshold {m.threshold:.6g} ({m.threshold_source})")
     table.add_column("figure")
     table.add_column("value", justify="right")

@@ -9,7 +9,8 @@ Masks are found by the defective photo's path relative to its folder (``masks/sc
 or, failing that, by its file stem anywhere under the masks folder (``a.png``, ``a_mask.png``);
 a mask is white (> 127) on the defect. A map is compared at its own size: a tiled model's map
 has the photo's size, an untiled model's the model input's, so a mask is resized to it
-(nearest neighbour). Normal photos count as all-normal pixels.
+(nearest neighbour); a tiled model's map must match its mask's size exactly. Normal photos count
+as all-normal pixels.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aae_runtime.contract.errors import InputError
+from aae_runtime.contract.errors import InputError, ModelError
 from aae_runtime.images import find_images
 from aae_runtime.regions import PixelAUROC, auroc
 
@@ -37,6 +38,7 @@ class Evaluation:
     pixel_auroc: float | None = None  # None without masks
     pixel_auroc_exact: bool = True  # False: estimated on a uniform subsample of the pixels (very many of them)
     masked: int = 0  # defective photos that had a mask
+    notes: list[str] = field(default_factory=list)  # one-line remarks for the user (e.g. masks not found)
     per_kind: dict[str, dict] = field(default_factory=dict)  # kind -> {"images", "detected"}
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
 
@@ -64,7 +66,9 @@ def evaluate(model, normal: list[str | Path], anomalies: list[str | Path], masks
         raise InputError(f"--masks {masks}: not a folder; pass the folder of defect masks")
     result = Evaluation(threshold=model.threshold)
     pixels = PixelAUROC() if masks is not None else None
-    mask_files = {p.stem: p for p in find_images([masks])} if masks is not None else {}
+    mask_files: dict[str, list[Path]] = {}
+    for p in find_images([masks]) if masks is not None else []:
+        mask_files.setdefault(p.stem, []).append(p)
     scores: list[float] = []
     labels: list[bool] = []
     for positive, paths in ((False, normal), (True, anomalies)):
@@ -77,17 +81,27 @@ def evaluate(model, normal: list[str | Path], anomalies: list[str | Path], masks
             labels.append(positive)
             _count(result, row, positive, _kind(Path(row.path), roots) if positive else None)
             if pixels is not None:
-                truth = _mask_for(Path(row.path), roots, Path(masks), mask_files, row.pixel_error.shape) if positive else None
+                truth = (_mask_for(Path(row.path), roots, Path(masks), mask_files, row.pixel_error.shape, model.tiling is not None)
+                         if positive else None)
                 if positive and truth is None:
                     continue  # no mask: the photo counts for the image figures only
                 result.masked += positive
                 pixels.add(row.pixel_error, truth if truth is not None else np.zeros(row.pixel_error.shape, bool))
     if not result.normal or not result.anomalous:
+        why = f" (first failure: {result.failed[0][0]}: {result.failed[0][1]})" if result.failed else ""
         raise InputError(f"need scored normal and defective photos, got {result.normal} normal and {result.anomalous} "
-                         "defective: check both folders")
-    result.image_auroc = auroc(np.asarray(scores), np.asarray(labels))
-    if pixels is not None and result.masked:
-        result.pixel_auroc, result.pixel_auroc_exact = pixels.result(), pixels.exact
+                         f"defective{why}: check both folders")
+    if pixels is not None and not result.masked:
+        result.notes.append(f"no defective photo has a mask under {masks} (same relative path, or the same file name "
+                            f"with {', '.join(repr(s) for s in MASK_SUFFIXES if s)} added): no pixel AUROC")
+    if pixels is not None and result.masked and not pixels.has_positives:
+        raise InputError(f"the masks under {masks} mark no defect pixel (white, > 127, on the defect): fix the masks")
+    try:
+        result.image_auroc = auroc(np.asarray(scores), np.asarray(labels))
+        if pixels is not None and result.masked:
+            result.pixel_auroc, result.pixel_auroc_exact = pixels.result(), pixels.exact
+    except ValueError as exc:  # NaN scores or maps: the model, not the photos, is broken
+        raise ModelError(f"the model gives unusable scores or maps ({exc}): re-export or recalibrate it") from None
     return result
 
 
@@ -119,17 +133,23 @@ def _kind(path: Path, roots: list[Path]) -> str:
     return rel.parts[0] if len(rel.parts) > 1 else "all"
 
 
-def _mask_for(path: Path, roots: list[Path], masks: Path, by_stem: dict[str, Path], shape: tuple[int, int]) -> np.ndarray | None:
-    """The defect mask (bool, ``shape``) of a defective photo, or None when it has none."""
+def _mask_for(path: Path, roots: list[Path], masks: Path, by_stem: dict[str, list[Path]], shape: tuple[int, int],
+              exact: bool) -> np.ndarray | None:
+    """The defect mask (bool, ``shape``) of a defective photo, or None when it has none. By file
+    name only when exactly one mask has it (two sub-folders may both hold an ``a.png``)."""
     from PIL import Image
 
     rel = _relative(path, roots)
-    candidates = [masks / rel] + [by_stem[path.stem + s] for s in MASK_SUFFIXES if path.stem + s in by_stem]
+    by_name = [found[0] for s in MASK_SUFFIXES if len(found := by_stem.get(path.stem + s, [])) == 1]
+    candidates = [masks / rel, masks / rel.with_suffix(".png")] + by_name
     for candidate in candidates:
         if candidate.is_file():
             try:
                 with Image.open(candidate) as img:
                     m = img.convert("L")
+                    if exact and m.size != (shape[1], shape[0]):
+                        raise InputError(f"mask {candidate} is {m.size[0]} x {m.size[1]} pixels but its photo {path} is "
+                                         f"{shape[1]} x {shape[0]}: give masks of the photos' own size")
                     if m.size != (shape[1], shape[0]):
                         m = m.resize((shape[1], shape[0]), Image.Resampling.NEAREST)
                     return np.asarray(m) > 127

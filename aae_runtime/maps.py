@@ -38,10 +38,11 @@ _RAMP = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 
 
 def heat_colours(values: np.ndarray) -> np.ndarray:
     """Values in [0, 1] (H, W) -> RGB uint8 (H, W, 3) along the ramp."""
-    v = np.clip(np.nan_to_num(values), 0.0, 1.0) * (len(_RAMP) - 1)
-    lo = np.floor(v).astype(int).clip(0, len(_RAMP) - 2)
+    v = np.clip(np.nan_to_num(values.astype(np.float32)), 0.0, 1.0) * np.float32(len(_RAMP) - 1)
+    lo = np.floor(v).astype(np.int8).clip(0, len(_RAMP) - 2)
     frac = (v - lo)[..., None]
-    return np.rint(_RAMP[lo] * (1 - frac) + _RAMP[lo + 1] * frac).astype(np.uint8)
+    ramp = _RAMP.astype(np.float32)  # float32 throughout: a 2048 x 2048 map draws in ~10 photo-sized arrays, not ~80
+    return np.rint(ramp[lo] * (1 - frac) + ramp[lo + 1] * frac).astype(np.uint8)
 
 
 def render_map(image: np.ndarray, error: np.ndarray, scale: float) -> Image.Image:
@@ -50,12 +51,11 @@ def render_map(image: np.ndarray, error: np.ndarray, scale: float) -> Image.Imag
     c, h, w = image.shape
     rgb = np.clip(image, 0, 1).transpose(1, 2, 0)
     rgb = np.repeat(rgb, 3, axis=2) if c == 1 else rgb[..., :3]
-    base = np.rint(rgb * 255).astype(np.float64)
-    heat = heat_colours(error / scale if scale > 0 else error).astype(np.float64)
-    overlay = (1 - OVERLAY_ALPHA) * base + OVERLAY_ALPHA * heat
-    gap = np.full((h, max(1, w // 14), 3), 255.0)
-    strip = np.concatenate([base, gap, heat, gap, overlay], axis=1)
-    img = Image.fromarray(np.clip(np.rint(strip), 0, 255).astype(np.uint8), mode="RGB")
+    base = np.rint(rgb * 255).astype(np.uint8)
+    heat = heat_colours(error / scale if scale > 0 else error)
+    overlay = np.rint((1 - OVERLAY_ALPHA) * base.astype(np.float32) + OVERLAY_ALPHA * heat.astype(np.float32)).astype(np.uint8)
+    gap = np.full((h, max(1, w // 14), 3), 255, dtype=np.uint8)
+    img = Image.fromarray(np.concatenate([base, gap, heat, gap, overlay], axis=1), mode="RGB")
     factor = max(1, -(-MIN_PANEL // max(h, 1)))
     return img.resize((img.width * factor, img.height * factor), Image.Resampling.NEAREST) if factor > 1 else img
 

@@ -266,7 +266,7 @@ class AAEModel:
         x = np.ascontiguousarray(photo, dtype=np.float32)
         if x.ndim != 3 or x.shape[0] != self.input_shape[0]:
             raise InputError(f"a photo must have shape ({self.input_shape[0]}, H, W), got {x.shape}")
-        smoothed = self.tiling.smooth(self.tiling.raw_map(x, lambda t: self.score_parts(t).pixel_error, batch_size))
+        smoothed = self.tiling.smooth(self.tiling.stitch(x, lambda t: self.score_parts(t).pixel_error, batch_size))
         return self.tiling.score_of(smoothed), smoothed
 
     def score(self, images: np.ndarray) -> np.ndarray:
@@ -401,6 +401,9 @@ class AAEModel:
                 s, smoothed = self.score_photo(photo, batch_size)
             except InputError as exc:  # e.g. a photo smaller than one tile
                 yield ImageScore(str(path), error=str(exc))
+                continue
+            if not np.isfinite(s):  # a broken model must not pass photos as normal
+                yield ImageScore(str(path), error="the model gave non-finite errors on this photo: re-export the model")
                 continue
             yield ImageScore(str(path), score=s, anomaly=bool(s > self.threshold), normalized=float(self.normalise(np.array([s]))[0]),
                              pixel_error=smoothed if maps else None, image=photo if maps else None)

@@ -188,12 +188,14 @@ class PixelAUROC:
         self._values: list[np.ndarray] = []
         self._truth: list[np.ndarray] = []
         self._count = 0  # pixels stored now
+        self.has_positives = False  # any defect pixel added (before thinning)
 
     def add(self, values: np.ndarray, mask: np.ndarray) -> None:
         values, mask = np.asarray(values), np.asarray(mask, dtype=bool)
         if values.shape != mask.shape:
             raise ValueError(f"map and mask differ in shape: {values.shape} vs {mask.shape}; resize the mask to the map")
         v, m = values.ravel().copy(), mask.ravel().copy()  # copies: callers may reuse their buffers
+        self.has_positives = self.has_positives or bool(m.any())
         if self.keep < 1.0:
             v, m = self._thin(v, m, self.keep)
         self._values.append(v)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from aae_runtime.contract.tiling import tile_starts
 from aae_train.mnist import DataError
 
 AUGMENTATIONS = ("flip", "rot90")
@@ -117,7 +118,7 @@ def split_photos(photos: list[np.ndarray], names: list[str], crop: int, per_phot
             raise DataError(f"a single {photo.shape[2]} x {h} photo cannot give a training region and a held-out band "
                             f"of at least {crop} rows each: use a photo at least {2 * crop} pixels high, or more photos")
         train, held = [photo[:, : h - band]], [photo[:, h - band :]]
-        windows = band_windows(held[0], MAX_WINDOWS)
+        windows = band_windows(held[0], MAX_WINDOWS, crop)
         note = (f"a single photo: its bottom {band} rows held out for validation and threshold "
                 f"({len(windows)} windows of {windows[0].shape[1]} x {windows[0].shape[2]}), training crops from the "
                 f"{h - band} rows above")
@@ -134,20 +135,19 @@ def split_photos(photos: list[np.ndarray], names: list[str], crop: int, per_phot
 def grid_crops(photo: np.ndarray, crop: int) -> np.ndarray:
     """Crops of a (C, H, W) photo on a grid half a crop apart, the last row and column flush with its edges."""
     _, h, w = photo.shape
-    rows, cols = _starts(h, crop, max(1, crop // 2)), _starts(w, crop, max(1, crop // 2))
+    rows, cols = tile_starts(h, crop, max(1, crop // 2)), tile_starts(w, crop, max(1, crop // 2))
     return np.stack([photo[:, r : r + crop, c : c + crop] for r in rows for c in cols])
 
 
-def band_windows(band: np.ndarray, limit: int) -> list[np.ndarray]:
-    """Square windows as high as the band, spread evenly along it (at most ``limit``): the
-    held-out "photos" of a single-photo run."""
+def band_windows(band: np.ndarray, limit: int, crop: int) -> list[np.ndarray]:
+    """Square windows of the band (the held-out "photos" of a single-photo run), three quarters of
+    its height (at least a crop), on a grid that moves them down the band as well as along it:
+    a photo of a patterned part (bricks, weave) can sit at any phase of the pattern, so the
+    threshold must see the windows at several phases, not one. At most ``limit`` windows."""
     _, h, w = band.shape
-    side = min(h, w)
-    n = min(limit, w - side + 1)
-    starts = np.unique(np.linspace(0, w - side, n).round().astype(int))
-    return [band[:, :, c : c + side] for c in starts]
+    side = max(crop, min(w, (3 * h) // 4))
+    rows = np.unique(np.linspace(0, h - side, min(4, h - side + 1)).round().astype(int))
+    n_cols = max(1, min(limit // len(rows), w - side + 1))
+    cols = np.unique(np.linspace(0, w - side, n_cols).round().astype(int))
+    return [band[:, r : r + side, c : c + side] for r in rows for c in cols]
 
-
-def _starts(length: int, size: int, stride: int) -> list[int]:
-    starts = list(range(0, length - size + 1, stride))
-    return starts if starts[-1] == length - size else starts + [length - size]

@@ -32,12 +32,14 @@ def pixel_error(x: torch.Tensor, r: torch.Tensor, name: str) -> torch.Tensor:
 
 def ssim_map(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-pixel SSIM (B, C, H, W): `aae_runtime.contract.scores.ssim_map` in torch (a loss, and the graphs)."""
-    # (co)variances from inputs centred on mid-grey: in float32, E[x^2] - E[x]^2 of values near
-    # 0.5 loses digits that the variance of a smooth patch needs; centred, it keeps them
-    xc, yc = x - 0.5, y - 0.5
+    # (co)variances from each image centred on its own mean (per channel): in float32,
+    # E[x^2] - E[x]^2 loses the digits a smooth patch's small variance needs unless x is near 0
+    # (variances and covariance do not change when x and y are shifted, the means are shifted back)
+    ox, oy = x.mean(dim=(2, 3), keepdim=True), y.mean(dim=(2, 3), keepdim=True)
+    xc, yc = x - ox, y - oy
     mxc, myc = _box(xc), _box(yc)
     vx, vy, cxy = _box(xc * xc) - mxc * mxc, _box(yc * yc) - myc * myc, _box(xc * yc) - mxc * myc
-    mx, my = mxc + 0.5, myc + 0.5
+    mx, my = mxc + ox, myc + oy
     return (2 * mx * my + SSIM_C1) * (2 * cxy + SSIM_C2) / ((mx * mx + my * my + SSIM_C1) * (vx + vy + SSIM_C2))
 
 

@@ -12,7 +12,7 @@ from aae_runtime.calibration import DEFAULT_PERCENTILE
 from aae_runtime.clierrors import OneLineErrorsTyper, print_error
 from aae_runtime.contract.errors import AAEError
 from aae_runtime.contract.scores import DEFAULT_SCORE, SCORES
-from aae_runtime.contract.tiling import DEFAULT_SMOOTH_SIGMA
+from aae_runtime.contract.tiling import DEFAULT_SMOOTH_SIGMA, MAX_SIGMA
 
 app = OneLineErrorsTyper(add_completion=False, no_args_is_help=True, help="Export a trained AAE to ONNX.")  # unexpected errors: one line, exit 2
 err = Console(stderr=True, soft_wrap=True)
@@ -32,7 +32,7 @@ def export(
     fused: Annotated[bool, typer.Option(help="Also write scorer.onnx: image -> score parts and error map in one call.")] = True,
     quantize: Annotated[Optional[str], typer.Option(help="int8: static QDQ quantisation calibrated on held-out normal images (CPU speed).")] = None,
     precision: Annotated[str, typer.Option(help="fp32, or fp16 (float16 weights and ops for GPUs; inputs and outputs stay float32).")] = "fp32",
-    map_sigma: Annotated[float, typer.Option(min=0.0, max=64.0, help="Models trained with --crop: smoothing of the defect map, in pixels.")] = DEFAULT_SMOOTH_SIGMA,
+    map_sigma: Annotated[float, typer.Option(min=0.0, max=MAX_SIGMA, help="Models trained with --crop: smoothing of the defect map, in pixels.")] = DEFAULT_SMOOTH_SIGMA,
     tile_stride: Annotated[Optional[int], typer.Option(min=1, max=4096, help="Models trained with --crop: pixels between tiles (default: half a tile).")] = None,
 ) -> None:
     """Export, verify (ONNX checker, parity with PyTorch) and calibrate the anomaly threshold."""

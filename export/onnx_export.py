@@ -24,7 +24,7 @@ from aae_runtime.contract.errors import AAEError
 from aae_runtime.contract.fileio import atomic_write_bytes
 from aae_runtime.contract.preprocessing import Preprocessing
 from aae_runtime.contract.metadata import BEST_LABEL_OUTPUT, GRAPH_FILES, ModelMetadata
-from aae_runtime.contract.tiling import DEFAULT_SMOOTH_SIGMA, Tiling
+from aae_runtime.contract.tiling import DEFAULT_SMOOTH_SIGMA, MAX_SIGMA, Tiling
 from aae_runtime.model import AAEModel
 from aae_runtime.recalibrate import calibrate_model
 from aae_runtime.contract.scores import DEFAULT_SCORE, SCORES, score_spec
@@ -37,7 +37,6 @@ from export.quantize import VARIANTS, make_variant
 
 PARITY_BATCHES = (1, 2, 7, 64)
 TILED_DEFAULT_SCORE = "mse"  # a tiled model's default per-pixel error: ssim measured worse (benchmarks/results/textures.md)
-MAP_SIGMA = DEFAULT_SMOOTH_SIGMA
 PARITY_TOLERANCE = 1e-4  # largest absolute difference allowed between ONNX Runtime and PyTorch
 DISCRETE_OUTPUTS = (BEST_LABEL_OUTPUT,)  # compared through the continuous outputs they select (see check_parity)
 
@@ -69,7 +68,7 @@ class ExportResult:
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_dir: str | None = None,
                       score: str | None = None, percentile: float = DEFAULT_PERCENTILE,
                       log: Callable[[str], None] = print, variant: str = "fp32", fused: bool = True,
-                      anomalies: np.ndarray | list | None = None, map_sigma: float = MAP_SIGMA,
+                      anomalies: np.ndarray | list | None = None, map_sigma: float = DEFAULT_SMOOTH_SIGMA,
                       tile_stride: int | None = None) -> ExportResult:
     """Export ``checkpoint`` to ``out_dir``: one ONNX file per graph its family lists (encoder,
     decoder and, with ``fused``, the scorer), each verified, and the threshold calibrated.
@@ -128,15 +127,22 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_dir: str
     model, protos["encoder"], protos["decoder"], variant_info = _apply_variant(
         variant, protos["encoder"], protos["decoder"], draft, model, normal, prior, log)
     if anomalies is not None and not isinstance(anomalies, np.ndarray):
-        anomalies = _load_anomalies(anomalies, pre)
+        anomalies = _load_anomalies(anomalies, model)
     held = list(data.windows) if tiling is not None else normal  # a tiled model's threshold is about whole photos
-    what = "held-out photos" if tiling is not None else "held-out normal images"
+    what = (f"held-out {'windows' if data.held_out and 'windows' in data.held_out else 'photos'}" if tiling is not None
+            else "held-out normal images")
     block, threshold = calibrate_model(model, held, anomalies, score, percentile, min_images=1)
     threshold["split"] = (f"{data.held_out} (split_seed {cfg.data.split_seed})" if tiling is not None else
                           f"validation split held out from the training images ({len(normal)} images, split_seed {cfg.data.split_seed})")
     how = (f"F1-optimal (F1 {threshold['f1']:.3f}) on {len(held)} {what} and {threshold['anomaly_count']} anomalous images"
            if threshold["method"] == "f1" else f"{percentile:g}th percentile of the scores of {len(held)} {what}")
     log(f"score {score}; threshold {threshold['value']:.6g} = {how}")
+    if tiling is not None and data.held_out and "windows" in data.held_out:
+        side = data.windows[0].shape[1:]
+        threshold["windows"] = [int(side[0]), int(side[1])]
+        log(f"note: a photo's score is the maximum of its map, so it grows with the photo's area; this threshold holds "
+            f"for photos of about {side[1]} x {side[0]} pixels. For photos of another size, run aae-run calibrate on 10 "
+            "or more whole normal photos from the line")
     if "scorer" in protos:
         _check_fused(protos["scorer"], model, normal, log)
     elif fused:
@@ -157,13 +163,16 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_dir: str
 def _tiling(cfg, map_sigma: float, tile_stride: int | None) -> Tiling | None:
     """How a model trained on crops scores whole photos; None for a model of whole images."""
     if cfg.data.crop is None:
+        if tile_stride is not None or map_sigma != DEFAULT_SMOOTH_SIGMA:
+            raise ExportError("--tile-stride and --map-sigma apply to models trained with --crop (tiled); this one "
+                              "scores whole images resized to its input")
         return None
     crop = cfg.data.crop
     stride = tile_stride or max(1, crop // 2)
     if not 1 <= stride <= crop:
         raise ExportError(f"--tile-stride {stride}: must be between 1 and the tile size {crop} (tiles must cover the photo)")
-    if not 0 <= map_sigma <= 64:
-        raise ExportError(f"--map-sigma {map_sigma}: must be between 0 (no smoothing) and 64 pixels")
+    if not 0 <= map_sigma <= MAX_SIGMA:
+        raise ExportError(f"--map-sigma {map_sigma}: must be between 0 (no smoothing) and {MAX_SIGMA:g} pixels")
     return Tiling((crop, crop), (stride, stride), float(map_sigma))
 
 
@@ -175,20 +184,25 @@ def _prior(cfg, trained, normal: np.ndarray) -> dict:
     return trained.family.prior_spec(cfg, codes)
 
 
-def _load_anomalies(paths: list, pre: Preprocessing) -> np.ndarray:
-    """Labelled anomalous images (files/folders) as model inputs; any unreadable one stops export."""
-    from aae_runtime.images import find_images, load_image
+def _load_anomalies(paths: list, model: AAEModel) -> np.ndarray | list[np.ndarray]:
+    """Labelled anomalous images (files/folders) as the model reads them (a tiled model: whole
+    photos at their own size, a list); any unreadable or untileable one stops export."""
+    from aae_runtime.images import find_images
 
     files = find_images(list(paths))
     if not files:
         raise ExportError("--anomalies: no image files found in the given paths")
     images = []
-    for f in files:
-        try:
-            images.append(load_image(f, pre))
-        except AAEError as exc:
-            raise ExportError(f"--anomalies: {f}: {exc}") from None
-    return np.stack(images)
+    for f, item in zip(files, model.load_images(files)):
+        if isinstance(item, AAEError):
+            raise ExportError(f"--anomalies: {f}: {item}") from None
+        if model.tiling is not None:
+            try:
+                model.tiling.check(item.shape[1], item.shape[2])
+            except AAEError as exc:
+                raise ExportError(f"--anomalies: {f}: {exc}") from None
+        images.append(item)
+    return images if model.tiling is not None else np.stack(images)
 
 
 def _check_fused(proto: onnx.ModelProto, two_graph: AAEModel, normal: np.ndarray, log: Callable[[str], None]) -> None:

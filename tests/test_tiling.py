@@ -48,7 +48,7 @@ def test_stitching_averages_overlapping_tiles_back_into_the_photo():
     photo = rng.random((3, 101, 77)).astype(np.float32)
     t = Tiling((32, 32), (13, 13), 0.0)
     # each tile's "error" is its own channel mean: the stitched average must give back the photo's
-    raw = t.raw_map(photo, lambda tiles: tiles.mean(axis=1), batch=5)
+    raw = t.stitch(photo, lambda tiles: tiles.mean(axis=1), batch=5)
     assert raw.shape == (101, 77)
     np.testing.assert_allclose(raw, photo.mean(axis=0), rtol=1e-6)
 
@@ -74,6 +74,12 @@ def test_ssim_matches_scikit_image_and_the_torch_graph_formula(grass):
     ours = torch_pixel_error(torch.from_numpy(x), torch.from_numpy(y), "ssim").numpy()
     np.testing.assert_allclose(ours, pixel_error(x, y, "ssim"), atol=1e-5)
     assert pixel_error(x, x, "ssim").max() < 1e-5  # a perfect reconstruction has no error
+    rng = np.random.default_rng(3)
+    for level in (0.02, 0.98):  # nearly black and nearly white parts: float32 must keep the small variances
+        a = np.clip(level + 0.01 * rng.standard_normal((2, 1, 32, 32)), 0, 1).astype(np.float32)
+        b = np.clip(a + 0.005 * rng.standard_normal(a.shape), 0, 1).astype(np.float32)
+        np.testing.assert_allclose(torch_pixel_error(torch.from_numpy(a), torch.from_numpy(b), "ssim").numpy(),
+                                   pixel_error(a, b, "ssim"), atol=1e-5)
 
 
 def test_a_single_photo_holds_out_a_band_no_training_crop_can_reach(grass):
@@ -83,9 +89,11 @@ def test_a_single_photo_holds_out_a_band_no_training_crop_can_reach(grass):
     assert train.shape == (1, 150, 300)  # the top rows only
     np.testing.assert_array_equal(train, photo[:, :150])
     band = photo[:, 150:].astype(np.float32) / 255
-    for w in split.windows:  # held-out windows are windows of the band, whole
-        assert w.shape == (1, 50, 50)
-        assert any(np.allclose(w, band[:, :, c : c + 50], atol=1e-6) for c in range(251))
+    places = set()
+    for w in split.windows:  # held-out windows are windows of the band, 3/4 of its height, at several phases
+        assert w.shape == (1, 37, 37)
+        places |= {(r, c) for r in range(14) for c in range(264) if np.allclose(w, band[:, r : r + 37, c : c + 37], atol=1e-6)}
+    assert len({r for r, _ in places}) >= 3 and len({c for _, c in places}) >= 10
     crops = split.sampler.draw(3)
     assert crops.shape == (50, 1, CROP, CROP) and crops.dtype == np.float32
 
@@ -261,3 +269,49 @@ def test_calibrate_refits_a_tiled_models_threshold_on_whole_photos(tiled_model, 
     assert m.threshold == pytest.approx(float(np.percentile(scores, 90)), rel=1e-5) and m.tiling is not None
     r = runner.invoke(app, ["calibrate", str(tmp_path / "line"), "--model", str(model_dir), "--score", "mse_absrel"])
     assert r.exit_code == 2 and "maximum of its per-pixel error map" in r.output
+
+
+def test_a_resumed_crop_run_draws_the_same_crops_and_reaches_the_same_weights(grass, tmp_path):
+    from aae_train.cli import app as train_app
+
+    write_png(tmp_path / "p" / "g.png", grass[:128, :160])
+    common = ["folder", str(tmp_path / "p"), "--crop", str(CROP), "--crops-per-image", "64", "--batch-size", "32",
+              "--hidden", "32", "--augment", "flip,rot90", "--val-fraction", "0.3", "--threads", "1"]
+    assert runner.invoke(train_app, [*common, "--epochs", "2", "--out", str(tmp_path / "straight")]).exit_code == 0
+    assert runner.invoke(train_app, [*common, "--epochs", "1", "--out", str(tmp_path / "split")]).exit_code == 0
+    r = runner.invoke(train_app, ["folder", str(tmp_path / "p"), "--resume", str(tmp_path / "split" / "checkpoint.pt"),
+                                  "--epochs", "2", "--threads", "1", "--out", str(tmp_path / "split")])
+    assert r.exit_code == 0, r.output
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
+    for net in ("encoder", "decoder", "discriminator"):
+        for name, tensor in a[net].items():
+            assert torch.equal(tensor, b[net][name]), f"{net}.{name}"
+
+
+def test_export_with_defective_photos_sets_an_f1_threshold_on_whole_photos(tiled_model, grass, tmp_path):
+    from export.onnx_export import export_checkpoint
+
+    _, root = tiled_model
+    for i in range(4):
+        bad = grass[200 + 60 * i : 300 + 60 * i, 300:420].copy()
+        bad[30:50, 40:60] = 0
+        write_png(tmp_path / "bad" / f"{i}.png", bad)
+    result = export_checkpoint(root / "run" / "checkpoint.pt", tmp_path / "model", anomalies=[tmp_path / "bad"], log=lambda s: None)
+    t = result.metadata["threshold"]
+    assert t["method"] == "f1" and t["value"] > 0 and t["anomaly_count"] == 4
+
+
+def test_evaluate_refuses_masks_of_another_size_and_masks_without_defects(tiled_model, grass, tmp_path):
+    from aae_runtime.cli import app
+
+    for i in range(3):
+        write_png(tmp_path / "normal" / f"n{i}.png", grass[300:380, 80 * i : 80 * i + 80])
+        write_png(tmp_path / "defects" / f"d{i}.png", grass[400:480, 80 * i : 80 * i + 80])
+        write_png(tmp_path / "small" / f"d{i}_mask.png", np.full((40, 40), 255, np.uint8))
+        write_png(tmp_path / "black" / f"d{i}.png", np.zeros((80, 80), np.uint8))
+    args = ["evaluate", str(tmp_path / "normal"), "--anomalies", str(tmp_path / "defects"), "--model", str(tiled_model[0])]
+    r = runner.invoke(app, [*args, "--masks", str(tmp_path / "small")])
+    assert r.exit_code == 2 and "give masks of the photos' own size" in " ".join(r.output.split())
+    r = runner.invoke(app, [*args, "--masks", str(tmp_path / "black")])
+    assert r.exit_code == 2 and "mark no defect pixel" in " ".join(r.output.split())

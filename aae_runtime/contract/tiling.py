@@ -8,15 +8,17 @@ a runtime that does not know tiling refuses the model instead of resizing):
 - the photo, at its own resolution, is cut into overlapping tiles of the model's input size,
   ``stride`` apart, the last row and column of tiles flush with the photo's edge;
 - each tile's per-pixel error map (the model's pixel error: mse, ssim, ...) is pasted back, and
-  where tiles overlap their errors are averaged: the *raw map*, the photo's height x width;
-- the raw map is smoothed with a Gaussian of ``smooth_sigma`` pixels (one speck of sensor noise
-  is not a defect; a defect covers a few pixels): the *map*;
+  where tiles overlap their errors are averaged: the *stitched* errors, the photo's height x width;
+- they are smoothed with a Gaussian of ``smooth_sigma`` pixels (one speck of sensor noise is not
+  a defect; a defect covers a few pixels): the photo's *map* (what ``--maps`` draws and
+  ``--maps-raw`` saves);
 - the image score is the maximum of the map: a photo is as abnormal as its worst place. The
   threshold applies to the map too: the *regions* of a photo are where its map exceeds the
   threshold, so a photo is flagged exactly when it has at least one region.
 
-Memory is bounded by the photo: tiles are cut and scored ``batch`` at a time, and the maps
-(two float32 arrays of the photo's size) are the only full-size buffers.
+Memory is bounded by the photo: tiles are cut and scored ``batch`` at a time; the stitched sum
+and its smoothed copy (two float32 arrays of the photo's size, plus one padded copy while
+smoothing) are the only full-size buffers, and photos above MAX_TILED_PIXELS are refused.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from aae_runtime.contract.errors import InputError, ModelError
 TILING = "tiling"  # the feature name in the metadata's "requires" list
 IMAGE_SCORES = ("max_smoothed_map",)
 MAX_SIGMA = 64.0
+MAX_TILED_PIXELS = 64_000_000  # an 8000 x 8000 photo: its map needs ~0.8 GB; larger ones are refused
 DEFAULT_SMOOTH_SIGMA = 4.0  # pixels: a defect covers a few pixels, sensor noise one
 
 
@@ -53,25 +56,32 @@ class Tiling:
     @classmethod
     def from_dict(cls, d, source: str) -> "Tiling":
         try:
-            tile = tuple(int(v) for v in d["tile"])
-            stride = tuple(int(v) for v in d["stride"])
-            sigma = float(d["smooth_sigma"])
-            kind = str(d.get("image_score", "max_smoothed_map"))
-            ok = len(tile) == len(stride) == 2 and all(1 <= s <= t for s, t in zip(stride, tile))
-            ok = ok and math.isfinite(sigma) and 0.0 <= sigma <= MAX_SIGMA and kind in IMAGE_SCORES
+            tile, stride, sigma = tuple(d["tile"]), tuple(d["stride"]), d["smooth_sigma"]
+            kind = d.get("image_score", "max_smoothed_map")
+            ok = all(isinstance(v, int) and not isinstance(v, bool) for v in tile + stride)  # no silent truncation
+            ok = ok and isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and kind in IMAGE_SCORES
+            ok = ok and len(tile) == len(stride) == 2 and all(1 <= s <= t for s, t in zip(stride, tile))
+            ok = ok and math.isfinite(sigma) and 0.0 <= sigma <= MAX_SIGMA
         except (KeyError, TypeError, ValueError, OverflowError):
             ok = False
         if not ok:
             raise ModelError(f"{source} metadata has a malformed 'tiling' block (tile and stride: two positive "
                              f"integers, stride <= tile; smooth_sigma in [0, {MAX_SIGMA:g}]): re-export the model")
-        return cls(tile, stride, sigma, kind)  # type: ignore[arg-type]
+        return cls(tile, stride, float(sigma), kind)  # type: ignore[arg-type]
 
-    def origins(self, height: int, width: int) -> list[tuple[int, int]]:
-        """Top-left corners (row, column) of the tiles covering a photo of this size."""
+    def check(self, height: int, width: int) -> None:
+        """Raise InputError unless a photo of this size can be tiled."""
         if height < self.tile[0] or width < self.tile[1]:
             raise InputError(f"the photo is {width} x {height} pixels, smaller than the model's {self.tile[1]} x "
                              f"{self.tile[0]} tile: use photos at least as large as the crops it was trained on")
-        rows, cols = _starts(height, self.tile[0], self.stride[0]), _starts(width, self.tile[1], self.stride[1])
+        if height * width > MAX_TILED_PIXELS:
+            raise InputError(f"the photo is {width} x {height} pixels, more than the {MAX_TILED_PIXELS:,} a tiled model "
+                             "scores at once: cut it into parts")
+
+    def origins(self, height: int, width: int) -> list[tuple[int, int]]:
+        """Top-left corners (row, column) of the tiles covering a photo of this size."""
+        self.check(height, width)
+        rows, cols = tile_starts(height, self.tile[0], self.stride[0]), tile_starts(width, self.tile[1], self.stride[1])
         return [(r, c) for r in rows for c in cols]
 
     def tiles(self, photo: np.ndarray, batch: int) -> Iterator[tuple[list[tuple[int, int]], np.ndarray]]:
@@ -82,18 +92,22 @@ class Tiling:
             chunk = origins[i : i + batch]
             yield chunk, np.stack([photo[:, r : r + th, c : c + tw] for r, c in chunk])
 
-    def raw_map(self, photo: np.ndarray, pixel_errors: Callable[[np.ndarray], np.ndarray], batch: int) -> np.ndarray:
-        """The raw map (H, W) float32: ``pixel_errors`` (tiles (n, C, th, tw) -> (n, th, tw)) of
-        every tile, averaged where tiles overlap."""
+    def stitch(self, photo: np.ndarray, pixel_errors: Callable[[np.ndarray], np.ndarray], batch: int) -> np.ndarray:
+        """The stitched errors (H, W) float32: ``pixel_errors`` (tiles (n, C, th, tw) -> (n, th, tw))
+        of every tile, averaged where tiles overlap."""
         th, tw = self.tile
-        total = np.zeros(photo.shape[1:], dtype=np.float32)
-        count = np.zeros(photo.shape[1:], dtype=np.float32)
+        h, w = photo.shape[1:]
+        total = np.zeros((h, w), dtype=np.float32)
         for chunk, tiles in self.tiles(photo, batch):
             errors = pixel_errors(tiles)
             for (r, c), e in zip(chunk, errors):
                 total[r : r + th, c : c + tw] += e
-                count[r : r + th, c : c + tw] += 1.0
-        return total / count  # every pixel lies in at least one tile
+        # tiles lie on a grid, so the overlap count is an outer product: no third photo-sized array
+        rows = _coverage(h, th, self.stride[0])
+        cols = _coverage(w, tw, self.stride[1])
+        total /= rows[:, None]
+        total /= cols[None, :]
+        return total
 
     def smooth(self, raw: np.ndarray) -> np.ndarray:
         return gaussian_smooth(raw, self.smooth_sigma)
@@ -103,7 +117,15 @@ class Tiling:
         return float(np.max(smoothed))
 
 
-def _starts(length: int, tile: int, stride: int) -> list[int]:
+def _coverage(length: int, tile: int, stride: int) -> np.ndarray:
+    """How many tiles cover each position along one axis (float32, >= 1)."""
+    count = np.zeros(length, dtype=np.float32)
+    for start in tile_starts(length, tile, stride):
+        count[start : start + tile] += 1
+    return count
+
+
+def tile_starts(length: int, tile: int, stride: int) -> list[int]:
     """Tile starts along one axis: 0, stride, ..., and one flush with the end."""
     starts = list(range(0, length - tile + 1, stride))
     if starts[-1] != length - tile:
@@ -129,7 +151,7 @@ def gaussian_smooth(values: np.ndarray, sigma: float) -> np.ndarray:
         return values.astype(np.float32, copy=True)
     k = gaussian_kernel(sigma)
     r = len(k) // 2
-    out = values.astype(np.float32)
+    out = values if values.dtype == np.float32 else values.astype(np.float32)
     for axis in (0, 1):
         n = out.shape[axis]
         pad = [(0, 0), (0, 0)]
