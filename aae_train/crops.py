@@ -60,7 +60,7 @@ class CropSampler:
             out.extend(photo[:, r : r + self.crop, c : c + self.crop] for r, c in zip(rows, cols))
         crops = np.stack(out)
         crops = augment(crops, self.augment, rng)
-        return (crops.astype(np.float32) * np.float32(self.scale) + np.float32(self.offset)).astype(np.float32)
+        return _to_input(crops, self.scale, self.offset)
 
 
 def augment(crops: np.ndarray, kinds: tuple[str, ...], rng: np.random.Generator) -> np.ndarray:
@@ -92,7 +92,7 @@ def parse_augment(text: str | None) -> tuple[str, ...]:
 class CropSplit:
     sampler: CropSampler
     val: np.ndarray  # (M, C, crop, crop) float32: fixed validation crops
-    windows: tuple[np.ndarray, ...]  # (C, h, w) float32: held-out photos or band windows, scored whole at export
+    windows: "PhotoInputs"  # held-out photos or band windows, scored whole at export
     note: str  # what was held out, for the user
 
 
@@ -125,18 +125,38 @@ def split_photos(photos: list[np.ndarray], names: list[str], crop: int, per_phot
     if per_photo is None:
         per_photo = max(1, math.ceil(EPOCH_CROPS / len(train)))
     sampler = CropSampler(tuple(train), crop, per_photo, augment_kinds, scale, offset, seed)
-    val = np.concatenate([grid_crops(p, crop) for p in held])
-    if len(val) > MAX_VAL_CROPS:
-        val = val[np.sort(np.random.default_rng(seed).choice(len(val), MAX_VAL_CROPS, replace=False))]
-    to_input = lambda a: (a.astype(np.float32) * np.float32(scale) + np.float32(offset)).astype(np.float32)  # noqa: E731
-    return CropSplit(sampler, to_input(val), tuple(to_input(w) for w in windows), note)
+    places = [(i, r, c) for i, p in enumerate(held) for r, c in grid_origins(p, crop)]
+    if len(places) > MAX_VAL_CROPS:  # choose before cutting: thousands of held-out photos stay cheap
+        places = [places[k] for k in np.sort(np.random.default_rng(seed).choice(len(places), MAX_VAL_CROPS, replace=False))]
+    val = np.stack([held[i][:, r : r + crop, c : c + crop] for i, r, c in places])
+    return CropSplit(sampler, _to_input(val, scale, offset), PhotoInputs(tuple(windows), scale, offset), note)
 
 
-def grid_crops(photo: np.ndarray, crop: int) -> np.ndarray:
-    """Crops of a (C, H, W) photo on a grid half a crop apart, the last row and column flush with its edges."""
+@dataclass(frozen=True)
+class PhotoInputs:
+    """Held-out photos kept as uint8 (one byte a pixel), given out one at a time as model inputs."""
+
+    photos: tuple[np.ndarray, ...]  # (C, h, w) uint8
+    scale: float
+    offset: float
+
+    def __len__(self) -> int:
+        return len(self.photos)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return _to_input(self.photos[i], self.scale, self.offset)
+
+
+def _to_input(pixels: np.ndarray, scale: float, offset: float) -> np.ndarray:
+    """uint8 pixels (any shape) -> model input values, float32 (the preprocessing's scale and offset)."""
+    return (pixels.astype(np.float32) * np.float32(scale) + np.float32(offset)).astype(np.float32)
+
+
+def grid_origins(photo: np.ndarray, crop: int) -> list[tuple[int, int]]:
+    """Corners of crops of a (C, H, W) photo on a grid half a crop apart, the last row and column flush with its edges."""
     _, h, w = photo.shape
     rows, cols = tile_starts(h, crop, max(1, crop // 2)), tile_starts(w, crop, max(1, crop // 2))
-    return np.stack([photo[:, r : r + crop, c : c + crop] for r in rows for c in cols])
+    return [(r, c) for r in rows for c in cols]
 
 
 def band_windows(band: np.ndarray, limit: int, crop: int) -> list[np.ndarray]:

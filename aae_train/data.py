@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +35,8 @@ class Dataset:
     path: str  # where the images were read from
     notes: tuple[str, ...] = ()  # one-line messages for the user, e.g. how many files were skipped
     class_names: tuple[str, ...] | None = None  # label i is class_names[i] (folders: the subfolder names)
-    crops: CropSampler | None = None  # --crop: draws each epoch's training crops (``train`` holds epoch 0's)
-    windows: tuple[np.ndarray, ...] = ()  # --crop: held-out photos (C, h, w) that export scores whole for the threshold
+    crops: CropSampler | None = None  # --crop: draws each epoch's training crops (``train`` is then empty)
+    windows: Sequence[np.ndarray] = ()  # --crop: held-out photos (C, h, w) float32 that export scores whole for the threshold
     held_out: str | None = None  # what was held out, said to the user when it is not simply "M images"
 
 
@@ -171,7 +172,8 @@ def _load_photo_crops(cfg: DataConfig, root: Path, files: list[Path], pre: Prepr
         raise DataError(f"no readable photos under {root}: add images")
     split = split_photos(photos, names, cfg.crop, cfg.crops_per_image, tuple(cfg.augment), cfg.val_fraction,
                          cfg.split_seed, pre.scale, pre.offset)
-    return Dataset(train=split.sampler.draw(0), val=split.val, train_labels=None, val_labels=None, preprocessing=pre,
+    empty = np.zeros((0, *pre.shape), np.float32)  # the loop draws each epoch's crops itself
+    return Dataset(train=empty, val=split.val, train_labels=None, val_labels=None, preprocessing=pre,
                    path=str(root.resolve()), notes=tuple(notes), crops=split.sampler, windows=split.windows,
                    held_out=split.note)
 

@@ -292,7 +292,7 @@ def train(cfg: RunConfig, run_dir: str | Path, data_dir: str | None = None, resu
     metrics_path = run_dir / METRICS_NAME
     _rewrite_metrics(metrics_path, trainer.history)  # a resumed run drops epochs after its checkpoint
     if on_start:
-        on_start(trainer, len(data.train), len(data.val))
+        on_start(trainer, len(trainer.crops) if trainer.crops is not None else len(data.train), len(data.val))
     checkpoint = run_dir / CHECKPOINT_NAME
     while trainer.epoch < cfg.train.epochs:
         metrics = trainer.train_epoch(on_step)

@@ -128,7 +128,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_dir: str
         variant, protos["encoder"], protos["decoder"], draft, model, normal, prior, log)
     if anomalies is not None and not isinstance(anomalies, np.ndarray):
         anomalies = _load_anomalies(anomalies, model)
-    held = list(data.windows) if tiling is not None else normal  # a tiled model's threshold is about whole photos
+    held = data.windows if tiling is not None else normal  # a tiled model's threshold is about whole photos (one at a time)
     what = (f"held-out {'windows' if data.held_out and 'windows' in data.held_out else 'photos'}" if tiling is not None
             else "held-out normal images")
     block, threshold = calibrate_model(model, held, anomalies, score, percentile, min_images=1)
@@ -138,7 +138,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_dir: str
            if threshold["method"] == "f1" else f"{percentile:g}th percentile of the scores of {len(held)} {what}")
     log(f"score {score}; threshold {threshold['value']:.6g} = {how}")
     if tiling is not None and data.held_out and "windows" in data.held_out:
-        side = data.windows[0].shape[1:]
+        side = data.windows.photos[0].shape[1:]
         threshold["windows"] = [int(side[0]), int(side[1])]
         log(f"note: a photo's score is the maximum of its map, so it grows with the photo's area; this threshold holds "
             f"for photos of about {side[1]} x {side[0]} pixels. For photos of another size, run aae-run calibrate on 10 "
