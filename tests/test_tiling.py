@@ -174,16 +174,16 @@ def test_score_writes_full_resolution_maps_raw_maps_and_regions(tiled_model, gra
     r = runner.invoke(app, ["score", str(photos), "--model", str(model_dir), "--maps", str(tmp_path / "maps"), "--maps-raw",
                             "--regions", str(tmp_path / "regions.csv"), "--threshold", "0.05", "--output", str(tmp_path / "s.csv")])
     assert r.exit_code == 1, r.output  # tiny.png cannot be tiled: its own error row, the others scored
-    rows = {row["path"].rsplit("/", 1)[-1]: row for row in csv.DictReader(open(tmp_path / "s.csv"))}
+    rows = {row["path"].rsplit("/", 1)[-1]: row for row in _csv_rows(tmp_path / "s.csv")}
     assert "smaller than the model's" in rows["tiny.png"]["error"] and rows["b.png"]["score"]
-    index = list(csv.DictReader(open(tmp_path / "maps" / "maps.csv")))
+    index = _csv_rows(tmp_path / "maps" / "maps.csv")
     assert {"image", "map", "raw_map"} <= set(index[0])
     raw = {row["image"].rsplit("/", 1)[-1]: np.load(tmp_path / "maps" / row["raw_map"]) for row in index}
     assert raw["a.png"].shape == (120, 150) and raw["a.png"].dtype == np.float32
     from PIL import Image
 
     assert Image.open(tmp_path / "maps" / index[0]["map"]).height == 120  # panels at the photo's resolution
-    regions = list(csv.DictReader(open(tmp_path / "regions.csv")))
+    regions = _csv_rows(tmp_path / "regions.csv")
     assert list(regions[0]) == ["path", "region", "x", "y", "width", "height", "area", "peak"]
     b_regions = [g for g in regions if g["path"].endswith("b.png")]
     assert b_regions and all(float(g["peak"]) > 0.05 for g in b_regions)
@@ -213,6 +213,10 @@ def test_evaluate_reports_image_and_pixel_auroc_and_rates_at_the_threshold(tiled
     assert 0.0 <= e["image_auroc"] <= 1.0 and e["pixel_auroc"] > 0.5  # a black square on grass is not subtle
     assert e["per_kind"] == {"hole": {"images": 6, "detected": e["detections"]}}
     assert "image AUROC" in r.stdout and "false alarms at threshold" in r.stdout
+
+
+def _csv_rows(path) -> list[dict]:
+    return list(csv.DictReader(path.read_text().splitlines()))
 
 
 def _meta(model_dir):
