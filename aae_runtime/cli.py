@@ -118,8 +118,9 @@ def score(
         raise typer.BadParameter("--maps-raw needs --maps DIR", param_hint="--maps-raw")
     if regions is not None and regions.suffix.lower() != ".csv":
         raise typer.BadParameter(f"{_printable(str(regions))}: use a file name ending in .csv", param_hint="--regions")
-    if regions is not None and regions.parent.exists() and not regions.parent.is_dir():
-        raise typer.BadParameter(f"{_printable(str(regions.parent))} is not a folder", param_hint="--regions")
+    if regions is not None and not regions.parent.is_dir():
+        raise typer.BadParameter(f"folder {_printable(str(regions.parent))} does not exist: create it, or write the "
+                                 "regions elsewhere", param_hint="--regions")
     _check_finite(threshold, "--threshold")
     _check_output(output)  # before scoring: a bad name must not cost a whole run's results
     try:

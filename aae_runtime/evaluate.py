@@ -62,6 +62,10 @@ def evaluate(model, normal: list[str | Path], anomalies: list[str | Path], masks
              batch_size: int = 64) -> Evaluation:
     """Score ``normal`` and ``anomalies`` (files or folders) with ``model`` (an `AAEModel`) and
     measure it; ``masks``: a folder of defect masks for the pixel AUROC."""
+    for option, paths in (("normal photos", normal), ("--anomalies", anomalies)):
+        missing = [str(p) for p in paths if not Path(p).exists()]
+        if missing:
+            raise InputError(f"{option}: {missing[0]} does not exist; pass existing files or folders")
     if masks is not None and not Path(masks).is_dir():
         raise InputError(f"--masks {masks}: not a folder; pass the folder of defect masks")
     result = Evaluation(threshold=model.threshold)

@@ -319,3 +319,15 @@ def test_evaluate_refuses_masks_of_another_size_and_masks_without_defects(tiled_
     assert r.exit_code == 2 and "give masks of the photos' own size" in " ".join(r.output.split())
     r = runner.invoke(app, [*args, "--masks", str(tmp_path / "black")])
     assert r.exit_code == 2 and "mark no defect pixel" in " ".join(r.output.split())
+
+
+def test_regions_and_evaluate_refuse_paths_that_do_not_exist(tiled_model, grass, tmp_path):
+    from aae_runtime.cli import app
+
+    write_png(tmp_path / "p" / "a.png", grass[:80, :80])
+    r = runner.invoke(app, ["score", str(tmp_path / "p"), "--model", str(tiled_model[0]), "--regions",
+                            str(tmp_path / "no" / "such" / "r.csv")])
+    assert r.exit_code == 2 and not (tmp_path / "no").exists()  # nothing created, nothing scored
+    r = runner.invoke(app, ["evaluate", str(tmp_path / "p"), "--anomalies", str(tmp_path / "missing"), "--model",
+                            str(tiled_model[0])])
+    assert r.exit_code == 2 and "missing does not exist" in " ".join(r.output.split())
