@@ -227,7 +227,9 @@ def main(argv=None) -> None:
     report = {"textures": textures, "epochs": args.epochs, "crops": args.crops, "test_images": args.test_images,
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, load {os.getloadavg()[0]:.1f}",
               "recipes": {}, "commands": [f"python benchmarks/textures.py --epochs {args.epochs} --crops {args.crops} "
-                                          f"--recipes {args.recipes} --textures {args.textures}"]}
+                                          f"--recipes {args.recipes} --textures {args.textures}"
+                                          + (f" --work-dir {os.path.relpath(args.work_dir, REPO)}" if args.work_dir != REPO / "runs" / "textures" else "")
+                                          + (f" --name {args.name}" if args.name != "textures" else "")]}
     for recipe in recipes:
         per_texture, seconds = [], {}
         for texture in textures:
