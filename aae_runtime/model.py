@@ -142,10 +142,11 @@ class AAEModel:
     @property
     def map_threshold(self) -> float:
         """Where a map's regions begin: a tiled model's image threshold (a photo is flagged exactly
-        when its map has a region); else the normal per-pixel error's 99.9th percentile."""
+        when its map has a region); else the normal per-pixel error's 99.9th percentile (the maps'
+        colour scale, `pixel_error_scale`: pixels rarer than 1 in 1,000 normal ones)."""
         if self.tiling is not None:
             return self.threshold
-        return float(self.metadata.score.get("map_threshold", self.metadata.score.get("pixel_error_scale", 1.0)))
+        return float(self.metadata.score.get("pixel_error_scale", 1.0))
 
     @property
     def pixel_error_name(self) -> str:

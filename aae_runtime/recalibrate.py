@@ -22,7 +22,8 @@ from aae_runtime.calibration import DEFAULT_PERCENTILE, f1_threshold, percentile
 from aae_runtime.contract.errors import InputError, ModelError
 from aae_runtime.contract.fileio import atomic_write_bytes
 from aae_runtime.contract.metadata import DECODER_FILE, ENCODER_FILE, METADATA_KEY, SCORER_FILE, ModelMetadata
-from aae_runtime.contract.scores import ScoreParts, evaluate_score, fit_score, score_spec
+from aae_runtime.contract.scores import PIXEL_DEFINITIONS, RECONSTRUCTION_SCORES, ScoreParts, evaluate_score, fit_score, \
+    score_spec
 
 MIN_NORMAL_IMAGES = 10  # fewer cannot give a meaningful percentile or standardisation
 _MODEL_METADATA_FIELD = 14  # onnx.ModelProto.metadata_props
@@ -44,13 +45,16 @@ def calibrate_model(model, normal: np.ndarray, anomalies: np.ndarray | None = No
     F1-optimal, else the ``percentile`` of the normal scores.
     """
     name = score or model.score_name
-    if model.tiling is not None:
-        return calibrate_tiled(model, normal, anomalies, name, percentile, min_images)
+    if model.tiling is not None and name not in RECONSTRUCTION_SCORES:
+        raise InputError(f"score {name!r}: a tiled model's score is the maximum of its per-pixel error map; choose one of "
+                         f"{', '.join(RECONSTRUCTION_SCORES)}")
     pix, _ = score_spec(name)
     fused = (model.metadata.raw.get("graphs") or {}).get("scorer")
     if model.scorer is not None and fused and fused.get("pixel_error") != pix:
         raise InputError(f"score {name!r} needs {pix} pixel errors but this model's fused graph computes "
                          f"{fused.get('pixel_error')}: choose a score built on {fused.get('pixel_error')}, or export again")
+    if model.tiling is not None:
+        return calibrate_tiled(model, normal, anomalies, name, percentile, min_images)
     if len(normal) < min_images:
         raise InputError(f"need at least {min_images} normal images to calibrate, got {len(normal)}")
     probe = model.with_score({"name": name, "pixel_error": pix})  # two-graph path with the wanted pixel error
@@ -61,7 +65,6 @@ def calibrate_model(model, normal: np.ndarray, anomalies: np.ndarray | None = No
     # maps of different images compare, and only errors rare on normal images look hot.
     scale = float(np.percentile(parts.pixel_error, 99.9))
     block["pixel_error_scale"] = scale if scale > 0 else 1.0
-    block["map_threshold"] = block["pixel_error_scale"]  # --regions: pixels rarer than 1 in 1,000 normal ones
     if anomalies is not None and len(anomalies):
         anomaly_scores = evaluate_score(block, parts_of(probe, anomalies), model.metadata.prior)
         threshold = f1_threshold(normal_scores, anomaly_scores)
@@ -71,19 +74,11 @@ def calibrate_model(model, normal: np.ndarray, anomalies: np.ndarray | None = No
 
 
 def calibrate_tiled(model, photos, anomalies, name: str, percentile: float, min_images: int) -> tuple[dict, dict]:
-    """(score block, threshold block) of a tiled model from whole normal photos (a list of
-    (C, H, W) arrays, any sizes): each photo's score is the maximum of its map."""
-    from aae_runtime.contract.scores import PIXEL_DEFINITIONS, RECONSTRUCTION_SCORES
-
-    if name not in RECONSTRUCTION_SCORES:
-        raise InputError(f"score {name!r}: a tiled model's score is the maximum of its per-pixel error map; choose one of "
-                         f"{', '.join(RECONSTRUCTION_SCORES)}")
+    """(score block, threshold block) of a tiled model from whole normal photos (a sequence of
+    (C, H, W) arrays, any sizes): each photo's score is the maximum of its map. ``name``: a plain
+    per-pixel error (checked by `calibrate_model`)."""
     if len(photos) < min_images:
         raise InputError(f"need at least {min_images} normal photos to calibrate, got {len(photos)}")
-    fused = (model.metadata.raw.get("graphs") or {}).get("scorer")
-    if model.scorer is not None and fused and fused.get("pixel_error") != name:
-        raise InputError(f"score {name!r} needs {name} pixel errors but this model's fused graph computes "
-                         f"{fused.get('pixel_error')}: choose {fused.get('pixel_error')}, or export again")
     block = {"name": name, "pixel_error": name, "higher_is_more_anomalous": True, "fitted_on": len(photos),
              "definition": f"{model.tiling.to_dict()['definition']}; per-pixel error {PIXEL_DEFINITIONS[name]}"}
     probe = model.with_score(block)
@@ -128,11 +123,16 @@ def load_folder(model, paths: list[str | Path]) -> tuple[np.ndarray | list[np.nd
     decoded = model.load_images(files)
     good = [d for d in decoded if isinstance(d, np.ndarray)]
     failed = [(str(f), str(d)) for f, d in zip(files, decoded) if not isinstance(d, np.ndarray)]
-    if model.tiling is not None:  # whole photos of any size: a list, never stacked
-        small = [(str(f), "smaller than the model's tile") for f, d in zip(files, decoded)
-                 if isinstance(d, np.ndarray) and min(d.shape[1] - model.tiling.tile[0], d.shape[2] - model.tiling.tile[1]) < 0]
-        good = [d for d in good if d.shape[1] >= model.tiling.tile[0] and d.shape[2] >= model.tiling.tile[1]]
-        return good, failed + small
+    if model.tiling is not None:  # whole photos of any size: a list, never stacked; untileable ones fail
+        photos = []
+        for f, d in zip(files, decoded):
+            if isinstance(d, np.ndarray):
+                try:
+                    model.tiling.check(d.shape[1], d.shape[2])
+                    photos.append(d)
+                except InputError as exc:
+                    failed.append((str(f), str(exc)))
+        return photos, failed
     return (np.stack(good) if good else np.empty((0, *model.input_shape), np.float32)), failed
 
 

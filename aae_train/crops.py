@@ -129,7 +129,7 @@ def split_photos(photos: list[np.ndarray], names: list[str], crop: int, per_phot
     if len(places) > MAX_VAL_CROPS:  # choose before cutting: thousands of held-out photos stay cheap
         places = [places[k] for k in np.sort(np.random.default_rng(seed).choice(len(places), MAX_VAL_CROPS, replace=False))]
     val = np.stack([held[i][:, r : r + crop, c : c + crop] for i, r, c in places])
-    return CropSplit(sampler, _to_input(val, scale, offset), PhotoInputs(tuple(windows), scale, offset), note)
+    return CropSplit(sampler, _to_input(val, scale, offset), PhotoInputs(tuple(windows), scale, offset, len(photos) == 1), note)
 
 
 @dataclass(frozen=True)
@@ -139,6 +139,7 @@ class PhotoInputs:
     photos: tuple[np.ndarray, ...]  # (C, h, w) uint8
     scale: float
     offset: float
+    from_band: bool = False  # windows of a single photo's held-out band, not whole photos
 
     def __len__(self) -> int:
         return len(self.photos)

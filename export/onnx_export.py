@@ -26,7 +26,7 @@ from aae_runtime.contract.preprocessing import Preprocessing
 from aae_runtime.contract.metadata import BEST_LABEL_OUTPUT, GRAPH_FILES, ModelMetadata
 from aae_runtime.contract.tiling import DEFAULT_SMOOTH_SIGMA, MAX_SIGMA, Tiling
 from aae_runtime.model import AAEModel
-from aae_runtime.recalibrate import calibrate_model
+from aae_runtime.recalibrate import calibrate_model, load_folder
 from aae_runtime.contract.scores import DEFAULT_SCORE, SCORES, score_spec
 from aae_runtime.session import SessionConfig, create_session
 from aae_train.checkpoint import CHECKPOINT_NAME, file_sha256, load_trained
@@ -98,9 +98,6 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_dir: str
     tiling = _tiling(cfg, map_sigma, tile_stride)
     score = score or (TILED_DEFAULT_SCORE if tiling is not None else DEFAULT_SCORE)
     pix = score_spec(score)[0]
-    if tiling is not None and score != pix:
-        raise ExportError(f"--score {score}: a tiled model's score is the maximum of its per-pixel error map; "
-                          "choose mse, mae, bce or ssim")
     specs = {g.name: g for g in trained.family.graphs(cfg, trained.nets, pix if fused and variant == "fp32" else None)}
     example = torch.from_numpy(normal[:2])
     with torch.no_grad():
@@ -129,15 +126,15 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_dir: str
     if anomalies is not None and not isinstance(anomalies, np.ndarray):
         anomalies = _load_anomalies(anomalies, model)
     held = data.windows if tiling is not None else normal  # a tiled model's threshold is about whole photos (one at a time)
-    what = (f"held-out {'windows' if data.held_out and 'windows' in data.held_out else 'photos'}" if tiling is not None
-            else "held-out normal images")
+    band = tiling is not None and data.windows.from_band  # a single photo's held-out band, cut into windows
+    what = ("held-out windows" if band else "held-out photos") if tiling is not None else "held-out normal images"
     block, threshold = calibrate_model(model, held, anomalies, score, percentile, min_images=1)
     threshold["split"] = (f"{data.held_out} (split_seed {cfg.data.split_seed})" if tiling is not None else
                           f"validation split held out from the training images ({len(normal)} images, split_seed {cfg.data.split_seed})")
     how = (f"F1-optimal (F1 {threshold['f1']:.3f}) on {len(held)} {what} and {threshold['anomaly_count']} anomalous images"
            if threshold["method"] == "f1" else f"{percentile:g}th percentile of the scores of {len(held)} {what}")
     log(f"score {score}; threshold {threshold['value']:.6g} = {how}")
-    if tiling is not None and data.held_out and "windows" in data.held_out:
+    if band:
         side = data.windows.photos[0].shape[1:]
         threshold["windows"] = [int(side[0]), int(side[1])]
         log(f"note: a photo's score is the maximum of its map, so it grows with the photo's area; this threshold holds "
@@ -187,22 +184,12 @@ def _prior(cfg, trained, normal: np.ndarray) -> dict:
 def _load_anomalies(paths: list, model: AAEModel) -> np.ndarray | list[np.ndarray]:
     """Labelled anomalous images (files/folders) as the model reads them (a tiled model: whole
     photos at their own size, a list); any unreadable or untileable one stops export."""
-    from aae_runtime.images import find_images
-
-    files = find_images(list(paths))
-    if not files:
+    images, failed = load_folder(model, list(paths))
+    if failed:
+        raise ExportError(f"--anomalies: {failed[0][0]}: {failed[0][1]}")
+    if not len(images):
         raise ExportError("--anomalies: no image files found in the given paths")
-    images = []
-    for f, item in zip(files, model.load_images(files)):
-        if isinstance(item, AAEError):
-            raise ExportError(f"--anomalies: {f}: {item}") from None
-        if model.tiling is not None:
-            try:
-                model.tiling.check(item.shape[1], item.shape[2])
-            except AAEError as exc:
-                raise ExportError(f"--anomalies: {f}: {exc}") from None
-        images.append(item)
-    return images if model.tiling is not None else np.stack(images)
+    return images
 
 
 def _check_fused(proto: onnx.ModelProto, two_graph: AAEModel, normal: np.ndarray, log: Callable[[str], None]) -> None:

@@ -44,7 +44,7 @@ class Tiling:
 
     tile: tuple[int, int]  # (height, width) of a tile: the model's input size
     stride: tuple[int, int]  # (rows, columns) between tile origins; <= tile, so tiles cover the photo
-    smooth_sigma: float  # std of the Gaussian, in pixels, that smooths the raw map (0: none)
+    smooth_sigma: float  # std of the Gaussian, in pixels, that smooths the stitched errors (0: none)
     image_score: str = "max_smoothed_map"
 
     def to_dict(self) -> dict:
