@@ -5,6 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 # The CPU build of torch 2.13.0; pass TORCH_SPEC=torch (or a CUDA index) for a GPU build.
 TORCH_SPEC ?= torch==2.13.0
+# ONNX Runtime: the cpu extra (onnxruntime) or gpu (onnxruntime-gpu); never both in one venv.
+ORT ?= cpu
+ORT_OTHER := $(if $(filter gpu,$(ORT)),onnxruntime,onnxruntime-gpu)
 EPOCHS ?= 10
 RUN ?= runs/demo
 # MNIST: the shared copy beside the project if present, else $AAE_DATA_DIR, else a download.
@@ -18,8 +21,9 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip uninstall -q -y $(ORT_OTHER) aae 2>/dev/null || true  # the other ONNX Runtime; aae: this project's old distribution name
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[train,dev]"
+	$(BIN)/python -m pip install -q -e ".[train,$(ORT),dev]"
 	touch $@
 
 demo: setup

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -31,7 +32,7 @@ from aae_runtime.contract.errors import AAEError
 from aae_runtime.images import display_path, save_grid
 from aae_runtime.model import DEFAULT_BATCH_SIZE, AAEModel, ImageScore
 from aae_runtime.report import FORMATS as RESULT_FORMATS, write_results
-from aae_runtime.session import DEVICES, SessionConfig, available_providers
+from aae_runtime.session import DEVICES, SessionConfig
 
 EXIT_OK, EXIT_SOME_FAILED = 0, 1
 MAX_GRID_ROWS = 1000  # sample --grid: rows x classes images are decoded at once  # EXIT_CANNOT_RUN = 2 comes from clierrors, shared by all commands
@@ -118,11 +119,14 @@ def score(
         raise typer.BadParameter("--maps-raw needs --maps DIR", param_hint="--maps-raw")
     if regions is not None and regions.suffix.lower() != ".csv":
         raise typer.BadParameter(f"{_printable(str(regions))}: use a file name ending in .csv", param_hint="--regions")
-    if regions is not None and not regions.parent.is_dir():
-        raise typer.BadParameter(f"folder {_printable(str(regions.parent))} does not exist: create it, or write the "
-                                 "regions elsewhere", param_hint="--regions")
+    if regions is not None:
+        _check_parent_exists(regions, "--regions")
     _check_finite(threshold, "--threshold")
     _check_output(output)  # before scoring: a bad name must not cost a whole run's results
+    if output is not None:
+        _create_parent(output, "--output")
+    if maps is not None:
+        _create_parent(maps, "--maps")
     try:
         m = _load(model, device, threshold, threshold_percentile, threads, low_latency)
         results, region_rows = _score_with_maps(m, paths, batch_size, maps, maps_only_flagged, maps_raw, regions is not None)
@@ -137,14 +141,40 @@ def score(
 
 
 def _exit_for_rows(results: list[ImageScore], output: Path | None) -> None:
-    """The end of `score` and `classify`: say where the rows went, and the exit code they earn."""
+    """The end of `score` and `classify`: say where the rows went, and the exit code they earn:
+    2 when no given path yields an image file (all missing, or empty folders), 1 when some
+    image files could not be scored."""
     if output is not None:
-        err.print(f"wrote {len(results)} rows to {output}", highlight=False)
+        err.print(f"wrote {len(results)} rows to {_printable(str(output))}", highlight=False)
     if not results:
         err.print("[red]error:[/red] no image files found in the given paths")
         raise typer.Exit(EXIT_CANNOT_RUN)
+    if not any(r.ok or os.path.isfile(r.path) for r in results):
+        first = results[0]
+        err.print(f"[red]error:[/red] no image file among the given paths ({_printable(first.path)}: "
+                  f"{_printable(first.error or '')}{', ...' if len(results) > 1 else ''}): check the paths", highlight=False)
+        raise typer.Exit(EXIT_CANNOT_RUN)
     if any(not r.ok for r in results):
         raise typer.Exit(EXIT_SOME_FAILED)
+
+
+def _create_parent(path: Path, option: str) -> None:
+    """--output and --maps create the folders they need, and say so (every other output needs
+    its folder to exist: a mistyped path must not become a new folder tree silently)."""
+    folder = path.parent if option != "--maps" else path
+    if folder.is_dir():
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise typer.BadParameter(f"cannot create folder {_printable(str(folder))} ({exc.strerror or exc})", param_hint=option)
+    err.print(f"created folder {_printable(str(folder))} for {option}", highlight=False)
+
+
+def _check_parent_exists(path: Path, option: str) -> None:
+    if not path.parent.is_dir():
+        raise typer.BadParameter(f"folder {_printable(str(path.parent))} does not exist: create it, or write "
+                                 "elsewhere", param_hint=option)
 
 
 def _score_with_maps(m: AAEModel, paths: list[Path], batch_size: int, maps: Path | None, only_flagged: bool,
@@ -196,11 +226,26 @@ def _write_regions(found: list[tuple], path: Path) -> None:
     err.print(f"wrote {len(found)} regions above the map threshold to {_printable(str(path))}", highlight=False)
 
 
+def _print_table(table: Table) -> None:
+    """Into a file or a pipe (no terminal: Rich would assume 80 columns), every row on one line,
+    as wide as the table needs; in a terminal, long paths fold at its width."""
+    if out.is_terminal:
+        out.print(table)
+        return
+    width = out.width
+    out.width = max(width, out.measure(table, options=out.options.update(width=10_000)).maximum)
+    try:
+        out.print(table)
+    finally:
+        out.width = width
+
+
 def _print_scores(results: list[ImageScore], m: AAEModel, show: int) -> None:
+    # the columns are named as in the CSV and JSON rows (aae_runtime.report.FIELDS)
     table = Table(title=f"{m.score_name} score, threshold {m.threshold:.6g} ({m.threshold_source})")
-    table.add_column("image", overflow="fold")
+    table.add_column("path", overflow="fold")
     table.add_column("score", justify="right", no_wrap=True)
-    table.add_column("normalised", justify="right", no_wrap=True)
+    table.add_column("normalized_score", justify="right", no_wrap=True)
     table.add_column("anomaly", justify="center", no_wrap=True)
     table.add_column("error", overflow="fold")
     shown = results if show == 0 else results[:show]
@@ -208,7 +253,7 @@ def _print_scores(results: list[ImageScore], m: AAEModel, show: int) -> None:
         flag = "" if r.anomaly is None else ("[red]yes[/red]" if r.anomaly else "no")
         table.add_row(_printable(r.path), "" if r.score is None else f"{r.score:.6f}",
                       "" if r.normalized is None else f"{r.normalized:.3f}", flag, _printable(r.error or ""))
-    out.print(table)
+    _print_table(table)
     if len(shown) < len(results):
         out.print(f"... {len(results) - len(shown)} more rows (use --output FILE for all, or --show 0)")
     failed = sum(not r.ok for r in results)
@@ -272,6 +317,7 @@ def sample(
         raise typer.BadParameter("give --label or --grid, not both", param_hint="--grid")
     if grid and n > MAX_GRID_ROWS:
         raise typer.BadParameter(f"{n} rows: a grid has at most {MAX_GRID_ROWS} rows (style codes)", param_hint="-n")
+    _check_parent_exists(out_path, "--out")
     try:
         m = _load(model, device, threads=threads)
         if label is not None and m.classes and label not in m.classes:
@@ -280,7 +326,6 @@ def sample(
         images = m.sample_grid(n, seed=seed) if grid else m.sample(n, seed=seed, label=label)
     except AAEError as exc:
         raise _fail(exc)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     if out_path.suffix.lower() == ".npy":
         np.save(out_path, images)
     else:
@@ -312,6 +357,8 @@ def evaluate(
     _check_finite(threshold, "--threshold")
     if output is not None and output.suffix.lower() != ".json":
         raise typer.BadParameter(f"{_printable(str(output))}: use a file name ending in .json", param_hint="--output")
+    if output is not None:
+        _create_parent(output, "--output")
     try:
         m = _load(model, device, threshold, threads=threads)
         result = run_evaluation(m, normal, anomalies, masks, batch_size)
@@ -359,6 +406,8 @@ def classify(
     """Classify images with a model that has a class head (--family semi), and score them.
     Rows: path, label, confidence, p_<class> per class, score, anomaly, error."""
     _check_output(output)
+    if output is not None:
+        _create_parent(output, "--output")
     try:
         m = _load(model, device, threads=threads)
         if not m.metadata.classifies:
@@ -375,7 +424,7 @@ def classify(
 
 def _print_classes(results: list[ImageScore], m: AAEModel, show: int) -> None:
     table = Table(title=f"classes {', '.join(m.classes)}; {m.score_name} score, threshold {m.threshold:.6g}")
-    for name, justify in (("image", "left"), ("label", "center"), ("confidence", "right"), ("score", "right"),
+    for name, justify in (("path", "left"), ("label", "center"), ("confidence", "right"), ("score", "right"),
                           ("anomaly", "center"), ("error", "left")):
         table.add_column(name, justify=justify, overflow="fold" if name in ("image", "error") else None,
                          no_wrap=name not in ("image", "error"))
@@ -386,7 +435,7 @@ def _print_classes(results: list[ImageScore], m: AAEModel, show: int) -> None:
         table.add_row(_printable(r.path), "" if p is None else m.classes[best], "" if p is None else f"{p[best]:.3f}",
                       "" if r.score is None else f"{r.score:.6f}",
                       "" if r.anomaly is None else ("[red]yes[/red]" if r.anomaly else "no"), _printable(r.error or ""))
-    out.print(table)
+    _print_table(table)
     if len(shown) < len(results):
         out.print(f"... {len(results) - len(shown)} more rows (use --output FILE for all, or --show 0)")
     failed = sum(not r.ok for r in results)
@@ -394,15 +443,56 @@ def _print_classes(results: list[ImageScore], m: AAEModel, show: int) -> None:
 
 
 @app.command()
-def info(model: ModelOpt, device: DeviceOpt = "auto") -> None:
-    """Print the model's metadata and the execution providers."""
+def info(
+    model: ModelOpt,
+    device: DeviceOpt = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the whole metadata as JSON (score statistics and quantiles included).")] = False,
+) -> None:
+    """Describe the model (what it takes, its prior, score and threshold) and the execution providers."""
+    from aae_runtime.session import usable_providers
+
     try:
         m = _load(model, device)
+        usable = usable_providers()
     except AAEError as exc:
         raise _fail(exc)
-    out.print_json(json.dumps(m.metadata.raw))
-    out.print(f"providers available: {', '.join(available_providers())}", highlight=False)
+    if as_json:
+        out.print_json(json.dumps(m.metadata.raw))
+    else:
+        for name, value in describe(m.metadata.raw):
+            out.print(f"{name + ':':<11}{_printable(value)}", highlight=False)
+        out.print(f"{'':<11}(all metadata: aae-run info --model {_printable(str(model))} --json)", highlight=False)
+    out.print(f"providers usable here: {', '.join(usable)}", highlight=False)
     out.print(f"providers running:   {', '.join(m.providers)}", highlight=False)
+
+
+def describe(meta: dict) -> list[tuple[str, str]]:
+    """A model's metadata as a few labelled lines (what `aae-run info` prints)."""
+    pre, prior, t = meta.get("preprocessing", {}), meta.get("prior", {}), meta.get("threshold", {})
+    shape = meta.get("input", {}).get("shape", [])
+    params = ", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}"
+                       for k, v in prior.items() if k not in ("name", "dim") and not isinstance(v, (list, dict)))
+    lines = [
+        ("family", f"{meta.get('family', 'aae')} (schema {meta.get('schema_version')}, export {meta.get('export_id', '?')[:12]})"),
+        ("graphs", ", ".join(g.get("file", name) for name, g in meta.get("graphs", {}).items())),
+        ("input", f"{' x '.join(map(str, shape[1:]))} ({pre.get('color_mode')}, " + (
+            "tiles of each photo at its own resolution)" if meta.get("tiling") else
+            f"images resized to {'x'.join(map(str, pre.get('size', [])))} {pre.get('resample')})")),
+        ("latent", f"{meta.get('latent_dim')}-D, prior {prior.get('name')}" + (f" ({params})" if params else "")),
+    ]
+    if meta.get("tiling"):
+        tiling = meta["tiling"]
+        lines.append(("tiling", f"{'x'.join(map(str, tiling.get('tile', [])))} tiles, stride {'x'.join(map(str, tiling.get('stride', [])))}, "
+                                f"map smoothed by sigma {tiling.get('smooth_sigma')} px; image score = the map's maximum"))
+    if meta.get("classes"):
+        lines.append(("classes", ", ".join(map(str, meta["classes"]))))
+    how = f"{t.get('percentile'):g}th percentile" if t.get("method") == "percentile" else t.get("method", "?")
+    lines.append(("score", f"{meta.get('score', {}).get('name')}; threshold {t.get('value', float('nan')):.6g} ({how} of "
+                           f"{t.get('stats', {}).get('count', '?')} {t.get('source', 'images')})"))
+    prov = meta.get("provenance", {})
+    lines.append(("trained", f"epoch {prov.get('checkpoint_epoch', '?')}, exported {prov.get('exported_at', '?')}, "
+                             f"checkpoint sha256 {str(prov.get('checkpoint_sha256', '?'))[:16]}..."))
+    return lines
 
 
 @app.command()
@@ -424,6 +514,7 @@ def bench(
         sizes = []
     if not sizes or min(sizes) < 1 or max(sizes) > 65536:
         raise typer.BadParameter(f"{batch_sizes!r}: give positive integers separated by commas, e.g. 1,8,64", param_hint="--batch-sizes")
+    _check_parent_exists(out_dir, "--out-dir")
     from aae_runtime import bench as b  # only this command pays for the benchmark code
 
     timing = b.Timing()  # defaults live there, with the reason for them
@@ -449,3 +540,9 @@ def _main(version: Annotated[bool, typer.Option("--version", help="Print the ver
     if version:
         out.print(f"aae-run {__version__}")
         raise typer.Exit()
+    from aae_runtime.install import check_onnxruntime
+
+    try:
+        check_onnxruntime()  # a missing or doubled ONNX Runtime: one line now, not a traceback later
+    except AAEError as exc:
+        raise _fail(exc)

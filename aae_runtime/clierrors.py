@@ -3,15 +3,26 @@
 `OneLineErrorsTyper` is a `typer.Typer` whose unexpected exceptions end in one line on stderr
 and exit code 2 ("could not run"). Without it, Typer prints a traceback and exits with 1, which
 for `aae-run score` means "some files failed". AAE_DEBUG=1 re-raises, to see the traceback.
+Its commands also print usage errors (an unknown option, a bad value) as one line, say so when
+Ctrl-C stops them (exit 130), and format ``--help`` as plain text that wraps instead of Rich
+panels that cut option names and choices off at 80 columns, with metavars a user reads
+(``--model PATH``, ``--threshold FLOAT``, ``--device auto|cpu|cuda``).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 import typer
+import typer.core
 from rich.console import Console
+
+try:  # Typer >= 0.29 vendors Click, whose UsageError is then another class than click's
+    from typer._click.exceptions import UsageError
+except ImportError:  # pragma: no cover - older Typer on real Click
+    from click.exceptions import UsageError
 from rich.markup import escape
 
 EXIT_CANNOT_RUN = 2
@@ -23,8 +34,83 @@ def print_error(message: str, console: Console | None = None) -> None:
     (console or Console(stderr=True, soft_wrap=True)).print(f"[red]error:[/red] {escape(message)}", highlight=False)
 
 
+class _OneLineUsageError(UsageError):
+    """A usage error shown as ``error: MESSAGE (see PROG --help)``, one line on stderr, exit 2."""
+
+    def __init__(self, exc: UsageError, command_path: str):
+        super().__init__(exc.format_message())
+        self.command_path = command_path
+
+    def show(self, file: Any = None) -> None:
+        print_error(" ".join(self.format_message().split()) + f" (see {self.command_path} --help)")
+
+
+def _metavar(param: Any) -> str | None:
+    """A readable metavar for one parameter, or None to keep Typer's (flags have none)."""
+    kind = getattr(param, "type_descriptor", None)  # Typer's own description of the annotation
+    if kind is None or getattr(param, "is_flag", False) or param.metavar is not None:
+        return None
+    if kind.is_choice:
+        return "|".join(str(c) for c in kind.choices or ())
+    name = "PATH" if kind.is_path else {"float": "FLOAT", "int": "INT", "str": "TEXT"}.get(param.bare_type(), "VALUE")
+    if isinstance(param, typer.core.TyperArgument):
+        param.display_type_rich = lambda ctx: None  # its name says it; Typer would add "<list[Path]>"
+        return param.name.upper()
+    return name
+
+
+class _Readable:
+    """Mixin for Typer's command and group classes: readable metavars, one-line usage errors, a
+    message on Ctrl-C."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            name = _metavar(param)
+            if name is not None:
+                param.metavar = name
+        return params
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except UsageError as exc:
+            if isinstance(exc, _OneLineUsageError):
+                raise
+            path = " ".join(p for p in ((parent.command_path if parent else None), info_name) if p)
+            raise _OneLineUsageError(exc, path or "the command") from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UsageError as exc:  # raised while the command runs (typer.BadParameter), or an unknown sub-command
+            if isinstance(exc, _OneLineUsageError):
+                raise
+            raise _OneLineUsageError(exc, (exc.ctx or ctx).command_path) from None
+        except KeyboardInterrupt:
+            print_error("interrupted (Ctrl-C)")
+            raise typer.Exit(130) from None
+
+
+class ReadableCommand(_Readable, typer.core.TyperCommand):
+    pass
+
+
+class ReadableGroup(_Readable, typer.core.TyperGroup):
+    pass
+
+
 class OneLineErrorsTyper(typer.Typer):
     """A Typer app that turns any unexpected exception into one line and exit code 2."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("cls", ReadableGroup)
+        kwargs.setdefault("rich_markup_mode", None)  # plain help: wraps, never cuts off
+        super().__init__(**kwargs)
+
+    def command(self, *args, **kwargs):
+        kwargs.setdefault("cls", ReadableCommand)
+        return super().command(*args, **kwargs)
 
     def __call__(self, *args, **kwargs):
         try:

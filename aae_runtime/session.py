@@ -12,24 +12,39 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-
-import onnxruntime as ort
+from typing import TYPE_CHECKING
 
 from aae_runtime.contract.errors import DeviceError, ModelError
+
+if TYPE_CHECKING:
+    import onnxruntime
 
 DEVICES = ("auto", "cpu", "cuda")
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
 
-# Graph optimisation levels by name. "all" (layout and fusion passes included) measured best or
-# equal on the paper-size MLP; "disable" exists to measure what the passes buy.
+# Graph optimisation levels by name -> ONNX Runtime's GraphOptimizationLevel member. "all" (layout
+# and fusion passes included) measured best or equal on the paper-size MLP; "disable" exists to
+# measure what the passes buy.
 OPTIMIZATION_LEVELS = {
-    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
 }
+
+
+def onnxruntime_module():
+    """``import onnxruntime``, on first use only (importing it costs ~0.1 s), after checking that
+    exactly one ONNX Runtime package is installed (`aae_runtime.install`)."""
+    if "onnxruntime" not in sys.modules:
+        from aae_runtime.install import check_onnxruntime
+
+        check_onnxruntime()
+    import onnxruntime
+
+    return onnxruntime
 
 
 # How long idle intra-op threads busy-wait for the next piece of work before sleeping, in the
@@ -80,13 +95,22 @@ class SessionConfig:
 
 
 def available_providers() -> list[str]:
-    return list(ort.get_available_providers())
+    """The execution providers this ONNX Runtime build was compiled with (not whether they can run)."""
+    return list(onnxruntime_module().get_available_providers())
 
 
-def _session_options(cfg: SessionConfig) -> ort.SessionOptions:
+def usable_providers() -> list[str]:
+    """The providers that can run on this machine: CUDA only where the build has it and an NVIDIA
+    driver is present (TensorRT and others are never used by this runtime)."""
+    built = available_providers()
+    return [p for p in (CUDA, CPU) if p in built and (p != CUDA or _gpu_present())]
+
+
+def _session_options(cfg: SessionConfig) -> "onnxruntime.SessionOptions":
+    ort = onnxruntime_module()
     so = ort.SessionOptions()
     so.log_severity_level = 4
-    so.graph_optimization_level = OPTIMIZATION_LEVELS[cfg.optimization]
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION_LEVELS[cfg.optimization])
     so.intra_op_num_threads = cfg.threads
     so.inter_op_num_threads = 1
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if cfg.spin_us > 0 else "0")
@@ -95,7 +119,7 @@ def _session_options(cfg: SessionConfig) -> ort.SessionOptions:
     return so
 
 
-def create_session(model: bytes | str | Path, cfg: SessionConfig) -> tuple[ort.InferenceSession, str | None]:
+def create_session(model: bytes | str | Path, cfg: SessionConfig) -> tuple["onnxruntime.InferenceSession", str | None]:
     """Open ``model`` on ``cfg.device``. Returns the session and a notice when it fell back.
 
     Raises DeviceError when ``cuda`` was asked for and cannot run; ModelError when the file is
@@ -107,6 +131,7 @@ def create_session(model: bytes | str | Path, cfg: SessionConfig) -> tuple[ort.I
         raise DeviceError(f"threads ({cfg.threads}) and spin time ({cfg.spin_us} us) cannot be negative")
     if cfg.optimization not in OPTIMIZATION_LEVELS:
         raise DeviceError(f"unknown optimisation level {cfg.optimization!r}: use one of {', '.join(OPTIMIZATION_LEVELS)}")
+    ort = onnxruntime_module()
     want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and _gpu_present())
     want_cuda = want_cuda and CUDA in available_providers()
     if cfg.device == "cuda" and not want_cuda:
@@ -145,7 +170,7 @@ def _gpu_present() -> bool:
 
 def _preload_cuda_libraries() -> None:
     """Load CUDA/cuDNN from pip's nvidia-* wheels when present (onnxruntime-gpu >= 1.21)."""
-    preload = getattr(ort, "preload_dlls", None)
+    preload = getattr(onnxruntime_module(), "preload_dlls", None)
     if preload is None:
         return
     quiet = io.StringIO()  # it prints each library it cannot find; a fallback is reported by us

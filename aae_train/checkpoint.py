@@ -11,6 +11,7 @@ import hashlib
 import pickle
 import re
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,13 +45,19 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         path = path / CHECKPOINT_NAME
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found: pass the checkpoint.pt (or run folder) aae-train wrote")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; random bytes are not one
+        raise CheckpointError(f"{path} was refused: it is not a PyTorch zip archive, the only format aae-train writes "
+                              "(another kind of file, or damaged); pass the checkpoint.pt (or best.pt) aae-train wrote")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. torch's note on a pickle protocol: the error below says it all
             state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
+        refused = _refused_object(exc)
+        if refused is None:  # not a refused object: the pickle inside is damaged
+            raise CheckpointError(f"cannot read checkpoint {path} ({_first_line(exc)}): it is damaged or not a checkpoint") from None
         raise CheckpointError(
-            f"{path} was refused: it holds {_refused_object(exc)}, which no aae-train checkpoint contains "
+            f"{path} was refused: it holds {refused}, which no aae-train checkpoint contains "
             "(a pickle like this can run code when loaded unsafely); only use checkpoints written by aae-train"
         ) from None
     except Exception as exc:  # torch raises RuntimeError, EOFError, zipfile/pickle errors, ... on damaged files
@@ -100,12 +107,13 @@ def load_trained(path: str | Path, map_location: str | torch.device = "cpu") -> 
     return Trained(state, cfg, family, nets)
 
 
-def _refused_object(exc: BaseException) -> str:
-    """The object the weights-only unpickler refused, from torch's (long, multi-line) message."""
+def _refused_object(exc: BaseException) -> str | None:
+    """The object the weights-only unpickler refused, from torch's (long, multi-line) message;
+    None when it refused no object (a damaged pickle)."""
     found = re.search(r"GLOBAL ([\w.]+)|[Uu]nsupported (?:global|operand)[^\n]*?([\w.]+) was not", str(exc))
     if found:
         return f"a reference to {found.group(1) or found.group(2)}"
-    return "objects a weights-only load refuses"
+    return None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -10,7 +10,8 @@ from typing import Annotated, Literal, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn
+from rich.text import Text
 
 from aae_runtime.clierrors import OneLineErrorsTyper, print_error
 from aae_runtime.contract.errors import AAEError
@@ -28,8 +29,13 @@ err = Console(stderr=True, soft_wrap=True)
 # Options shared by `mnist` and `folder` (one definition each; defaults differ per command where noted).
 Out = Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder (default runs/SOURCE-DATE-TIME).")]
 Epochs = Annotated[int, typer.Option(min=1, help="Epochs to train (with --resume: the total).")]
-BatchSize = Annotated[int, typer.Option(min=2, max=65536)]
-LatentDim = Annotated[Optional[int], typer.Option(min=1, max=1024, help="Latent size (default: 2 for swissroll, else the command's default).")]
+BatchSize = Annotated[int, typer.Option(min=2, max=65536, help="Images per minibatch (each phase of a step sees one minibatch).")]
+MNIST_LATENT, FOLDER_LATENT = ModelConfig.latent_dim, 16  # folder images (parts) carry more than a digit
+
+
+def latent_dim_option(default: int):
+    return Annotated[Optional[int], typer.Option(min=1, max=1024, help=f"Latent size (default: {default}; 2 for --prior swissroll).")]
+
 Hidden = Annotated[int, typer.Option(min=1, help="Units per hidden fully connected layer (discriminator included).")]
 Arch = Annotated[str, typer.Option(help=f"Encoder/decoder: {'|'.join(ARCHS)} (the discriminator is always an MLP).")]
 Dropout = Annotated[float, typer.Option(min=0.0, max=0.95, help="Dropout in encoder and decoder hidden layers (training only).")]
@@ -73,6 +79,7 @@ LabelSeed = Annotated[Optional[int], typer.Option(min=0, help="semi: seed of the
 ClassNoise = Annotated[Optional[float], typer.Option(min=0, max=10, help="semi: std of Gaussian noise on the labelled images of the classification step (default 0).")]
 LrClass = Annotated[Optional[float], typer.Option(min=0, max=1e6, help="semi: Adam learning rate, supervised classification step (default 1e-3).")]
 Resume = Annotated[Optional[Path], typer.Option(exists=True, help="Continue from this checkpoint (its config is kept; --epochs sets the total).")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace the run that --out already holds (else refused).")]
 
 # Options that only mean something for some families, by parameter name: given on the command
 # line with another family they are an error, not silently ignored.
@@ -217,11 +224,11 @@ def _default_out(prefix: str, resume: Path | None) -> Path:
 @app.command()
 def mnist(
     ctx: typer.Context,
-    data_dir: Annotated[Optional[Path], typer.Option(help="Folder with the four MNIST IDX files (else $AAE_DATA_DIR, else the user cache, downloading).")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help="Folder with the four MNIST IDX files (else $AAE_DATA_DIR, else ../shared/data/mnist, else the user cache, downloading).")] = None,
     out: Out = None,
     epochs: Epochs = TrainConfig.epochs,
     batch_size: BatchSize = TrainConfig.batch_size,
-    latent_dim: LatentDim = None,
+    latent_dim: latent_dim_option(MNIST_LATENT) = None,
     arch: Arch = "mlp",
     hidden: Hidden = ModelConfig.hidden,
     dropout: Dropout = 0.0,
@@ -256,6 +263,7 @@ def mnist(
     seed: Seed = TrainConfig.seed,
     device: Device = TrainConfig.device,
     resume: Resume = None,
+    overwrite: Overwrite = False,
     threads: Threads = None,
     family: FamilyOpt = DEFAULT_FAMILY,
     labels: Labels = None,
@@ -269,7 +277,7 @@ def mnist(
         prior_std = 5.0  # the paper's MNIST likelihood model
     cfg = build_config(family=family, options=options,
         data=DataConfig(source="mnist", classes=_parse_classes(classes), limit=limit, val_fraction=val_fraction),
-        image_shape=(1, 28, 28), latent_dim=latent_dim, default_latent=ModelConfig.latent_dim,
+        image_shape=(1, 28, 28), latent_dim=latent_dim, default_latent=MNIST_LATENT,
         prior=prior, prior_params=_prior_params(locals()), arch=arch, hidden=hidden, dropout=dropout,
         disc_dropout=disc_dropout, posterior=posterior, noise_dim=noise_dim,
         train=dict(epochs=epochs, batch_size=batch_size, lr_recon=lr_recon, lr_disc=lr_disc, lr_gen=lr_gen,
@@ -277,7 +285,7 @@ def mnist(
                    disc_noise=disc_noise, gradient_penalty=gradient_penalty, disc_steps=disc_steps,
                    code_noise=code_noise, ema=ema, recon_loss=recon_loss, seed=seed, device=device),
     )
-    run(cfg, out or _default_out("mnist", resume), data_dir, resume, threads)
+    run(cfg, out or _default_out("mnist", resume), data_dir, resume, threads, overwrite)
 
 
 @app.command()
@@ -298,7 +306,7 @@ def folder(
     out: Out = None,
     epochs: Epochs = 50,
     batch_size: BatchSize = 64,
-    latent_dim: LatentDim = None,
+    latent_dim: latent_dim_option(FOLDER_LATENT) = None,
     arch: Arch = "conv",
     hidden: Hidden = 512,
     dropout: Dropout = 0.0,
@@ -332,6 +340,7 @@ def folder(
     seed: Seed = TrainConfig.seed,
     device: Device = TrainConfig.device,
     resume: Resume = None,
+    overwrite: Overwrite = False,
     threads: Threads = None,
     family: FamilyOpt = DEFAULT_FAMILY,
     labels: Labels = None,
@@ -367,7 +376,7 @@ def folder(
                       resample=resample, limit=limit, val_fraction=val_fraction, unlabelled_dir=unlabelled_dir,
                       crop=crop, crops_per_image=crops_per_image, augment=augment_kinds)
     cfg = build_config(family=family, options=options,
-        data=data, image_shape=(3 if color == "RGB" else 1, height, width), latent_dim=latent_dim, default_latent=16,
+        data=data, image_shape=(3 if color == "RGB" else 1, height, width), latent_dim=latent_dim, default_latent=FOLDER_LATENT,
         prior=prior, prior_params=_prior_params(locals()), arch=arch, hidden=hidden, dropout=dropout,
         disc_dropout=disc_dropout, posterior=posterior, noise_dim=noise_dim,
         train=dict(epochs=epochs, batch_size=batch_size, lr_recon=lr_recon, lr_disc=lr_disc, lr_gen=lr_gen,
@@ -375,7 +384,7 @@ def folder(
                    disc_noise=disc_noise, gradient_penalty=gradient_penalty, disc_steps=disc_steps,
                    code_noise=code_noise, ema=ema, recon_loss=recon_loss, seed=seed, device=device),
     )
-    run(cfg, out or _default_out("folder", resume), directory if directory.is_dir() else None, resume, threads)
+    run(cfg, out or _default_out("folder", resume), directory if directory.is_dir() else None, resume, threads, overwrite)
 
 
 # metrics key -> (short name, format) for the progress bar and the per-epoch lines
@@ -401,11 +410,32 @@ def _prior_params(options: dict) -> dict[str, float | None]:
     return {opt: options[opt[2:].replace("-", "_")] for opt in PRIOR_OPTIONS}
 
 
-def run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, threads: int | None = None) -> None:
+class RunElapsedColumn(ProgressColumn):
+    """Time since the run started. Rich's TimeElapsedColumn stops a task's clock the first time it
+    completes (the end of epoch 1), and the bar's one task is reused for every epoch."""
+
+    def __init__(self, clock=time.monotonic):
+        super().__init__()
+        self.clock, self.start = clock, clock()
+
+    def render(self, task) -> Text:
+        seconds = int(self.clock() - self.start)
+        return Text(f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}", style="progress.elapsed")
+
+
+def run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, threads: int | None = None,
+        overwrite: bool = False) -> None:
     """Train with a live progress bar; one-line errors, never a traceback."""
+    from aae_runtime.install import check_training
+
+    try:
+        check_training("aae-train")
+    except AAEError as exc:
+        print_error(str(exc), err)
+        raise typer.Exit(2)
     from aae_train.data import DataWarning
     from aae_train.plots import PLOT_NAMES
-    from aae_train.train import train  # the training loop, once arguments are valid
+    from aae_train.train import TrainingInterrupted, train  # the training loop, once arguments are valid
 
     if threads is not None:
         import torch
@@ -414,7 +444,7 @@ def run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, t
 
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[losses]}"),
-        TimeElapsedColumn(), console=err, transient=True,  # the bar goes at the end; the epoch lines stay
+        RunElapsedColumn(), console=err, transient=True,  # the bar goes at the end; the epoch lines stay
     ) as progress:
         task = progress.add_task("starting", total=None, losses="")
         download = {}
@@ -446,11 +476,20 @@ def run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, t
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DataWarning)  # printed once by on_start, not as a Python warning
                 result = train(cfg, out, data_dir=str(data_dir) if data_dir else None, resume=resume,
-                               on_epoch=on_epoch, on_step=on_step, on_start=on_start, download_progress=on_download)
+                               on_epoch=on_epoch, on_step=on_step, on_start=on_start, download_progress=on_download,
+                               overwrite=overwrite)
         except AAEError as exc:
             progress.stop()
             print_error(str(exc), err)  # literal text: paths may hold "[/]"
             raise typer.Exit(2)
+        except TrainingInterrupted as exc:
+            progress.stop()
+            print_error(exc.message, err)
+            raise typer.Exit(130)
+        except KeyboardInterrupt:  # while the data loads: nothing is written before it has
+            progress.stop()
+            print_error("interrupted while loading the data: nothing written", err)
+            raise typer.Exit(130)
     err.print(f"checkpoint: {result.checkpoint}\nplots: {', '.join(str(out / name) for name in PLOT_NAMES)}", highlight=False)
 
 

@@ -1,8 +1,10 @@
 """MNIST: find the four IDX files, download them when missing (verified), and read them.
 
-Where the files are looked for, in order: ``--data-dir``, ``$AAE_DATA_DIR``, a per-user cache
-directory (``$XDG_CACHE_HOME/aae/mnist``, default ``~/.cache/aae/mnist``). Files may be gzipped
-or not. Only the cache directory is downloaded into, and only when the files are missing.
+Where the files are looked for, in order: ``--data-dir``, ``$AAE_DATA_DIR``, the shared data
+folder beside the project (``../shared/data/mnist`` from the working directory, or beside the
+source checkout) when it holds all four files, then a per-user cache directory
+(``$XDG_CACHE_HOME/aae/mnist``, default ``~/.cache/aae/mnist``). Files may be gzipped or not.
+Only the cache directory is downloaded into, and only when the files are missing.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 from aae_runtime.contract.errors import AAEError
 
 ENV_DATA_DIR = "AAE_DATA_DIR"
+SHARED_SUBDIR = Path("shared") / "data" / "mnist"  # the project's shared data folder, beside its root
 FILES = {
     "train_images": "train-images-idx3-ubyte",
     "train_labels": "train-labels-idx1-ubyte",
@@ -49,12 +52,22 @@ def default_cache_dir() -> Path:
     return Path(base) / "aae" / "mnist"
 
 
+def shared_data_dirs() -> tuple[Path, ...]:
+    """The shared MNIST folders beside the project: from the working directory (the repository
+    root, as the README's commands run) and beside this source checkout."""
+    here = Path(__file__).resolve().parents[2]  # aae_train/mnist.py -> the checkout's parent
+    return (Path("..") / SHARED_SUBDIR, here / SHARED_SUBDIR)
+
+
 def resolve_data_dir(data_dir: str | Path | None) -> tuple[Path, bool]:
     """The directory to read MNIST from, and whether it is the cache (the only one we download into)."""
     if data_dir is not None:
         return Path(data_dir).expanduser(), False
     if os.environ.get(ENV_DATA_DIR):
         return Path(os.environ[ENV_DATA_DIR]).expanduser(), False
+    for shared in shared_data_dirs():
+        if all(find_file(shared, stem) is not None for stem in FILES.values()):
+            return shared, False
     return default_cache_dir(), True
 
 

@@ -259,14 +259,47 @@ class TrainResult:
     device: str
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGINT) stopped training; ``message`` says what was kept and how to go on."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+def check_run_folder(run_dir: Path, resume: str | Path | None, overwrite: bool) -> list[str]:
+    """The run files ``run_dir`` already holds, when training may go there; else TrainingError.
+
+    A folder holding another run (a checkpoint) is refused unless ``overwrite``: resuming a run in
+    its own folder is the only way to write into a run without it. A folder with a config but no
+    checkpoint (a start killed before its first epoch ended) holds nothing to lose."""
+    if not any((run_dir / name).exists() for name in (CHECKPOINT_NAME, BEST_NAME)):
+        return []
+    held = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if overwrite:
+        return held
+    if resume is not None:
+        source = Path(resume)
+        source_dir = source if source.is_dir() else source.parent
+        if source_dir.resolve() == run_dir.resolve():
+            return held
+    raise TrainingError(f"run folder {run_dir} already holds a run ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}): "
+                        "choose another --out, or give --overwrite to replace that run")
+
+
 def train(cfg: RunConfig, run_dir: str | Path, data_dir: str | None = None, resume: str | Path | None = None,
-          on_epoch: Callable[[dict], None] | None = None, on_step=None, on_start=None, download_progress=None) -> TrainResult:
+          on_epoch: Callable[[dict], None] | None = None, on_step=None, on_start=None, download_progress=None,
+          overwrite: bool = False) -> TrainResult:
     """Train (or resume) a model of ``cfg.family``, writing checkpoints, metrics and grids into ``run_dir``.
 
     With ``resume``, the checkpoint's config is used, except that ``cfg.train.epochs`` may
     extend the run; training goes on from the last completed epoch with its RNG states.
+    A ``run_dir`` holding another run is refused unless ``overwrite`` (see `check_run_folder`).
+    Ctrl-C raises TrainingInterrupted; a run folder this call created and that has no checkpoint
+    yet is removed, so an interrupted start leaves nothing half-made.
     """
     run_dir = Path(run_dir)
+    replaced = check_run_folder(run_dir, resume, overwrite)
     state = None
     if resume is not None:
         state = load_checkpoint(resume)
@@ -286,14 +319,49 @@ def train(cfg: RunConfig, run_dir: str | Path, data_dir: str | None = None, resu
     trainer = Trainer(cfg, data)
     if state is not None:
         trainer.load_state(state)
+    created = not run_dir.exists()
+    checkpoint = run_dir / CHECKPOINT_NAME
+    try:
+        _prepare_run_folder(run_dir, cfg, trainer, replaced if overwrite else [])
+        if on_start:
+            on_start(trainer, len(trainer.crops) if trainer.crops is not None else len(data.train), len(data.val))
+        _train_epochs(trainer, cfg, run_dir, on_step, on_epoch)
+    except KeyboardInterrupt:
+        raise _interrupted(run_dir, checkpoint, trainer, created) from None
+    if not checkpoint.exists():  # resumed at or past the requested epochs: still leave a checkpoint
+        save_checkpoint(trainer.state(), checkpoint)
+    trainer.write_plots(run_dir)
+    return TrainResult(run_dir, checkpoint, trainer.history, str(trainer.device))
+
+
+def _prepare_run_folder(run_dir: Path, cfg: RunConfig, trainer: "Trainer", replaced: list[str]) -> None:
+    """Create ``run_dir``, remove the ``replaced`` files of the run it held (``--overwrite``) and
+    write the config and the metrics so far."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    for name in replaced:
+        (run_dir / name).unlink(missing_ok=True)
     remove_stale_temporaries([run_dir / name for name in RUN_FILES])  # left by a run killed mid-write
     atomic_write_text(run_dir / CONFIG_NAME, json.dumps(cfg.to_dict(), indent=1) + "\n")
-    metrics_path = run_dir / METRICS_NAME
-    _rewrite_metrics(metrics_path, trainer.history)  # a resumed run drops epochs after its checkpoint
-    if on_start:
-        on_start(trainer, len(trainer.crops) if trainer.crops is not None else len(data.train), len(data.val))
-    checkpoint = run_dir / CHECKPOINT_NAME
+    _rewrite_metrics(run_dir / METRICS_NAME, trainer.history)  # a resumed run drops epochs after its checkpoint
+
+
+def _interrupted(run_dir: Path, checkpoint: Path, trainer: "Trainer", created: bool) -> TrainingInterrupted:
+    if checkpoint.exists():
+        return TrainingInterrupted(f"interrupted in epoch {trainer.epoch + 1}: {checkpoint} holds epoch {trainer.epoch}; "
+                                   f"go on with --resume {checkpoint}")
+    if created:  # nothing worth keeping: no half-made run folder
+        for name in RUN_FILES:
+            (run_dir / name).unlink(missing_ok=True)
+        try:
+            run_dir.rmdir()
+        except OSError:  # not empty: files of someone else's
+            pass
+        return TrainingInterrupted(f"interrupted before the first epoch ended: nothing saved ({run_dir} removed)")
+    return TrainingInterrupted(f"interrupted before the first epoch ended: no checkpoint saved in {run_dir}")
+
+
+def _train_epochs(trainer: "Trainer", cfg: RunConfig, run_dir: Path, on_step, on_epoch) -> None:
+    metrics_path, checkpoint = run_dir / METRICS_NAME, run_dir / CHECKPOINT_NAME
     while trainer.epoch < cfg.train.epochs:
         metrics = trainer.train_epoch(on_step)
         # Metrics first: every checkpointed epoch then has its line on disk, even when the process
@@ -307,10 +375,6 @@ def train(cfg: RunConfig, run_dir: str | Path, data_dir: str | None = None, resu
         trainer.write_plots(run_dir)  # refreshed every epoch, so a run can be watched
         if on_epoch:
             on_epoch(metrics)
-    if not checkpoint.exists():  # resumed at or past the requested epochs: still leave a checkpoint
-        save_checkpoint(trainer.state(), checkpoint)
-    trainer.write_plots(run_dir)
-    return TrainResult(run_dir, checkpoint, trainer.history, str(trainer.device))
 
 
 def _frozen_copy(net: torch.nn.Module) -> torch.nn.Module:

@@ -162,7 +162,7 @@ def export_variants(checkpoint: Path, work: Path, data_dir: Path | None, variant
         d = work / v
         if again or not _exported_from(d, sha, v):
             log(f"aae-export {v} -> {d}")
-            cmd = ["aae-export", "--checkpoint", str(checkpoint), "--out", str(d), *VARIANT_FLAGS[v]]
+            cmd = ["aae-export", "--checkpoint", str(checkpoint), "--out", str(d), "--overwrite", *VARIANT_FLAGS[v]]
             if data_dir:
                 cmd += ["--data-dir", str(data_dir)]
             r = subprocess.run(cmd, capture_output=True, text=True)

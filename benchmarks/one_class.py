@@ -166,7 +166,8 @@ def evaluate(digits, records, args) -> None:
         model_dir = args.work_dir / f"model{d}"
         start = time.perf_counter()
         if not _export_is_current(model_dir, run_dir / "checkpoint.pt", args.score):
-            export_checkpoint(run_dir / "checkpoint.pt", model_dir, data_dir=str(args.data_dir), score=args.score, log=lambda s: None)
+            export_checkpoint(run_dir / "checkpoint.pt", model_dir, data_dir=str(args.data_dir), score=args.score, log=lambda s: None,
+                              overwrite=True)
         export_s = time.perf_counter() - start
         model = AAEModel.load(model_dir, device="cpu")
         x = pixels_to_input(test_pixels, model.metadata.preprocessing)

@@ -59,7 +59,7 @@ def train_and_export(args) -> Path:
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
     model = run / "model"
     if not (model / "decoder.onnx").exists() or (model / "decoder.onnx").stat().st_mtime < (run / "checkpoint.pt").stat().st_mtime:
-        subprocess.run(["aae-export", "--checkpoint", str(run / "checkpoint.pt"), "--out", str(model)], check=True,
+        subprocess.run(["aae-export", "--checkpoint", str(run / "checkpoint.pt"), "--out", str(model), "--overwrite"], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     return model
 

@@ -34,6 +34,7 @@ def export(
     precision: Annotated[str, typer.Option(help="fp32, or fp16 (float16 weights and ops for GPUs; inputs and outputs stay float32).")] = "fp32",
     map_sigma: Annotated[float, typer.Option(min=0.0, max=MAX_SIGMA, help="Models trained with --crop: smoothing of the defect map, in pixels.")] = DEFAULT_SMOOTH_SIGMA,
     tile_stride: Annotated[Optional[int], typer.Option(min=1, max=4096, help="Models trained with --crop: pixels between tiles (default: half a tile).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the model that --out already holds (else refused).")] = False,
 ) -> None:
     """Export, verify (ONNX checker, parity with PyTorch) and calibrate the anomaly threshold."""
     if score is not None and score not in SCORES:
@@ -44,13 +45,16 @@ def export(
         raise typer.BadParameter(f"{precision!r} is not one of fp32, fp16", param_hint="--precision")
     if quantize and precision != "fp32":
         raise typer.BadParameter("use either --quantize int8 or --precision fp16, not both", param_hint="--quantize")
-    from export.onnx_export import export_checkpoint  # torch loads only once arguments are valid
+    from aae_runtime.install import check_training
 
     try:
+        check_training("aae-export", export=True)
+        from export.onnx_export import export_checkpoint  # torch loads only once arguments are valid
+
         result = export_checkpoint(checkpoint, out, data_dir=str(data_dir) if data_dir else None, score=score,
                                    percentile=percentile, log=lambda s: err.print(s, highlight=False),
                                    variant=quantize or precision, fused=fused, anomalies=anomalies,
-                                   map_sigma=map_sigma, tile_stride=tile_stride)
+                                   map_sigma=map_sigma, tile_stride=tile_stride, overwrite=overwrite)
     except AAEError as exc:
         print_error(str(exc), err)  # literal text: paths may hold "[/]"
         raise typer.Exit(2)

@@ -69,7 +69,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_dir: str
                       score: str | None = None, percentile: float = DEFAULT_PERCENTILE,
                       log: Callable[[str], None] = print, variant: str = "fp32", fused: bool = True,
                       anomalies: np.ndarray | list | None = None, map_sigma: float = DEFAULT_SMOOTH_SIGMA,
-                      tile_stride: int | None = None) -> ExportResult:
+                      tile_stride: int | None = None, overwrite: bool = False) -> ExportResult:
     """Export ``checkpoint`` to ``out_dir``: one ONNX file per graph its family lists (encoder,
     decoder and, with ``fused``, the scorer), each verified, and the threshold calibrated.
 
@@ -83,7 +83,11 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_dir: str
     A model trained on crops (``--crop``) is exported tiled (aae_runtime.contract.tiling): tiles
     ``tile_stride`` apart (default half a tile), maps smoothed by ``map_sigma`` pixels, and the
     threshold set on the held-out photos (or windows of the held-out band), scored whole.
+
+    An ``out_dir`` that holds a model already is refused unless ``overwrite``; its parent folder
+    must exist (a mistyped path is not created).
     """
+    check_model_folder(Path(out_dir), overwrite)
     if score is not None and score not in SCORES:
         raise ExportError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
     if variant not in VARIANTS:
@@ -147,7 +151,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_dir: str
     metadata = build_metadata(cfg, trained.family, pre, prior, block, threshold, prov, specs.values(), tiling)
     metadata["variant"] = variant_info
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(exist_ok=True)
     files = {}
     for name, proto in protos.items():
         attach(proto, metadata)
@@ -155,6 +159,18 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_dir: str
     for name in set(GRAPH_FILES) - set(protos):
         (out_dir / GRAPH_FILES[name]).unlink(missing_ok=True)  # a stale one from an earlier export would not match
     return ExportResult(out_dir, files, metadata, diffs)
+
+
+def check_model_folder(out_dir: Path, overwrite: bool) -> None:
+    """``out_dir`` may receive a model: it holds none (or ``overwrite``), and its parent exists."""
+    held = [name for name in GRAPH_FILES.values() if (out_dir / name).exists()]
+    if held and not overwrite:
+        raise ExportError(f"{out_dir} already holds a model ({', '.join(held)}): choose another --out, or give "
+                          "--overwrite to replace it")
+    if not out_dir.exists() and not out_dir.parent.is_dir():
+        raise ExportError(f"folder {out_dir.parent} does not exist: create it first, or choose another --out")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"--out {out_dir} is a file, not a folder: choose a folder name")
 
 
 def _tiling(cfg, map_sigma: float, tile_stride: int | None) -> Tiling | None:

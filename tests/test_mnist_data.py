@@ -8,12 +8,22 @@ import shutil
 import threading
 from functools import partial
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from aae_train import mnist
 from aae_train.config import DataConfig
 from aae_train.data import load_mnist_dataset, split_indices
+
+REAL_SHARED_DATA_DIRS = mnist.shared_data_dirs
+
+
+@pytest.fixture(autouse=True)
+def no_shared_folder(tmp_path, monkeypatch):
+    """These tests pick where MNIST is looked for: the project's real shared folder stays out."""
+    monkeypatch.setattr(mnist, "shared_data_dirs", lambda: (tmp_path / "no-shared",))
 
 
 @pytest.fixture
@@ -61,13 +71,27 @@ def test_offline_fails_with_one_line_saying_where_to_put_the_files(tmp_path, mon
     assert "\n" not in message and str(tmp_path / "cache" / "aae" / "mnist") in message and "--data-dir" in message
 
 
-def test_data_dir_then_environment_then_cache(tmp_path, monkeypatch):
+def test_data_dir_then_environment_then_shared_folder_then_cache(tmp_path, monkeypatch):
+    shared, half = tmp_path / "shared", tmp_path / "half"
+    for folder, stems in ((shared, mnist.FILES.values()), (half, list(mnist.FILES.values())[:3])):
+        folder.mkdir()
+        for stem in stems:
+            (folder / (stem + ".gz")).write_bytes(b"")
+    monkeypatch.setattr(mnist, "shared_data_dirs", lambda: (half, shared))
     monkeypatch.setenv(mnist.ENV_DATA_DIR, str(tmp_path / "env"))
     assert mnist.resolve_data_dir(tmp_path / "flag") == (tmp_path / "flag", False)
     assert mnist.resolve_data_dir(None) == (tmp_path / "env", False)
     monkeypatch.delenv(mnist.ENV_DATA_DIR)
+    assert mnist.resolve_data_dir(None) == (shared, False)  # the first shared folder holding all four files
+    monkeypatch.setattr(mnist, "shared_data_dirs", lambda: (half,))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "c"))
     assert mnist.resolve_data_dir(None) == (tmp_path / "c" / "aae" / "mnist", True)
+
+
+def test_the_shared_folder_beside_the_repository_root_is_found_from_the_root():
+    """The README's `aae-train mnist ...` runs offline from the repository root: ../shared/data/mnist."""
+    assert Path("..") / "shared" / "data" / "mnist" in REAL_SHARED_DATA_DIRS()
+    assert all(d.parts[-3:] == ("shared", "data", "mnist") for d in REAL_SHARED_DATA_DIRS())
 
 
 def test_missing_files_in_a_given_dir_are_not_downloaded(tmp_path):

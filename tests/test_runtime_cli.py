@@ -84,10 +84,14 @@ def test_sample_writes_a_png_grid_and_a_raw_array(tiny_model_dir, tmp_path):
     assert x.shape == (5, 1, 28, 28) and x.dtype == np.float32
 
 
-def test_info_prints_metadata_and_providers(tiny_model_dir):
+def test_info_prints_a_short_description_and_providers_and_json_on_request(tiny_model_dir):
     r = run("info", "--model", tiny_model_dir, "--device", "cpu")
-    assert r.returncode == 0
-    assert '"schema_version"' in r.stdout and "providers running:   CPUExecutionProvider" in r.stdout
+    assert r.returncode == 0 and "providers running:   CPUExecutionProvider" in r.stdout
+    assert len(r.stdout.splitlines()) <= 15 and "threshold" in r.stdout and "prior gaussian" in r.stdout
+    usable = r.stdout.split("providers usable here:")[1].splitlines()[0]
+    assert "Tensorrt" not in usable  # a provider the build lists is not one that runs here
+    full = run("info", "--model", tiny_model_dir, "--device", "cpu", "--json")
+    assert full.returncode == 0 and json.loads(full.stdout.split("providers usable here:")[0])["schema_version"] >= 2
 
 
 def test_device_cuda_where_it_cannot_run_is_an_error_and_auto_falls_back(tiny_model_dir, folder):

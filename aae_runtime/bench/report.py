@@ -63,7 +63,7 @@ def machine_info() -> dict:
 def write_report(report: dict, out_dir: str | Path, name: str = "latency") -> dict[str, Path]:
     """Write ``name``.json, ``name``.md and ``name``.png into ``out_dir``; returns their paths."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(exist_ok=True)  # its parent must exist (checked by the command)
     paths = {"json": out_dir / f"{name}.json", "md": out_dir / f"{name}.md", "png": out_dir / f"{name}.png"}
     atomic_write_text(paths["json"], json.dumps(report, indent=1) + "\n")
     atomic_write_text(paths["md"], markdown(report))
