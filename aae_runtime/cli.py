@@ -30,7 +30,8 @@ from aae_runtime import __version__
 from aae_runtime.clierrors import EXIT_CANNOT_RUN, OneLineErrorsTyper
 from aae_runtime.contract.errors import AAEError
 from aae_runtime.images import display_path, save_grid
-from aae_runtime.model import DEFAULT_BATCH_SIZE, AAEModel, ImageScore
+from aae_runtime.contract.metadata import ENCODER_FILE, METADATA_KEY
+from aae_runtime.model import DEFAULT_BATCH_SIZE, AAEModel, ImageScore, file_scoring_threads
 from aae_runtime.report import FORMATS as RESULT_FORMATS, write_results
 from aae_runtime.session import DEVICES, SessionConfig
 
@@ -51,6 +52,9 @@ err = Console(stderr=True, soft_wrap=True)
 ModelOpt = Annotated[Path, typer.Option("--model", "-m", help="Folder written by aae-export (encoder.onnx, decoder.onnx).")]
 DeviceOpt = Annotated[Literal[DEVICES], typer.Option(help="Execution device. auto falls back to the CPU with a notice.")]
 ThreadsOpt = Annotated[int, typer.Option(min=0, max=1024, help="CPU threads per inference call (0: one per physical core; 1 leaves cores to other work).")]
+FileThreadsOpt = Annotated[Optional[int], typer.Option(
+    "--threads", min=0, max=1024, help="CPU threads per inference call (default: the cores the image decoders leave, "
+    "all of them for a model trained on crops; 0: one per physical core; 1 leaves cores to other work).")]
 LowLatencyOpt = Annotated[bool, typer.Option(
     "--low-latency", help="For a box that does nothing but score: CPU threads spin up to 1 ms between calls, "
     "halving the latency of images scored back to back (bursts), at the cost of a busy core after each call.")]
@@ -80,13 +84,28 @@ def _check_output(output: Path | None) -> None:
 
 
 def _load(model: Path, device: str, threshold: float | None = None, threshold_percentile: float | None = None,
-          threads: int = 0, low_latency: bool = False) -> AAEModel:
+          threads: int | None = 0, low_latency: bool = False) -> AAEModel:
+    """The model, on ``threads`` intra-op threads (None: those `file_scoring_threads` gives)."""
+    if threads is None:
+        threads = 0 if low_latency else file_scoring_threads(_is_tiled(model))
     cfg = SessionConfig.low_latency(device, threads) if low_latency else SessionConfig(device=device, threads=threads)
     m = AAEModel.load(model, session_config=cfg, threshold=threshold, threshold_percentile=threshold_percentile)
     if m.notice:
         err.print(f"[yellow]notice:[/yellow] {m.notice}")
     err.print(f"execution provider: {m.providers[0]}", highlight=False)
     return m
+
+
+def _is_tiled(model: Path) -> bool:
+    """Whether the model folder's metadata has a tiling block (read from the encoder's file, no
+    session; a folder that cannot be read is reported by the load that follows)."""
+    from aae_runtime.contract.onnxwire import read_graph_file
+
+    try:
+        text = read_graph_file(model / ENCODER_FILE).custom_metadata_map.get(METADATA_KEY, "")
+        return bool(json.loads(text).get("tiling"))
+    except (AAEError, ValueError, AttributeError):
+        return False
 
 
 @app.command(epilog=EXIT_CODES_HELP)
@@ -106,10 +125,10 @@ def score(
     batch_size: Annotated[int, typer.Option(min=1, max=4096, help="Images (tiled models: tiles) per inference call.")] = DEFAULT_BATCH_SIZE,
     show: Annotated[int, typer.Option(min=0, help="Rows shown on screen (0: all).")] = 50,
     device: DeviceOpt = "auto",
-    threads: ThreadsOpt = 0,
+    threads: FileThreadsOpt = None,
     low_latency: LowLatencyOpt = False,
 ) -> None:
-    """Score images; higher = more abnormal. Rows give the raw score and a normalised one
+    """Score images; higher = more abnormal. Rows give the raw score and normalized_score
     (0.5 at the threshold, clamped to [0, 1])."""
     if threshold is not None and threshold_percentile is not None:
         raise typer.BadParameter("give --threshold or --threshold-percentile, not both", param_hint="--threshold")
@@ -401,7 +420,7 @@ def classify(
     batch_size: Annotated[int, typer.Option(min=1, max=4096, help="Images per inference call.")] = DEFAULT_BATCH_SIZE,
     show: Annotated[int, typer.Option(min=0, help="Rows shown on screen (0: all).")] = 50,
     device: DeviceOpt = "auto",
-    threads: ThreadsOpt = 0,
+    threads: FileThreadsOpt = None,
 ) -> None:
     """Classify images with a model that has a class head (--family semi), and score them.
     Rows: path, label, confidence, p_<class> per class, score, anomaly, error."""

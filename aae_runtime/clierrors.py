@@ -45,18 +45,23 @@ class _OneLineUsageError(UsageError):
         print_error(" ".join(self.format_message().split()) + f" (see {self.command_path} --help)")
 
 
+# Click's type names (``param.type.name``) -> the metavar shown in --help
+_METAVARS = {"path": "PATH", "float": "FLOAT", "float range": "FLOAT", "integer": "INT", "integer range": "INT",
+             "text": "TEXT"}
+
+
 def _metavar(param: Any) -> str | None:
     """A readable metavar for one parameter, or None to keep Typer's (flags have none)."""
-    kind = getattr(param, "type_descriptor", None)  # Typer's own description of the annotation
+    kind = getattr(param, "type", None)  # Click's ParamType (Typer 0.26-0.28)
     if kind is None or getattr(param, "is_flag", False) or param.metavar is not None:
         return None
-    if kind.is_choice:
-        return "|".join(str(c) for c in kind.choices or ())
-    name = "PATH" if kind.is_path else {"float": "FLOAT", "int": "INT", "str": "TEXT"}.get(param.bare_type(), "VALUE")
+    choices = getattr(kind, "choices", None)
+    if choices:
+        return "|".join(str(c) for c in choices)
     if isinstance(param, typer.core.TyperArgument):
-        param.display_type_rich = lambda ctx: None  # its name says it; Typer would add "<list[Path]>"
-        return param.name.upper()
-    return name
+        param.display_type_rich = lambda ctx: None  # its name says it (Typer 0.29 would add "<list[Path]>")
+        return param.name.upper() + ("..." if param.nargs != 1 else "")
+    return _METAVARS.get(getattr(kind, "name", ""), "VALUE")
 
 
 class _Readable:
