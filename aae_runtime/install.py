@@ -44,6 +44,13 @@ def _installed_onnxruntimes() -> set[str]:
     return found
 
 
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: a module set to None in sys.modules (blocked)
+        return False
+
+
 @functools.cache  # once per process: the answer does not change while it runs
 def check_onnxruntime() -> None:
     """ONNX Runtime is installed exactly once (onnxruntime or onnxruntime-gpu, not both)."""
@@ -51,7 +58,7 @@ def check_onnxruntime() -> None:
         raise InstallError(
             "both onnxruntime and onnxruntime-gpu are installed, and they share one module: keep one, e.g. "
             "`pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu` (or onnxruntime for the CPU only)")
-    if importlib.util.find_spec("onnxruntime") is None:
+    if not _importable("onnxruntime"):
         raise InstallError(
             f"ONNX Runtime is not installed: pip install '{DISTRIBUTION}[cpu]' (or '{DISTRIBUTION}[gpu]' for an NVIDIA GPU)")
 
@@ -59,7 +66,7 @@ def check_onnxruntime() -> None:
 def check_training(command: str, export: bool = False) -> None:
     """The ``[train]`` extra is importable: torch for training; for export (``export=True``) also
     onnx, onnxscript and ONNX Runtime, which verifies the graphs."""
-    missing = [m for m in (TRAINING_MODULES if export else ("torch",)) if importlib.util.find_spec(m) is None]
+    missing = [m for m in (TRAINING_MODULES if export else ("torch",)) if not _importable(m)]
     if missing:
         raise InstallError(
             f"{command} needs {', '.join(missing)}, which this installation lacks (it is runtime-only): "

@@ -426,13 +426,7 @@ class RunElapsedColumn(ProgressColumn):
 def run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, threads: int | None = None,
         overwrite: bool = False) -> None:
     """Train with a live progress bar; one-line errors, never a traceback."""
-    from aae_runtime.install import check_training
-
-    try:
-        check_training("aae-train")
-    except AAEError as exc:
-        print_error(str(exc), err)
-        raise typer.Exit(2)
+    _require_training()
     from aae_train.data import DataWarning
     from aae_train.plots import PLOT_NAMES
     from aae_train.train import TrainingInterrupted, train  # the training loop, once arguments are valid
@@ -512,5 +506,18 @@ def demo_images(
 
 
 @app.callback()
-def _main() -> None:
+def _main(ctx: typer.Context) -> None:
     """Train Adversarial Autoencoders (Makhzani et al. 2015)."""
+    if ctx.invoked_subcommand in ("mnist", "folder"):  # demo-images needs no torch
+        _require_training()
+
+
+def _require_training() -> None:
+    """One line naming the extra to install, in a runtime-only install (before anything imports torch)."""
+    from aae_runtime.install import check_training
+
+    try:
+        check_training("aae-train")
+    except AAEError as exc:
+        print_error(str(exc), err)
+        raise typer.Exit(2)
