@@ -99,10 +99,11 @@ def _load(model: Path, device: str, threshold: float | None = None, threshold_pe
 def _is_tiled(model: Path) -> bool:
     """Whether the model folder's metadata has a tiling block (read from the encoder's file, no
     session; a folder that cannot be read is reported by the load that follows)."""
+    from aae_runtime.contract.modelfolder import current_version
     from aae_runtime.contract.onnxwire import read_graph_file
 
     try:
-        text = read_graph_file(model / ENCODER_FILE).custom_metadata_map.get(METADATA_KEY, "")
+        text = read_graph_file(current_version(model) / ENCODER_FILE).custom_metadata_map.get(METADATA_KEY, "")
         return bool(json.loads(text).get("tiling"))
     except (AAEError, ValueError, AttributeError):
         return False

@@ -32,6 +32,7 @@ from aae_runtime.contract.metadata import (
 )
 from aae_runtime.contract.priors import sample_prior
 from aae_runtime.contract.scores import ScoreParts, evaluate_score, intensity, per_image, pixel_error
+from aae_runtime.contract.modelfolder import current_version
 from aae_runtime.contract.onnxwire import read_graph_file
 from aae_runtime.session import SessionConfig, create_session
 
@@ -105,10 +106,12 @@ class AAEModel:
     def load(cls, model_dir: str | Path, device: str = "auto", threshold: float | None = None,
              session_config: SessionConfig | None = None, threshold_percentile: float | None = None,
              use_scorer: bool = True) -> "AAEModel":
-        """Load the model folder written by ``aae-export``. Raises ModelError or DeviceError."""
+        """Load the model folder written by ``aae-export`` (its current version: see
+        aae_runtime.contract.modelfolder). Raises ModelError or DeviceError."""
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise ModelError(f"model directory {model_dir} does not exist: pass the folder aae-export wrote (--model DIR)")
+        model_dir = current_version(model_dir)  # read once: a writer switching versions meanwhile is not mixed in
         paths = {name: model_dir / name for name in (ENCODER_FILE, DECODER_FILE)}
         for name, path in paths.items():
             if not path.is_file():

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from aae_runtime.calibration import DEFAULT_PERCENTILE, f1_threshold, percentile_threshold
 from aae_runtime.contract.errors import InputError, ModelError
-from aae_runtime.contract.fileio import atomic_write_bytes
 from aae_runtime.contract.metadata import DECODER_FILE, ENCODER_FILE, METADATA_KEY, SCORER_FILE, ModelMetadata
 from aae_runtime.contract.scores import PIXEL_DEFINITIONS, RECONSTRUCTION_SCORES, ScoreParts, evaluate_score, fit_score, \
     score_spec
@@ -96,10 +94,9 @@ def recalibrate_dir(model_dir: str | Path, normal: np.ndarray, anomalies: np.nda
                     score: str | None = None, percentile: float = DEFAULT_PERCENTILE, source: str = "") -> dict:
     """Refit the score and threshold of the model in ``model_dir`` and rewrite its graphs' metadata.
 
-    The export_id is kept (the graphs still belong together). Every new file is written beside
-    its target and checked before any is renamed into place; the loader refuses a folder whose
-    graphs disagree, so a crash between renames is caught, never silently half-applied.
-    Returns the new metadata.
+    The export_id is kept (the graphs still belong together). The rewritten graphs become a new
+    version of the folder, switched to in one atomic rename: a crash at any point leaves the old
+    model or the new one, and concurrent calibrations are serialised. Returns the new metadata.
     """
     from aae_runtime.model import AAEModel  # here, not at import: model.py imports this package's modules
 
@@ -137,23 +134,21 @@ def load_folder(model, paths: list[str | Path]) -> tuple[np.ndarray | list[np.nd
 
 
 def rewrite_metadata(model_dir: Path, metadata: dict) -> list[Path]:
-    """Replace the metadata entry of every graph in ``model_dir``: all staged, then all renamed."""
-    names = [n for n in (ENCODER_FILE, DECODER_FILE, SCORER_FILE) if (model_dir / n).is_file()]
+    """A new version of the model in ``model_dir`` whose graphs carry ``metadata``: each graph
+    of the current version rewritten, read back through ONNX Runtime, and the set switched to
+    atomically (aae_runtime.contract.modelfolder). Returns the new files."""
+    from aae_runtime.contract.modelfolder import current_version, write_version
+
+    model_dir = Path(model_dir)
     text = json.dumps(metadata, sort_keys=True)
-    staged = []
-    try:
-        for name in names:
-            data = set_metadata_prop((model_dir / name).read_bytes(), METADATA_KEY, text)
+    with write_version(model_dir, str(metadata.get("export_id", ""))) as staging:
+        source = current_version(model_dir)  # read under the lock: no other writer is switching it
+        for name in (n for n in (ENCODER_FILE, DECODER_FILE, SCORER_FILE) if (source / n).is_file()):
+            data = set_metadata_prop((source / name).read_bytes(), METADATA_KEY, text)
             _check_loadable(data, name, text)
-            tmp = model_dir / f".{name}.recalibrate.tmp"
-            atomic_write_bytes(tmp, data)
-            staged.append((tmp, model_dir / name))
-        for tmp, target in staged:
-            os.replace(tmp, target)
-    finally:
-        for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)
-    return [t for _, t in staged]
+            (staging / name).write_bytes(data)
+    version = current_version(model_dir)
+    return sorted(version.iterdir())
 
 
 def _check_loadable(data: bytes, name: str, text: str) -> None:

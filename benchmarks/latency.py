@@ -42,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from aae_runtime import AAEModel, bench  # noqa: E402
+from aae_runtime.contract.modelfolder import current_version  # noqa: E402
 from aae_runtime.contract.preprocessing import pixels_to_input  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -70,8 +71,9 @@ def main() -> None:
     for v, d in dirs.items():
         setups += bench.ort_cpu_setups(d, label="" if v == "fp32" else f"-{v}", low_latency=v != "fp16")
     setups += torch_setups(enc_t, dec_t, fp32, cores)
-    shapes = {"score": gemm_shapes(dirs["fp32"] / "encoder.onnx") + gemm_shapes(dirs["fp32"] / "decoder.onnx"),
-              "sample": gemm_shapes(dirs["fp32"] / "decoder.onnx")}
+    fp32 = current_version(dirs["fp32"])
+    shapes = {"score": gemm_shapes(fp32 / "encoder.onnx") + gemm_shapes(fp32 / "decoder.onnx"),
+              "sample": gemm_shapes(fp32 / "decoder.onnx")}
     setups += floor_setups(shapes, fp32)
     notes = []
     for v in ("fp32", "fp16"):

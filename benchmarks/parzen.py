@@ -35,6 +35,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from aae_runtime.contract.modelfolder import holds_model  # noqa: E402
 from aae_runtime.images import save_grid  # noqa: E402
 from aae_runtime.contract.priors import sample_prior  # noqa: E402
 from aae_train.config import RunConfig, TrainConfig  # noqa: E402
@@ -90,7 +91,7 @@ def choose_sigma(val: np.ndarray, samples: np.ndarray, grid: np.ndarray = SIGMA_
 
 def load_generator(source: Path, sample_std: float | None = None):
     """(sample(n, seed) -> (n, 1, 28, 28) in [0, 1], training config dict, description) for a checkpoint or model dir."""
-    if source.is_dir() and (source / "encoder.onnx").exists():
+    if source.is_dir() and holds_model(source):
         from aae_runtime.model import AAEModel
 
         model = AAEModel.load(source, device="cpu")

@@ -31,6 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from aae_runtime.contract.modelfolder import holds_model  # noqa: E402
+
 RESULTS = REPO / "benchmarks" / "results"
 FIGURE = REPO / "docs" / "images" / "supervised-grid.png"
 # The recipe (besides --family, --epochs, --seed). A 2-D style code leaves the class nowhere to hide
@@ -58,7 +60,7 @@ def train_and_export(args) -> Path:
         print("$", shlex.join(cmd), flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
     model = run / "model"
-    if not (model / "decoder.onnx").exists() or (model / "decoder.onnx").stat().st_mtime < (run / "checkpoint.pt").stat().st_mtime:
+    if not holds_model(model) or (model / "MODEL.json").stat().st_mtime < (run / "checkpoint.pt").stat().st_mtime:
         subprocess.run(["aae-export", "--checkpoint", str(run / "checkpoint.pt"), "--out", str(model), "--overwrite"], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     return model

@@ -38,6 +38,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from aae_runtime.contract.modelfolder import holds_model  # noqa: E402
 from benchmarks.texture_defects import KINDS, TEXTURES, load_texture, make_test_set, read_test_set, split_regions, \
     write_test_set  # noqa: E402
 
@@ -91,7 +92,7 @@ def train_and_export(args, texture: str, recipe: str, data: Path) -> tuple[Path,
         start = time.perf_counter()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env, cwd=REPO)
         timing.write_text(f"{time.perf_counter() - start:.1f}\n")
-    if not (model / "encoder.onnx").exists():
+    if not holds_model(model):
         cmd = ["aae-export", "--checkpoint", str(run / "best.pt"), "--out", str(model), *export_opts]
         print("$", shlex.join(cmd), flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=REPO)

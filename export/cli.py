@@ -59,4 +59,4 @@ def export(
         print_error(str(exc), err)  # literal text: paths may hold "[/]"
         raise typer.Exit(2)
     written = [result.encoder, result.decoder] + ([result.scorer] if result.scorer else [])
-    err.print(f"wrote {', '.join(map(str, written))}", highlight=False)
+    err.print(f"wrote {result.out_dir}: {', '.join(p.name for p in written)} (version {written[0].parent.name})", highlight=False)

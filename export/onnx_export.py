@@ -21,7 +21,7 @@ import torch
 
 from aae_runtime.calibration import DEFAULT_PERCENTILE
 from aae_runtime.contract.errors import AAEError
-from aae_runtime.contract.fileio import atomic_write_bytes
+from aae_runtime.contract.modelfolder import current_version, holds_model, write_version
 from aae_runtime.contract.preprocessing import Preprocessing
 from aae_runtime.contract.metadata import BEST_LABEL_OUTPUT, GRAPH_FILES, ModelMetadata
 from aae_runtime.contract.tiling import DEFAULT_SMOOTH_SIGMA, MAX_SIGMA, Tiling
@@ -151,22 +151,19 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_dir: str
     metadata = build_metadata(cfg, trained.family, pre, prior, block, threshold, prov, specs.values(), tiling)
     metadata["variant"] = variant_info
     out_dir = Path(out_dir)
-    out_dir.mkdir(exist_ok=True)
-    files = {}
-    for name, proto in protos.items():
-        attach(proto, metadata)
-        files[name] = atomic_write_bytes(out_dir / GRAPH_FILES[name], proto.SerializeToString())  # < 2 GB: weights inline
-    for name in set(GRAPH_FILES) - set(protos):
-        (out_dir / GRAPH_FILES[name]).unlink(missing_ok=True)  # a stale one from an earlier export would not match
-    return ExportResult(out_dir, files, metadata, diffs)
+    with write_version(out_dir, metadata["export_id"]) as staging:  # the whole set at once (contract/modelfolder.py)
+        for name, proto in protos.items():
+            attach(proto, metadata)
+            (staging / GRAPH_FILES[name]).write_bytes(proto.SerializeToString())  # < 2 GB: weights inline
+    version = current_version(out_dir)
+    return ExportResult(out_dir, {name: version / GRAPH_FILES[name] for name in protos}, metadata, diffs)
 
 
 def check_model_folder(out_dir: Path, overwrite: bool) -> None:
     """``out_dir`` may receive a model: it holds none (or ``overwrite``), and its parent exists."""
-    held = [name for name in GRAPH_FILES.values() if (out_dir / name).exists()]
-    if held and not overwrite:
-        raise ExportError(f"{out_dir} already holds a model ({', '.join(held)}): choose another --out, or give "
-                          "--overwrite to replace it")
+    if holds_model(out_dir) and not overwrite:
+        raise ExportError(f"{out_dir} already holds a model: choose another --out, or give --overwrite to replace it "
+                          "(readers keep the model they loaded; the switch is atomic)")
     if not out_dir.exists() and not out_dir.parent.is_dir():
         raise ExportError(f"folder {out_dir.parent} does not exist: create it first, or choose another --out")
     if out_dir.exists() and not out_dir.is_dir():

@@ -14,6 +14,7 @@ import onnxruntime as ort
 import pytest
 from typer.testing import CliRunner
 
+from aae_runtime.contract.modelfolder import current_version
 from aae_runtime import AAEModel, ModelError
 from aae_runtime.cli import app
 from aae_runtime.contract.metadata import METADATA_KEY
@@ -54,7 +55,7 @@ def folders(tmp_path_factory, images):
 def test_fused_graph_is_used_and_matches_the_two_graph_path(tiny_model_dir, images):
     fused, two = AAEModel.load(tiny_model_dir, device="cpu"), AAEModel.load(tiny_model_dir, device="cpu", use_scorer=False)
     assert fused.scorer is not None and two.scorer is None
-    assert _meta(tiny_model_dir / "scorer.onnx") == _meta(tiny_model_dir / "encoder.onnx")
+    assert _meta(current_version(tiny_model_dir) / "scorer.onnx") == _meta(current_version(tiny_model_dir) / "encoder.onnx")
     x = images[0][:65, None].astype(np.float32) / 255
     a, b = fused.score_parts(x), two.score_parts(x)
     np.testing.assert_allclose(a.latent, b.latent, atol=1e-5)
@@ -66,7 +67,7 @@ def test_fused_graph_is_used_and_matches_the_two_graph_path(tiny_model_dir, imag
 def test_calibrate_rewrites_every_graph_keeps_the_pairing_and_needs_no_torch(tiny_model_dir, folders, tmp_path):
     model = tmp_path / "m"
     shutil.copytree(tiny_model_dir, model)
-    before = _meta(model / "encoder.onnx")
+    before = _meta(current_version(model) / "encoder.onnx")
     code = textwrap.dedent(f"""
         import sys
         from typer.testing import CliRunner
@@ -80,7 +81,7 @@ def test_calibrate_rewrites_every_graph_keeps_the_pairing_and_needs_no_torch(tin
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "F1-optimal" in r.stdout
-    metas = [_meta(model / n) for n in ("encoder.onnx", "decoder.onnx", "scorer.onnx")]
+    metas = [_meta(current_version(model) / n) for n in ("encoder.onnx", "decoder.onnx", "scorer.onnx")]
     assert metas[0] == metas[1] == metas[2]
     t = metas[0]["threshold"]
     assert metas[0]["export_id"] == before["export_id"] and metas[0]["score"]["name"] == before["score"]["name"]
@@ -91,17 +92,18 @@ def test_calibrate_rewrites_every_graph_keeps_the_pairing_and_needs_no_torch(tin
 
     r = runner.invoke(app, ["calibrate", str(folders / "normal"), "--model", str(model), "--percentile", "90"])
     assert r.exit_code == 0, r.output
-    t = _meta(model / "decoder.onnx")["threshold"]
+    t = _meta(current_version(model) / "decoder.onnx")["threshold"]
     assert t["method"] == "percentile" and t["percentile"] == 90 and t["stats"]["count"] == 30
 
 
 def test_an_interrupted_recalibration_is_refused(tiny_model_dir, tmp_path):
     model = tmp_path / "m"
     shutil.copytree(tiny_model_dir, model)
-    meta = _meta(model / "encoder.onnx")
+    graphs = current_version(model)
+    meta = _meta(graphs / "encoder.onnx")
     meta["threshold"]["value"] = 123.0
-    data = set_metadata_prop((model / "encoder.onnx").read_bytes(), METADATA_KEY, json.dumps(meta))
-    (model / "encoder.onnx").write_bytes(data)  # as if the rename of the other graphs never happened
+    data = set_metadata_prop((graphs / "encoder.onnx").read_bytes(), METADATA_KEY, json.dumps(meta))
+    (graphs / "encoder.onnx").write_bytes(data)  # a version folder edited by hand: its graphs disagree
     with pytest.raises(ModelError, match="calibrate again"):
         AAEModel.load(model, device="cpu")
 

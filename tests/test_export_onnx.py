@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from aae_runtime.contract.modelfolder import current_version
 from aae_runtime.contract.metadata import METADATA_KEY, SCHEMA_WITHOUT_REQUIREMENTS as SCHEMA_VERSION
 
 
@@ -17,17 +18,19 @@ def _meta(path):
 
 
 def test_files_are_self_contained_and_have_a_dynamic_named_batch_axis(tiny_model_dir):
-    assert sorted(p.name for p in tiny_model_dir.iterdir()) == ["decoder.onnx", "encoder.onnx", "scorer.onnx"]  # no .data
+    assert sorted(p.name for p in tiny_model_dir.iterdir()) == [".lock", "MODEL.json", "versions"]  # the folder's layout
+    graphs = current_version(tiny_model_dir)
+    assert sorted(p.name for p in graphs.iterdir()) == ["decoder.onnx", "encoder.onnx", "scorer.onnx"]  # no .data
     for name, inp, out in (("encoder", "image", "latent"), ("decoder", "latent", "reconstruction")):
-        proto = onnx.load(str(tiny_model_dir / f"{name}.onnx"))
+        proto = onnx.load(str(graphs / f"{name}.onnx"))
         assert all(t.data_location == onnx.TensorProto.DEFAULT for t in proto.graph.initializer)
         assert [i.name for i in proto.graph.input] == [inp] and [o.name for o in proto.graph.output] == [out]
         assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
 
 
 def test_metadata_is_complete_and_identical_in_both_graphs(tiny_model_dir, tiny_run):
-    _, enc = _meta(tiny_model_dir / "encoder.onnx")
-    _, dec = _meta(tiny_model_dir / "decoder.onnx")
+    _, enc = _meta(current_version(tiny_model_dir) / "encoder.onnx")
+    _, dec = _meta(current_version(tiny_model_dir) / "decoder.onnx")
     assert enc == dec
     assert enc["schema_version"] == SCHEMA_VERSION
     assert enc["input"]["shape"] == ["batch", 1, 28, 28] and enc["input"]["value_range"] == [0.0, 1.0]
@@ -42,7 +45,7 @@ def test_metadata_is_complete_and_identical_in_both_graphs(tiny_model_dir, tiny_
 
 
 def test_threshold_is_a_percentile_of_held_out_validation_scores(tiny_model_dir):
-    _, meta = _meta(tiny_model_dir / "encoder.onnx")
+    _, meta = _meta(current_version(tiny_model_dir) / "encoder.onnx")
     t = meta["threshold"]
     assert t["method"] == "percentile" and t["percentile"] == 99.0
     assert t["stats"]["count"] == 160  # 20 % of the 800 training images, never the test split
@@ -51,7 +54,7 @@ def test_threshold_is_a_percentile_of_held_out_validation_scores(tiny_model_dir)
 
 
 def test_every_batch_size_runs(tiny_model_dir):
-    enc, _ = _meta(tiny_model_dir / "encoder.onnx")
+    enc, _ = _meta(current_version(tiny_model_dir) / "encoder.onnx")
     for n in (1, 3, 100):
         z = enc.run(None, {"image": np.zeros((n, 1, 28, 28), np.float32)})[0]
         assert z.shape == (n, 4)

@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 from aae_runtime import AAEModel, ModelError
 from aae_runtime.cli import app as run_app
+from aae_runtime.contract.modelfolder import current_version
 from aae_runtime.contract.metadata import DECODER_FILE, ENCODER_FILE, METADATA_KEY, SCHEMA_VERSION, SCORER_FILE
 from tests.conftest import write_png
 
@@ -55,7 +56,12 @@ def edit_meta(path: Path, change) -> None:
 
 
 def all_graphs(model: Path):
-    return [model / n for n in (ENCODER_FILE, DECODER_FILE, SCORER_FILE) if (model / n).exists()]
+    return [current_version(model) / n for n in (ENCODER_FILE, DECODER_FILE, SCORER_FILE) if (current_version(model) / n).exists()]
+
+
+def g(model: Path) -> Path:
+    """The folder of the model's current graph files."""
+    return current_version(model)
 
 
 def foreign_decoder(path: Path, latent: int, meta: dict) -> None:
@@ -76,9 +82,9 @@ def foreign_decoder(path: Path, latent: int, meta: dict) -> None:
 
 def _lying_decoder(model: Path) -> None:
     """A decoder graph of latent size 6 carrying the encoder's own metadata (latent 4, same export)."""
-    meta = read_meta(model / ENCODER_FILE)
-    foreign_decoder(model / DECODER_FILE, 6, meta)
-    set_meta(model / DECODER_FILE, json.dumps(meta))
+    meta = read_meta(g(model) / ENCODER_FILE)
+    foreign_decoder(g(model) / DECODER_FILE, 6, meta)
+    set_meta(g(model) / DECODER_FILE, json.dumps(meta))
 
 
 def _truncate(p: Path) -> None:
@@ -89,27 +95,27 @@ CASES = {
     # name: (how to break the copied model folder, words the one-line error must contain)
     "folder missing": (lambda m: shutil.rmtree(m), "does not exist"),
     "folder is a file": (lambda m: (shutil.rmtree(m), m.write_text("x")), "does not exist"),
-    "encoder missing": (lambda m: (m / ENCODER_FILE).unlink(), "has no encoder.onnx"),
-    "decoder missing": (lambda m: (m / DECODER_FILE).unlink(), "has no decoder.onnx"),
-    "encoder empty": (lambda m: (m / ENCODER_FILE).write_bytes(b""), "is empty"),
-    "decoder truncated": (lambda m: _truncate(m / DECODER_FILE), "cannot load decoder.onnx"),
-    "encoder not onnx": (lambda m: (m / ENCODER_FILE).write_text("<html>not a model</html>"), "cannot load encoder.onnx"),
-    "encoder random bytes": (lambda m: (m / ENCODER_FILE).write_bytes(np.random.default_rng(1).bytes(5000)), "cannot load encoder.onnx"),
-    "encoder is a folder": (lambda m: ((m / ENCODER_FILE).unlink(), (m / ENCODER_FILE).mkdir()), "has no encoder.onnx"),
-    "scorer truncated": (lambda m: _truncate(m / SCORER_FILE) if (m / SCORER_FILE).exists() else _truncate(m / DECODER_FILE),
+    "encoder missing": (lambda m: (g(m) / ENCODER_FILE).unlink(), "has no encoder.onnx"),
+    "decoder missing": (lambda m: (g(m) / DECODER_FILE).unlink(), "has no decoder.onnx"),
+    "encoder empty": (lambda m: (g(m) / ENCODER_FILE).write_bytes(b""), "is empty"),
+    "decoder truncated": (lambda m: _truncate(g(m) / DECODER_FILE), "cannot load decoder.onnx"),
+    "encoder not onnx": (lambda m: (g(m) / ENCODER_FILE).write_text("<html>not a model</html>"), "cannot load encoder.onnx"),
+    "encoder random bytes": (lambda m: (g(m) / ENCODER_FILE).write_bytes(np.random.default_rng(1).bytes(5000)), "cannot load encoder.onnx"),
+    "encoder is a folder": (lambda m: ((g(m) / ENCODER_FILE).unlink(), (g(m) / ENCODER_FILE).mkdir()), "has no encoder.onnx"),
+    "scorer truncated": (lambda m: _truncate(g(m) / SCORER_FILE) if (g(m) / SCORER_FILE).exists() else _truncate(g(m) / DECODER_FILE),
                          "cannot load"),
-    "metadata missing": (lambda m: set_meta(m / ENCODER_FILE, None), "no 'aae' metadata"),
-    "metadata malformed": (lambda m: set_meta(m / ENCODER_FILE, '{"schema_version": 1, '), "malformed metadata"),
-    "metadata not an object": (lambda m: set_meta(m / DECODER_FILE, "[1, 2, 3]"), "not a JSON object"),
+    "metadata missing": (lambda m: set_meta(g(m) / ENCODER_FILE, None), "no 'aae' metadata"),
+    "metadata malformed": (lambda m: set_meta(g(m) / ENCODER_FILE, '{"schema_version": 1, '), "malformed metadata"),
+    "metadata not an object": (lambda m: set_meta(g(m) / DECODER_FILE, "[1, 2, 3]"), "not a JSON object"),
     "metadata newer schema": (lambda m: [edit_meta(p, lambda d: d.update(schema_version=SCHEMA_VERSION + 1)) for p in all_graphs(m)],
                               "upgrade aae"),
-    "metadata no schema": (lambda m: edit_meta(m / ENCODER_FILE, lambda d: d.pop("schema_version")), "schema_version"),
-    "metadata latent wrong type": (lambda m: edit_meta(m / ENCODER_FILE, lambda d: d.update(latent_dim="4")), "latent_dim"),
-    "metadata bad size": (lambda m: edit_meta(m / ENCODER_FILE, lambda d: d["preprocessing"].update(size=[0, 28])), "preprocessing"),
-    "metadata bad colour": (lambda m: edit_meta(m / ENCODER_FILE, lambda d: d["preprocessing"].update(color_mode="CMYK")), "preprocessing"),
-    "metadata no threshold": (lambda m: edit_meta(m / ENCODER_FILE, lambda d: d.update(threshold={"value": "high"})), "threshold"),
-    "another export": (lambda m: edit_meta(m / DECODER_FILE, lambda d: d.update(export_id="another-export")), "different exports"),
-    "another latent size": (lambda m: foreign_decoder(m / DECODER_FILE, 6, read_meta(m / DECODER_FILE)), "different exports"),
+    "metadata no schema": (lambda m: edit_meta(g(m) / ENCODER_FILE, lambda d: d.pop("schema_version")), "schema_version"),
+    "metadata latent wrong type": (lambda m: edit_meta(g(m) / ENCODER_FILE, lambda d: d.update(latent_dim="4")), "latent_dim"),
+    "metadata bad size": (lambda m: edit_meta(g(m) / ENCODER_FILE, lambda d: d["preprocessing"].update(size=[0, 28])), "preprocessing"),
+    "metadata bad colour": (lambda m: edit_meta(g(m) / ENCODER_FILE, lambda d: d["preprocessing"].update(color_mode="CMYK")), "preprocessing"),
+    "metadata no threshold": (lambda m: edit_meta(g(m) / ENCODER_FILE, lambda d: d.update(threshold={"value": "high"})), "threshold"),
+    "another export": (lambda m: edit_meta(g(m) / DECODER_FILE, lambda d: d.update(export_id="another-export")), "different exports"),
+    "another latent size": (lambda m: foreign_decoder(g(m) / DECODER_FILE, 6, read_meta(g(m) / DECODER_FILE)), "different exports"),
     "latent size lies": (lambda m: _lying_decoder(m), "latent size 6"),
 }
 
@@ -179,6 +185,6 @@ def test_the_intact_copy_loads(tiny_model_dir, tmp_path, image):
     """The copies above fail only because of what each case broke."""
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
-    edit_meta(model / ENCODER_FILE, lambda d: None)  # rewritten through onnx, content unchanged
+    edit_meta(g(model) / ENCODER_FILE, lambda d: None)  # rewritten through onnx, content unchanged
     r = run_cli("score", image, "--model", model, "--device", "cpu")
     assert r.returncode == 0, r.stderr

@@ -9,6 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from aae_runtime.contract.modelfolder import current_version
 from aae_runtime.contract.errors import ModelError
 from aae_runtime.contract.onnxwire import read_graph_file
 from aae_runtime.model import AAEModel
@@ -16,7 +17,7 @@ from aae_runtime.model import AAEModel
 
 @pytest.mark.parametrize("name", ["encoder.onnx", "decoder.onnx", "scorer.onnx"])
 def test_metadata_inputs_and_outputs_are_what_onnx_runtime_reads(tiny_model_dir, name):
-    path = tiny_model_dir / name
+    path = current_version(tiny_model_dir) / name
     wire = read_graph_file(path)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert wire.custom_metadata_map == session.get_modelmeta().custom_metadata_map
@@ -27,7 +28,7 @@ def test_metadata_inputs_and_outputs_are_what_onnx_runtime_reads(tiny_model_dir,
 
 @pytest.mark.parametrize("damage", ["empty", "random", "truncated", "text"])
 def test_damaged_files_are_a_model_error_naming_the_file(tiny_model_dir, tmp_path, damage):
-    good = (tiny_model_dir / "encoder.onnx").read_bytes()
+    good = (current_version(tiny_model_dir) / "encoder.onnx").read_bytes()
     data = {"empty": b"", "random": np.random.default_rng(0).bytes(5000), "truncated": good[: len(good) // 2],
             "text": b"not an onnx model\n" * 50}[damage]
     path = tmp_path / "encoder.onnx"
@@ -50,9 +51,10 @@ def test_a_graph_replaced_after_load_is_refused_when_first_used(tiny_model_dir, 
     folder = tmp_path / "model"
     shutil.copytree(tiny_model_dir, folder)
     m = AAEModel.load(folder, device="cpu")
+    graphs = current_version(folder)
     other = tmp_path / "other.onnx"
     # the scorer's bytes in the decoder's place: a different graph, another input
-    shutil.copy(folder / "scorer.onnx", other)
-    os.replace(other, folder / "decoder.onnx")
+    shutil.copy(graphs / "scorer.onnx", other)
+    os.replace(other, graphs / "decoder.onnx")
     with pytest.raises(ModelError, match="changed since the model was loaded"):
         m.sample(2, seed=0)

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
+from aae_runtime.contract.modelfolder import current_version
 from aae_runtime import AAEModel
 from export.onnx_export import export_checkpoint
 
@@ -41,7 +42,7 @@ def test_variant_loads_transparently_and_records_itself(variant_dir, digits):
     m = AAEModel.load(out, device="cpu")
     assert m.metadata.raw["variant"]["precision"] == name == metadata["variant"]["precision"]
     for f in ("encoder.onnx", "decoder.onnx"):
-        g = onnx.load(out / f)
+        g = onnx.load(current_version(out) / f)
         assert all(t.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for t in [*g.graph.input, *g.graph.output])
         ops = {n.op_type for n in g.graph.node}
         assert ("QuantizeLinear" in ops) if name == "int8" else any(

@@ -94,6 +94,7 @@ def _set(argv: list[str], option: str, value: str) -> None:
 
 def masked(line: str) -> str:
     """A line with what varies from run to run masked: figures, flags, widths of table rules."""
+    line = re.sub(r"\b[0-9a-f]{12,32}\b", "ID", line)  # export ids
     line = re.sub(r"-?\d+(\.\d+)?(e[-+]?\d+)?", "N", line)
     line = re.sub(r"\b(yes|no)\b", "FLAG", line)
     line = re.sub(r"([━─┳┻╇┃│┏┓┗┛┡┩└┘┬┴┼])\1+", r"\1", line)

@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
+from aae_runtime.contract.modelfolder import current_version
 from aae_runtime import AAEModel, InputError, ModelError
 from aae_runtime.images import load_image
 from tests.conftest import write_png
@@ -99,7 +100,7 @@ def test_encoder_and_decoder_of_different_exports_are_refused(tiny_run, tiny_mod
     export_checkpoint(tiny_run.checkpoint, other, log=lambda s: None)
     mixed = tmp_path / "mixed"
     mixed.mkdir()
-    shutil.copy(tiny_model_dir / "encoder.onnx", mixed)
-    shutil.copy(other / "decoder.onnx", mixed)
+    shutil.copy(current_version(tiny_model_dir) / "encoder.onnx", mixed)
+    shutil.copy(current_version(other) / "decoder.onnx", mixed)
     with pytest.raises(ModelError, match="different exports"):
         AAEModel.load(mixed, device="cpu")

@@ -11,6 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from aae_runtime.contract.modelfolder import current_version
 from aae_runtime.calibration import f1_threshold, normalise, percentile_threshold, threshold_at_percentile
 from aae_runtime.contract.errors import InputError, ModelError
 from aae_runtime.contract.priors import make_prior_spec, sample_prior
@@ -95,7 +96,7 @@ def test_normalised_score_is_half_at_the_threshold_zero_at_the_median_and_clampe
 
 
 def test_metadata_rewrite_changes_only_the_metadata(tiny_model_dir):
-    data = (tiny_model_dir / "encoder.onnx").read_bytes()
+    data = (current_version(tiny_model_dir) / "encoder.onnx").read_bytes()
     new = set_metadata_prop(data, "aae", '{"x": 1}')
     new = set_metadata_prop(new, "other", "kept")
     session = ort.InferenceSession(new, providers=["CPUExecutionProvider"])

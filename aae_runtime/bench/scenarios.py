@@ -23,6 +23,7 @@ from aae_runtime.bench.report import header
 from aae_runtime.bench.setups import cuda_setups, ort_cpu_setups, sweep_setups
 from aae_runtime.bench.timing import BATCH_SIZES, OPS, Setup, Timing, _timed, make_cases, measure, summarize
 from aae_runtime.contract.errors import InputError
+from aae_runtime.contract.modelfolder import current_version
 from aae_runtime.model import AAEModel, file_scoring_threads
 from aae_runtime.session import SessionConfig
 
@@ -104,7 +105,7 @@ def cold_start(model_dir: str | Path, runs: int = 7) -> dict:
 
         m = AAEModel.load(model_dir, device="cpu")
         png = save_image(np.clip(m.sample(1, seed=0)[0], 0, 1), Path(tmp) / "one.png")
-        graph = model_dir / ("scorer.onnx" if m.scorer is not None else "encoder.onnx")
+        graph = current_version(model_dir) / ("scorer.onnx" if m.scorer is not None else "encoder.onnx")
         cmd = [*aae_run_command(), "score", str(png), "--model", str(model_dir), "--device", "cpu"]
         # as installed: bytecode caches written once, then read (a set PYTHONDONTWRITEBYTECODE would
         # make every run compile every module again)

@@ -1,0 +1,199 @@
+"""The model folder: its one layout, how every writer updates it and how every reader opens it.
+
+::
+
+    model/
+      MODEL.json           the pointer, replaced atomically: {"layout": "aae-model-folder",
+                           "layout_version": 1, "current": "versions/0003-1b06ce759486"}
+      versions/
+        0002-1b06ce759486/ the previous model, kept for readers that opened it before the switch
+        0003-1b06ce759486/ the current one: encoder.onnx, decoder.onnx and scorer.onnx, complete
+      .lock                writers hold it (an exclusive ``flock``); readers never touch it
+      .staging-XXXX/       a version being written; one left by a writer that died is removed
+                           by the next writer
+
+**Readers** (`current_version`) read ``MODEL.json`` once and open the graphs of the version it
+names; they never write (a device may mount the folder read-only). **Writers** (`write_version`:
+aae-export, aae-run calibrate, the server's reload) take the lock, write the new version's files
+into a staging folder, flush them to disk, rename the folder into ``versions/`` and then replace
+``MODEL.json`` in one atomic rename; only then are versions older than the previous one removed
+(`KEEP_VERSIONS`). So a reader sees the old model or the new, never a mix; two writers are
+serialised by the lock; a writer killed at any instant leaves ``MODEL.json`` naming a complete
+version, and its staging folder is discarded by the next writer.
+
+A folder without ``MODEL.json`` holds its graphs at the top level (exported before this layout):
+it loads as before, and its first update writes the versioned layout and removes the top-level
+graphs after the pointer names the new version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+from aae_runtime.contract.errors import ModelError
+from aae_runtime.contract.fileio import atomic_write
+
+POINTER = "MODEL.json"
+VERSIONS = "versions"
+LOCK = ".lock"
+STAGING_PREFIX = ".staging-"
+LAYOUT, LAYOUT_VERSION = "aae-model-folder", 1
+KEEP_VERSIONS = 2  # the current version and the one before it (readers may still hold it open)
+MAX_POINTER_BYTES = 4096
+LOCK_TIMEOUT_S = 120.0  # a writer waits this long for another one to finish, then fails cleanly
+GRAPH_NAMES = ("encoder.onnx", "decoder.onnx", "scorer.onnx")  # the files a version may hold
+_VERSION_NAME = re.compile(r"^(\d{4,})-[0-9A-Za-z]{1,32}$")
+
+
+def current_version(model_dir: str | Path) -> Path:
+    """The folder holding the current graph files of ``model_dir``: the version ``MODEL.json``
+    names, or ``model_dir`` itself for a folder of the layout before versions. Raises
+    ModelError when the pointer is damaged or names a version that is not there."""
+    model_dir = Path(model_dir)
+    pointer = model_dir / POINTER
+    try:
+        with open(pointer, "rb") as f:
+            raw = f.read(MAX_POINTER_BYTES + 1)
+    except FileNotFoundError:
+        return model_dir
+    except OSError as exc:
+        raise ModelError(f"cannot read {pointer} ({exc.strerror or exc}): check the folder's permissions") from None
+    try:
+        if len(raw) > MAX_POINTER_BYTES:
+            raise ValueError("too large")
+        doc = json.loads(raw.decode("utf-8"))
+        name = doc["current"]
+        if doc.get("layout") != LAYOUT or not isinstance(name, str):
+            raise ValueError("not a model folder pointer")
+        folder, version = name.split("/") if name.count("/") == 1 else ("", "")
+        if folder != VERSIONS or not _VERSION_NAME.match(version):
+            raise ValueError(f"names {name!r}, not a version folder")
+        if int(doc.get("layout_version", 0)) > LAYOUT_VERSION:
+            raise ModelError(f"{pointer} is of layout version {doc['layout_version']}, newer than this runtime's "
+                             f"{LAYOUT_VERSION}: upgrade aae-toolkit")
+    except ModelError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ModelError(f"{pointer} is damaged ({exc}): export the model again") from None
+    target = model_dir / VERSIONS / version
+    if not target.is_dir():
+        raise ModelError(f"{pointer} names {name}, which is missing: export the model again")
+    return target
+
+
+def holds_model(model_dir: str | Path) -> bool:
+    """Whether ``model_dir`` holds a model (either layout)."""
+    model_dir = Path(model_dir)
+    return (model_dir / POINTER).exists() or any((model_dir / n).exists() for n in GRAPH_NAMES)
+
+
+@contextlib.contextmanager
+def writer_lock(model_dir: Path, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Hold the folder's writer lock (an exclusive flock on ``.lock``, released by the OS when
+    the process dies). Waits up to ``timeout_s`` for another writer, then raises ModelError."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; writers are not serialised there
+        yield
+        return
+    try:
+        fd = os.open(model_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise ModelError(f"cannot write to {model_dir} ({exc.strerror or exc}): it is read-only or not yours") from None
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise ModelError(f"another process has been writing to {model_dir} for over {timeout_s:.0f} s "
+                                     "(an export or calibration): wait for it to end, then run this again") from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def write_version(model_dir: str | Path, label: str) -> Iterator[Path]:
+    """Write a new version of the model in ``model_dir`` (created if missing, its parent must
+    exist): yields an empty staging folder to put the graph files in; on a normal exit the
+    version becomes current atomically (see the module docstring); on an exception nothing
+    changes. ``label`` (e.g. the export id) names the version after its number."""
+    model_dir = Path(model_dir)
+    try:
+        model_dir.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise ModelError(f"cannot create {model_dir} ({exc.strerror or exc})") from None
+    with writer_lock(model_dir):
+        for stale in model_dir.glob(STAGING_PREFIX + "*"):  # left by a writer that died (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=model_dir))
+        try:
+            yield staging
+            _commit(model_dir, staging, label)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _commit(model_dir: Path, staging: Path, label: str) -> None:
+    files = sorted(p for p in staging.iterdir())
+    if not any(p.name == "encoder.onnx" for p in files):
+        raise ModelError(f"internal: a model version without encoder.onnx for {model_dir}")
+    for path in files:  # the files' bytes reach the disk before the pointer names them
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    versions = model_dir / VERSIONS
+    versions.mkdir(exist_ok=True)
+    numbers = [int(m.group(1)) for p in versions.iterdir() if (m := _VERSION_NAME.match(p.name))]
+    tag = re.sub(r"[^0-9A-Za-z]", "", label)[:12] or "model"
+    name = f"{max(numbers, default=0) + 1:04d}-{tag}"
+    os.chmod(staging, 0o777 & ~_umask())
+    os.replace(staging, versions / name)
+    _fsync_dir(versions)
+    pointer = {"layout": LAYOUT, "layout_version": LAYOUT_VERSION, "current": f"{VERSIONS}/{name}"}
+    text = (json.dumps(pointer, indent=1) + "\n").encode()
+    atomic_write(model_dir / POINTER, lambda f: f.write(text), fsync=True)
+    _fsync_dir(model_dir)
+    _prune(model_dir, name)
+
+
+def _prune(model_dir: Path, current: str) -> None:
+    """After a switch: the top-level graphs of the old layout go, and versions before the last
+    KEEP_VERSIONS (a reader that opened one of those has long since loaded it)."""
+    for name in GRAPH_NAMES:
+        (model_dir / name).unlink(missing_ok=True)
+    versions = sorted((p for p in (model_dir / VERSIONS).iterdir() if _VERSION_NAME.match(p.name)),
+                      key=lambda p: int(p.name.split("-")[0]))
+    for old in versions[:-KEEP_VERSIONS]:
+        if old.name != current:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # Windows cannot open folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

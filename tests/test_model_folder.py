@@ -1,0 +1,159 @@
+"""The model folder's layout (aae_runtime.contract.modelfolder): whole-model atomic updates,
+serialised writers, writers killed at any instant, readers during writes, the old flat layout."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aae_runtime import AAEModel, ModelError
+from aae_runtime.contract import modelfolder
+from aae_runtime.contract.modelfolder import POINTER, STAGING_PREFIX, VERSIONS, current_version
+from tests.conftest import write_png
+
+# `aae-run calibrate` in a process whose renames announce themselves and wait PAUSE seconds
+# first, so that a test can kill it (or start a second writer) at a chosen step.
+CALIBRATE = textwrap.dedent("""
+    import os, sys, time
+    pause, real_replace = float(os.environ.get("PAUSE", "0")), os.replace
+    def announced_replace(src, dst):
+        print("replace", os.path.basename(str(dst)), flush=True)
+        time.sleep(pause)
+        real_replace(src, dst)
+        print("replaced", os.path.basename(str(dst)), flush=True)
+    os.replace = announced_replace
+    from aae_runtime.cli import app
+    app(["calibrate", sys.argv[1], "--model", sys.argv[2], "--percentile", sys.argv[3]], prog_name="aae-run")
+""")
+
+
+@pytest.fixture(scope="module")
+def normal(tmp_path_factory, mnist_test) -> Path:
+    folder = tmp_path_factory.mktemp("normal")
+    for i in range(30):
+        write_png(folder / f"{i:02d}.png", mnist_test[0][i])
+    return folder
+
+
+@pytest.fixture()
+def model(tiny_model_dir, tmp_path) -> Path:
+    out = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, out)
+    return out
+
+
+def calibrate(normal: Path, model: Path, percentile: float, pause: float = 0.0) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", CALIBRATE, str(normal), str(model), str(percentile)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PAUSE": str(pause)})
+
+
+def wait_for(run: subprocess.Popen, line: str) -> None:
+    for got in run.stdout:
+        if got.strip() == line:
+            return
+    raise AssertionError(f"the writer ended before printing {line!r}: {run.stderr.read()[-500:]}")
+
+
+def loads_and_scores(model: Path) -> dict:
+    m = AAEModel.load(model, device="cpu")
+    m.score(np.zeros((1, *m.input_shape), np.float32))
+    return m.metadata.raw
+
+
+def test_an_export_is_a_pointer_to_one_complete_version(model):
+    pointer = json.loads((model / POINTER).read_text())
+    version = current_version(model)
+    assert pointer["current"] == f"{VERSIONS}/{version.name}" and version.parent == model / VERSIONS
+    assert sorted(p.name for p in version.iterdir()) == ["decoder.onnx", "encoder.onnx", "scorer.onnx"]
+
+
+def test_two_calibrations_at_once_are_serialised_and_both_succeed(model, normal):
+    first = calibrate(normal, model, 90, pause=1.0)
+    wait_for(first, "replace " + POINTER)  # the first holds the lock and is about to switch
+    second = calibrate(normal, model, 95)
+    results = [(r.wait(timeout=300), r.stderr.read()) for r in (first, second)]
+    assert all(code == 0 for code, _ in results), results
+    assert loads_and_scores(model)["threshold"]["percentile"] == 95  # the second waited, then went last
+    versions = sorted(p.name for p in (model / VERSIONS).iterdir())
+    assert len(versions) == modelfolder.KEEP_VERSIONS and versions[-1].startswith("0003-")  # export + 2; oldest pruned
+    assert not list(model.glob(STAGING_PREFIX + "*"))
+
+
+# (the line after which the writer is killed, the model the folder then holds)
+KILL_POINTS = [("replace " + "VERSION", "old"), ("replaced " + "VERSION", "old"), ("replace " + POINTER, "old"),
+               ("replaced " + POINTER, "new")]
+
+
+@pytest.mark.parametrize("point,expected", KILL_POINTS)
+def test_a_calibration_killed_at_each_step_leaves_a_folder_that_loads(model, normal, point, expected):
+    before = loads_and_scores(model)["threshold"]
+    version = f"{len(list((model / VERSIONS).iterdir())) + 1:04d}-{current_version(model).name.split('-', 1)[1]}"
+    run = calibrate(normal, model, 97, pause=0.5)
+    wait_for(run, point.replace("VERSION", version))
+    run.send_signal(signal.SIGKILL)
+    run.wait(timeout=60)
+    threshold = loads_and_scores(model)["threshold"]
+    assert (threshold == before) if expected == "old" else (threshold["percentile"] == 97)
+    done = calibrate(normal, model, 99.5)
+    assert done.wait(timeout=300) == 0, done.stderr.read()
+    assert loads_and_scores(model)["threshold"]["percentile"] == 99.5
+    assert not list(model.glob(STAGING_PREFIX + "*"))  # whatever the killed writer left, the next one removed
+
+
+def test_readers_during_calibrations_see_the_old_model_or_the_new_never_a_mix(model, normal):
+    reader = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time, numpy as np
+        from aae_runtime import AAEModel
+        end, n = time.time() + 6, 0
+        while time.time() < end:
+            m = AAEModel.load({str(model)!r}, device="cpu")
+            m.score(np.zeros((1, *m.input_shape), np.float32))
+            m.sample(1, seed=0)  # the decoder's session is made now, from the version loaded
+            n += 1
+        print(n)
+    """)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for p in (91, 92, 93):
+        writer = calibrate(normal, model, p)
+        assert writer.wait(timeout=300) == 0, writer.stderr.read()
+    out, err = reader.communicate(timeout=120)
+    assert reader.returncode == 0, err
+    assert int(out) > 0
+
+
+def test_the_flat_layout_of_earlier_exports_loads_and_is_converted_by_its_first_update(model, normal, tmp_path):
+    flat = tmp_path / "flat"
+    shutil.copytree(current_version(model), flat)
+    assert current_version(flat) == flat and loads_and_scores(flat)
+    run = calibrate(normal, flat, 90)
+    assert run.wait(timeout=300) == 0, run.stderr.read()
+    assert (flat / POINTER).exists() and not (flat / "encoder.onnx").exists()
+    assert loads_and_scores(flat)["threshold"]["percentile"] == 90
+
+
+@pytest.mark.parametrize("pointer", ['{"layout": "aae-model-folder", "current": "../../etc"}', "not json",
+                                     '{"layout": "aae-model-folder", "current": "versions/0009-gone"}', "x" * 10_000])
+def test_a_damaged_pointer_is_one_line(model, pointer):
+    (model / POINTER).write_text(pointer)
+    with pytest.raises(ModelError) as info:
+        AAEModel.load(model, device="cpu")
+    assert POINTER in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_reader_never_writes(model):
+    before = {p: p.stat().st_mtime_ns for p in model.rglob("*")}
+    os.chmod(model, 0o555)
+    try:
+        loads_and_scores(model)
+    finally:
+        os.chmod(model, 0o755)
+    assert {p: p.stat().st_mtime_ns for p in model.rglob("*")} == before
