@@ -4,17 +4,21 @@ Exit codes (all commands):
   0  everything done: every image found was scored;
   1  ran, but some input files could not be scored: each has its own row with the reason
      (corrupt, truncated, not an image, too large, unreadable, ...); all other files were scored;
-  2  could not run: bad arguments, missing or unusable model, device unavailable, no images
-     found, output not writable, or an unexpected internal error (always one line, never a
-     traceback; set AAE_DEBUG=1 to see the traceback of an internal error);
-  130 interrupted (Ctrl-C).
+  2  could not run: bad arguments, missing or unusable model, device unavailable, no given
+     path yields an image file, the results file cannot be written (the table is still shown),
+     or an unexpected internal error (always one line, never a traceback; set AAE_DEBUG=1 to
+     see the traceback of an internal error);
+  130 interrupted by Ctrl-C (SIGINT), 143 stopped by SIGTERM: the rows scored so far are kept
+     (--output streams them as they come; a .json run leaves X.json.partial).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -32,15 +36,17 @@ from aae_runtime.contract.errors import AAEError
 from aae_runtime.images import display_path, save_grid
 from aae_runtime.contract.metadata import ENCODER_FILE, METADATA_KEY
 from aae_runtime.model import DEFAULT_BATCH_SIZE, AAEModel, ImageScore, file_scoring_threads
-from aae_runtime.report import FORMATS as RESULT_FORMATS, write_results
+from aae_runtime.report import FORMATS as RESULT_FORMATS, ResultStream
 from aae_runtime.session import DEVICES, SessionConfig
 
 EXIT_OK, EXIT_SOME_FAILED = 0, 1
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # Ctrl-C (SIGINT), SIGTERM: 128 + the signal's number
 MAX_GRID_ROWS = 1000  # sample --grid: rows x classes images are decoded at once  # EXIT_CANNOT_RUN = 2 comes from clierrors, shared by all commands
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 all images scored; 1 some files could not be scored (each has an error row); "
-    "2 could not run (bad arguments or model, no images, unexpected error)."
+    "2 could not run (bad arguments or model, no images, results file not writable, unexpected error); "
+    "130 Ctrl-C, 143 SIGTERM (rows so far kept)."
 )
 
 
@@ -113,7 +119,7 @@ def _is_tiled(model: Path) -> bool:
 def score(
     paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively).")],
     model: ModelOpt,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write all rows to a .csv or .json file.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write all rows to a .csv, .jsonl or .json file, as they come.")] = None,
     threshold: Annotated[Optional[float], typer.Option(help="Anomaly threshold as a score value; overrides the model's metadata.")] = None,
     threshold_percentile: Annotated[Optional[float], typer.Option(
         min=0.0, max=100.0, help="Anomaly threshold at this percentile of the normal scores stored at calibration.")] = None,
@@ -149,23 +155,76 @@ def score(
         _create_parent(maps, "--maps")
     try:
         m = _load(model, device, threshold, threshold_percentile, threads, low_latency)
-        results, region_rows = _score_with_maps(m, paths, batch_size, maps, maps_only_flagged, maps_raw, regions is not None)
-        if output is not None:
-            write_results(results, m.threshold, output)
+        region_rows: list[tuple] = []
+        rows = _rows_with_maps(m, paths, batch_size, maps, maps_only_flagged, maps_raw, region_rows if regions else None)
+        results, stream, stopped = _collect(rows, output, m.threshold, None, batch_size)
         if regions is not None:
             _write_regions(region_rows, regions)
     except AAEError as exc:
         raise _fail(exc)
     _print_scores(results, m, show)
-    _exit_for_rows(results, output)
+    _finish(results, output, stream, stopped)
 
 
-def _exit_for_rows(results: list[ImageScore], output: Path | None) -> None:
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that a run stops the way Ctrl-C stops it."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """While scoring, SIGTERM (a service manager stopping us) ends the run like Ctrl-C: the rows
+    so far are kept and the exit code is 143."""
+    def handler(signum, frame):
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (an embedding application): leave its handlers alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _collect(rows, output: Path | None, threshold: float, classes, batch_size: int):
+    """All rows of a run, streamed to ``output`` as they come (`ResultStream`). Returns the rows,
+    the stream (None without ``output``) and the signal that stopped the run early, if any."""
+    stream = ResultStream(output, threshold, classes, flush_every=batch_size) if output is not None else None
+    results: list[ImageScore] = []
+    stopped = None
+    with _sigterm_as_interrupt():
+        try:
+            for r in rows:
+                results.append(r)
+                if stream is not None:
+                    stream.write([r])
+        except KeyboardInterrupt as exc:
+            stopped = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
+        finally:
+            if stream is not None:
+                stream.close(complete=stopped is None)
+    return results, stream, stopped
+
+
+def _finish(results: list[ImageScore], output: Path | None, stream, stopped: str | None) -> None:
     """The end of `score` and `classify`: say where the rows went, and the exit code they earn:
-    2 when no given path yields an image file (all missing, or empty folders), 1 when some
-    image files could not be scored."""
-    if output is not None:
-        err.print(f"wrote {len(results)} rows to {_printable(str(output))}", highlight=False)
+    130/143 when Ctrl-C/SIGTERM stopped the run (the rows so far are kept); 2 when the results
+    file could not be written, or no given path yields an image file (all missing, or empty
+    folders); 1 when some image files could not be scored."""
+    if stream is not None and stream.error is None:
+        where = stream.close(complete=stopped is None)
+        err.print(f"wrote {len(results)} rows to {_printable(str(where))}", highlight=False)
+    if stopped is not None:
+        err.print(f"[red]error:[/red] interrupted ({stopped}) after {len(results)} images"
+                  + (f"; their rows are in {_printable(str(stream.target))}" if stream is not None and stream.error is None else ""),
+                  highlight=False)
+        raise typer.Exit(EXIT_TERMINATED if stopped == "SIGTERM" else EXIT_INTERRUPTED)
+    if stream is not None and stream.error is not None:
+        err.print(f"[red]error:[/red] {_printable(stream.error)}: the table above has the rows; free space or "
+                  "choose another --output", highlight=False)
+        raise typer.Exit(EXIT_CANNOT_RUN)
     if not results:
         err.print("[red]error:[/red] no image files found in the given paths")
         raise typer.Exit(EXIT_CANNOT_RUN)
@@ -197,32 +256,38 @@ def _check_parent_exists(path: Path, option: str) -> None:
                                  "elsewhere", param_hint=option)
 
 
-def _score_with_maps(m: AAEModel, paths: list[Path], batch_size: int, maps: Path | None, only_flagged: bool,
-                     raw: bool = False, regions: bool = False) -> tuple[list[ImageScore], list[tuple]]:
-    """Score batch by batch; maps are written (and regions found) as rows come, so no batch's
-    arrays outlive it. Returns the rows and, with ``regions``, one (path, Region) per region."""
-    if maps is None and not regions:
-        return m.score_paths(paths, batch_size=batch_size), []
+def _rows_with_maps(m: AAEModel, paths: list[Path], batch_size: int, maps: Path | None, only_flagged: bool,
+                    raw: bool = False, regions: list | None = None):
+    """The rows of `score`, one by one; maps are written (and, into ``regions``, one (path,
+    Region) per region found) as rows come, so no batch's arrays outlive it. A map that cannot be
+    written is that image's error, not the run's."""
+    if maps is None and regions is None:
+        yield from m.iter_score_paths(paths, batch_size=batch_size)
+        return
     from aae_runtime.maps import MapWriter
     from aae_runtime.regions import find_regions
 
     lo, hi = m.metadata.raw.get("input", {}).get("value_range", [0.0, 1.0])
     scale = float(m.metadata.score.get("pixel_error_scale", 0.0)) or 1.0
     writer = MapWriter(maps, paths, scale, (float(lo), float(hi)), raw=raw) if maps is not None else None
-    results, found = [], []
-    for r in m.iter_score_paths(paths, batch_size=batch_size, maps=True):
-        if writer is not None and r.ok and (r.anomaly or not only_flagged):
+    try:
+        for r in m.iter_score_paths(paths, batch_size=batch_size, maps=True):
+            if regions is not None and r.ok:
+                regions.extend((r.path, region) for region in find_regions(r.pixel_error, m.map_threshold))
+            if writer is not None and r.ok and (r.anomaly or not only_flagged):
+                try:
+                    writer.write(r.path, r.image, r.pixel_error)
+                except OSError as exc:  # this image's problem (a name, a full disk): its row says so
+                    r = replace(r, error=f"scored, but its map could not be written ({exc.strerror or exc})")
+            yield replace(r, pixel_error=None, image=None)
+    finally:
+        if writer is not None:  # the index of the maps written, even when the run was stopped
             try:
-                writer.write(r.path, r.image, r.pixel_error)
+                writer.close()
+                err.print(f"wrote {len(writer.rows)} anomaly maps to {_printable(str(maps))} (index: maps.csv)", highlight=False)
             except OSError as exc:
-                raise AAEError(f"--maps {maps}: cannot write a map ({exc.strerror or exc})") from None
-        if regions and r.ok:
-            found.extend((r.path, region) for region in find_regions(r.pixel_error, m.map_threshold))
-        results.append(replace(r, pixel_error=None, image=None))
-    if writer is not None:
-        writer.close()
-        err.print(f"wrote {len(writer.rows)} anomaly maps to {_printable(str(maps))} (index: maps.csv)", highlight=False)
-    return results, found
+                err.print(f"[red]error:[/red] --maps {_printable(str(maps))}: cannot write maps.csv ({exc.strerror or exc})",
+                          highlight=False)
 
 
 def _write_regions(found: list[tuple], path: Path) -> None:
@@ -346,10 +411,15 @@ def sample(
         images = m.sample_grid(n, seed=seed) if grid else m.sample(n, seed=seed, label=label)
     except AAEError as exc:
         raise _fail(exc)
-    if out_path.suffix.lower() == ".npy":
-        np.save(out_path, images)
-    else:
-        save_grid(images, out_path, ncols=len(m.classes) if grid else None)
+    try:  # both atomic: a full disk or a kill leaves the previous file, never half of a new one
+        if out_path.suffix.lower() == ".npy":
+            from aae_runtime.contract.fileio import atomic_write
+
+            atomic_write(out_path, lambda f: np.save(f, images))
+        else:
+            save_grid(images, out_path, ncols=len(m.classes) if grid else None)
+    except OSError as exc:
+        raise _fail(AAEError(f"--out {out_path}: cannot write ({exc.strerror or exc}); the previous file, if any, is unchanged"))
     what = f"{len(images)} samples" + (f" of class {label}" if label is not None else "") + (" (rows: style codes, columns: classes)" if grid else "")
     err.print(f"wrote {what} from the {m.metadata.prior['name']} prior to {out_path}", highlight=False)
 
@@ -417,7 +487,7 @@ def evaluate(
 def classify(
     paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively).")],
     model: ModelOpt,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write all rows to a .csv or .json file.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write all rows to a .csv, .jsonl or .json file, as they come.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, max=4096, help="Images per inference call.")] = DEFAULT_BATCH_SIZE,
     show: Annotated[int, typer.Option(min=0, help="Rows shown on screen (0: all).")] = 50,
     device: DeviceOpt = "auto",
@@ -433,13 +503,12 @@ def classify(
         if not m.metadata.classifies:
             raise AAEError(f"{model} has no class head, so it cannot classify: train with --family semi "
                            "(aae-run score gives its anomaly scores)")
-        results = m.classify_paths(paths, batch_size=batch_size)
-        if output is not None:
-            write_results(results, m.threshold, output, classes=m.classes)
+        rows = m.iter_score_paths(paths, batch_size=batch_size, classify=True)
+        results, stream, stopped = _collect(rows, output, m.threshold, m.classes, batch_size)
     except AAEError as exc:
         raise _fail(exc)
     _print_classes(results, m, show)
-    _exit_for_rows(results, output)
+    _finish(results, output, stream, stopped)
 
 
 def _print_classes(results: list[ImageScore], m: AAEModel, show: int) -> None:

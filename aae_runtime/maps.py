@@ -19,6 +19,7 @@ equal names in different folders cannot collide; ``maps.csv`` lists input -> map
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
 from pathlib import Path
@@ -82,7 +83,7 @@ class MapWriter:
             rel = os.path.relpath(os.path.abspath(path), self.root)
         except ValueError:  # another drive (Windows)
             rel = os.path.abspath(path)
-        stem = rel.replace("\\", "/").lstrip("./").replace("/", "__") or "image"
+        stem = _short(rel.replace("\\", "/").lstrip("./").replace("/", "__") or "image")
         name, k = f"{stem}.map.png", 2
         while name in self.used:  # the same file given twice
             name, k = f"{stem}.{k}.map.png", k + 1
@@ -112,6 +113,21 @@ class MapWriter:
         writer.writerow(["image", "map", "raw_map"] if self.raw else ["image", "map"])
         writer.writerows(self.rows)
         return atomic_write_text(self.out_dir / INDEX_NAME, buf.getvalue())
+
+
+# File names are at most 255 bytes on common file systems; a map's name adds ".map.png" or
+# ".npy" (and ".2" for a repeat) to its stem, so a longer stem is cut and given a hash of the
+# whole, deterministically: the same input always gets the same map name (listed in maps.csv).
+MAX_STEM_BYTES = 200
+
+
+def _short(stem: str) -> str:
+    raw = stem.encode("utf-8", "surrogateescape")
+    if len(raw) <= MAX_STEM_BYTES:
+        return stem
+    digest = hashlib.sha256(raw).hexdigest()[:16]
+    head = raw[: MAX_STEM_BYTES - len(digest) - 1].decode("utf-8", "ignore")  # never half a character
+    return f"{head}~{digest}"
 
 
 def _common_root(inputs: list[str | Path]) -> str:

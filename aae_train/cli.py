@@ -285,7 +285,7 @@ def mnist(
                    disc_noise=disc_noise, gradient_penalty=gradient_penalty, disc_steps=disc_steps,
                    code_noise=code_noise, ema=ema, recon_loss=recon_loss, seed=seed, device=device),
     )
-    run(cfg, out or _default_out("mnist", resume), data_dir, resume, threads, overwrite)
+    run(cfg, out or _default_out("mnist", resume), data_dir, resume, threads, overwrite, given_options(ctx))
 
 
 @app.command()
@@ -384,7 +384,8 @@ def folder(
                    disc_noise=disc_noise, gradient_penalty=gradient_penalty, disc_steps=disc_steps,
                    code_noise=code_noise, ema=ema, recon_loss=recon_loss, seed=seed, device=device),
     )
-    run(cfg, out or _default_out("folder", resume), directory if directory.is_dir() else None, resume, threads, overwrite)
+    run(cfg, out or _default_out("folder", resume), directory if directory.is_dir() else None, resume, threads, overwrite,
+        given_options(ctx))
 
 
 # metrics key -> (short name, format) for the progress bar and the per-epoch lines
@@ -423,8 +424,14 @@ class RunElapsedColumn(ProgressColumn):
         return Text(f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}", style="progress.elapsed")
 
 
+def given_options(ctx: typer.Context) -> dict:
+    """The options set on the command line (name -> value), not left at their defaults."""
+    return {name: value for name, value in ctx.params.items()
+            if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"}
+
+
 def run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, threads: int | None = None,
-        overwrite: bool = False) -> None:
+        overwrite: bool = False, given: dict | None = None) -> None:
     """Train with a live progress bar; one-line errors, never a traceback."""
     _require_training()
     from aae_train.data import DataWarning
@@ -471,7 +478,7 @@ def run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, t
                 warnings.simplefilter("ignore", DataWarning)  # printed once by on_start, not as a Python warning
                 result = train(cfg, out, data_dir=str(data_dir) if data_dir else None, resume=resume,
                                on_epoch=on_epoch, on_step=on_step, on_start=on_start, download_progress=on_download,
-                               overwrite=overwrite)
+                               overwrite=overwrite, given=given)
         except AAEError as exc:
             progress.stop()
             print_error(str(exc), err)  # literal text: paths may hold "[/]"

@@ -287,14 +287,49 @@ def check_run_folder(run_dir: Path, resume: str | Path | None, overwrite: bool) 
                         "choose another --out, or give --overwrite to replace that run")
 
 
+# What `--resume` may change: how long and where it runs, and where the data and run folder are.
+RESUME_OPTIONS = frozenset({"epochs", "device", "threads", "out", "resume", "overwrite", "data_dir", "directory"})
+
+
+def resume_conflicts(saved: RunConfig, given: dict) -> list[str]:
+    """The options given with ``--resume`` (name -> value, as on the command line) that differ
+    from the checkpoint's config or that a resumed run cannot change, as "--name value
+    (checkpoint: value)"."""
+    conflicts = []
+    sections = (saved, saved.model, saved.train, saved.data, saved.options)
+    for name, value in sorted(given.items()):
+        if name in RESUME_OPTIONS:
+            continue
+        kept = next((getattr(s, name) for s in sections if s is not None and hasattr(s, name)), _MISSING)
+        if kept is not _MISSING and _same(kept, value):
+            continue
+        shown = "" if kept is _MISSING else f" (checkpoint: {kept})"
+        conflicts.append(f"--{name.replace('_', '-')} {value}{shown}")
+    return conflicts
+
+
+_MISSING = object()
+
+
+def _same(kept, value) -> bool:
+    if isinstance(kept, (tuple, list)) and isinstance(value, str):  # e.g. --classes 0,3
+        return [str(k) for k in kept] == [v.strip() for v in value.split(",")]
+    try:
+        return kept == type(kept)(value) if kept is not None and value is not None else kept == value
+    except (TypeError, ValueError):
+        return False
+
+
 def train(cfg: RunConfig, run_dir: str | Path, data_dir: str | None = None, resume: str | Path | None = None,
           on_epoch: Callable[[dict], None] | None = None, on_step=None, on_start=None, download_progress=None,
-          overwrite: bool = False) -> TrainResult:
+          overwrite: bool = False, given: dict | None = None) -> TrainResult:
     """Train (or resume) a model of ``cfg.family``, writing checkpoints, metrics and grids into ``run_dir``.
 
     With ``resume``, the checkpoint's config is used, except that ``cfg.train.epochs`` may
     extend the run; training goes on from the last completed epoch with its RNG states.
     A ``run_dir`` holding another run is refused unless ``overwrite`` (see `check_run_folder`).
+    ``given`` (the options set on the command line) are checked against a resumed checkpoint's
+    config: any that differ are refused, each named (`resume_conflicts`).
     Ctrl-C raises TrainingInterrupted; a run folder this call created and that has no checkpoint
     yet is removed, so an interrupted start leaves nothing half-made.
     """
@@ -304,6 +339,10 @@ def train(cfg: RunConfig, run_dir: str | Path, data_dir: str | None = None, resu
     if resume is not None:
         state = load_checkpoint(resume)
         saved = RunConfig.from_dict(state["config"])
+        conflicts = resume_conflicts(saved, given or {})
+        if conflicts:
+            raise TrainingError(f"--resume {resume} keeps the checkpoint's config, and these options differ from it: "
+                                f"{', '.join(conflicts)}; leave them out, or train a new run")
         cfg = saved.replace(train=replace(saved.train, epochs=cfg.train.epochs, device=cfg.train.device))
     data = load_dataset(cfg.data, data_dir, progress=download_progress)
     if tuple(data.preprocessing.shape) != tuple(cfg.model.image_shape):

@@ -79,7 +79,7 @@ def shorten(argv: list[str]) -> list[str]:
         return argv
     epochs = str(RESUME_EPOCHS if "--resume" in argv else TRAIN_EPOCHS)
     _set(argv, "--epochs", epochs)
-    if argv[1] == "mnist":
+    if argv[1] == "mnist" and "--resume" not in argv:  # a resumed run keeps its checkpoint's data
         limit = int(argv[argv.index("--limit") + 1]) if "--limit" in argv else MNIST_LIMIT
         _set(argv, "--limit", str(min(limit, MNIST_LIMIT)))
     return argv + ["--threads", "1"]

@@ -1,0 +1,45 @@
+"""Faults that used to lose work: options silently ignored on --resume, files written in place."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import numpy as np
+import pytest
+
+from aae_train.config import RunConfig
+from aae_train.train import resume_conflicts
+
+
+def test_options_that_differ_from_a_resumed_checkpoint_are_named_and_equal_ones_pass():
+    saved = RunConfig()
+    given = {"epochs": 40, "threads": 1, "hidden": saved.model.hidden, "latent_dim": saved.model.latent_dim + 1,
+             "lr_recon": saved.train.lr_recon * 2, "prior_std": 3.0}
+    conflicts = resume_conflicts(saved, given)
+    assert conflicts == [f"--latent-dim {saved.model.latent_dim + 1} (checkpoint: {saved.model.latent_dim})",
+                         f"--lr-recon {saved.train.lr_recon * 2} (checkpoint: {saved.train.lr_recon})", "--prior-std 3.0"]
+    assert resume_conflicts(saved, {"epochs": 3, "device": "cpu", "out": "x", "overwrite": True}) == []
+
+
+def test_resume_with_a_changed_architecture_is_refused_in_one_line(tiny_run, tmp_path, mnist_dir):
+    r = subprocess.run(["aae-train", "mnist", "--resume", str(tiny_run.checkpoint), "--out", str(tmp_path / "r"),
+                        "--epochs", "5", "--hidden", "7", "--threads", "1", "--data-dir", str(mnist_dir)],
+                       capture_output=True, text=True, timeout=300)
+    errors = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(errors) == 1 and "--hidden 7 (checkpoint:" in errors[0], r.stderr
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".png"])
+def test_sample_replaces_its_output_by_a_rename_never_writing_into_the_old_file(tiny_model_dir, tmp_path, suffix):
+    out = tmp_path / f"s{suffix}"
+    out.write_bytes(b"previous contents")
+    keep = tmp_path / "hardlink"
+    os.link(out, keep)  # an in-place write would change the bytes behind this link too
+    r = subprocess.run(["aae-run", "sample", "--model", str(tiny_model_dir), "-n", "4", "--seed", "1", "--out", str(out),
+                        "--device", "cpu"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert keep.read_bytes() == b"previous contents" and out.stat().st_ino != keep.stat().st_ino
+    if suffix == ".npy":
+        assert np.load(out).shape[0] == 4
