@@ -389,7 +389,7 @@ def sample(
     model: ModelOpt,
     n: Annotated[int, typer.Option("-n", "--num", min=1, max=100_000, help="Number of samples.")] = 64,
     out_path: Annotated[Path, typer.Option("--out", "-o", help="A .png grid, or a .npy file with the raw (N, C, H, W) array.")] = Path("samples.png"),
-    seed: Annotated[Optional[int], typer.Option(help="Seed for the prior draws (default: random).")] = None,
+    seed: Annotated[Optional[int], typer.Option(min=0, max=2**63 - 1, help="Seed for the prior draws (default: random).")] = None,
     label: Annotated[Optional[str], typer.Option(help="Conditional models: draw images of this class (a class value, e.g. 7).")] = None,
     grid: Annotated[bool, typer.Option("--grid", help="Conditional models: -n style codes as rows, one column per class.")] = False,
     device: DeviceOpt = "auto",

@@ -316,18 +316,25 @@ def _is_dir(path: Path) -> bool:
 
 
 def _walk(root: Path):
-    try:
-        entries = sorted(root.iterdir())
-    except OSError:
-        yield root  # a folder that cannot be listed gets an error row, not silence
-        return
-    for e in entries:
+    """Image files under ``root``, depth first with an explicit stack (a folder tree thousands of
+    levels deep must not exhaust Python's recursion limit)."""
+    stack = [root]
+    while stack:
+        folder = stack.pop()
         try:
-            if e.is_symlink() and e.is_dir():
-                continue
-            if e.is_dir():
-                yield from _walk(e)
-            elif e.suffix.lower() in IMAGE_SUFFIXES:
-                yield e
+            entries = sorted(folder.iterdir())
         except OSError:
-            yield e
+            yield folder  # a folder that cannot be listed gets an error row, not silence
+            continue
+        subfolders = []
+        for e in entries:
+            try:
+                if e.is_symlink() and e.is_dir():
+                    continue
+                if e.is_dir():
+                    subfolders.append(e)
+                elif e.suffix.lower() in IMAGE_SUFFIXES:
+                    yield e
+            except OSError:
+                yield e
+        stack.extend(reversed(subfolders))

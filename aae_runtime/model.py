@@ -33,7 +33,7 @@ from aae_runtime.contract.metadata import (
 from aae_runtime.contract.priors import sample_prior
 from aae_runtime.contract.scores import ScoreParts, evaluate_score, intensity, per_image, pixel_error
 from aae_runtime.contract.modelfolder import current_version
-from aae_runtime.contract.onnxwire import read_graph_file
+from aae_runtime.contract.onnxwire import check_operators, read_graph_file
 from aae_runtime.session import SessionConfig, create_session
 
 DEFAULT_BATCH_SIZE = 64
@@ -123,6 +123,8 @@ class AAEModel:
         # well under a millisecond); a session (~12 ms each) is created only for the graphs a
         # command runs: the scorer (or the encoder) now, the others on first use.
         files = {name: read_graph_file(path) for name, path in paths.items()}
+        for wire in files.values():
+            check_operators(wire)
         meta_enc = ModelMetadata.from_json(files[ENCODER_FILE].custom_metadata_map.get(METADATA_KEY), ENCODER_FILE)
         meta_dec = ModelMetadata.from_json(files[DECODER_FILE].custom_metadata_map.get(METADATA_KEY), DECODER_FILE)
         if meta_enc.export_id != meta_dec.export_id:
@@ -134,6 +136,7 @@ class AAEModel:
         scorer = notice = None
         if use_scorer and (model_dir / SCORER_FILE).is_file() and (meta_enc.schema_version == 1 or "scorer" in meta_enc.graphs):
             wire = read_graph_file(model_dir / SCORER_FILE)
+            check_operators(wire)
             meta_sc = ModelMetadata.from_json(wire.custom_metadata_map.get(METADATA_KEY), SCORER_FILE)
             if meta_sc.export_id != meta_enc.export_id:
                 raise ModelError(f"{SCORER_FILE} in {model_dir} comes from another export than {ENCODER_FILE}: export again")

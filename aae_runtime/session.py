@@ -87,6 +87,7 @@ class SessionConfig:
     threads: int = 0  # intra-op threads; 0 lets ORT use one per physical core
     spin_us: int = 0  # idle threads busy-wait this long for work before sleeping (0: never spin)
     optimization: str = "all"  # a key of OPTIMIZATION_LEVELS
+    call_time_limit_s: float = 120.0  # one inference call running longer is stopped (a runaway graph), see GuardedSession
 
     @classmethod
     def low_latency(cls, device: str = "auto", threads: int = 0) -> "SessionConfig":
@@ -119,7 +120,75 @@ def _session_options(cfg: SessionConfig) -> "onnxruntime.SessionOptions":
     return so
 
 
-def create_session(model: bytes | str | Path, cfg: SessionConfig) -> tuple["onnxruntime.InferenceSession", str | None]:
+class _Watchdog:
+    """One daemon thread that stops inference calls running past their deadline, by setting
+    their RunOptions' ``terminate`` flag (ONNX Runtime then ends the call with an error). It
+    looks twice a second, so arming a call costs a lock and a dict entry, no wake-up."""
+
+    PERIOD_S = 0.5
+
+    def __init__(self):
+        import threading
+
+        self.lock, self.calls, self.thread = threading.Lock(), {}, None
+
+    def arm(self, run_options, limit_s: float) -> list:
+        import threading
+        import time
+
+        token = [run_options, time.monotonic() + limit_s, False]  # options, deadline, fired
+        with self.lock:
+            self.calls[id(token)] = token
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._watch, name="aae-inference-watchdog", daemon=True)
+                self.thread.start()
+        return token
+
+    def disarm(self, token: list) -> None:
+        with self.lock:
+            self.calls.pop(id(token), None)
+
+    def _watch(self) -> None:
+        import time
+
+        while True:
+            time.sleep(self.PERIOD_S)
+            now = time.monotonic()
+            with self.lock:
+                for token in self.calls.values():
+                    if not token[2] and now > token[1]:
+                        token[0].terminate, token[2] = True, True
+
+
+_WATCHDOG = _Watchdog()
+
+
+class GuardedSession:
+    """An ONNX Runtime session whose ``run`` is stopped after ``limit_s`` and whose failures are
+    one-line ModelErrors naming the graph; everything else is the session's own."""
+
+    def __init__(self, session, name: str, limit_s: float):
+        self._session, self._name, self._limit_s = session, name, limit_s
+
+    def __getattr__(self, attr):
+        return getattr(self._session, attr)
+
+    def run(self, output_names, feeds, run_options=None):
+        run_options = run_options or onnxruntime_module().RunOptions()
+        token = _WATCHDOG.arm(run_options, self._limit_s)
+        try:
+            return self._session.run(output_names, feeds, run_options)
+        except Exception as exc:  # ORT's own exception types: a failed kernel, an allocation, a stop
+            if token[2]:
+                raise ModelError(f"{self._name}: one inference call ran over {self._limit_s:g} s and was stopped: the "
+                                 "graph does not behave like an exported model; export it again") from None
+            raise ModelError(f"{self._name}: inference failed ({_first_line(exc)}): export the model again, or use a "
+                             "smaller --batch-size if memory ran out") from None
+        finally:
+            _WATCHDOG.disarm(token)
+
+
+def create_session(model: bytes | str | Path, cfg: SessionConfig) -> tuple["GuardedSession", str | None]:
     """Open ``model`` on ``cfg.device``. Returns the session and a notice when it fell back.
 
     Raises DeviceError when ``cuda`` was asked for and cannot run; ModelError when the file is
@@ -129,6 +198,8 @@ def create_session(model: bytes | str | Path, cfg: SessionConfig) -> tuple["onnx
         raise DeviceError(f"unknown device {cfg.device!r}: use one of {', '.join(DEVICES)}")
     if cfg.threads < 0 or cfg.spin_us < 0:
         raise DeviceError(f"threads ({cfg.threads}) and spin time ({cfg.spin_us} us) cannot be negative")
+    if not cfg.call_time_limit_s > 0:
+        raise DeviceError(f"the time limit of an inference call must be positive, got {cfg.call_time_limit_s}")
     if cfg.optimization not in OPTIMIZATION_LEVELS:
         raise DeviceError(f"unknown optimisation level {cfg.optimization!r}: use one of {', '.join(OPTIMIZATION_LEVELS)}")
     ort = onnxruntime_module()
@@ -151,6 +222,7 @@ def create_session(model: bytes | str | Path, cfg: SessionConfig) -> tuple["onnx
     except Exception as exc:  # ORT raises its own exception types for invalid files
         name = "model" if isinstance(model, bytes) else Path(model).name
         raise ModelError(f"cannot load {name} as an ONNX model ({_first_line(exc)}): re-export it") from None
+    session = GuardedSession(session, "model" if isinstance(model, bytes) else Path(model).name, cfg.call_time_limit_s)
     running = session.get_providers()
     notice = None
     if want_cuda and CUDA not in running:

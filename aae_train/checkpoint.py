@@ -48,6 +48,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; random bytes are not one
         raise CheckpointError(f"{path} was refused: it is not a PyTorch zip archive, the only format aae-train writes "
                               "(another kind of file, or damaged); pass the checkpoint.pt (or best.pt) aae-train wrote")
+    _check_expansion(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. torch's note on a pickle protocol: the error below says it all
@@ -88,12 +89,11 @@ class Trained:
 def load_trained(path: str | Path, map_location: str | torch.device = "cpu") -> Trained:
     """The one place that turns a checkpoint into networks: export, benchmarks and tools use it
     (resume rebuilds the whole trainer through the same family constructors)."""
-    from aae_train.config import RunConfig
     from aae_train.families import get_family
 
     state = load_checkpoint(path, map_location)
+    cfg = config_of(state, path)
     try:
-        cfg = RunConfig.from_dict(state["config"])
         family = get_family(cfg.family)
         nets = {name: net for name, net in family.networks(cfg).items() if name in family.model_networks}
         for name, net in nets.items():
@@ -101,10 +101,43 @@ def load_trained(path: str | Path, map_location: str | torch.device = "cpu") -> 
             net.eval()
     except AAEError:
         raise
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError, OverflowError, MemoryError) as exc:
         raise CheckpointError(f"{path}: its config or weights do not fit together ({_first_line(exc)}): "
                               "it is damaged or not written by aae-train") from None
     return Trained(state, cfg, family, nets)
+
+
+def config_of(state: dict, path: str | Path):
+    """The RunConfig a checkpoint carries; a damaged one is a one-line CheckpointError."""
+    from aae_train.config import RunConfig
+
+    try:
+        return RunConfig.from_dict(state["config"])
+    except AAEError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: its config is damaged ({_first_line(exc)}): it is not a checkpoint aae-train "
+                              "wrote; train again or use another checkpoint") from None
+
+
+# torch.save stores a checkpoint's entries uncompressed, so what a checkpoint holds is about its
+# own size; a small file that inflates to much more is a decompression bomb.
+MAX_EXPANSION, EXPANSION_SLACK_BYTES = 2, 64 << 20
+
+
+def _check_expansion(path: Path) -> None:
+    """Refuse an archive whose entries would inflate beyond MAX_EXPANSION x its size (+ slack),
+    from the zip directory alone, before anything is decompressed."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            inflated = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read checkpoint {path} ({_first_line(exc)}): it is truncated or not a checkpoint") from None
+    limit = MAX_EXPANSION * path.stat().st_size + EXPANSION_SLACK_BYTES
+    if inflated > limit:
+        raise CheckpointError(f"{path} was refused: its {path.stat().st_size / 2**20:.1f} MB inflate to "
+                              f"{inflated / 2**30:.1f} GB (aae-train writes uncompressed checkpoints): it is not one of "
+                              "its checkpoints; pass the checkpoint.pt aae-train wrote")
 
 
 def _refused_object(exc: BaseException) -> str | None:

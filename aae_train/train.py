@@ -24,7 +24,7 @@ from aae_runtime.contract.errors import AAEError
 from aae_runtime.contract.fileio import atomic_write_text, remove_stale_temporaries
 from aae_runtime.images import save_grid
 from aae_runtime.contract.priors import sample_prior
-from aae_train.checkpoint import BEST_NAME, CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from aae_train.checkpoint import BEST_NAME, CHECKPOINT_NAME, config_of, load_checkpoint, save_checkpoint
 from aae_train.config import RunConfig
 from aae_train.data import Dataset, class_labels, load_dataset
 from aae_train.families import get_family
@@ -291,19 +291,25 @@ def check_run_folder(run_dir: Path, resume: str | Path | None, overwrite: bool) 
 RESUME_OPTIONS = frozenset({"epochs", "device", "threads", "out", "resume", "overwrite", "data_dir", "directory"})
 
 
-def resume_conflicts(saved: RunConfig, given: dict) -> list[str]:
-    """The options given with ``--resume`` (name -> value, as on the command line) that differ
-    from the checkpoint's config or that a resumed run cannot change, as "--name value
-    (checkpoint: value)"."""
+# Options whose config field has another name (prior parameters: the prior's spec as a whole).
+_OPTION_FIELDS = {"size": "image_size", "color": "color_mode",
+                  **{p: "prior" for p in ("prior_std", "mog_components", "mog_radius", "mog_std", "uniform_low",
+                                          "uniform_high", "swissroll_turns", "swissroll_radius", "swissroll_noise")}}
+
+
+def resume_conflicts(saved: RunConfig, built: RunConfig, given: dict) -> list[str]:
+    """The options given with ``--resume`` (name -> value as typed) whose effect on the config,
+    as the command built it (``built``), differs from the checkpoint's (``saved``): each as
+    "--name value (checkpoint: value)". Options the config does not hold are refused too."""
     conflicts = []
-    sections = (saved, saved.model, saved.train, saved.data, saved.options)
     for name, value in sorted(given.items()):
         if name in RESUME_OPTIONS:
             continue
-        kept = next((getattr(s, name) for s in sections if s is not None and hasattr(s, name)), _MISSING)
-        if kept is not _MISSING and _same(kept, value):
+        field = _OPTION_FIELDS.get(name, name)
+        kept, wanted = _field(saved, field), _field(built, field)
+        if kept is not _MISSING and kept == wanted:
             continue
-        shown = "" if kept is _MISSING else f" (checkpoint: {kept})"
+        shown = "" if kept is _MISSING else f" (checkpoint: {_shown(kept)})"
         conflicts.append(f"--{name.replace('_', '-')} {value}{shown}")
     return conflicts
 
@@ -311,13 +317,19 @@ def resume_conflicts(saved: RunConfig, given: dict) -> list[str]:
 _MISSING = object()
 
 
-def _same(kept, value) -> bool:
-    if isinstance(kept, (tuple, list)) and isinstance(value, str):  # e.g. --classes 0,3
-        return [str(k) for k in kept] == [v.strip() for v in value.split(",")]
-    try:
-        return kept == type(kept)(value) if kept is not None and value is not None else kept == value
-    except (TypeError, ValueError):
-        return False
+def _field(cfg: RunConfig, name: str):
+    for section in (cfg, cfg.model, cfg.train, cfg.data, cfg.options):
+        if section is not None and hasattr(section, name):
+            return getattr(section, name)
+    return _MISSING
+
+
+def _shown(value) -> str:
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value))
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v}" for k, v in value.items() if k != "dim")
+    return str(value)
 
 
 def train(cfg: RunConfig, run_dir: str | Path, data_dir: str | None = None, resume: str | Path | None = None,
@@ -338,8 +350,8 @@ def train(cfg: RunConfig, run_dir: str | Path, data_dir: str | None = None, resu
     state = None
     if resume is not None:
         state = load_checkpoint(resume)
-        saved = RunConfig.from_dict(state["config"])
-        conflicts = resume_conflicts(saved, given or {})
+        saved = config_of(state, resume)
+        conflicts = resume_conflicts(saved, cfg, given or {})
         if conflicts:
             raise TrainingError(f"--resume {resume} keeps the checkpoint's config, and these options differ from it: "
                                 f"{', '.join(conflicts)}; leave them out, or train a new run")
@@ -357,7 +369,12 @@ def train(cfg: RunConfig, run_dir: str | Path, data_dir: str | None = None, resu
     cfg = configured
     trainer = Trainer(cfg, data)
     if state is not None:
-        trainer.load_state(state)
+        try:
+            trainer.load_state(state)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+            raise TrainingError(f"--resume {resume}: its weights or optimiser states do not fit its config "
+                                f"({str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__}): "
+                                "the checkpoint is damaged; use another one or train again") from None
     created = not run_dir.exists()
     checkpoint = run_dir / CHECKPOINT_NAME
     try:

@@ -13,13 +13,19 @@ from aae_train.train import resume_conflicts
 
 
 def test_options_that_differ_from_a_resumed_checkpoint_are_named_and_equal_ones_pass():
+    from dataclasses import replace
+
     saved = RunConfig()
-    given = {"epochs": 40, "threads": 1, "hidden": saved.model.hidden, "latent_dim": saved.model.latent_dim + 1,
-             "lr_recon": saved.train.lr_recon * 2, "prior_std": 3.0}
-    conflicts = resume_conflicts(saved, given)
-    assert conflicts == [f"--latent-dim {saved.model.latent_dim + 1} (checkpoint: {saved.model.latent_dim})",
-                         f"--lr-recon {saved.train.lr_recon * 2} (checkpoint: {saved.train.lr_recon})", "--prior-std 3.0"]
-    assert resume_conflicts(saved, {"epochs": 3, "device": "cpu", "out": "x", "overwrite": True}) == []
+    built = saved.replace(model=replace(saved.model, latent_dim=saved.model.latent_dim + 1,
+                                        prior=dict(saved.model.prior, dim=saved.model.latent_dim + 1)),
+                          train=replace(saved.train, lr_recon=saved.train.lr_recon * 2, epochs=99))
+    given = {"epochs": 99, "threads": 1, "hidden": saved.model.hidden, "latent_dim": saved.model.latent_dim + 1,
+             "lr_recon": saved.train.lr_recon * 2, "threshold_magic": 3}
+    assert resume_conflicts(saved, built, given) == [
+        f"--latent-dim {saved.model.latent_dim + 1} (checkpoint: {saved.model.latent_dim})",
+        f"--lr-recon {saved.train.lr_recon * 2} (checkpoint: {saved.train.lr_recon})", "--threshold-magic 3"]
+    assert resume_conflicts(saved, saved, {"epochs": 3, "device": "cpu", "out": "x", "overwrite": True,
+                                           "hidden": saved.model.hidden}) == []
 
 
 def test_resume_with_a_changed_architecture_is_refused_in_one_line(tiny_run, tmp_path, mnist_dir):
@@ -43,3 +49,24 @@ def test_sample_replaces_its_output_by_a_rename_never_writing_into_the_old_file(
     assert keep.read_bytes() == b"previous contents" and out.stat().st_ino != keep.stat().st_ino
     if suffix == ".npy":
         assert np.load(out).shape[0] == 4
+
+
+def test_a_compressed_checkpoint_that_inflates_to_gigabytes_is_refused_before_loading(tmp_path, tiny_run):
+    import time
+    import zipfile
+
+    from aae_train.checkpoint import CheckpointError, load_checkpoint
+
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(tiny_run.checkpoint) as good, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as out:
+        for info in good.infolist():
+            out.writestr(info.filename, good.read(info.filename))
+        with out.open("archive/data/999", "w", force_zip64=True) as big:  # 1.2 GB of zeros, ~1 MB deflated
+            chunk = bytes(1 << 24)
+            for _ in range(72):
+                big.write(chunk)
+    assert bomb.stat().st_size < 8 << 20
+    start = time.monotonic()
+    with pytest.raises(CheckpointError, match="inflate to"):
+        load_checkpoint(bomb)
+    assert time.monotonic() - start < 2

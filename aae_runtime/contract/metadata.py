@@ -60,6 +60,32 @@ SCHEMA_1_GRAPHS = {
     "decoder": {"file": DECODER_FILE, "inputs": [LATENT_INPUT], "outputs": [RECONSTRUCTION_OUTPUT]},
 }
 
+# Bounds on what a model's metadata may be: aae-export writes some 8 kB (a quantile table
+# included) nested 4 levels deep; these are far above that and far below what hurts.
+MAX_METADATA_CHARS = 1_000_000
+MAX_METADATA_DEPTH = 16
+
+
+def _check_plain(doc, source: str) -> None:
+    """Metadata nested at most MAX_METADATA_DEPTH levels, every string valid UTF-8 (a lone
+    surrogate from a JSON escape would fail later, when printed or written)."""
+    stack = [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_METADATA_DEPTH:
+            raise ModelError(f"{source} has metadata nested more than {MAX_METADATA_DEPTH} levels deep: re-export the model")
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+            stack.extend((k, depth) for k in value)
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ModelError(f"{source} has metadata with an invalid character (a lone surrogate): re-export the model") from None
+
+
 @dataclass(frozen=True)
 class ModelMetadata:
     """Parsed, validated metadata of an exported model (the same block sits in both graphs)."""
@@ -96,12 +122,18 @@ class ModelMetadata:
     def from_json(cls, text: str | None, source: str) -> "ModelMetadata":
         if text is None:
             raise ModelError(f"{source} has no '{METADATA_KEY}' metadata: it was not written by aae-export; re-export it")
+        if len(text) > MAX_METADATA_CHARS:
+            raise ModelError(f"{source} has {len(text) / 1e6:.1f} MB of metadata, far more than aae-export writes "
+                             f"(at most {MAX_METADATA_CHARS // 1000} kB): re-export the model")
         try:
             d = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ModelError(f"{source} has malformed metadata ({exc.msg} at char {exc.pos}): re-export the model") from None
+        except RecursionError:
+            raise ModelError(f"{source} has metadata nested too deep to read: re-export the model") from None
         if not isinstance(d, dict):
             raise ModelError(f"{source} metadata is not a JSON object: re-export the model")
+        _check_plain(d, source)
         return cls.from_dict(d, source)
 
     @classmethod

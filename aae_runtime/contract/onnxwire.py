@@ -29,6 +29,19 @@ _TYPE_TENSOR, _TENSOR_SHAPE, _SHAPE_DIM, _DIM_VALUE, _DIM_PARAM = 1, 2, 1, 1, 2
 _ENTRY_KEY, _ENTRY_VALUE = 1, 2  # StringStringEntryProto
 
 
+# The operators aae-export emits (every family, architecture, score and variant: fp32, the int8
+# QDQ graphs, fp16 with its Casts), in the default ONNX domain. A graph with any other operator,
+# or an operator of another domain, was not written by aae-export: `check_operators` refuses it
+# before ONNX Runtime sees it (no Loop, If or Scan that could run for ever, no custom ops).
+EXPORTED_OPERATORS = frozenset({
+    "Abs", "Add", "ArgMin", "AveragePool", "Cast", "Clip", "Concat", "Constant", "ConstantOfShape", "Conv",
+    "ConvTranspose", "DequantizeLinear", "Div", "Equal", "Exp", "Expand", "Flatten", "Gather", "GatherND", "Gemm",
+    "Identity", "Log", "MatMul", "Max", "Min", "Mul", "Neg", "Pad", "Pow", "QuantizeLinear", "Range", "ReduceMean",
+    "ReduceMin", "Relu", "Reshape", "Shape", "Sigmoid", "Slice", "Softmax", "Split", "Sqrt", "Squeeze", "Sub", "Transpose",
+    "Unsqueeze", "Where",
+})
+
+
 class WireError(ValueError):
     """The bytes are not a well-formed protobuf message."""
 
@@ -173,3 +186,12 @@ def read_graph_file(path: str | Path) -> GraphFile:
     if not seen_graph:
         raise ModelError(f"cannot load {path.name} as an ONNX model (it holds no graph): re-export it")
     return out
+
+
+def check_operators(graph: GraphFile) -> None:
+    """Raise ModelError unless every operator of ``graph`` is one aae-export emits."""
+    foreign = sorted(f"{domain}.{op}" if domain else op for domain, op in graph.operators
+                     if domain or op not in EXPORTED_OPERATORS)
+    if foreign:
+        raise ModelError(f"{graph.path.name} uses operators aae-export never writes ({', '.join(foreign[:5])}"
+                         f"{', ...' if len(foreign) > 5 else ''}): it is not a model of this tool; export the model again")

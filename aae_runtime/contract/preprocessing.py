@@ -58,7 +58,10 @@ class Preprocessing:
             raise ModelError(f"model metadata has a malformed 'preprocessing' block ({exc!r}): re-export the model") from None
         if (pre.color_mode not in COLOR_MODES or not 1 <= pre.height <= MAX_INPUT_SIDE or not 1 <= pre.width <= MAX_INPUT_SIDE
                 or pre.resample not in RESAMPLE_FILTERS or not math.isfinite(pre.scale) or not math.isfinite(pre.offset)):
-            raise ModelError(f"model metadata has unsupported preprocessing {d!r}: re-export the model")
+            raise ModelError(f"model metadata has unsupported preprocessing {str(d)[:300]}: re-export the model")
+        if not 1e-6 <= abs(pre.scale) <= 1e6 or abs(pre.offset) > 1e6:  # scale 0 would give every image one score
+            raise ModelError(f"model metadata has preprocessing scale {pre.scale:g} and offset {pre.offset:g}: pixels "
+                             "would not reach the model (a scale of 1/255 maps 8-bit pixels to [0, 1]); re-export the model")
         return pre
 
 
