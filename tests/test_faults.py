@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -70,3 +71,62 @@ def test_a_compressed_checkpoint_that_inflates_to_gigabytes_is_refused_before_lo
     with pytest.raises(CheckpointError, match="inflate to"):
         load_checkpoint(bomb)
     assert time.monotonic() - start < 2
+
+
+def test_a_folder_tree_1200_levels_deep_is_walked(tiny_model_dir, tmp_path, mnist_test):
+    from tests.conftest import write_png
+
+    root = tmp_path / "deep"
+    here = os.getcwd()
+    root.mkdir()
+    os.chdir(root)
+    try:  # relative steps: the absolute path grows past what one mkdir call takes at once
+        for _ in range(1200):
+            os.mkdir("d")
+            os.chdir("d")
+        write_png(Path("x.png"), mnist_test[0][0])
+    finally:
+        os.chdir(here)
+    r = subprocess.run(["aae-run", "score", str(root), "--model", str(tiny_model_dir), "--device", "cpu"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "scored 1 images" in r.stdout, r.stderr
+
+
+def test_a_negative_seed_is_a_usage_error(tiny_model_dir, tmp_path):
+    r = subprocess.run(["aae-run", "sample", "--model", str(tiny_model_dir), "--seed", "-1", "--out", str(tmp_path / "s.png")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--seed" in r.stderr and "internal" not in r.stderr
+
+
+@pytest.mark.parametrize("change,words", [
+    (lambda m: m["score"].update(pixel_error_scale=-1.0), "pixel_error_scale"),
+    (lambda m: m["score"].update(pixel_error_scale=float("nan")), "pixel_error_scale"),
+    (lambda m: m["input"].update(value_range=[1.0, 0.0]), "value_range"),
+    (lambda m: m["input"].update(value_range="wide"), "value_range"),
+])
+def test_map_fields_are_validated(tiny_model_dir, change, words):
+    import json
+
+    from aae_runtime import ModelError
+    from aae_runtime.contract.metadata import ModelMetadata
+    from aae_runtime.contract.modelfolder import current_version
+    from aae_runtime.contract.onnxwire import read_graph_file
+
+    meta = json.loads(read_graph_file(current_version(tiny_model_dir) / "encoder.onnx").custom_metadata_map["aae"])
+    change(meta)
+    with pytest.raises(ModelError, match=words):
+        ModelMetadata.from_json(json.dumps(meta), "encoder.onnx")
+
+
+def test_a_checkpoint_with_a_damaged_config_is_one_line(tiny_run, tmp_path):
+    import torch
+
+    from aae_train.checkpoint import CheckpointError, load_trained
+
+    state = torch.load(tiny_run.checkpoint, weights_only=True)
+    for damage in ({"model": "not a dict"}, {"model": {"latent_dim": [1, 2]}}, {"train": {"epochs": {"x": 1}}}):
+        bad = tmp_path / "bad.pt"
+        torch.save({**state, "config": {**state["config"], **damage}}, bad)
+        with pytest.raises(CheckpointError) as info:
+            load_trained(bad)
+        assert "\n" not in str(info.value)

@@ -174,6 +174,7 @@ class ModelMetadata:
             raise ModelError(f"{source} metadata has no score definition: re-export the model")
         validate_score_block(d["score"], source)
         _check_codes(d["score"], latent_dim, source)
+        _check_map_fields(d, source)
         graphs = _graphs(d, version, source)
         classes = _classes(d, graphs, source)
         requires = _requires(d, source)
@@ -194,6 +195,19 @@ class ModelMetadata:
             score=d["score"],
             threshold=threshold,
         )
+
+
+def _check_map_fields(d: dict, source: str) -> None:
+    """What the maps and the input scaling read: the colour scale (finite, positive) and the
+    input's value range (two finite numbers, low < high)."""
+    scale = d["score"].get("pixel_error_scale")
+    if scale is not None and not (_finite_number(scale) and scale > 0):
+        raise ModelError(f"{source} metadata has pixel_error_scale {scale!r}; it must be a positive number: re-export the model")
+    value_range = (d.get("input") or {}).get("value_range") if isinstance(d.get("input", {}), dict) else None
+    if value_range is not None and not (isinstance(value_range, list) and len(value_range) == 2
+                                        and all(_finite_number(v) for v in value_range) and value_range[0] < value_range[1]):
+        raise ModelError(f"{source} metadata has input value_range {str(value_range)[:80]}; it must be [low, high] with "
+                         "low < high: re-export the model")
 
 
 def _graphs(d: dict, version: int, source: str) -> dict:
