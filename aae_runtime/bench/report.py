@@ -181,6 +181,6 @@ def plot(report: dict, path: str | Path) -> Path:
         x, y = left + 230 * (j // per_col), ph + top + bottom - 10 + 16 * (j % per_col)
         d.rectangle([x, y + 3, x + 12, y + 11], fill=_COLORS[j % len(_COLORS)])
         d.text((x + 18, y), s, fill="black")
-    path = Path(path)
-    img.save(path)
-    return path
+    from aae_runtime.images import save_png
+
+    return save_png(img, Path(path))
