@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip uninstall -q -y $(ORT_OTHER) aae 2>/dev/null || true  # the other ONNX Runtime; aae: this project's old distribution name
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[train,$(ORT),dev]"
+	$(BIN)/python -m pip install -q -e ".[train,$(ORT),serve,watch,dev]"
 	touch $@
 
 demo: setup

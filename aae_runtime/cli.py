@@ -347,6 +347,49 @@ def _print_scores(results: list[ImageScore], m: AAEModel, show: int) -> None:
 
 
 @app.command()
+def watch(
+    inbox: Annotated[Path, typer.Argument(help="Folder the camera writes into (watched recursively).")],
+    model: ModelOpt,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Results file (.jsonl or .csv): one row per image, "
+                                         "appended and flushed to disk per batch.")],
+    done: Annotated[Optional[Path], typer.Option(help="Move each scored image here (its sub-folders kept).")] = None,
+    failed: Annotated[Optional[Path], typer.Option(help="Move images that could not be scored here (default: --done).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, max=4096, help="Most images per inference call (a burst forms batches).")] = DEFAULT_BATCH_SIZE,
+    settle: Annotated[float, typer.Option(min=0.0, max=3600.0, help="Seconds a file's size and time must stay unchanged "
+                                          "before it is read (a slow writer, a copy in progress).")] = 0.5,
+    poll: Annotated[bool, typer.Option("--poll", help="List the folder every 0.5 s instead of waiting for file events "
+                                       "(network file systems without events).")] = False,
+    device: DeviceOpt = "auto",
+    threads: FileThreadsOpt = None,
+) -> None:
+    """Score every image that lands in INBOX, once (across restarts and SIGKILL), appending rows
+    to --output and moving each image to --done or --failed. Stops on Ctrl-C or SIGTERM after
+    the batch it is scoring (exit 0)."""
+    from aae_runtime.watch import WATCH_FORMATS, Watcher
+
+    if not inbox.is_dir():
+        raise typer.BadParameter(f"folder {_printable(str(inbox))} does not exist", param_hint="INBOX")
+    if output.suffix.lower() not in WATCH_FORMATS:
+        raise typer.BadParameter(f"{_printable(str(output))}: use a file name ending in {' or '.join(WATCH_FORMATS)}",
+                                 param_hint="--output")
+    _create_parent(output, "--output")
+    try:
+        m = _load(model, device, threads=threads)
+        watcher = Watcher(m, inbox, output, done=done, failed=failed, batch_size=batch_size, settle_s=settle, poll=poll,
+                          log=lambda line: err.print(f"[yellow]note:[/yellow] {_printable(line)}", highlight=False))
+    except AAEError as exc:
+        raise _fail(exc)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: watcher.stop())
+    err.print(f"watching {_printable(str(inbox))}; rows to {_printable(str(output))}", highlight=False)
+    try:
+        stats = watcher.run()
+    except AAEError as exc:
+        raise _fail(exc)
+    err.print(f"stopped: {stats.scored} images scored, {stats.failed} failed, in {stats.batches} batches", highlight=False)
+
+
+@app.command()
 def calibrate(
     normal: Annotated[list[Path], typer.Argument(help="Normal (defect-free) image files and/or folders from the line.")],
     model: ModelOpt,

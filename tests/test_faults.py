@@ -87,9 +87,30 @@ def test_a_folder_tree_1200_levels_deep_is_walked(tiny_model_dir, tmp_path, mnis
         write_png(Path("x.png"), mnist_test[0][0])
     finally:
         os.chdir(here)
-    r = subprocess.run(["aae-run", "score", str(root), "--model", str(tiny_model_dir), "--device", "cpu"],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and "scored 1 images" in r.stdout, r.stderr
+    try:
+        r = subprocess.run(["aae-run", "score", str(root), "--model", str(tiny_model_dir), "--device", "cpu"],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and "scored 1 images" in r.stdout, r.stderr
+    finally:
+        _remove_deep(root)
+
+
+def _remove_deep(root: Path) -> None:
+    """Remove a tree too deep for shutil.rmtree's recursion (pytest would fail to clean it up)."""
+    here = os.getcwd()
+    os.chdir(root)
+    try:
+        depth = 0
+        while os.path.isdir("d"):
+            os.chdir("d")
+            depth += 1
+        for name in os.listdir("."):
+            os.unlink(name)
+        for _ in range(depth):
+            os.chdir("..")
+            os.rmdir("d")
+    finally:
+        os.chdir(here)
 
 
 def test_a_negative_seed_is_a_usage_error(tiny_model_dir, tmp_path):

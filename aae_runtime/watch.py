@@ -1,0 +1,334 @@
+"""`aae-run watch`: score every image that lands in a folder, once, losing none.
+
+A camera drops files into INBOX (recursively); each is scored once, its row appended to the
+results file (``.csv`` or ``.jsonl``, the fields of `aae-run score`), and the file moved to
+``--done`` or ``--failed`` (or left where it is).
+
+**Exactly once, across SIGKILL.** Every batch ends in one commit: the rows are appended to the
+results file and the batch's files to a ledger (``FILE.seen``: path, size, mtime, inode of each
+file handled), both flushed to disk, and then a state file (``FILE.state.json``) is replaced
+atomically with the two files' sizes. Only after that are the files moved. On start, both files
+are cut back to the sizes the state names (rows of a batch that never committed are dropped, and
+that batch is scored again), files the ledger names that are still in INBOX are moved on (a kill
+between commit and move), and files already waiting are processed. A file is known by its path,
+size, modification time and inode, so a camera that reuses a name gets its new image scored.
+
+**Not early.** A file is read once its size and modification time have stayed the same for
+``settle`` seconds (a camera writing slowly, a copy in progress); names a camera writes before
+renaming (hidden, ``*.tmp``, ``*.part``) are left alone.
+
+Events come from the `watchdog` package (inotify on Linux) when it is installed; without it, or
+on file systems without events, the folder is polled. Batches form from what is waiting, so a
+burst is scored at batch speed.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from aae_runtime.contract.errors import InputError
+from aae_runtime.contract.fileio import atomic_write
+from aae_runtime.images import IMAGE_SUFFIXES
+from aae_runtime.report import FIELDS, rows_as_dicts
+
+WATCH_FORMATS = (".csv", ".jsonl")
+IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp")
+DEFAULT_SETTLE_S = 0.5
+POLL_S = 0.5  # how often the folder is listed without events (and the longest wait with them)
+
+
+@dataclass(frozen=True)
+class Seen:
+    """A file as the ledger knows it."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    inode: int
+
+    @classmethod
+    def of(cls, path: Path, st: os.stat_result) -> "Seen":
+        return cls(str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+@dataclass
+class WatchStats:
+    scored: int = 0
+    failed: int = 0
+    batches: int = 0
+    recovered: int = 0  # files of a committed batch moved on at start (killed before moving them)
+    dropped_rows: int = 0  # rows of an uncommitted batch cut from the results at start
+    latencies_s: list = field(default_factory=list)  # file ready -> row committed
+
+
+class Ledger:
+    """The results file, the ledger of files handled and the state that commits both."""
+
+    def __init__(self, output: Path):
+        self.output = output
+        self.suffix = output.suffix.lower()
+        if self.suffix not in WATCH_FORMATS:
+            raise InputError(f"--output {output}: use a file name ending in {' or '.join(WATCH_FORMATS)} (rows are appended)")
+        self.seen_path = output.with_name(output.name + ".seen")
+        self.state_path = output.with_name(output.name + ".state.json")
+        self.seen: set[Seen] = set()
+        self.dropped_rows = 0
+
+    def open(self) -> None:
+        """Cut both files back to the last commit, load the ledger, write the header of a new file."""
+        state = {"results_bytes": 0, "seen_bytes": 0}
+        if self.state_path.exists():
+            try:
+                state = json.loads(self.state_path.read_text())
+                int(state["results_bytes"]), int(state["seen_bytes"])
+            except (ValueError, KeyError, TypeError, OSError) as exc:
+                raise InputError(f"{self.state_path} is damaged ({exc}): move the results file and its .seen/.state.json "
+                                 "aside to start a new one") from None
+        elif self.output.exists() and self.output.stat().st_size > 0:
+            raise InputError(f"--output {self.output} exists but was not written by aae-run watch (no {self.state_path.name}): "
+                             "choose a new file, or remove it")
+        for path, size in ((self.output, state["results_bytes"]), (self.seen_path, state["seen_bytes"])):
+            try:
+                with open(path, "ab") as f:
+                    if f.tell() > size:
+                        if path == self.output:
+                            self.dropped_rows = _count_lines(path, size)
+                        f.truncate(size)
+            except OSError as exc:
+                raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
+        with open(self.seen_path, encoding="utf-8") as f:
+            for line in f:
+                d = json.loads(line)
+                self.seen.add(Seen(d["path"], d["size"], d["mtime_ns"], d["inode"]))
+        if state["results_bytes"] == 0 and self.suffix == ".csv":
+            self._append(self.output, _csv_text([], header=True))
+            self._commit()
+
+    def commit(self, rows: list[dict], handled: list[Seen]) -> None:
+        """Append ``rows`` and ``handled`` durably, then switch the state to include them."""
+        text = _csv_text(rows) if self.suffix == ".csv" else "".join(json.dumps(r) + "\n" for r in rows)
+        self._append(self.output, text)
+        self._append(self.seen_path, "".join(json.dumps(s.__dict__) + "\n" for s in handled))
+        self._commit()
+        self.seen.update(handled)
+
+    def forget(self, gone: list[Seen]) -> None:
+        """Drop ledger entries of files that left INBOX (moved): the ledger stays small."""
+        self.seen.difference_update(gone)
+
+    def _append(self, path: Path, text: str) -> None:
+        with open(path, "a", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _commit(self) -> None:
+        state = {"results_bytes": self.output.stat().st_size, "seen_bytes": self.seen_path.stat().st_size}
+        data = (json.dumps(state) + "\n").encode()
+        atomic_write(self.state_path, lambda f: f.write(data), fsync=True)
+
+
+def _csv_text(rows: list[dict], header: bool = False) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(FIELDS), lineterminator="\n")
+    if header:
+        writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    return buf.getvalue()
+
+
+def _count_lines(path: Path, after: int) -> int:
+    with open(path, "rb") as f:
+        f.seek(after)
+        return f.read().count(b"\n")
+
+
+def _candidate(path: Path) -> bool:
+    name = path.name
+    return (not name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
+            and not name.lower().endswith(IGNORED_SUFFIXES))
+
+
+class Watcher:
+    """Scores what lands in ``inbox`` with ``model`` (an AAEModel); see the module docstring."""
+
+    def __init__(self, model, inbox: Path, output: Path, done: Path | None = None, failed: Path | None = None,
+                 batch_size: int = 64, settle_s: float = DEFAULT_SETTLE_S, poll: bool = False,
+                 log: Callable[[str], None] = lambda s: None):
+        self.model, self.inbox, self.done, self.failed = model, inbox, done, failed
+        self.batch_size, self.settle_s, self.log = batch_size, settle_s, log
+        self.ledger = Ledger(output)
+        self.stats = WatchStats()
+        self.changed = threading.Event()
+        self.stopping = threading.Event()
+        self.pending: dict[Path, tuple[int, int, float]] = {}  # path -> (size, mtime_ns, since when unchanged)
+        self.observer = None if poll else self._start_events()
+
+    def _start_events(self):
+        try:
+            from watchdog.events import FileSystemEventHandler
+            from watchdog.observers import Observer
+        except ImportError:
+            self.log("watchdog is not installed (pip install 'aae-toolkit[watch]'): polling the folder every "
+                     f"{POLL_S:g} s")
+            return None
+        changed = self.changed
+
+        class Wake(FileSystemEventHandler):
+            def on_any_event(self, event):
+                changed.set()
+
+        observer = Observer()
+        try:
+            observer.schedule(Wake(), str(self.inbox), recursive=True)
+            observer.start()
+        except OSError as exc:  # no inotify watches left, a file system without events
+            self.log(f"no file events for {self.inbox} ({exc.strerror or exc}): polling every {POLL_S:g} s")
+            return None
+        return observer
+
+    def run(self, until: Callable[[], bool] | None = None) -> WatchStats:
+        """Watch until ``stop()`` (or ``until()`` is true); returns the counts."""
+        self.ledger.open()
+        self.stats.dropped_rows = self.ledger.dropped_rows
+        self._recover()
+        try:
+            while not self.stopping.is_set() and not (until and until()):
+                batch = self._ready()
+                if batch:
+                    self._score(batch)
+                    continue
+                self.changed.wait(min(POLL_S, self.settle_s) if self.pending else POLL_S)
+                self.changed.clear()
+        finally:
+            if self.observer is not None:
+                self.observer.stop()
+                self.observer.join(timeout=5)
+        return self.stats
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.changed.set()
+
+    # -- the steps ---------------------------------------------------------------------------------
+    def _files(self) -> list[tuple[Path, os.stat_result]]:
+        out = []
+        for root, dirs, files in os.walk(self.inbox):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            here = Path(root)
+            if self._is_destination(here):
+                dirs[:] = []
+                continue
+            for name in sorted(files):
+                path = here / name
+                if not _candidate(path):
+                    continue
+                try:
+                    st = path.stat()
+                except OSError:  # gone between the listing and now
+                    continue
+                if os.path.isfile(path):
+                    out.append((path, st))
+        return out
+
+    def _is_destination(self, folder: Path) -> bool:
+        return any(d is not None and folder.resolve() == d.resolve() for d in (self.done, self.failed))
+
+    def _recover(self) -> None:
+        """Files a committed batch handled but did not move (killed in between): move them now."""
+        if self.done is None and self.failed is None:
+            return
+        present = {Seen.of(p, st): p for p, st in self._files()}
+        handled = [s for s in present if s in self.ledger.seen]
+        failed_paths = self._failed_paths({s.path for s in handled})
+        for s in handled:
+            self._move(present[s], s.path in failed_paths)
+        self.ledger.forget(handled)
+        self.stats.recovered = len(handled)
+        if handled:
+            self.log(f"moved on {len(handled)} files a batch had scored before the watcher stopped")
+
+    def _failed_paths(self, paths: set[str]) -> set[str]:
+        """Which of ``paths`` have an error in the results (read from the file: only at start)."""
+        if not paths:
+            return set()
+        failed = set()
+        with open(self.ledger.output, encoding="utf-8", newline="") as f:
+            rows = csv.DictReader(f) if self.ledger.suffix == ".csv" else (json.loads(line) for line in f)
+            for row in rows:
+                if row.get("path") in paths and row.get("error"):
+                    failed.add(row["path"])
+        return failed
+
+    def _ready(self) -> list[tuple[Path, os.stat_result]]:
+        """Up to batch_size files unchanged for settle_s and not handled yet."""
+        now = time.monotonic()
+        ready, seen_now = [], set()
+        for path, st in self._files():
+            seen_now.add(path)
+            if Seen.of(path, st) in self.ledger.seen:
+                continue
+            key = (st.st_size, st.st_mtime_ns)
+            before = self.pending.get(path)
+            if before is None or before[:2] != key:
+                self.pending[path] = (*key, now)
+                continue
+            if now - before[2] >= self.settle_s and len(ready) < self.batch_size:
+                ready.append((path, st))
+        for gone in set(self.pending) - seen_now:
+            del self.pending[gone]
+        return ready
+
+    def _score(self, batch: list[tuple[Path, os.stat_result]]) -> None:
+        started = {p: self.pending.get(p, (0, 0, time.monotonic()))[2] for p, _ in batch}
+        rows = list(self.model.iter_score_paths([p for p, _ in batch], batch_size=self.batch_size))
+        handled, kept = [], []
+        for (path, st), row in zip(batch, rows):
+            try:
+                now = path.stat()
+            except OSError:
+                now = None
+            if now is not None and (now.st_size, now.st_mtime_ns, now.st_ino) != (st.st_size, st.st_mtime_ns, st.st_ino):
+                continue  # replaced while it was scored: the new file gets its own turn (a deleted one keeps its row)
+            handled.append(Seen.of(path, st))
+            kept.append(row)
+        try:
+            self.ledger.commit(rows_as_dicts(kept, self.model.threshold), handled)
+        except OSError as exc:  # a full disk: nothing moved, nothing committed; a restart scores the batch again
+            raise InputError(f"cannot write the results to {self.ledger.output} ({exc.strerror or exc}): the images stay "
+                             "in the inbox; free space and start the watcher again") from None
+        done_at = time.monotonic()
+        for (path, _), row in zip([(Path(s.path), None) for s in handled], kept):
+            self.pending.pop(path, None)
+            self.stats.latencies_s.append(done_at - started.get(path, done_at))
+            self._move(path, not row.ok)
+        self.ledger.forget(handled if (self.done or self.failed) else [])
+        self.stats.batches += 1
+        self.stats.scored += sum(r.ok for r in kept)
+        self.stats.failed += sum(not r.ok for r in kept)
+
+    def _move(self, path: Path, failed: bool) -> None:
+        target_dir = self.failed if failed and self.failed is not None else self.done
+        if target_dir is None or (failed and self.failed is None and self.done is None):
+            return
+        if not path.exists():  # deleted after it was read: its row says what became of it
+            return
+        rel = path.relative_to(self.inbox)
+        target = target_dir / rel
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.exists():  # a name used before: keep both
+                target = target.with_name(f"{target.stem}.{time.time_ns()}{target.suffix}")
+            shutil.move(str(path), str(target))
+        except OSError as exc:
+            self.log(f"could not move {path} to {target_dir} ({exc.strerror or exc}); its row is written, it stays")

@@ -1,0 +1,160 @@
+"""`aae-run watch` on a real temporary folder with real file events (and the polling fallback):
+every image scored once, slow writers not read early, SIGKILL at any moment loses nothing and
+scores nothing twice, a full disk stops it without losing an image."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import write_png
+
+
+def start(inbox: Path, model: Path, output: Path, *extra: str, ready: bool = False) -> subprocess.Popen:
+    """The watcher as a process; with ``ready``, once it says it is watching (its signal
+    handlers are in place)."""
+    run = subprocess.Popen(["aae-run", "watch", str(inbox), "--model", str(model), "--output", str(output),
+                            "--device", "cpu", "--settle", "0.2", *extra],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if ready:
+        for line in run.stderr:
+            if line.startswith("watching"):
+                break
+    return run
+
+
+def rows_of(output: Path) -> list[dict]:
+    if not output.exists():
+        return []
+    if output.suffix == ".csv":
+        return list(csv.DictReader(output.open()))
+    return [json.loads(line) for line in output.read_text().splitlines()]
+
+
+def wait_until(condition, timeout: float = 60.0) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.05)
+
+
+def stop(run: subprocess.Popen) -> str:
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 0, err
+    return err
+
+
+@pytest.fixture()
+def digits(mnist_test):
+    return mnist_test[0]
+
+
+@pytest.mark.parametrize("mode", ["events", "poll"])
+def test_files_there_at_start_and_arriving_later_are_scored_once_and_moved(tiny_model_dir, tmp_path, digits, mode):
+    inbox, done, failed, out = tmp_path / "inbox", tmp_path / "done", tmp_path / "failed", tmp_path / "rows.csv"
+    for i in range(5):
+        write_png(inbox / f"early{i}.png", digits[i])
+    run = start(inbox, tiny_model_dir, out, "--done", str(done), "--failed", str(failed), *(["--poll"] if mode == "poll" else []))
+    wait_until(lambda: len(rows_of(out)) == 5)
+    write_png(inbox / "sub" / "late.png", digits[7])
+    (inbox / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    wait_until(lambda: len(rows_of(out)) == 7)
+    stop(run)
+    rows = {Path(r["path"]).name: r for r in rows_of(out)}
+    assert set(rows) == {*(f"early{i}.png" for i in range(5)), "late.png", "broken.png"}
+    assert all(set(r) == {"path", "score", "normalized_score", "threshold", "anomaly", "error"} for r in rows.values())
+    assert rows["broken.png"]["error"] and not rows["late.png"]["error"] and float(rows["late.png"]["score"]) == float(rows["late.png"]["score"])
+    assert (done / "sub" / "late.png").is_file() and (failed / "broken.png").is_file()
+    assert not [p for p in inbox.rglob("*.png")]
+
+
+def test_a_file_written_slowly_is_read_only_when_complete(tiny_model_dir, tmp_path, digits):
+    inbox, out = tmp_path / "inbox", tmp_path / "rows.jsonl"
+    inbox.mkdir()
+    whole = write_png(tmp_path / "whole.png", digits[3]).read_bytes()
+    run = start(inbox, tiny_model_dir, out, "--done", str(tmp_path / "done"))
+    with open(inbox / "slow.png", "wb") as f:  # a camera writing a byte run every 0.15 s
+        for i in range(0, len(whole), max(1, len(whole) // 8)):
+            f.write(whole[i : i + max(1, len(whole) // 8)])
+            f.flush()
+            time.sleep(0.15)
+    wait_until(lambda: len(rows_of(out)) == 1)
+    stop(run)
+    row = rows_of(out)[0]
+    assert row["error"] is None and row["score"] is not None
+
+
+def test_sigkill_at_any_moment_loses_no_image_and_scores_none_twice(tiny_model_dir, tmp_path, digits):
+    inbox, done, out = tmp_path / "inbox", tmp_path / "done", tmp_path / "rows.jsonl"
+    names = [f"img{i:03d}.png" for i in range(120)]
+    for i, name in enumerate(names[:60]):
+        write_png(inbox / name, digits[i])
+    rng = np.random.default_rng(0)
+    for round_ in range(6):
+        run = start(inbox, tiny_model_dir, out, "--done", str(done), "--batch-size", "8")
+        if round_ < 3:  # more arrive while it runs
+            for i in range(60 + 20 * round_, 80 + 20 * round_):
+                write_png(inbox / names[i], digits[i])
+        time.sleep(float(rng.uniform(0.3, 2.0)))
+        run.send_signal(signal.SIGKILL)
+        run.wait(timeout=30)
+    run = start(inbox, tiny_model_dir, out, "--done", str(done), "--batch-size", "8", ready=True)
+    wait_until(lambda: len({r["path"] for r in rows_of(out)}) == 120 and not list(inbox.rglob("*.png")))
+    stop(run)
+    paths = [Path(r["path"]).name for r in rows_of(out)]
+    assert sorted(paths) == sorted(names)  # each once: none lost, none twice
+    assert sorted(p.name for p in done.rglob("*.png")) == sorted(names)
+
+
+def test_left_in_place_files_are_scored_once_across_restarts_and_a_reused_name_again(tiny_model_dir, tmp_path, digits):
+    inbox, out = tmp_path / "inbox", tmp_path / "rows.csv"
+    write_png(inbox / "a.png", digits[0])
+    write_png(inbox / "b.png", digits[1])
+    run = start(inbox, tiny_model_dir, out)
+    wait_until(lambda: len(rows_of(out)) == 2)
+    stop(run)
+    run = start(inbox, tiny_model_dir, out, ready=True)
+    time.sleep(1.5)
+    assert len(rows_of(out)) == 2  # nothing scored again
+    os.unlink(inbox / "a.png")
+    write_png(inbox / "a.png", digits[5])  # the camera reuses the name: a new image
+    wait_until(lambda: len(rows_of(out)) == 3)
+    stop(run)
+    assert [Path(r["path"]).name for r in rows_of(out)] == ["a.png", "b.png", "a.png"]
+
+
+def test_a_full_disk_for_the_results_stops_the_watcher_in_one_line_and_keeps_the_images(tiny_model_dir, tmp_path, digits):
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full")
+    inbox, done = tmp_path / "inbox", tmp_path / "done"
+    for i in range(3):
+        write_png(inbox / f"{i}.png", digits[i])
+    out = tmp_path / "rows.jsonl"
+    out.symlink_to("/dev/full")
+    (tmp_path / "rows.jsonl.state.json").write_text('{"results_bytes": 0, "seen_bytes": 0}\n')
+    run = start(inbox, tiny_model_dir, out, "--done", str(done))
+    _, err = run.communicate(timeout=60)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert run.returncode == 2 and len(errors) == 1 and "stay in the inbox" in errors[0], err
+    assert len(list(inbox.glob("*.png"))) == 3 and not done.exists()
+
+
+def test_a_results_file_of_another_program_is_not_appended_to(tiny_model_dir, tmp_path):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    out = tmp_path / "rows.csv"
+    out.write_text("somebody's data\n")
+    r = subprocess.run(["aae-run", "watch", str(inbox), "--model", str(tiny_model_dir), "--output", str(out)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "not written by aae-run watch" in r.stderr
+    assert out.read_text() == "somebody's data\n"
