@@ -390,6 +390,39 @@ def watch(
 
 
 @app.command()
+def serve(
+    model: ModelOpt,
+    host: Annotated[str, typer.Option(help="Address to listen on; anything but loopback needs a token.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8080,
+    max_batch: Annotated[int, typer.Option(min=1, max=4096, help="Most images in one inference call.")] = 64,
+    max_wait_ms: Annotated[float, typer.Option(min=0.0, max=1000.0, help="How long the first image of a batch waits for others.")] = 2.0,
+    max_queue: Annotated[int, typer.Option(min=1, max=1_000_000, help="Images waiting at most; beyond: 503 and Retry-After.")] = 1024,
+    max_body_mb: Annotated[float, typer.Option(min=0.001, max=4096.0, help="Largest request body.")] = 32.0,
+    read_timeout: Annotated[float, typer.Option(min=0.1, max=3600.0, help="Seconds to receive a whole body (else 408).")] = 10.0,
+    token_file: Annotated[Optional[Path], typer.Option(help=f"File whose first line is the bearer token (else $AAE_TOKEN).")] = None,
+    noop_endpoint: Annotated[bool, typer.Option("--noop-endpoint", help="Also POST /noop: reads the body, answers fixed JSON "
+                                                "(the HTTP floor, for benchmarks).")] = False,
+    device: DeviceOpt = "auto",
+    threads: ThreadsOpt = 0,
+) -> None:
+    """Serve the model over HTTP: POST /score, GET /model, /healthz, /readyz, /metrics (needs the
+    [serve] extra). Concurrent requests share inference calls; a new model version in the folder
+    (aae-run calibrate) is picked up without dropping a request. SIGTERM drains, then exits."""
+    try:
+        from aae_runtime import serve as service
+    except ImportError as exc:
+        raise _fail(AAEError(f"aae-run serve needs the [serve] extra ({exc.name} is missing): pip install 'aae-toolkit[serve]'"))
+    try:
+        cfg = service.ServeConfig(host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                                  max_body_bytes=int(max_body_mb * 2**20), read_timeout_s=read_timeout,
+                                  token=service.read_token(token_file), noop_endpoint=noop_endpoint)
+        service.serve(model, cfg, SessionConfig(device=device, threads=threads),
+                      log=lambda line: err.print(_printable(line), highlight=False))
+    except AAEError as exc:
+        raise _fail(exc)
+
+
+@app.command()
 def calibrate(
     normal: Annotated[list[Path], typer.Argument(help="Normal (defect-free) image files and/or folders from the line.")],
     model: ModelOpt,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import math
 import os
 import stat
@@ -62,19 +63,30 @@ def load_image(path: str | Path, pre: Preprocessing, native: bool = False) -> np
     _configure_pillow()
     path = Path(path)
     with _open_regular_file(path) as f:
-        img, decoded_bytes = _open_image(f)
-        # Files are decoded on several threads (model.py); one large image at a time keeps the
-        # peak near one MAX_DECODED_BYTES image instead of one per thread.
-        with _LARGE_DECODE if decoded_bytes > LARGE_IMAGE_BYTES else contextlib.nullcontext():
-            _load(img)
-            try:
-                return image_to_array(img, pre, resize=not native)
-            except (ValueError, OSError) as exc:  # e.g. a colour mode Pillow cannot convert
-                raise InputError(f"cannot convert a {img.mode} image to {pre.color_mode} ({_first_line(exc)})") from None
-            except MemoryError:
-                raise InputError("out of memory converting the image") from None
-            finally:
-                img.close()
+        return _decode(f, pre, native)
+
+
+def decode_image(data: bytes, pre: Preprocessing, native: bool = False) -> np.ndarray:
+    """`load_image` for bytes already in memory (an HTTP upload): the same formats, limits and
+    conversion, the same `InputError` reasons."""
+    _configure_pillow()
+    return _decode(io.BytesIO(data), pre, native)
+
+
+def _decode(f, pre: Preprocessing, native: bool) -> np.ndarray:
+    img, decoded_bytes = _open_image(f)
+    # Files are decoded on several threads (model.py); one large image at a time keeps the
+    # peak near one MAX_DECODED_BYTES image instead of one per thread.
+    with _LARGE_DECODE if decoded_bytes > LARGE_IMAGE_BYTES else contextlib.nullcontext():
+        _load(img)
+        try:
+            return image_to_array(img, pre, resize=not native)
+        except (ValueError, OSError) as exc:  # e.g. a colour mode Pillow cannot convert
+            raise InputError(f"cannot convert a {img.mode} image to {pre.color_mode} ({_first_line(exc)})") from None
+        except MemoryError:
+            raise InputError("out of memory converting the image") from None
+        finally:
+            img.close()
 
 
 def _open_regular_file(path: Path):

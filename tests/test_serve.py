@@ -1,0 +1,249 @@
+"""`aae-run serve`: the real server on a free loopback port, driven over real HTTP (http.client)."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import uuid
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aae_runtime import AAEModel
+from tests.conftest import write_png
+
+pytest.importorskip("fastapi")  # the [serve] extra (installed by make setup)
+
+TOKEN = "a-test-token-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model: Path, *extra: str, env: dict | None = None):
+        self.port = free_port()
+        self.proc = subprocess.Popen(["aae-run", "serve", "--model", str(model), "--port", str(self.port), "--device", "cpu",
+                                      *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, **(env or {})})
+        end = time.monotonic() + 60
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited: {self.proc.stderr.read()}")
+            try:
+                if self.request("GET", "/healthz")[0] == 200:
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError("server did not start")
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None, timeout: float = 30):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            r = conn.getresponse()
+            return r.status, r.read(), dict(r.getheaders())
+        finally:
+            conn.close()
+
+    def score(self, body: bytes, headers: dict | None = None, path: str = "/score"):
+        status, data, head = self.request("POST", path, body, headers)
+        return status, json.loads(data), head
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=60)
+        return self.proc.returncode
+
+
+def multipart(files: dict[str, bytes]) -> tuple[bytes, dict]:
+    boundary = uuid.uuid4().hex
+    out = io.BytesIO()
+    for name, data in files.items():
+        out.write(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{name}\"\r\n"
+                  "Content-Type: image/png\r\n\r\n".encode())
+        out.write(data + b"\r\n")
+    out.write(f"--{boundary}--\r\n".encode())
+    return out.getvalue(), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+@pytest.fixture(scope="module")
+def pngs(tmp_path_factory, mnist_test) -> list[Path]:
+    folder = tmp_path_factory.mktemp("pngs")
+    return [write_png(folder / f"{i:02d}.png", mnist_test[0][i]) for i in range(16)]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    s = Server(tiny_model_dir, "--max-wait-ms", "20", "--read-timeout", "1.5", "--max-body-mb", "4", "--noop-endpoint")
+    yield s
+    assert s.stop() == 0
+
+
+def test_scores_over_http_are_those_of_the_runtime(server, tiny_model_dir, pngs):
+    expected = {r.path: r for r in AAEModel.load(tiny_model_dir, device="cpu").score_paths(pngs[:3])}
+    status, raw, _ = server.score(pngs[0].read_bytes(), {"Content-Type": "image/png"})
+    assert status == 200 and raw["results"][0]["score"] == pytest.approx(expected[str(pngs[0])].score, abs=1e-5)
+    body, head = multipart({p.name: p.read_bytes() for p in pngs[:3]})
+    status, many, _ = server.score(body, head)
+    assert status == 200 and [r["name"] for r in many["results"]] == [p.name for p in pngs[:3]]
+    for r, p in zip(many["results"], pngs[:3]):
+        e = expected[str(p)]
+        assert r["score"] == pytest.approx(e.score, abs=1e-5) and r["anomaly"] == e.anomaly
+        assert r["normalized_score"] == pytest.approx(e.normalized, abs=1e-5) and r["error"] is None
+    status, mapped, _ = server.score(pngs[0].read_bytes(), path="/score?maps=1")
+    assert status == 200 and mapped["results"][0]["map_png"].startswith("iVBOR")  # base64 of a PNG
+
+
+def test_model_health_ready_and_metrics(server):
+    status, data, _ = server.request("GET", "/model")
+    assert status == 200 and json.loads(data)["schema_version"] >= 2
+    assert server.request("GET", "/healthz")[0] == 200 and json.loads(server.request("GET", "/readyz")[1])["status"] == "ready"
+    status, text, head = server.request("GET", "/metrics")
+    text = text.decode()
+    assert status == 200 and "text/plain" in head["content-type"]
+    for name in ("aae_requests_total", "aae_request_seconds_bucket", "aae_batch_images_bucket", "aae_images_total",
+                 "aae_anomalies_total", "aae_image_errors_total"):
+        assert name in text, name
+
+
+def test_concurrent_requests_share_inference_calls(server, pngs):
+    before = _metric(server, "aae_batch_images_count")
+    with ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(lambda p: server.score(p.read_bytes())[0], pngs * 2))
+    assert codes == [200] * 32
+    batches = _metric(server, "aae_batch_images_count") - before
+    assert 1 <= batches < 32  # 32 requests in fewer calls
+
+
+def _metric(server, name: str) -> float:
+    for line in server.request("GET", "/metrics")[1].decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(name)
+
+
+def bomb_png(side: int = 60_000) -> bytes:
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b""))
+
+
+def test_bad_requests_get_their_status_and_the_server_stays_up(server, pngs):
+    assert server.score(b"")[0] == 400
+    assert server.score(b"--x\r\nbroken", {"Content-Type": "multipart/form-data; boundary=x"})[0] == 400
+    status, bomb, _ = server.score(bomb_png())
+    assert status == 422 and "too large" in bomb["results"][0]["error"]
+    assert server.score(b"not an image at all")[0] == 422
+    assert server.request("POST", "/score", b"x" * (5 << 20))[0] == 413  # over --max-body-mb 4
+    assert server.score(pngs[0].read_bytes())[0] == 200
+
+
+def test_a_client_sending_a_byte_a_second_gets_408(server, pngs):
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
+    for _ in range(3):
+        sock.sendall(b"x")
+        time.sleep(1)
+    answer = sock.recv(4096).decode(errors="replace")
+    sock.close()
+    assert " 408 " in answer.splitlines()[0]
+    assert server.score(pngs[0].read_bytes())[0] == 200
+
+
+def test_a_client_that_disconnects_mid_upload_does_no_harm(server, pngs):
+    for _ in range(5):
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 5000)
+        sock.close()
+    assert server.score(pngs[0].read_bytes())[0] == 200
+
+
+def test_an_overloaded_server_answers_503_with_retry_after_never_500(tiny_model_dir, pngs):
+    s = Server(tiny_model_dir, "--max-queue", "4", "--max-wait-ms", "50")
+    try:
+        body, head = multipart({f"{i}.png": pngs[i].read_bytes() for i in range(3)})
+        with ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(lambda _: s.score(body, head), range(24)))
+        codes = {status for status, _, _ in answers}
+        assert codes <= {200, 503} and 503 in codes and 200 in codes
+        assert all(h.get("retry-after") == "1" for status, _, h in answers if status == 503)
+    finally:
+        assert s.stop() == 0
+
+
+def test_a_token_is_required_off_loopback_and_checked_on_every_route(tiny_model_dir, pngs, tmp_path):
+    r = subprocess.run(["aae-run", "serve", "--model", str(tiny_model_dir), "--host", "0.0.0.0", "--port", str(free_port())],
+                       capture_output=True, text=True, timeout=60, env={k: v for k, v in os.environ.items() if k != "AAE_TOKEN"})
+    assert r.returncode == 2 and "token" in r.stderr and r.stderr.count("\n") == 1
+    s = Server(tiny_model_dir, env={"AAE_TOKEN": TOKEN})
+    try:
+        assert s.request("GET", "/healthz")[0] == 200
+        with ThreadPoolExecutor(8) as pool:
+            wrong = list(pool.map(lambda i: s.request("POST", "/score", b"x", {"Authorization": f"Bearer wrong{i}"})[0],
+                                  range(1000)))
+        assert set(wrong) == {401}
+        assert s.request("GET", "/metrics")[0] == 401
+        assert s.score(pngs[0].read_bytes(), {"Authorization": f"Bearer {TOKEN}"})[0] == 200
+    finally:
+        assert s.stop() == 0
+
+
+def test_sigterm_lets_requests_in_flight_finish(tiny_model_dir, pngs):
+    s = Server(tiny_model_dir, "--max-wait-ms", "400", "--max-batch", "64")
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(s.score, p.read_bytes()) for p in pngs[:8]]
+        time.sleep(0.15)  # they are waiting for their batch
+        s.proc.send_signal(signal.SIGTERM)
+        codes = [f.result()[0] for f in futures]
+    assert codes == [200] * 8
+    assert s.proc.wait(timeout=60) == 0
+
+
+def test_a_recalibration_is_picked_up_without_dropping_a_request(tiny_model_dir, pngs, tmp_path, mnist_test):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    normal = tmp_path / "normal"
+    for i in range(20):
+        write_png(normal / f"{i}.png", mnist_test[0][20 + i])
+    s = Server(model)
+    before = s.score(pngs[0].read_bytes())[1]["threshold"]
+    errors, thresholds, stop = [], set(), threading.Event()
+
+    def client():
+        while not stop.is_set():
+            status, answer, _ = s.score(pngs[1].read_bytes())
+            (thresholds.add(answer["threshold"]) if status == 200 else errors.append(status))
+
+    t = threading.Thread(target=client)
+    t.start()
+    try:
+        r = subprocess.run(["aae-run", "calibrate", str(normal), "--model", str(model), "--percentile", "50"],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        end = time.monotonic() + 20
+        while time.monotonic() < end and len(thresholds) < 2:
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        t.join(timeout=30)
+        assert s.stop() == 0
+    assert not errors and before in thresholds and len(thresholds) == 2
