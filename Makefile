@@ -24,6 +24,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip uninstall -q -y $(ORT_OTHER) aae 2>/dev/null || true  # the other ONNX Runtime; aae: this project's old distribution name
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[train,$(ORT),serve,watch,dev]"
+	@# ONNX Runtime for Node.js, for the test of a client without Python (its CPU binaries ship in the
+	@# package: no install script runs); skipped where npm is missing
+	-command -v npm >/dev/null && npm install -q --no-save --no-audit --no-fund --ignore-scripts --prefix $(VENV)/node "onnxruntime-node@1" >/dev/null
 	touch $@
 
 demo: setup

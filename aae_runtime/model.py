@@ -31,7 +31,9 @@ from aae_runtime.contract.metadata import (
     ModelMetadata,
 )
 from aae_runtime.contract.priors import sample_prior
-from aae_runtime.contract.scores import ScoreParts, evaluate_score, intensity, per_image, pixel_error
+from aae_runtime.contract.scores import (
+    HEAD_PARAMS, HEAD_THRESHOLD, ScoreParts, evaluate_score, head_params, intensity, per_image, pixel_error,
+)
 from aae_runtime.contract.modelfolder import current_version
 from aae_runtime.contract.onnxwire import check_operators, read_graph_file
 from aae_runtime.session import SessionConfig, create_session
@@ -135,13 +137,14 @@ class AAEModel:
         _check_graphs(files[ENCODER_FILE], files[DECODER_FILE], meta_enc)
         scorer = notice = None
         if use_scorer and (model_dir / SCORER_FILE).is_file() and (meta_enc.schema_version == 1 or "scorer" in meta_enc.graphs):
-            wire = read_graph_file(model_dir / SCORER_FILE)
+            wire = read_graph_file(model_dir / SCORER_FILE, initializers=frozenset({HEAD_PARAMS, HEAD_THRESHOLD}))
             check_operators(wire)
             meta_sc = ModelMetadata.from_json(wire.custom_metadata_map.get(METADATA_KEY), SCORER_FILE)
             if meta_sc.export_id != meta_enc.export_id:
                 raise ModelError(f"{SCORER_FILE} in {model_dir} comes from another export than {ENCODER_FILE}: export again")
             _check_same_calibration(meta_enc, meta_sc, SCORER_FILE, model_dir)
             _check_scorer(wire, meta_enc)
+            _check_score_head(wire, meta_enc)
             scorer, notice = create_session(model_dir / SCORER_FILE, cfg)
             _check_scorer(scorer, meta_enc)  # what ONNX Runtime reads must be what the file says
         encoder = decoder = None
@@ -491,12 +494,26 @@ def _check_scorer(scorer, meta: ModelMetadata) -> None:
     outputs = {o.name for o in scorer.get_outputs()}
     needed = {LATENT_OUTPUT, PIXEL_ERROR_OUTPUT, RECONSTRUCTION_ERROR_OUTPUT} | set((meta.graphs.get("scorer") or {}).get("outputs", []))
     needed |= {CLASS_OUTPUT} if meta.classifies else set()  # score_parts reads the class head from the same call
-    if {i.name for i in scorer.get_inputs()} != {IMAGE_INPUT} or not needed <= outputs:
+    if {i.name for i in scorer.get_inputs()} - {HEAD_THRESHOLD} != {IMAGE_INPUT} or not needed <= outputs:
         raise ModelError(f"{SCORER_FILE} lacks the '{IMAGE_INPUT}' input or its outputs {sorted(needed)}: re-export the model")
     fused = (meta.raw.get("graphs") or {}).get("scorer") or {}
     if fused.get("pixel_error") not in (None, meta.score.get("pixel_error", meta.score.get("name"))):
         raise ModelError(f"{SCORER_FILE} computes {fused.get('pixel_error')} errors but the score needs "
                          f"{meta.score.get('pixel_error')}: export again with the score you want")
+
+
+def _check_score_head(wire, meta: ModelMetadata) -> None:
+    """A fused graph that computes the score must hold the statistics and threshold its
+    metadata names (calibrate rewrites both together)."""
+    if "score_head" not in (meta.graphs.get("scorer") or {}):
+        return
+    expected = head_params(meta.score)
+    params = np.frombuffer(wire.initializers.get(HEAD_PARAMS, b""), dtype="<f4")
+    threshold = np.frombuffer(wire.initializers.get(HEAD_THRESHOLD, b""), dtype="<f4")
+    if expected is None or params.shape != expected.shape or not np.array_equal(params, expected) \
+            or threshold.shape != (1,) or threshold[0] != np.float32(meta.threshold_value):
+        raise ModelError(f"{SCORER_FILE} computes a score that disagrees with its metadata (edited by hand?): run aae-run "
+                         "calibrate again, or export again")
 
 
 def _check_graphs(encoder, decoder, meta: ModelMetadata) -> None:

@@ -20,8 +20,8 @@ import numpy as np
 from aae_runtime.calibration import DEFAULT_PERCENTILE, f1_threshold, percentile_threshold
 from aae_runtime.contract.errors import InputError, ModelError
 from aae_runtime.contract.metadata import DECODER_FILE, ENCODER_FILE, METADATA_KEY, SCORER_FILE, ModelMetadata
-from aae_runtime.contract.scores import PIXEL_DEFINITIONS, RECONSTRUCTION_SCORES, ScoreParts, evaluate_score, fit_score, \
-    score_spec
+from aae_runtime.contract.scores import HEAD_PARAMS, HEAD_THRESHOLD, PIXEL_DEFINITIONS, RECONSTRUCTION_SCORES, ScoreParts, \
+    evaluate_score, fit_score, head_params, score_spec
 
 MIN_NORMAL_IMAGES = 10  # fewer cannot give a meaningful percentile or standardisation
 _MODEL_METADATA_FIELD = 14  # onnx.ModelProto.metadata_props
@@ -137,7 +137,7 @@ def rewrite_metadata(model_dir: Path, metadata: dict) -> list[Path]:
     """A new version of the model in ``model_dir`` whose graphs carry ``metadata``: each graph
     of the current version rewritten, read back through ONNX Runtime, and the set switched to
     atomically (aae_runtime.contract.modelfolder). Returns the new files."""
-    from aae_runtime.contract.modelfolder import current_version, write_version
+    from aae_runtime.contract.modelfolder import current_version, write_metadata_json, write_version
 
     model_dir = Path(model_dir)
     text = json.dumps(metadata, sort_keys=True)
@@ -145,10 +145,25 @@ def rewrite_metadata(model_dir: Path, metadata: dict) -> list[Path]:
         source = current_version(model_dir)  # read under the lock: no other writer is switching it
         for name in (n for n in (ENCODER_FILE, DECODER_FILE, SCORER_FILE) if (source / n).is_file()):
             data = set_metadata_prop((source / name).read_bytes(), METADATA_KEY, text)
+            if name == SCORER_FILE and "score_head" in (metadata.get("graphs", {}).get("scorer") or {}):
+                data = _rewrite_score_head(data, metadata)
             _check_loadable(data, name, text)
             (staging / name).write_bytes(data)
+        write_metadata_json(staging, metadata)
     version = current_version(model_dir)
     return sorted(version.iterdir())
+
+
+def _rewrite_score_head(data: bytes, metadata: dict) -> bytes:
+    """The fused graph's score statistics and threshold, rewritten in place with the metadata's."""
+    from aae_runtime.contract.onnxwire import replace_initializers
+
+    params = head_params(metadata["score"])
+    if params is None:
+        raise InputError(f"score {metadata['score']['name']} has a latent term, which this model's fused graph cannot "
+                         "compute (it outputs the score itself): choose a reconstruction score, or export again with it")
+    threshold = np.array(metadata["threshold"]["value"], dtype="<f4")
+    return replace_initializers(data, {HEAD_PARAMS: params.astype("<f4").tobytes(), HEAD_THRESHOLD: threshold.tobytes()})
 
 
 def _check_loadable(data: bytes, name: str, text: str) -> None:

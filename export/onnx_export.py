@@ -21,9 +21,11 @@ import torch
 
 from aae_runtime.calibration import DEFAULT_PERCENTILE
 from aae_runtime.contract.errors import AAEError
-from aae_runtime.contract.modelfolder import current_version, holds_model, write_version
+from aae_runtime.contract.modelfolder import current_version, holds_model, write_metadata_json, write_version
+from aae_runtime.contract.scores import ANOMALY_OUTPUT, HEAD_PARAMS, HEAD_THRESHOLD, SCORE_OUTPUT, head_params
+from export.score_head import add_score_head
 from aae_runtime.contract.preprocessing import Preprocessing
-from aae_runtime.contract.metadata import BEST_LABEL_OUTPUT, GRAPH_FILES, ModelMetadata
+from aae_runtime.contract.metadata import BEST_LABEL_OUTPUT, GRAPH_FILES, IMAGE_INPUT, ModelMetadata
 from aae_runtime.contract.tiling import DEFAULT_SMOOTH_SIGMA, MAX_SIGMA, Tiling
 from aae_runtime.model import AAEModel
 from aae_runtime.recalibrate import calibrate_model, load_folder
@@ -150,11 +152,14 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_dir: str
         log(f"fused scorer graph: not made for the {variant} variant; the runtime uses the two graphs")
     metadata = build_metadata(cfg, trained.family, pre, prior, block, threshold, prov, specs.values(), tiling)
     metadata["variant"] = variant_info
+    if "scorer" in protos and tiling is None:
+        _add_score_head(protos["scorer"], model, metadata, normal, log)
     out_dir = Path(out_dir)
     with write_version(out_dir, metadata["export_id"]) as staging:  # the whole set at once (contract/modelfolder.py)
         for name, proto in protos.items():
             attach(proto, metadata)
             (staging / GRAPH_FILES[name]).write_bytes(proto.SerializeToString())  # < 2 GB: weights inline
+        write_metadata_json(staging, metadata)
     version = current_version(out_dir)
     return ExportResult(out_dir, {name: version / GRAPH_FILES[name] for name in protos}, metadata, diffs)
 
@@ -203,6 +208,31 @@ def _load_anomalies(paths: list, model: AAEModel) -> np.ndarray | list[np.ndarra
     if not len(images):
         raise ExportError("--anomalies: no image files found in the given paths")
     return images
+
+
+def _add_score_head(proto: onnx.ModelProto, model: AAEModel, metadata: dict, normal: np.ndarray, log) -> None:
+    """The score and the verdict inside the fused graph (export/score_head.py), checked against the
+    runtime's own score on held-out images; scores with a latent term keep the graph as it is."""
+    params = head_params(metadata["score"])
+    if params is None:
+        log(f"score {metadata['score']['name']} has a latent term: the fused graph gives the reconstruction error, "
+            "clients without Python compute the score from the metadata")
+        return
+    value_range = tuple(metadata["input"]["value_range"])
+    add_score_head(proto, params, metadata["threshold"]["value"], value_range)
+    metadata["graphs"]["scorer"]["score_head"] = {"outputs": [SCORE_OUTPUT, ANOMALY_OUTPUT], "params": HEAD_PARAMS,
+                                                  "threshold_input": HEAD_THRESHOLD}
+    session, _ = create_session(proto.SerializeToString(), SessionConfig(device="cpu"))
+    x = normal[:256]
+    graph_score, graph_flag = session.run([SCORE_OUTPUT, ANOMALY_OUTPUT], {IMAGE_INPUT: x})
+    scored = model.with_score(metadata["score"])
+    ref = scored.score(x)
+    diff = float(np.abs(graph_score.astype(np.float64) - ref).max())
+    flags_differ = int((graph_flag != (ref > metadata["threshold"]["value"])).sum())
+    log(f"score in the fused graph vs the runtime's, {len(x)} images: largest difference {diff:.1e}, "
+        f"{flags_differ} verdicts differ (limit {FUSED_TOLERANCE:.0e})")
+    if diff > FUSED_TOLERANCE * max(1.0, float(np.abs(ref).max())):
+        raise ExportError(f"the fused graph's score differs from the runtime's by {diff:.2e}; no files written")
 
 
 def _check_fused(proto: onnx.ModelProto, two_graph: AAEModel, normal: np.ndarray, log: Callable[[str], None]) -> None:

@@ -7,7 +7,7 @@
                            "layout_version": 1, "current": "versions/0003-1b06ce759486"}
       versions/
         0002-1b06ce759486/ the previous model, kept for readers that opened it before the switch
-        0003-1b06ce759486/ the current one: encoder.onnx, decoder.onnx and scorer.onnx, complete
+        0003-1b06ce759486/ the current one: encoder.onnx, decoder.onnx, scorer.onnx and metadata.json
       .lock                writers hold it (an exclusive ``flock``); readers never touch it
       .staging-XXXX/       a version being written; one left by a writer that died is removed
                            by the next writer
@@ -49,7 +49,8 @@ LAYOUT, LAYOUT_VERSION = "aae-model-folder", 1
 KEEP_VERSIONS = 2  # the current version and the one before it (readers may still hold it open)
 MAX_POINTER_BYTES = 4096
 LOCK_TIMEOUT_S = 120.0  # a writer waits this long for another one to finish, then fails cleanly
-GRAPH_NAMES = ("encoder.onnx", "decoder.onnx", "scorer.onnx")  # the files a version may hold
+GRAPH_NAMES = ("encoder.onnx", "decoder.onnx", "scorer.onnx")  # the graphs a version may hold
+METADATA_JSON = "metadata.json"  # the graphs' metadata as a file too, for clients that cannot read it from a graph
 _VERSION_NAME = re.compile(r"^(\d{4,})-[0-9A-Za-z]{1,32}$")
 
 
@@ -87,6 +88,13 @@ def current_version(model_dir: str | Path) -> Path:
     if not target.is_dir():
         raise ModelError(f"{pointer} names {name}, which is missing: export the model again")
     return target
+
+
+def write_metadata_json(version: Path, metadata: dict) -> Path:
+    """``metadata.json`` beside a version's graphs (the same document as their ``aae`` entry)."""
+    path = version / METADATA_JSON
+    path.write_text(json.dumps(metadata, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    return path
 
 
 def holds_model(model_dir: str | Path) -> bool:

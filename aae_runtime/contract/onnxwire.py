@@ -20,8 +20,9 @@ from aae_runtime.contract.errors import ModelError
 
 # ModelProto
 _MODEL_GRAPH, _MODEL_METADATA = 7, 14
-# GraphProto
-_GRAPH_NODE, _GRAPH_INPUT, _GRAPH_OUTPUT = 1, 11, 12
+# GraphProto; TensorProto's name and raw_data
+_GRAPH_NODE, _GRAPH_INITIALIZER, _GRAPH_INPUT, _GRAPH_OUTPUT = 1, 5, 11, 12
+_TENSOR_NAME, _TENSOR_RAW = 8, 9
 # NodeProto, ValueInfoProto, TypeProto, TypeProto.Tensor, TensorShapeProto, its Dimension
 _NODE_OP_TYPE, _NODE_DOMAIN = 4, 7
 _VALUE_NAME, _VALUE_TYPE = 1, 2
@@ -38,7 +39,7 @@ EXPORTED_OPERATORS = frozenset({
     "ConvTranspose", "DequantizeLinear", "Div", "Equal", "Exp", "Expand", "Flatten", "Gather", "GatherND", "Gemm",
     "Identity", "Log", "MatMul", "Max", "Min", "Mul", "Neg", "Pad", "Pow", "QuantizeLinear", "Range", "ReduceMean",
     "ReduceMin", "Relu", "Reshape", "Shape", "Sigmoid", "Slice", "Softmax", "Split", "Sqrt", "Squeeze", "Sub", "Transpose",
-    "Unsqueeze", "Where",
+    "Unsqueeze", "Where", "Greater",
 })
 
 
@@ -65,6 +66,8 @@ class GraphFile:
     inputs: list[Arg] = field(default_factory=list)
     outputs: list[Arg] = field(default_factory=list)
     operators: set[tuple[str, str]] = field(default_factory=set)  # (domain, op_type); "" = the default domain
+    # raw_data of the initializers named in `read_graph_file(..., initializers=...)`
+    initializers: dict[str, bytes] = field(default_factory=dict)
 
     def get_inputs(self) -> list[Arg]:
         return self.inputs
@@ -148,11 +151,26 @@ def _shape(buf, type_span) -> list:
     return []
 
 
-def _graph(buf, span, out: GraphFile) -> None:
+def _tensor(buf, span) -> tuple[str, tuple[int, int] | None]:
+    """A TensorProto's name and the span of its raw_data (None if it has none)."""
+    name, raw = "", None
+    for number, wire, value in _fields(buf, *span):
+        if number == _TENSOR_NAME and wire == 2:
+            name = _text(buf, value)
+        elif number == _TENSOR_RAW and wire == 2:
+            raw = value
+    return name, raw
+
+
+def _graph(buf, span, out: GraphFile, wanted: frozenset = frozenset()) -> None:
     for number, wire, value in _fields(buf, *span):
         if wire != 2:
             continue
-        if number == _GRAPH_INPUT:
+        if number == _GRAPH_INITIALIZER and wanted:
+            name, raw = _tensor(buf, value)
+            if name in wanted and raw is not None:
+                out.initializers[name] = bytes(buf[raw[0]:raw[1]])
+        elif number == _GRAPH_INPUT:
             out.inputs.append(_arg(buf, value))
         elif number == _GRAPH_OUTPUT:
             out.outputs.append(_arg(buf, value))
@@ -166,9 +184,10 @@ def _graph(buf, span, out: GraphFile) -> None:
             out.operators.add(("" if domain == "ai.onnx" else domain, op))
 
 
-def read_graph_file(path: str | Path) -> GraphFile:
-    """Metadata, inputs, outputs and operators of the ONNX file at ``path``. Raises ModelError
-    naming the file when it cannot be read or is not a well-formed ONNX model."""
+def read_graph_file(path: str | Path, initializers: frozenset = frozenset()) -> GraphFile:
+    """Metadata, inputs, outputs and operators of the ONNX file at ``path`` (and the raw data of
+    the ``initializers`` named). Raises ModelError naming the file when it cannot be read or is
+    not a well-formed ONNX model."""
     path = Path(path)
     out = GraphFile(path)
     try:
@@ -176,7 +195,7 @@ def read_graph_file(path: str | Path) -> GraphFile:
             seen_graph = False
             for number, wire, value in _fields(buf, 0, len(buf)):
                 if number == _MODEL_GRAPH and wire == 2:
-                    _graph(buf, value, out)
+                    _graph(buf, value, out, frozenset(initializers))
                     seen_graph = True
                 elif number == _MODEL_METADATA and wire == 2:
                     entry = dict((n, _text(buf, v)) for n, w, v in _fields(buf, *value) if w == 2)
@@ -195,3 +214,26 @@ def check_operators(graph: GraphFile) -> None:
     if foreign:
         raise ModelError(f"{graph.path.name} uses operators aae-export never writes ({', '.join(foreign[:5])}"
                          f"{', ...' if len(foreign) > 5 else ''}): it is not a model of this tool; export the model again")
+
+
+def replace_initializers(model: bytes, values: dict[str, bytes]) -> bytes:
+    """``model`` (a serialized ModelProto) with the raw_data of the named initializers replaced
+    by ``values`` of the same length, every other byte kept. Raises ModelError when one is
+    missing or of another size."""
+    buf = memoryview(model)
+    out = bytearray(model)
+    found = set()
+    for number, wire, graph in _fields(buf, 0, len(buf)):
+        if number != _MODEL_GRAPH or wire != 2:
+            continue
+        for n, w, tensor in _fields(buf, *graph):
+            if n != _GRAPH_INITIALIZER or w != 2:
+                continue
+            name, raw = _tensor(buf, tensor)
+            if name in values and raw is not None and raw[1] - raw[0] == len(values[name]):
+                out[raw[0]:raw[1]] = values[name]
+                found.add(name)
+    missing = set(values) - found
+    if missing:
+        raise ModelError(f"the graph has no initializer {sorted(missing)[0]!r} of the expected size: export the model again")
+    return bytes(out)

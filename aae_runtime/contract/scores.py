@@ -274,3 +274,36 @@ def _transform(raw: np.ndarray, transform: str) -> np.ndarray:
     # log: reconstruction errors and distances are heavy-tailed; on a log scale one huge term
     # cannot drown the other when they are added.
     return np.log(np.maximum(raw, _LOG_FLOOR)) if transform == "log" else raw
+
+
+# -- the score inside the fused graph ---------------------------------------------------------------
+# For clients without Python (C++, C#, JavaScript ONNX Runtime), the fused scorer of an untiled
+# model can also output the final score and the verdict (export/score_head.py builds the nodes).
+# The score's statistics travel in one float32 initializer, HEAD_PARAMS, laid out as below, and
+# the threshold in another, HEAD_THRESHOLD, which is also an optional graph input; aae-run
+# calibrate rewrites both with the metadata. Up to two terms, each reconstruction or relative:
+# every score without a latent term (mse, mae, bce, ssim, their _rel and _absrel forms).
+HEAD_PARAMS, HEAD_THRESHOLD = "aae_score_params", "threshold"
+SCORE_OUTPUT, ANOMALY_OUTPUT = "score", "anomaly"
+# per term: [is reconstruction (else relative), is log, mean, std, weight, two-sided], x2, then
+# [combine is max, second term added (sum of two terms)]
+HEAD_TERM_FIELDS = 6
+HEAD_LENGTH = 2 * HEAD_TERM_FIELDS + 2
+LOG_FLOOR = _LOG_FLOOR
+
+
+def head_params(block: dict) -> np.ndarray | None:
+    """The HEAD_PARAMS vector (float32) of a score block, or None when the block has a term the
+    graph's head cannot compute (a latent term, more than two terms)."""
+    terms = block.get("terms")
+    if terms is None:  # a block from before terms: the plain reconstruction error
+        terms = [{"source": "reconstruction", "transform": "identity", "mean": 0.0, "std": 1.0, "weight": 1.0}]
+    if not 1 <= len(terms) <= 2 or any(t["source"] not in ("reconstruction", "relative") for t in terms):
+        return None
+    rows = [[1.0 if t["source"] == "reconstruction" else 0.0, 1.0 if t["transform"] == "log" else 0.0, float(t["mean"]),
+             float(t["std"]), float(t.get("weight", 1.0)), 1.0 if t.get("two_sided") else 0.0] for t in terms]
+    is_max = block.get("combine") == "max"
+    second = 1.0 if len(rows) == 2 and not is_max else 0.0
+    if len(rows) == 1:
+        rows.append(rows[0])  # max(w, w) = w; the sum leaves it out
+    return np.array([*rows[0], *rows[1], 1.0 if is_max else 0.0, second], dtype=np.float32)
