@@ -20,12 +20,11 @@ import numpy as np
 from aae_runtime.calibration import DEFAULT_PERCENTILE, f1_threshold, percentile_threshold
 from aae_runtime.contract.errors import InputError, ModelError
 from aae_runtime.contract.metadata import DECODER_FILE, ENCODER_FILE, METADATA_KEY, SCORER_FILE, ModelMetadata
+from aae_runtime.contract.onnxwire import set_metadata_prop
 from aae_runtime.contract.scores import HEAD_PARAMS, HEAD_THRESHOLD, PIXEL_DEFINITIONS, RECONSTRUCTION_SCORES, ScoreParts, \
     evaluate_score, fit_score, head_params, score_spec
 
 MIN_NORMAL_IMAGES = 10  # fewer cannot give a meaningful percentile or standardisation
-_MODEL_METADATA_FIELD = 14  # onnx.ModelProto.metadata_props
-_LEN = 2  # protobuf wire type of length-delimited fields
 
 
 def parts_of(model, images: np.ndarray, batch_size: int = 256) -> ScoreParts:
@@ -173,77 +172,3 @@ def _check_loadable(data: bytes, name: str, text: str) -> None:
     session, _ = create_session(data, SessionConfig(device="cpu"))
     if session.get_modelmeta().custom_metadata_map.get(METADATA_KEY) != text:
         raise ModelError(f"rewriting the metadata of {name} failed a read-back check; nothing was changed")
-
-
-def set_metadata_prop(model: bytes, key: str, value: str) -> bytes:
-    """A serialized ONNX ModelProto with its ``metadata_props[key]`` set to ``value``.
-
-    Walks the top-level protobuf fields, drops the entries with this key and appends the new
-    one; every other byte is kept as it was.
-    """
-    buf = memoryview(model)
-    out = bytearray()
-    i = 0
-    while i < len(buf):
-        start = i
-        tag, i = _read_varint(buf, i)
-        field, wire = tag >> 3, tag & 7
-        if wire == 0:
-            _, i = _read_varint(buf, i)
-        elif wire == 1:
-            i += 8
-        elif wire == 5:
-            i += 4
-        elif wire == _LEN:
-            n, i = _read_varint(buf, i)
-            payload = bytes(buf[i : i + n])
-            i += n
-            if field == _MODEL_METADATA_FIELD and _entry_key(payload) == key:
-                continue
-        else:
-            raise ModelError(f"not an ONNX model (unexpected protobuf wire type {wire}): re-export it")
-        if i > len(buf):
-            raise ModelError("the ONNX file is truncated: re-export it")
-        out += buf[start:i]
-    entry = _field(1, key.encode()) + _field(2, value.encode())
-    return bytes(out + _field(_MODEL_METADATA_FIELD, entry))
-
-
-def _entry_key(entry: bytes) -> str | None:
-    i = 0
-    while i < len(entry):
-        tag, i = _read_varint(entry, i)
-        if tag & 7 != _LEN:
-            return None
-        n, i = _read_varint(entry, i)
-        if tag >> 3 == 1:
-            return bytes(entry[i : i + n]).decode("utf-8", "replace")
-        i += n
-    return None
-
-
-def _read_varint(buf, i: int) -> tuple[int, int]:
-    value, shift = 0, 0
-    while True:
-        if i >= len(buf) or shift > 63:
-            raise ModelError("the ONNX file is truncated or corrupt: re-export it")
-        b = buf[i]
-        i += 1
-        value |= (b & 0x7F) << shift
-        if b < 0x80:
-            return value, i
-        shift += 7
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | _LEN) + _varint(len(payload)) + payload

@@ -18,7 +18,7 @@ from aae_runtime.contract.modelfolder import current_version
 from aae_runtime import AAEModel, ModelError
 from aae_runtime.cli import app
 from aae_runtime.contract.metadata import METADATA_KEY
-from aae_runtime.recalibrate import set_metadata_prop
+from aae_runtime.contract.onnxwire import set_metadata_prop
 from tests.conftest import write_png
 
 runner = CliRunner()

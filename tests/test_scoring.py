@@ -15,7 +15,7 @@ from aae_runtime.contract.modelfolder import current_version
 from aae_runtime.calibration import f1_threshold, normalise, percentile_threshold, threshold_at_percentile
 from aae_runtime.contract.errors import InputError, ModelError
 from aae_runtime.contract.priors import make_prior_spec, sample_prior
-from aae_runtime.recalibrate import set_metadata_prop
+from aae_runtime.contract.onnxwire import set_metadata_prop
 from aae_runtime.contract.scores import SCORES, ScoreParts, evaluate_score, fit_score, prior_nll
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))

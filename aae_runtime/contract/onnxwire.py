@@ -92,8 +92,15 @@ def _varint(buf, pos: int, end: int) -> tuple[int, int]:
 def _fields(buf, start: int, end: int):
     """(field number, wire type, value) for each field in buf[start:end]; the value is an int
     for varints and fixed-width fields, a (start, end) span for length-delimited ones."""
+    for _, number, wire, value in _spans(buf, start, end):
+        yield number, wire, value
+
+
+def _spans(buf, start: int, end: int):
+    """`_fields` with each field's first byte (its key) in front."""
     pos = start
     while pos < end:
+        first = pos
         key, pos = _varint(buf, pos, end)
         number, wire = key >> 3, key & 7
         if wire == 0:
@@ -109,7 +116,7 @@ def _fields(buf, start: int, end: int):
             raise WireError(f"unsupported wire type {wire}")
         if pos > end or number == 0:
             raise WireError("a field runs past the end of its message")
-        yield number, wire, value
+        yield first, number, wire, value
 
 
 def _text(buf, span) -> str:
@@ -237,3 +244,49 @@ def replace_initializers(model: bytes, values: dict[str, bytes]) -> bytes:
     if missing:
         raise ModelError(f"the graph has no initializer {sorted(missing)[0]!r} of the expected size: export the model again")
     return bytes(out)
+
+
+def _encode_varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _encode_field(number: int, payload: bytes) -> bytes:
+    return _encode_varint(number << 3 | 2) + _encode_varint(len(payload)) + payload
+
+
+def set_metadata_prop(model: bytes, key: str, value: str) -> bytes:
+    """A serialized ONNX ModelProto with its ``metadata_props[key]`` set to ``value``: the entries
+    with this key dropped, the new one appended, every other byte kept as it was."""
+    buf = memoryview(model)
+    out = bytearray()
+    try:
+        for first, number, wire, value_ in _spans(buf, 0, len(buf)):
+            end = value_[1] if wire == 2 else None
+            if number == _MODEL_METADATA and wire == 2:
+                entry = dict((n, _text(buf, v)) for n, w, v in _fields(buf, *value_) if w == 2)
+                if entry.get(_ENTRY_KEY) == key:
+                    continue
+            if end is None:  # a scalar field: up to the next field's key
+                continue_at = _next_start(buf, first)
+                out += buf[first:continue_at]
+            else:
+                out += buf[first:end]
+    except WireError as exc:
+        raise ModelError(f"not an ONNX model ({exc}): re-export it") from None
+    entry = _encode_field(_ENTRY_KEY, key.encode()) + _encode_field(_ENTRY_VALUE, value.encode())
+    return bytes(out + _encode_field(_MODEL_METADATA, entry))
+
+
+def _next_start(buf, first: int) -> int:
+    """The offset just past the scalar field starting at ``first``."""
+    key, pos = _varint(buf, first, len(buf))
+    wire = key & 7
+    if wire == 0:
+        return _varint(buf, pos, len(buf))[1]
+    return pos + (8 if wire == 1 else 4)
