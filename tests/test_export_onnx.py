@@ -20,7 +20,7 @@ def _meta(path):
 def test_files_are_self_contained_and_have_a_dynamic_named_batch_axis(tiny_model_dir):
     assert sorted(p.name for p in tiny_model_dir.iterdir()) == [".lock", "MODEL.json", "versions"]  # the folder's layout
     graphs = current_version(tiny_model_dir)
-    assert sorted(p.name for p in graphs.iterdir()) == ["decoder.onnx", "encoder.onnx", "scorer.onnx"]  # no .data
+    assert sorted(p.name for p in graphs.iterdir()) == ["decoder.onnx", "encoder.onnx", "metadata.json", "scorer.onnx"]  # no .data
     for name, inp, out in (("encoder", "image", "latent"), ("decoder", "latent", "reconstruction")):
         proto = onnx.load(str(graphs / f"{name}.onnx"))
         assert all(t.data_location == onnx.TensorProto.DEFAULT for t in proto.graph.initializer)

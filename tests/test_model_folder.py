@@ -74,7 +74,7 @@ def test_an_export_is_a_pointer_to_one_complete_version(model):
     pointer = json.loads((model / POINTER).read_text())
     version = current_version(model)
     assert pointer["current"] == f"{VERSIONS}/{version.name}" and version.parent == model / VERSIONS
-    assert sorted(p.name for p in version.iterdir()) == ["decoder.onnx", "encoder.onnx", "scorer.onnx"]
+    assert sorted(p.name for p in version.iterdir()) == ["decoder.onnx", "encoder.onnx", "metadata.json", "scorer.onnx"]
 
 
 def test_two_calibrations_at_once_are_serialised_and_both_succeed(model, normal):

@@ -154,6 +154,10 @@ def test_bad_requests_get_their_status_and_the_server_stays_up(server, pngs):
     assert status == 422 and "too large" in bomb["results"][0]["error"]
     assert server.score(b"not an image at all")[0] == 422
     assert server.request("POST", "/score", b"x" * (5 << 20))[0] == 413  # over --max-body-mb 4
+    sock = socket.create_connection(("127.0.0.1", server.port))  # a 100 MB body announced: refused before it comes
+    sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 104857600\r\n\r\n" + b"x" * 1000)
+    assert b" 413 " in sock.recv(4096).split(b"\r\n")[0]
+    sock.close()
     assert server.score(pngs[0].read_bytes())[0] == 200
 
 

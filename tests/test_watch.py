@@ -158,3 +158,24 @@ def test_a_results_file_of_another_program_is_not_appended_to(tiny_model_dir, tm
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "not written by aae-run watch" in r.stderr
     assert out.read_text() == "somebody's data\n"
+
+
+def test_files_deleted_or_replaced_while_waiting_are_handled_by_what_is_there_at_the_end(tiny_model_dir, tmp_path, digits):
+    inbox, out = tmp_path / "inbox", tmp_path / "rows.jsonl"
+    inbox.mkdir()
+    run = start(inbox, tiny_model_dir, out, "--done", str(tmp_path / "done"), "--settle", "1.0", ready=True)
+    write_png(inbox / "gone.png", digits[0])
+    write_png(inbox / "swapped.png", digits[1])
+    time.sleep(0.3)
+    os.unlink(inbox / "gone.png")  # deleted while it waited to settle: never read
+    noise = np.random.default_rng(1).integers(0, 256, (28, 28), dtype=np.uint8)
+    write_png(tmp_path / "new.png", noise)
+    os.replace(tmp_path / "new.png", inbox / "swapped.png")  # replaced: the new image is the one scored
+    wait_until(lambda: len(rows_of(out)) == 1)
+    time.sleep(1.5)
+    stop(run)
+    rows = rows_of(out)
+    from aae_runtime import AAEModel
+
+    expected = AAEModel.load(tiny_model_dir, device="cpu").score_paths([tmp_path / "done" / "swapped.png"])[0]
+    assert [Path(r["path"]).name for r in rows] == ["swapped.png"] and rows[0]["score"] == pytest.approx(expected.score, abs=1e-6)

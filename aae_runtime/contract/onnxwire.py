@@ -170,11 +170,13 @@ def _tensor(buf, span) -> tuple[str, tuple[int, int] | None]:
 
 
 def _graph(buf, span, out: GraphFile, wanted: frozenset = frozenset()) -> None:
+    initialized = set()
     for number, wire, value in _fields(buf, *span):
         if wire != 2:
             continue
-        if number == _GRAPH_INITIALIZER and wanted:
+        if number == _GRAPH_INITIALIZER:
             name, raw = _tensor(buf, value)
+            initialized.add(name)
             if name in wanted and raw is not None:
                 out.initializers[name] = bytes(buf[raw[0]:raw[1]])
         elif number == _GRAPH_INPUT:
@@ -189,6 +191,9 @@ def _graph(buf, span, out: GraphFile, wanted: frozenset = frozenset()) -> None:
                 elif n == _NODE_DOMAIN and w == 2:
                     domain = _text(buf, v)
             out.operators.add(("" if domain == "ai.onnx" else domain, op))
+    # an input with an initializer of its name is optional (the initializer is its default): ONNX
+    # Runtime does not list it among the inputs a caller must feed, and neither does this
+    out.inputs = [a for a in out.inputs if a.name not in initialized]
 
 
 def read_graph_file(path: str | Path, initializers: frozenset = frozenset()) -> GraphFile:
