@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from dataclasses import fields as dataclass_fields
@@ -80,6 +81,8 @@ ClassNoise = Annotated[Optional[float], typer.Option(min=0, max=10, help="semi: 
 LrClass = Annotated[Optional[float], typer.Option(min=0, max=1e6, help="semi: Adam learning rate, supervised classification step (default 1e-3).")]
 Resume = Annotated[Optional[Path], typer.Option(exists=True, help="Continue from this checkpoint (its config is kept; --epochs sets the total).")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace the run that --out already holds (else refused).")]
+Nproc = Annotated[int, typer.Option(min=1, max=1024, help="Train with this many processes on this machine (torchrun, "
+                                    "data parallel; --batch-size is the global minibatch). Several machines: torchrun -m aae_train.")]
 
 # Options that only mean something for some families, by parameter name: given on the command
 # line with another family they are an error, not silently ignored.
@@ -264,6 +267,7 @@ def mnist(
     device: Device = TrainConfig.device,
     resume: Resume = None,
     overwrite: Overwrite = False,
+    nproc: Nproc = 1,
     threads: Threads = None,
     family: FamilyOpt = DEFAULT_FAMILY,
     labels: Labels = None,
@@ -285,6 +289,8 @@ def mnist(
                    disc_noise=disc_noise, gradient_penalty=gradient_penalty, disc_steps=disc_steps,
                    code_noise=code_noise, ema=ema, recon_loss=recon_loss, seed=seed, device=device),
     )
+    if nproc > 1:
+        _torchrun(nproc, cfg.train.batch_size)
     run(cfg, out or _default_out("mnist", resume), data_dir, resume, threads, overwrite, given_options(ctx))
 
 
@@ -341,6 +347,7 @@ def folder(
     device: Device = TrainConfig.device,
     resume: Resume = None,
     overwrite: Overwrite = False,
+    nproc: Nproc = 1,
     threads: Threads = None,
     family: FamilyOpt = DEFAULT_FAMILY,
     labels: Labels = None,
@@ -384,6 +391,8 @@ def folder(
                    disc_noise=disc_noise, gradient_penalty=gradient_penalty, disc_steps=disc_steps,
                    code_noise=code_noise, ema=ema, recon_loss=recon_loss, seed=seed, device=device),
     )
+    if nproc > 1:
+        _torchrun(nproc, cfg.train.batch_size)
     run(cfg, out or _default_out("folder", resume), directory if directory.is_dir() else None, resume, threads, overwrite,
         given_options(ctx))
 
@@ -424,6 +433,30 @@ class RunElapsedColumn(ProgressColumn):
         return Text(f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}", style="progress.elapsed")
 
 
+def _torchrun(nproc: int, batch_size: int) -> None:
+    """This command again, as ``nproc`` processes under torchrun (PyTorch's launcher); exits with its code."""
+    import subprocess
+    import sys
+
+    from aae_train.distributed import launched_by_torchrun
+
+    if launched_by_torchrun():
+        return
+    if batch_size % nproc:
+        raise typer.BadParameter(f"{batch_size} does not split evenly over {nproc} processes: choose a multiple of {nproc}",
+                                 param_hint="--batch-size")
+    args, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            args.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "aae_train", *args]
+    raise typer.Exit(subprocess.call(cmd))
+
+
 def given_options(ctx: typer.Context) -> dict:
     """The options set on the command line (name -> value), not left at their defaults."""
     return {name: value for name, value in ctx.params.items()
@@ -442,6 +475,15 @@ def run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, t
         import torch
 
         torch.set_num_threads(threads)
+    if os.environ.get("RANK", "0") != "0":  # another rank of a torchrun run: rank 0 reports, it fails in one line
+        try:
+            train(cfg, out, data_dir=str(data_dir) if data_dir else None, resume=resume, overwrite=overwrite, given=given)
+        except AAEError as exc:
+            print_error(f"rank {os.environ['RANK']}: {exc}", err)
+            raise typer.Exit(2)
+        except KeyboardInterrupt:
+            raise typer.Exit(130)
+        return
 
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[losses]}"),

@@ -24,6 +24,7 @@ from aae_runtime.contract.errors import AAEError
 from aae_runtime.contract.fileio import atomic_write_text, remove_stale_temporaries
 from aae_runtime.images import save_grid
 from aae_runtime.contract.priors import sample_prior
+from aae_train import distributed
 from aae_train.checkpoint import BEST_NAME, CHECKPOINT_NAME, config_of, load_checkpoint, save_checkpoint
 from aae_train.config import RunConfig
 from aae_train.data import Dataset, class_labels, load_dataset
@@ -73,6 +74,8 @@ class Trainer:
         self.nets = {name: net.to(self.device) for name, net in kind.networks(cfg).items()}
         self.family = kind(cfg, self.nets, self.device)
         self.optimizers = self.family.optimizers()  # name -> (optimiser, base learning rate)
+        for opt, _ in self.optimizers.values():  # with several processes: gradients averaged before every step
+            distributed.average_gradients_on_step(opt)
         self.family.opt = {name: opt for name, (opt, _) in self.optimizers.items()}
         # The whole data set lives on the training device: no loader can stall a GPU.
         self.train_x = torch.from_numpy(data.train).to(self.device)
@@ -132,7 +135,7 @@ class Trainer:
         factor = self.set_learning_rates()
         if self.crops is not None:
             self.train_x = torch.from_numpy(self.crops.draw(self.epoch)).to(self.device)
-        bs = self.cfg.train.batch_size
+        bs = self.cfg.train.batch_size  # the global minibatch: each of the processes takes its share
         n = len(self.train_x)
         order = torch.randperm(n, generator=self.shuffle).to(self.device)
         steps = max(1, n // bs)  # drop the last partial batch: D sees equal real and fake counts
@@ -140,7 +143,7 @@ class Trainer:
         start = time.perf_counter()
         total = torch.zeros(len(names), device=self.device)
         for i in range(steps):
-            idx = order[i * bs : (i + 1) * bs]
+            idx = distributed.shard(order[i * bs : (i + 1) * bs])
             batch = Batch(self.train_x[idx], self.train_y[idx] if self.train_y is not None else None)
             try:
                 total += self.family.step(batch)
@@ -153,7 +156,7 @@ class Trainer:
                 self.update_ema()
             if on_step and (i % 10 == 9 or i == steps - 1):
                 on_step(i + 1, steps, dict(zip(names, (total / (i + 1)).tolist())))
-        means = dict(zip(names, (total / steps).tolist()))
+        means = dict(zip(names, (distributed.mean_over_ranks(total) / steps).tolist()))
         if not all(math.isfinite(v) for v in means.values()) or not self.weights_finite():
             shown = ", ".join(f"{k} {v:.3g}" for k, v in means.items() if not k.endswith("_acc"))
             raise TrainingError(f"loss became NaN or infinite in epoch {self.epoch + 1} ({shown}); nothing was saved "
@@ -346,7 +349,12 @@ def train(cfg: RunConfig, run_dir: str | Path, data_dir: str | None = None, resu
     yet is removed, so an interrupted start leaves nothing half-made.
     """
     run_dir = Path(run_dir)
-    replaced = check_run_folder(run_dir, resume, overwrite)
+    replaced = check_run_folder(run_dir, resume, overwrite)  # on every rank: they agree on a shared folder
+    distributed.init(resolve_device(cfg.train.device))
+    if cfg.train.batch_size % distributed.world_size():
+        raise TrainingError(f"--batch-size {cfg.train.batch_size} does not split evenly over {distributed.world_size()} "
+                            "processes: choose a multiple of the process count")
+    main = distributed.is_main()
     state = None
     if resume is not None:
         state = load_checkpoint(resume)
@@ -378,15 +386,18 @@ def train(cfg: RunConfig, run_dir: str | Path, data_dir: str | None = None, resu
     created = not run_dir.exists()
     checkpoint = run_dir / CHECKPOINT_NAME
     try:
-        _prepare_run_folder(run_dir, cfg, trainer, replaced if overwrite else [])
-        if on_start:
+        if main:
+            _prepare_run_folder(run_dir, cfg, trainer, replaced if overwrite else [])
+        if on_start and main:
             on_start(trainer, len(trainer.crops) if trainer.crops is not None else len(data.train), len(data.val))
-        _train_epochs(trainer, cfg, run_dir, on_step, on_epoch)
+        _train_epochs(trainer, cfg, run_dir, on_step if main else None, on_epoch if main else None, write=main)
     except KeyboardInterrupt:
-        raise _interrupted(run_dir, checkpoint, trainer, created) from None
-    if not checkpoint.exists():  # resumed at or past the requested epochs: still leave a checkpoint
-        save_checkpoint(trainer.state(), checkpoint)
-    trainer.write_plots(run_dir)
+        raise _interrupted(run_dir, checkpoint, trainer, created and main) from None
+    if main:
+        if not checkpoint.exists():  # resumed at or past the requested epochs: still leave a checkpoint
+            save_checkpoint(trainer.state(), checkpoint)
+        trainer.write_plots(run_dir)
+    distributed.finish()
     return TrainResult(run_dir, checkpoint, trainer.history, str(trainer.device))
 
 
@@ -416,10 +427,14 @@ def _interrupted(run_dir: Path, checkpoint: Path, trainer: "Trainer", created: b
     return TrainingInterrupted(f"interrupted before the first epoch ended: no checkpoint saved in {run_dir}")
 
 
-def _train_epochs(trainer: "Trainer", cfg: RunConfig, run_dir: Path, on_step, on_epoch) -> None:
+def _train_epochs(trainer: "Trainer", cfg: RunConfig, run_dir: Path, on_step, on_epoch, write: bool = True) -> None:
+    """Epochs up to cfg.train.epochs; with ``write`` (rank 0) each one's metrics, checkpoints and plots."""
     metrics_path, checkpoint = run_dir / METRICS_NAME, run_dir / CHECKPOINT_NAME
     while trainer.epoch < cfg.train.epochs:
         metrics = trainer.train_epoch(on_step)
+        if not write:
+            trainer.improved(metrics)  # the same bookkeeping as rank 0's
+            continue
         # Metrics first: every checkpointed epoch then has its line on disk, even when the process
         # dies between the two writes (a line ahead of the checkpoint is dropped on resume).
         with open(metrics_path, "a") as f:

@@ -1,0 +1,89 @@
+"""Data-parallel training through the real torchrun (gloo on the CPU): 2 processes, and 2 "nodes"
+on loopback, against a single process with the same global minibatch."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TOLERANCE = 0.03  # relative, on the last epoch's losses: the ranks' prior draws differ from one process's
+
+
+def common(mnist_dir, family: str) -> list[str]:
+    extra = ["--labels", "50"] if family == "semi" else []
+    return ["mnist", "--data-dir", str(mnist_dir), "--epochs", "2", "--limit", "800", "--hidden", "48", "--batch-size", "40",
+            "--threads", "1", "--family", family, *extra]
+
+
+def last(run: Path) -> dict:
+    return json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+
+
+def torchrun(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def single(mnist_dir, family: str, out: Path) -> dict:
+    r = subprocess.run(["aae-train", *common(mnist_dir, family), "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return last(out)
+
+
+def close(a: dict, b: dict, keys=("recon_loss", "val_recon_loss")) -> None:
+    for k in keys:
+        assert abs(a[k] - b[k]) <= TOLERANCE * abs(b[k]), (k, a[k], b[k])
+
+
+@pytest.mark.parametrize("family", ["aae", "semi"])
+def test_two_processes_train_like_one_with_the_same_global_batch(mnist_dir, tmp_path, family):
+    ref = single(mnist_dir, family, tmp_path / "one")
+    r = torchrun("--standalone", "--nproc-per-node", "2", "-m", "aae_train", *common(mnist_dir, family), "--out", str(tmp_path / "two"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = last(tmp_path / "two")
+    close(got, ref)
+    assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 2  # rank 0 alone writes
+    assert (tmp_path / "two" / "checkpoint.pt").is_file() and (tmp_path / "two" / "samples.png").is_file()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_loopback_and_a_checkpoint_of_two_resumes_on_one(mnist_dir, tmp_path):
+    ref = single(mnist_dir, "aae", tmp_path / "one")
+    port = free_port()
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(k),
+                               "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+                               "--rdzv-id", "aae-test", "-m", "aae_train", *common(mnist_dir, "aae"), "--out", str(tmp_path / "nodes")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+             for k in (0, 1)]
+    results = [(n.wait(timeout=300), n.stderr.read()) for n in nodes]
+    assert all(code == 0 for code, _ in results), [e[-1500:] for _, e in results]
+    close(last(tmp_path / "nodes"), ref)
+    r = subprocess.run(["aae-train", "mnist", "--resume", str(tmp_path / "nodes" / "checkpoint.pt"), "--epochs", "3",
+                        "--threads", "1", "--data-dir", str(mnist_dir)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert last(tmp_path / "nodes")["epoch"] == 3
+
+
+def test_nproc_wraps_torchrun_and_an_uneven_batch_is_refused(mnist_dir, tmp_path):
+    r = subprocess.run(["aae-train", *common(mnist_dir, "aae"), "--out", str(tmp_path / "w"), "--nproc", "2"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert last(tmp_path / "w")["epoch"] == 2
+    args = common(mnist_dir, "aae")
+    args[args.index("--batch-size") + 1] = "41"
+    r = subprocess.run(["aae-train", *args, "--out", str(tmp_path / "odd"), "--nproc", "2"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "does not split evenly over 2 processes" in r.stderr and r.stderr.count("\n") == 1
+    r = torchrun("--standalone", "--nproc-per-node", "2", "-m", "aae_train", *args, "--out", str(tmp_path / "odd"))
+    ours = [line for line in r.stderr.splitlines() if line.startswith("error: --batch-size 41")]
+    assert r.returncode != 0 and ours and not (tmp_path / "odd").exists()  # torchrun adds its own report after our line
