@@ -554,9 +554,18 @@ def demo_images(
     err.print(f"wrote {len(paths)} images under {out}", highlight=False)
 
 
+# How long OpenMP's idle threads spin before they sleep (libgomp; set before torch loads). Its
+# default, 300,000 spins, is a little faster alone and collapses beside other work: on the 2-core
+# box an epoch with 2 threads took 6.2 s alone and 79.0 s beside one busy process; with 1,000
+# spins 8.3 s and 14.8 s (benchmarks/results/train_speed.md, one run). A user's setting is kept.
+OMP_SPIN_COUNT = "1000"
+
+
 @app.callback()
 def _main(ctx: typer.Context) -> None:
     """Train Adversarial Autoencoders (Makhzani et al. 2015)."""
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", OMP_SPIN_COUNT)
     if ctx.invoked_subcommand in ("mnist", "folder"):  # demo-images needs no torch
         _require_training()
 

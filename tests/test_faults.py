@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -151,3 +152,13 @@ def test_a_checkpoint_with_a_damaged_config_is_one_line(tiny_run, tmp_path):
         with pytest.raises(CheckpointError) as info:
             load_trained(bad)
         assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("preset,expected", [({}, "1000"), ({"GOMP_SPINCOUNT": "5"}, "5"), ({"OMP_WAIT_POLICY": "ACTIVE"}, None)])
+def test_aae_train_sets_a_short_openmp_spin_unless_the_user_chose_one(tmp_path, preset, expected):
+    code = ("import os, sys\nfrom aae_train.cli import app\n"
+            "try:\n    app(['demo-images', '--out', sys.argv[1], '--digits', '0', '--noise', '1'], prog_name='aae-train')\n"
+            "except SystemExit:\n    pass\nprint(os.environ.get('GOMP_SPINCOUNT'))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "d")], capture_output=True, text=True, env={**env, **preset})
+    assert r.stdout.strip().splitlines()[-1] == str(expected), r.stderr

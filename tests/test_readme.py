@@ -180,6 +180,9 @@ def check_command(argv: list[str]) -> None:
                 assert set(found.group(1).split(",")) <= extras, f"{shlex.join(argv)}: extras are {sorted(extras)}"
             else:
                 assert target in ("torch", "--index-url", "https://download.pytorch.org/whl/cpu"), f"{shlex.join(argv)}: {target}?"
+    elif argv[0] == "torchrun":  # its own options, then `-m aae_train` and the aae-train command line
+        assert "-m" in argv and argv[argv.index("-m") + 1] == "aae_train", f"{shlex.join(argv)}: torchrun -m aae_train ..."
+        check_options(["aae-train", *argv[argv.index("-m") + 2:]])
     elif argv[0] == "source":
         assert argv[1] == ".venv/bin/activate", f"{shlex.join(argv)}: the README's venv is .venv"
     elif argv[:3] == [".venv/bin/python", "-m", "pytest"]:
