@@ -19,9 +19,10 @@ from aae_runtime.contract.errors import AAEError
 from aae_runtime.images import RESAMPLE
 from aae_runtime.contract.priors import PRIOR_NAMES, make_prior_spec
 from aae_train.config import (
-    ARCHS, DEVICES, LR_SCHEDULES, POSTERIORS, RECON_LOSSES, DataConfig, ModelConfig, RunConfig, TrainConfig,
+    ARCHS, DEVICES, LOADERS, LR_SCHEDULES, POSTERIORS, RECON_LOSSES, DataConfig, ModelConfig, RunConfig, TrainConfig,
 )
 from aae_train.crops import parse_augment
+from aae_train.process import set_openmp_waiting
 from aae_train.families import DEFAULT_FAMILY, FAMILY_MODULES, FAMILY_NAMES, get_family
 
 app = OneLineErrorsTyper(add_completion=False, no_args_is_help=True, help="Train Adversarial Autoencoders.")  # unexpected errors: one line, exit 2
@@ -72,7 +73,12 @@ Limit = Annotated[Optional[int], typer.Option(min=2, help="Use at most N trainin
 ValFraction = Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of the images held out for validation and the threshold.")]
 Seed = Annotated[int, typer.Option(min=0, help="Seeds weights, shuffling, prior and noise draws (identical results on the CPU).")]
 Device = Annotated[Literal[DEVICES], typer.Option(help="Training device; auto: CUDA when PyTorch sees a GPU.")]
-Threads = Annotated[Optional[int], typer.Option(min=1, max=256, help="CPU threads for torch (default: all cores). On a busy machine 1 is often much faster.")]
+Loader = Annotated[str, typer.Option(
+    help="How the images are read: memory (decoded once, held in memory), stream (decoded from disk every epoch by "
+         "--workers processes; for folders larger than memory) or auto (stream when the decoded images would take more "
+         "than a quarter of the memory this process may use).")]
+Workers = Annotated[Optional[int], typer.Option(min=0, max=64, help="Processes decoding a streamed folder (default: half the cores, 1 to 4; 0: none, in the training process).")]
+Threads = Annotated[Optional[int], typer.Option(min=1, max=256, help="CPU threads for torch (default: as many as the cores other processes leave idle, measured every second).")]
 FamilyOpt = Annotated[str, typer.Option("--family", help="Model family: " + "; ".join(
     f"{name}: {text}" for name, (_, text) in FAMILY_MODULES.items()) + ".")]
 Labels = Annotated[Optional[str], typer.Option(help="semi: labelled training images, class-balanced (default 100), or all.")]
@@ -349,6 +355,8 @@ def folder(
     overwrite: Overwrite = False,
     nproc: Nproc = 1,
     threads: Threads = None,
+    loader: Loader = "auto",
+    workers: Workers = None,
     family: FamilyOpt = DEFAULT_FAMILY,
     labels: Labels = None,
     label_seed: LabelSeed = None,
@@ -361,6 +369,7 @@ def folder(
     if resume is None and not directory.is_dir():
         raise typer.BadParameter(f"{directory} is not a folder: pass the folder of normal images", param_hint="DIRECTORY")
     _choice(color, ("L", "RGB"), "--color")
+    _choice(loader, LOADERS, "--loader")
     _choice(resample, tuple(RESAMPLE), "--resample")
     if crop is not None and size is not None:
         raise typer.BadParameter("--crop and --size exclude each other: crops keep the photo's resolution, --size resizes",
@@ -394,7 +403,7 @@ def folder(
     if nproc > 1:
         _torchrun(nproc, cfg.train.batch_size)
     run(cfg, out or _default_out("folder", resume), directory if directory.is_dir() else None, resume, threads, overwrite,
-        given_options(ctx))
+        given_options(ctx), loader, workers)
 
 
 # metrics key -> (short name, format) for the progress bar and the per-epoch lines
@@ -464,7 +473,7 @@ def given_options(ctx: typer.Context) -> dict:
 
 
 def run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, threads: int | None = None,
-        overwrite: bool = False, given: dict | None = None) -> None:
+        overwrite: bool = False, given: dict | None = None, loader: str = "auto", workers: int | None = None) -> None:
     """Train with a live progress bar; one-line errors, never a traceback."""
     _require_training()
     from aae_train.data import DataWarning
@@ -477,7 +486,8 @@ def run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, t
         torch.set_num_threads(threads)
     if os.environ.get("RANK", "0") != "0":  # another rank of a torchrun run: rank 0 reports, it fails in one line
         try:
-            train(cfg, out, data_dir=str(data_dir) if data_dir else None, resume=resume, overwrite=overwrite, given=given)
+            train(cfg, out, data_dir=str(data_dir) if data_dir else None, resume=resume, overwrite=overwrite, given=given,
+                  loader=loader, workers=workers, adapt_threads=threads is None)
         except AAEError as exc:
             print_error(f"rank {os.environ['RANK']}: {exc}", err)
             raise typer.Exit(2)
@@ -504,7 +514,9 @@ def run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, t
                 err.print(f"training on {trainer.device}: {n_train} random {trainer.crops.crop} x {trainer.crops.crop} crops an "
                           f"epoch from {len(trainer.crops.photos)} photo(s); {trainer.held_out}; run folder {out}", highlight=False)
             else:
-                err.print(f"training on {trainer.device}: {n_train} images, {n_val} held out; run folder {out}", highlight=False)
+                streamed = f" ({trainer.streamed})" if trainer.streamed else ""
+                err.print(f"training on {trainer.device}: {n_train} images, {n_val} held out{streamed}; run folder {out}",
+                          highlight=False)
 
         def on_step(step: int, steps: int, losses: dict) -> None:
             progress.update(task, completed=step, total=steps, losses=format_losses(losses))
@@ -512,7 +524,8 @@ def run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, t
         def on_epoch(m: dict) -> None:
             if m["epoch"] < cfg.train.epochs:
                 progress.update(task, description=f"epoch {m['epoch'] + 1}/{cfg.train.epochs}")
-            progress.console.print(f"epoch {m['epoch']:>3}: {format_epoch(m)}  {m['seconds']:.1f}s", highlight=False)
+            threads = f" ({m['threads']} thread{'s' * (m['threads'] != 1)})" if "threads" in m else ""
+            progress.console.print(f"epoch {m['epoch']:>3}: {format_epoch(m)}  {m['seconds']:.1f}s{threads}", highlight=False)
 
         progress.update(task, description=f"epoch 1/{cfg.train.epochs}")
         try:
@@ -520,7 +533,8 @@ def run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, t
                 warnings.simplefilter("ignore", DataWarning)  # printed once by on_start, not as a Python warning
                 result = train(cfg, out, data_dir=str(data_dir) if data_dir else None, resume=resume,
                                on_epoch=on_epoch, on_step=on_step, on_start=on_start, download_progress=on_download,
-                               overwrite=overwrite, given=given)
+                               overwrite=overwrite, given=given, loader=loader, workers=workers,
+                               adapt_threads=threads is None)
         except AAEError as exc:
             progress.stop()
             print_error(str(exc), err)  # literal text: paths may hold "[/]"
@@ -554,18 +568,10 @@ def demo_images(
     err.print(f"wrote {len(paths)} images under {out}", highlight=False)
 
 
-# How long OpenMP's idle threads spin before they sleep (libgomp; set before torch loads). Its
-# default, 300,000 spins, is a little faster alone and collapses beside other work: on the 2-core
-# box an epoch with 2 threads took 6.2 s alone and 79.0 s beside one busy process; with 1,000
-# spins 8.3 s and 14.8 s (benchmarks/results/train_speed.md, one run). A user's setting is kept.
-OMP_SPIN_COUNT = "1000"
-
-
 @app.callback()
 def _main(ctx: typer.Context) -> None:
     """Train Adversarial Autoencoders (Makhzani et al. 2015)."""
-    if "OMP_WAIT_POLICY" not in os.environ:
-        os.environ.setdefault("GOMP_SPINCOUNT", OMP_SPIN_COUNT)
+    set_openmp_waiting()  # before torch loads
     if ctx.invoked_subcommand in ("mnist", "folder"):  # demo-images needs no torch
         _require_training()
 

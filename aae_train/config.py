@@ -17,6 +17,7 @@ RECON_LOSSES = ("bce", "mse", "ssim")
 LR_SCHEDULES = ("constant", "cosine", "step")
 DEVICES = ("auto", "cpu", "cuda")
 DATA_SOURCES = ("mnist", "folder")
+LOADERS = ("auto", "memory", "stream")  # how a folder is read (aae_train.streaming); not part of the config
 
 
 @dataclass(frozen=True)

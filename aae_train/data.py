@@ -1,9 +1,13 @@
-"""Training data as float32 arrays in the model's input format, with a held-out validation split.
+"""Training data in the model's input format, with a held-out validation split.
 
 Pixels become model inputs through `aae_runtime.images.pixels_to_input` (MNIST) and image files
 through `aae_runtime.images.load_image` (folders): the functions the runtime uses, so training
 and deployment preprocess identically. Everything is rebuilt from a `DataConfig` alone, so
 export recovers the same held-out split from a checkpoint.
+
+MNIST is held in memory as float32 arrays; so is a folder that fits, and a larger one is
+streamed from disk (`aae_train.streaming`): its splits are then `FolderImages`, which index
+like arrays but decode on demand.
 """
 
 from __future__ import annotations
@@ -21,14 +25,15 @@ from aae_runtime.images import find_images, load_image
 from aae_train.config import DataConfig
 from aae_train.crops import CropSampler, split_photos
 from aae_train.mnist import DataError, ensure_mnist, load_mnist
+from aae_train.streaming import FolderImages, choose_loader, default_workers, scan
 
 MNIST_PREPROCESSING = Preprocessing(color_mode="L", height=28, width=28, resample="bilinear", scale=1 / 255, offset=0.0)
 
 
 @dataclass(frozen=True)
 class Dataset:
-    train: np.ndarray  # (N, C, H, W) float32
-    val: np.ndarray  # (M, C, H, W) float32, held out from the training images
+    train: np.ndarray | FolderImages  # (N, C, H, W) float32, or the files of a streamed folder
+    val: np.ndarray | FolderImages  # (M, C, H, W) float32 (or files), held out from the training images
     train_labels: np.ndarray | None
     val_labels: np.ndarray | None
     preprocessing: Preprocessing
@@ -38,6 +43,10 @@ class Dataset:
     crops: CropSampler | None = None  # --crop: draws each epoch's training crops (``train`` is then empty)
     windows: Sequence[np.ndarray] = ()  # --crop: held-out photos (C, h, w) float32 that export scores whole for the threshold
     held_out: str | None = None  # what was held out, said to the user when it is not simply "M images"
+
+    @property
+    def streamed(self) -> bool:
+        return isinstance(self.train, FolderImages)
 
 
 class DataWarning(UserWarning):
@@ -92,7 +101,8 @@ def folder_preprocessing(cfg: DataConfig) -> Preprocessing:
                          scale=1 / 255, offset=0.0)
 
 
-def load_folder_dataset(cfg: DataConfig, data_dir: str | None = None) -> Dataset:
+def load_folder_dataset(cfg: DataConfig, data_dir: str | None = None, loader: str = "memory",
+                        workers: int | None = None, splits: tuple[str, ...] = ("train", "val")) -> Dataset:
     """Every image file under a folder (recursively), decoded exactly as `aae-run` decodes files.
 
     The hold-out split is drawn over the sorted file list before decoding, so a file that later
@@ -100,6 +110,10 @@ def load_folder_dataset(cfg: DataConfig, data_dir: str | None = None) -> Dataset
     are skipped and counted in one warning. Labels are the first-level subfolders, if any (the
     classes of the supervised families; the others colour latent plots with them); images at the
     top level or in the folder named ``cfg.unlabelled_dir`` are unlabelled (-1).
+
+    ``loader`` (`aae_train.streaming.LOADERS`) says whether the images are decoded into memory
+    or streamed from disk (then checked once, by ``workers`` processes); ``splits`` leaves
+    out a split not needed (export needs only "val"), which then holds no image.
     """
     root = Path(data_dir if data_dir is not None else cfg.path or "")
     if not root.is_dir():
@@ -116,31 +130,43 @@ def load_folder_dataset(cfg: DataConfig, data_dir: str | None = None) -> Dataset
     if len(files) < 2:
         raise DataError(f"found {len(files)} image file(s) under {root}; need at least 2 (suffixes: png, jpg, bmp, tif, ...)")
     tr, va = split_indices(len(files), cfg.val_fraction, cfg.split_seed)
+    tr, va = (ix if split in splits else ix[:0] for ix, split in ((tr, "train"), (va, "val")))
     subdirs = sorted({f.relative_to(root).parts[0] for f in files if len(f.relative_to(root).parts) > 1} - {cfg.unlabelled_dir})
     label_of = {name: i for i, name in enumerate(subdirs)}
     skipped: list[str] = []
 
+    def label(f: str | Path) -> int:
+        parts = Path(f).relative_to(root).parts
+        return label_of.get(parts[0], -1) if len(parts) > 1 else -1  # -1: unlabelled
+
     def read(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        arrays, labels = [], []
+        x = np.empty((len(indices), *pre.shape), np.float32)  # filled in place: the peak is the data set, once
+        labels = []
         for i in indices:
             try:
-                arrays.append(load_image(files[i], pre))
+                x[len(labels)] = load_image(files[i], pre)
             except InputError as exc:
                 skipped.append(f"{files[i].relative_to(root)}: {exc}")
                 continue
-            parts = files[i].relative_to(root).parts
-            labels.append(label_of.get(parts[0], -1) if len(parts) > 1 else -1)  # -1: unlabelled
-        x = np.stack(arrays) if arrays else np.zeros((0, *pre.shape), np.float32)
-        return x, np.asarray(labels, dtype=np.int64)
+            labels.append(label(files[i]))
+        return x[: len(labels)], np.asarray(labels, dtype=np.int64)
 
-    train_x, train_y = read(tr)
-    val_x, val_y = read(va)
+    def stream(indices: np.ndarray) -> tuple[FolderImages, np.ndarray]:
+        images, problems = scan(FolderImages([files[i] for i in indices], pre, root), workers)
+        skipped.extend(problems)
+        return images, np.asarray([label(f) for f in images.files], dtype=np.int64)
+
+    decoded = (len(tr) + len(va)) * int(np.prod(pre.shape)) * 4
+    workers = default_workers() if workers is None else workers
+    streamed = choose_loader(loader, decoded) == "stream"
+    train_x, train_y = stream(tr) if streamed else read(tr)
+    val_x, val_y = stream(va) if streamed else read(va)
     notes = []
     if skipped:
         notes.append(f"skipped {len(skipped)} of {len(files)} files under {root} that could not be read "
                      f"(first: {skipped[0]}); fix or remove them to use them")
         warnings.warn(notes[-1], DataWarning, stacklevel=3)
-    if len(train_x) == 0 or len(val_x) == 0:
+    if (len(train_x) == 0 and "train" in splits) or (len(val_x) == 0 and "val" in splits):
         raise DataError(f"too few readable images under {root} ({len(train_x)} train, {len(val_x)} validation): "
                         "add images or lower --val-fraction")
     has_labels = bool(subdirs)
@@ -213,10 +239,13 @@ def balanced_subset(labels: np.ndarray, n: int, n_classes: int, seed: int, optio
     return np.sort(np.concatenate(picked))
 
 
-def load_dataset(cfg: DataConfig, data_dir: str | None = None, progress=None) -> Dataset:
-    """The data set ``cfg`` describes; ``data_dir`` overrides where it is read from."""
+def load_dataset(cfg: DataConfig, data_dir: str | None = None, progress=None, loader: str = "memory",
+                 workers: int | None = None, splits: tuple[str, ...] = ("train", "val")) -> Dataset:
+    """The data set ``cfg`` describes; ``data_dir`` overrides where it is read from. A folder
+    is held in memory or streamed as ``loader`` says (see `load_folder_dataset`); MNIST and
+    whole photos for --crop are always held in memory."""
     if cfg.source == "mnist":
         return load_mnist_dataset(cfg, data_dir, progress)
     if cfg.source == "folder":
-        return load_folder_dataset(cfg, data_dir)
+        return load_folder_dataset(cfg, data_dir, loader, workers, splits)
     raise DataError(f"unknown data source {cfg.source!r}: this version reads mnist or folder")

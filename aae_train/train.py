@@ -30,6 +30,9 @@ from aae_train.config import RunConfig
 from aae_train.data import Dataset, class_labels, load_dataset
 from aae_train.families import get_family
 from aae_train.families.base import Batch, Streams
+from aae_train.streaming import Stream, default_workers, eval_chunk
+from aae_train.process import returning_large_buffers
+from aae_train.threads import ThreadPolicy
 from aae_train.plots import LATENT_NAME, LOSS_CURVES_NAME, RECONSTRUCTIONS_NAME, SAMPLES_NAME, plot_latent, plot_losses
 
 METRICS_NAME = "metrics.jsonl"
@@ -65,7 +68,7 @@ class Trainer:
     """Holds the family, its networks and optimisers, the data (on the training device) and the
     RNG streams of one run."""
 
-    def __init__(self, cfg: RunConfig, data: Dataset):
+    def __init__(self, cfg: RunConfig, data: Dataset, workers: int | None = None):
         self.cfg = cfg
         self.device = resolve_device(cfg.train.device)
         t = cfg.train
@@ -77,9 +80,20 @@ class Trainer:
         for opt, _ in self.optimizers.values():  # with several processes: gradients averaged before every step
             distributed.average_gradients_on_step(opt)
         self.family.opt = {name: opt for name, (opt, _) in self.optimizers.items()}
-        # The whole data set lives on the training device: no loader can stall a GPU.
-        self.train_x = torch.from_numpy(data.train).to(self.device)
-        self.val_x = torch.from_numpy(data.val).to(self.device)
+        # The whole data set lives on the training device (no loader can stall a GPU), unless it
+        # is a folder streamed from disk: then worker processes decode each minibatch ahead.
+        self.chunk = eval_chunk(cfg.model.image_shape)
+        if data.streamed:
+            workers = default_workers() if workers is None else workers
+            # One pool of workers for both splits: the validation images follow the training ones.
+            self.stream = Stream(data.train.join(data.val), workers, self.device)
+            self.train_x = self.val_x = None
+            self.streamed = f"streamed from disk by {workers} worker process{'es' * (workers != 1)}"
+        else:
+            self.stream = self.streamed = None
+            self.train_x = torch.from_numpy(data.train).to(self.device)
+            self.val_x = torch.from_numpy(data.val).to(self.device)
+        self.n_train, self.n_val = len(data.train), len(data.val)
         self.val_labels = data.val_labels  # latent plot colours
         self.class_names = data.class_names
         self.notes = data.notes  # one-line messages for the user (e.g. skipped files)
@@ -94,6 +108,7 @@ class Trainer:
         train_y = self.family.training_labels(train_y)  # what the step may see: the semi family hides most labels
         self.train_y, self.val_y = (torch.from_numpy(np.asarray(y, dtype=np.int64)).to(self.device) if y is not None else None
                                     for y in (train_y, val_y))
+        self.thread_policy = None  # a ThreadPolicy (aae_train.threads) when torch's thread count follows the idle cores
         self.epoch = 0  # epochs completed
         self.history: list[dict] = []
         self.best: dict | None = None  # {"metric", "value", "epoch"} of best.pt
@@ -135,16 +150,21 @@ class Trainer:
         factor = self.set_learning_rates()
         if self.crops is not None:
             self.train_x = torch.from_numpy(self.crops.draw(self.epoch)).to(self.device)
+            self.n_train = len(self.train_x)
         bs = self.cfg.train.batch_size  # the global minibatch: each of the processes takes its share
-        n = len(self.train_x)
-        order = torch.randperm(n, generator=self.shuffle).to(self.device)
-        steps = max(1, n // bs)  # drop the last partial batch: D sees equal real and fake counts
+        order = torch.randperm(self.n_train, generator=self.shuffle)
+        steps = max(1, self.n_train // bs)  # drop the last partial batch: D sees equal real and fake counts
+        shards = [distributed.shard(order[i * bs : (i + 1) * bs]) for i in range(steps)]
+        if self.stream is not None:
+            images = self.stream.batches(shards)
+        else:
+            shards = [idx.to(self.device) for idx in shards]
+            images = (self.train_x[idx] for idx in shards)
         names = self.family.loss_names
         start = time.perf_counter()
         total = torch.zeros(len(names), device=self.device)
-        for i in range(steps):
-            idx = distributed.shard(order[i * bs : (i + 1) * bs])
-            batch = Batch(self.train_x[idx], self.train_y[idx] if self.train_y is not None else None)
+        for i, (idx, x) in enumerate(zip(shards, images)):
+            batch = Batch(x, self.train_y[idx.to(self.device)] if self.train_y is not None else None)
             try:
                 total += self.family.step(batch)
             except RuntimeError:  # e.g. BCE refusing a NaN reconstruction once the weights diverged
@@ -154,6 +174,8 @@ class Trainer:
                                     "nothing was saved for this epoch: lower the learning rates and --resume or retrain") from None
             if self.ema is not None:
                 self.update_ema()
+            if self.thread_policy is not None:
+                self.thread_policy.tick()
             if on_step and (i % 10 == 9 or i == steps - 1):
                 on_step(i + 1, steps, dict(zip(names, (total / (i + 1)).tolist())))
         means = dict(zip(names, (distributed.mean_over_ranks(total) / steps).tolist()))
@@ -164,6 +186,8 @@ class Trainer:
         self.epoch += 1
         metrics = {"epoch": self.epoch, **means, "lr_factor": round(factor, 6), **self.evaluate(),
                    "seconds": round(time.perf_counter() - start, 3)}
+        if self.thread_policy is not None:
+            metrics["threads"] = self.thread_policy.threads  # at the epoch's end
         self.history.append(metrics)
         return metrics
 
@@ -178,7 +202,19 @@ class Trainer:
         model = self.model
         for name in self.family.model_networks:
             model[name].eval()
-        return self.family.evaluate(model, Batch(self.val_x, self.val_y), self.epoch)
+        with returning_large_buffers():  # a pass leaves no heap behind (aae_train.process)
+            return self.family.evaluate(model, self.validation(), self.epoch)
+
+    def validation(self, limit: int | None = None):
+        """The validation split (its first ``limit`` images) in chunks of `self.chunk`, in order, as Batches."""
+        n = self.n_val if limit is None else min(limit, self.n_val)
+        bounds = [(s, min(s + self.chunk, n)) for s in range(0, n, self.chunk)]
+        if self.stream is not None:
+            images = self.stream.batches([range(self.n_train + a, self.n_train + b) for a, b in bounds])
+        else:
+            images = (self.val_x[a:b] for a, b in bounds)
+        for (a, b), x in zip(bounds, images):
+            yield Batch(x, self.val_y[a:b] if self.val_y is not None else None)
 
     def improved(self, metrics: dict) -> bool:
         """Whether this epoch is the best so far by the family's validation figure (ties: the later)."""
@@ -198,18 +234,18 @@ class Trainer:
         model = self.model
         for name in self.family.model_networks:
             model[name].eval()
-        samples = self.family.sample_images(model, n, self.val_x)
+        with returning_large_buffers():
+            codes = torch.cat([model["encoder"](b.x) for b in self.validation(LATENT_PLOT_POINTS)]).cpu().numpy()
+        samples = self.family.sample_images(model, n, codes)
         k = len(self.family.cfg.options.classes) if getattr(self.cfg.options, "classes", None) else None
         save_grid(samples.cpu().numpy(), run_dir / SAMPLES_NAME, ncols=k if k and k <= 16 else None)
-        x = self.val_x[: n // 2]
-        y = self.val_y[: n // 2] if self.val_y is not None else None
+        first = next(self.validation(n // 2))
+        x, y = first.x, first.y
         pairs = torch.stack([x, self.family.reconstruct(model, x, y)[1]], dim=1).flatten(0, 1)  # original, reconstruction, ...
         save_grid(pairs.cpu().numpy(), run_dir / RECONSTRUCTIONS_NAME, ncols=16)
         if self.history:
             plot_losses(self.history, run_dir / LOSS_CURVES_NAME)
-        codes = torch.cat([model["encoder"](b) for b in self.val_x.split(1000)]).cpu().numpy()
         prior = sample_prior(self.family.prior_spec(self.cfg, codes), LATENT_PLOT_POINTS, np.random.default_rng(1))
-        codes = codes[:LATENT_PLOT_POINTS]
         labels = self.val_labels[: len(codes)] if self.val_labels is not None else None
         plot_latent(codes, labels, run_dir / LATENT_NAME, prior_samples=prior, class_names=self.class_names)
 
@@ -290,8 +326,9 @@ def check_run_folder(run_dir: Path, resume: str | Path | None, overwrite: bool) 
                         "choose another --out, or give --overwrite to replace that run")
 
 
-# What `--resume` may change: how long and where it runs, and where the data and run folder are.
-RESUME_OPTIONS = frozenset({"epochs", "device", "threads", "out", "resume", "overwrite", "data_dir", "directory"})
+# What `--resume` may change: how long and where it runs, where the data and run folder are, how data is read.
+RESUME_OPTIONS = frozenset({"epochs", "device", "threads", "out", "resume", "overwrite", "data_dir", "directory", "loader",
+                            "workers"})
 
 
 # Options whose config field has another name (prior parameters: the prior's spec as a whole).
@@ -337,7 +374,8 @@ def _shown(value) -> str:
 
 def train(cfg: RunConfig, run_dir: str | Path, data_dir: str | None = None, resume: str | Path | None = None,
           on_epoch: Callable[[dict], None] | None = None, on_step=None, on_start=None, download_progress=None,
-          overwrite: bool = False, given: dict | None = None) -> TrainResult:
+          overwrite: bool = False, given: dict | None = None, loader: str = "auto", workers: int | None = None,
+          adapt_threads: bool = False) -> TrainResult:
     """Train (or resume) a model of ``cfg.family``, writing checkpoints, metrics and grids into ``run_dir``.
 
     With ``resume``, the checkpoint's config is used, except that ``cfg.train.epochs`` may
@@ -347,6 +385,10 @@ def train(cfg: RunConfig, run_dir: str | Path, data_dir: str | None = None, resu
     config: any that differ are refused, each named (`resume_conflicts`).
     Ctrl-C raises TrainingInterrupted; a run folder this call created and that has no checkpoint
     yet is removed, so an interrupted start leaves nothing half-made.
+    ``loader`` and ``workers``: whether a folder is held in memory or streamed from disk, and by
+    how many decoding processes (`aae_train.streaming`); they do not change the model.
+    ``adapt_threads``: torch's thread count follows the cores other processes leave idle
+    (`aae_train.threads`; one process only).
     """
     run_dir = Path(run_dir)
     replaced = check_run_folder(run_dir, resume, overwrite)  # on every rank: they agree on a shared folder
@@ -364,7 +406,7 @@ def train(cfg: RunConfig, run_dir: str | Path, data_dir: str | None = None, resu
             raise TrainingError(f"--resume {resume} keeps the checkpoint's config, and these options differ from it: "
                                 f"{', '.join(conflicts)}; leave them out, or train a new run")
         cfg = saved.replace(train=replace(saved.train, epochs=cfg.train.epochs, device=cfg.train.device))
-    data = load_dataset(cfg.data, data_dir, progress=download_progress)
+    data = load_dataset(cfg.data, data_dir, progress=download_progress, loader=loader, workers=workers)
     if tuple(data.preprocessing.shape) != tuple(cfg.model.image_shape):
         raise TrainingError(f"the model expects images of shape {tuple(cfg.model.image_shape)} but the data are "
                             f"{data.preprocessing.shape}: set image_shape to the data's (C, H, W)")
@@ -375,7 +417,10 @@ def train(cfg: RunConfig, run_dir: str | Path, data_dir: str | None = None, resu
                             f"{getattr(cfg.options, 'classes', None)}, the data now gives {getattr(configured.options, 'classes', None)}); "
                             "restore the data as it was, or train a new run")
     cfg = configured
-    trainer = Trainer(cfg, data)
+    trainer = Trainer(cfg, data, workers)
+    if adapt_threads and distributed.world_size() == 1:
+        policy = ThreadPolicy(torch.set_num_threads, most=torch.get_num_threads())
+        trainer.thread_policy = policy if policy.works else None
     if state is not None:
         try:
             trainer.load_state(state)

@@ -96,7 +96,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_dir: str
         raise ExportError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     trained = load_trained(checkpoint)
     cfg, state = trained.cfg, trained.state
-    data = load_dataset(cfg.data, data_dir)  # the held-out split, rebuilt from the config
+    data = load_dataset(cfg.data, data_dir, splits=("val",))  # the held-out split, rebuilt from the config; only it is decoded
     pre = Preprocessing.from_dict(cfg.data.preprocessing)
     normal = data.val
     log(f"exporting {Path(checkpoint)} ({cfg.family}, epoch {state['epoch']}); {len(normal)} held-out normal "

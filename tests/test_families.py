@@ -40,6 +40,11 @@ def _rows(path: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
 
 
+def _numbers(rows: list[dict]) -> list[float]:
+    """Every figure of the rows, in order (lists flattened)."""
+    return [float(x) for r in rows for k in sorted(r) for x in (r[k] if isinstance(r[k], list) else [r[k]])]
+
+
 @pytest.mark.parametrize("name", sorted(GOLDEN_COMMANDS))
 def test_the_aae_family_reproduces_the_metrics_recorded_before_the_redesign(name, tmp_path, mnist_dir):
     out = tmp_path / name
@@ -47,7 +52,12 @@ def test_the_aae_family_reproduces_the_metrics_recorded_before_the_redesign(name
            "--out", str(out), *GOLDEN_COMMANDS[name]]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert _rows(out / "metrics.jsonl") == _rows(FIXTURES / "golden" / f"{name}.jsonl")
+    # Equal up to rounding: kernels round differently on other CPU models, and over two epochs
+    # that grew to 1e-5 of a loss and 4e-4 of a latent mean (4 digits kept) on a new machine; a
+    # change of what training does (data order, RNG streams, a phase) moves them by far more.
+    got, want = _rows(out / "metrics.jsonl"), _rows(FIXTURES / "golden" / f"{name}.jsonl")
+    assert [sorted(r) for r in got] == [sorted(r) for r in want]
+    assert _numbers(got) == pytest.approx(_numbers(want), rel=2e-3, abs=1e-3)
 
 
 def _fixture_inputs(mnist_test) -> np.ndarray:

@@ -62,15 +62,20 @@ class AAEFamily(Family):
         opt["gen"].step()
         return torch.stack([recon.detach(), d_loss, d_acc, g_loss.detach()])
 
-    def evaluate(self, model, val: Batch, epoch: int) -> dict:
-        figures = super().evaluate(model, val, epoch)
-        z = torch.cat([model["encoder"](b) for b in val.x[:MMD_SAMPLES].split(1000)])
-        # Prior samples from their own seeded stream: evaluating never shifts the training RNGs.
-        z_prior = torch.from_numpy(sample_prior(self.cfg.model.prior, min(len(val.x), MMD_SAMPLES), np.random.default_rng(epoch)))
-        figures["prior_mmd"] = round(mmd2(z.cpu().double(), z_prior.double()), 6)
-        return figures
+    def start_validation(self) -> None:
+        self._val_codes: list[torch.Tensor] = []  # the first MMD_SAMPLES held-out codes
 
-    def sample_images(self, model, n: int, val_x: torch.Tensor) -> torch.Tensor:
+    def observe_validation(self, model, batch: Batch, z: torch.Tensor, start: int) -> None:
+        if start < MMD_SAMPLES:
+            self._val_codes.append(z[: MMD_SAMPLES - start])
+
+    def validation_figures(self, epoch: int) -> dict:
+        z = torch.cat(self._val_codes)
+        # Prior samples from their own seeded stream: evaluating never shifts the training RNGs.
+        z_prior = torch.from_numpy(sample_prior(self.cfg.model.prior, len(z), np.random.default_rng(epoch)))
+        return {"prior_mmd": round(mmd2(z.cpu().double(), z_prior.double()), 6)}
+
+    def sample_images(self, model, n: int, codes: np.ndarray) -> torch.Tensor:
         z = torch.from_numpy(sample_prior(self.cfg.model.prior, n, np.random.default_rng(0))).to(self.device)
         return model["decoder"](z)
 

@@ -10,7 +10,7 @@ the phases of one training step, its validation figures and the graphs it export
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Iterable
 
 import numpy as np
 import torch
@@ -114,16 +114,42 @@ class Family:
         z = model["encoder"](x)
         return z, model["decoder"](z)
 
-    def evaluate(self, model: dict[str, torch.nn.Module], val: Batch, epoch: int) -> dict:
-        """Validation figures of the model networks (already in eval mode), merged into metrics."""
-        ys = val.y.split(1000) if val.y is not None else [None] * len(val.x.split(1000))
-        z, recon = (torch.cat(parts) for parts in zip(*(self.reconstruct(model, x, y) for x, y in zip(val.x.split(1000), ys))))
-        return {"val_recon_loss": float(self.recon_loss(recon, val.x)), "val_mse": float(F.mse_loss(recon, val.x)),
-                "latent_mean": [round(v, 4) for v in z.mean(0).tolist()],
-                "latent_std": [round(v, 4) for v in z.std(0).tolist()]}
+    def evaluate(self, model: dict[str, torch.nn.Module], val: Iterable[Batch], epoch: int) -> dict:
+        """Validation figures of the model networks (already in eval mode), merged into metrics.
 
-    def sample_images(self, model: dict[str, torch.nn.Module], n: int, val_x: torch.Tensor) -> torch.Tensor:
-        """Images decoded from ``n`` prior draws, for samples.png."""
+        ``val`` yields the validation split in chunks, in order (a streamed folder is never whole
+        in memory): the figures are accumulated chunk by chunk, and a family adds its own through
+        `observe_validation` and `validation_figures`."""
+        n, recon_sum, mse_sum, z_sum, z_squares = 0, 0.0, 0.0, 0.0, 0.0
+        self.start_validation()
+        for batch in val:
+            z, recon = self.reconstruct(model, batch.x, batch.y)
+            recon = recon.contiguous()  # the figures' summation order then does not depend on the decoder's memory layout
+            k = len(batch.x)
+            recon_sum += float(self.recon_loss(recon, batch.x)) * k
+            mse_sum += float(F.mse_loss(recon, batch.x)) * k
+            zd = z.double()
+            z_sum, z_squares = z_sum + zd.sum(0), z_squares + (zd * zd).sum(0)
+            self.observe_validation(model, batch, z, n)
+            n += k
+        mean = z_sum / n
+        std = ((z_squares - n * mean * mean).clamp_min(0) / max(1, n - 1)).sqrt()
+        return {"val_recon_loss": recon_sum / n, "val_mse": mse_sum / n,
+                "latent_mean": [round(v, 4) for v in mean.tolist()], "latent_std": [round(v, 4) for v in std.tolist()],
+                **self.validation_figures(epoch)}
+
+    def start_validation(self) -> None:
+        """Hook: a validation pass begins."""
+
+    def observe_validation(self, model: dict[str, torch.nn.Module], batch: Batch, z: torch.Tensor, start: int) -> None:
+        """Hook: one chunk of the validation split (its first image is image ``start``) and its codes ``z``."""
+
+    def validation_figures(self, epoch: int) -> dict:
+        """Hook: the family's own figures of the pass just ended."""
+        return {}
+
+    def sample_images(self, model: dict[str, torch.nn.Module], n: int, codes: np.ndarray) -> torch.Tensor:
+        """Images decoded from ``n`` prior draws, for samples.png (``codes``: held-out codes, (N, latent))."""
         raise NotImplementedError
 
     @classmethod

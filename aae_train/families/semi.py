@@ -28,6 +28,7 @@ from aae_train.families.base import Batch, GraphSpec, Streams
 from aae_train.families.supervised import SupervisedFamily
 from aae_train.graphs import ClassifyingEncoder, Scorer
 from aae_train.models import Decoder, Discriminator, Encoder
+from aae_train.streaming import MEMORY_SHARE, FolderImages, gib, usable_memory
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,12 @@ class SemiFamily(SupervisedFamily):
         super().prepare(data, streams)
         train_idx, val_idx = labelled_split(self.cfg, data)
         _, train_y, val_y = class_labels(data)
+        if isinstance(data.train, FolderImages):  # the labelled pool is held in memory, also from a streamed folder
+            size = len(train_idx) * data.train.nbytes() // max(1, len(data.train))
+            if size > MEMORY_SHARE * usable_memory():
+                raise DataError(f"--family semi holds its labelled images in memory, and the {len(train_idx)} of this folder "
+                                f"would take {gib(size)}, more than a quarter of the memory this process may use: "
+                                "give --labels N to use N of them (e.g. --labels 1000)")
         self.labelled_x = torch.from_numpy(data.train[train_idx]).to(self.device)
         self.labelled_y = torch.from_numpy(train_y[train_idx]).to(self.device)
         self.val_idx = torch.from_numpy(val_idx).to(self.device)
@@ -148,10 +155,21 @@ class SemiFamily(SupervisedFamily):
         z, logits = model["encoder"].codes(x)
         return z, model["decoder"](z, torch.softmax(logits, dim=1))
 
-    def evaluate(self, model, val: Batch, epoch: int) -> dict:
-        figures = super().evaluate(model, val, epoch)
-        x, y = val.x[self.val_idx], val.y[self.val_idx]
-        logits = torch.cat([model["encoder"].codes(b)[1] for b in x.split(1000)])
+    def start_validation(self) -> None:
+        super().start_validation()
+        self._val_logits: list[torch.Tensor] = []  # of the labelled validation images, in order
+        self._val_y: list[torch.Tensor] = []
+
+    def observe_validation(self, model, batch: Batch, z: torch.Tensor, start: int) -> None:
+        super().observe_validation(model, batch, z, start)
+        inside = self.val_idx[(self.val_idx >= start) & (self.val_idx < start + len(batch.x))] - start
+        if len(inside):
+            self._val_logits.append(model["encoder"].codes(batch.x[inside])[1])
+            self._val_y.append(batch.y[inside])
+
+    def validation_figures(self, epoch: int) -> dict:
+        figures = super().validation_figures(epoch)
+        logits, y = torch.cat(self._val_logits), torch.cat(self._val_y)
         figures["val_error"] = round(float((logits.argmax(1) != y).float().mean()), 6)
         figures["val_class_nll"] = round(float(F.cross_entropy(logits, y)), 6)
         figures["val_labelled"] = int(len(y))

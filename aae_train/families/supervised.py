@@ -66,7 +66,7 @@ class SupervisedFamily(AAEFamily):
         z = model["encoder"](x)
         return z, model["decoder"](z, self.one_hot(y.clamp_min(0)))
 
-    def sample_images(self, model, n: int, val_x: torch.Tensor) -> torch.Tensor:
+    def sample_images(self, model, n: int, codes: np.ndarray) -> torch.Tensor:
         """The paper's figure: each row one style code, each column one label."""
         k = self.n_classes(self.cfg)
         rows = max(1, n // k)
