@@ -36,9 +36,9 @@ class AAEFamily(Family):
     def optimizers(self):
         t, n = self.cfg.train, self.nets
         return {
-            "recon": (torch.optim.Adam([*n["encoder"].parameters(), *n["decoder"].parameters()], lr=t.lr_recon), t.lr_recon),
-            "disc": (torch.optim.Adam(n["discriminator"].parameters(), lr=t.lr_disc, betas=(0.5, 0.999)), t.lr_disc),
-            "gen": (torch.optim.Adam(n["encoder"].parameters(), lr=t.lr_gen, betas=(0.5, 0.999)), t.lr_gen),
+            "recon": (self.adam([*n["encoder"].parameters(), *n["decoder"].parameters()], lr=t.lr_recon), t.lr_recon),
+            "disc": (self.adam(n["discriminator"].parameters(), lr=t.lr_disc, betas=(0.5, 0.999)), t.lr_disc),
+            "gen": (self.adam(n["encoder"].parameters(), lr=t.lr_gen, betas=(0.5, 0.999)), t.lr_gen),
         }
 
     def draw_prior(self, n: int) -> torch.Tensor:

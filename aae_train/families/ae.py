@@ -34,7 +34,7 @@ class AEFamily(AAEFamily):
     def optimizers(self):
         t, n = self.cfg.train, self.nets
         params = [*n["encoder"].parameters(), *n["decoder"].parameters()]
-        return {"recon": (torch.optim.Adam(params, lr=t.lr_recon), t.lr_recon)}
+        return {"recon": (self.adam(params, lr=t.lr_recon), t.lr_recon)}
 
     def step(self, batch: Batch) -> torch.Tensor:
         recon = self.recon_loss(self.nets["decoder"](self.with_code_noise(self.nets["encoder"](batch.x))), batch.x)

@@ -82,6 +82,11 @@ class Family:
         """name -> (optimiser, base learning rate); the loop applies the schedule to each."""
         raise NotImplementedError
 
+    def adam(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
+        """Adam as every family uses it: fused (one pass over each tensor: a quarter of the epoch
+        on the CPU, benchmarks/train_floor.py) on the CPU and CUDA, else PyTorch's default."""
+        return torch.optim.Adam(params, lr=lr, betas=betas, fused=True if self.device.type in ("cpu", "cuda") else None)
+
     def prepare(self, data, streams: Streams) -> None:
         """Hook to keep data the step needs besides the minibatch (e.g. the labelled pool)."""
         self.streams = streams

@@ -84,7 +84,7 @@ class SemiFamily(SupervisedFamily):
 
     def optimizers(self):
         t, n, o = self.cfg.train, self.nets, self.cfg.options
-        adam = torch.optim.Adam
+        adam = self.adam
         return {
             "recon": (adam([*n["encoder"].parameters(), *n["decoder"].parameters()], lr=t.lr_recon), t.lr_recon),
             "disc": (adam(n["discriminator"].parameters(), lr=t.lr_disc, betas=(0.5, 0.999)), t.lr_disc),
