@@ -55,7 +55,9 @@ class AAEFamily(Family):
         opt["recon"].step()
         # Regularisation phase: the discriminator (prior samples real, codes fake), then the
         # encoder as generator, trying to make D call its codes real.
-        d_loss, d_acc = discriminator_phase(disc, opt["disc"], enc(x).detach(), self.draw_prior, t)
+        with torch.no_grad():  # D's fakes: no graph through the encoder
+            z_fake = enc(x)
+        d_loss, d_acc = discriminator_phase(disc, opt["disc"], z_fake, self.draw_prior, t)
         g_loss = generator_loss(disc, enc(x), t)
         opt["gen"].zero_grad(set_to_none=True)
         g_loss.backward()

@@ -31,7 +31,11 @@ def discriminator_phase(disc: torch.nn.Module, opt: torch.optim.Optimizer, z_fak
     real_target = 1.0 - t.label_smoothing  # one-sided: only the prior's targets are smoothed
     for _ in range(t.disc_steps):
         d_real = disc_input(draw_real(len(z_fake)), std).requires_grad_(t.gradient_penalty > 0)
-        logits_real, logits_fake = disc(d_real), disc(disc_input(z_fake, std))
+        if draws_masks(disc):  # a pass per batch, masks and the fakes' noise drawn in the order they always were
+            logits_real = disc(d_real)
+            logits_fake = disc(disc_input(z_fake, std))
+        else:
+            logits_real, logits_fake = stacked(disc, d_real, disc_input(z_fake, std))
         d_loss = F.binary_cross_entropy_with_logits(logits_real, torch.full_like(logits_real, real_target)) + \
             F.binary_cross_entropy_with_logits(logits_fake, torch.zeros_like(logits_fake))
         if t.gradient_penalty > 0:
@@ -41,6 +45,20 @@ def discriminator_phase(disc: torch.nn.Module, opt: torch.optim.Optimizer, z_fak
         opt.step()
     d_acc = 0.5 * ((logits_real > 0).float().mean() + (logits_fake < 0).float().mean())
     return d_loss.detach(), d_acc.detach()
+
+
+def draws_masks(net: torch.nn.Module) -> bool:
+    """Whether ``net`` draws random dropout masks in training mode."""
+    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in net.modules())
+
+
+def stacked(disc: torch.nn.Module, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """D's logits of both batches from one pass over the two stacked. D treats rows independently,
+    so it is the same function, with multiplications twice as tall and no gradients to sum
+    afterwards (a step of the paper's MLP ~10 % faster). Only for a D without dropout: with it, a
+    pass per batch draws the masks as runs always did, so those runs reproduce."""
+    logits = disc(torch.cat([real, fake]))
+    return logits[: len(real)], logits[len(real):]
 
 
 def generator_loss(disc: torch.nn.Module, z: torch.Tensor, t: TrainConfig, noise: bool = True) -> torch.Tensor:
