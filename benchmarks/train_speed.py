@@ -4,7 +4,9 @@
 - N processes with 1 thread each (torchrun, data parallel), alone;
 - 1 process beside one other CPU-bound process (a Python busy loop: one core's worth), with all
   threads and with 1 thread: what contention costs and which setting survives it;
-- aae-train's OpenMP spin setting (GOMP_SPINCOUNT=1000) beside OpenMP's default (300,000).
+- aae-train's OpenMP spin setting (GOMP_SPINCOUNT=1000) beside OpenMP's default (300,000);
+- aae-train's default thread count, which follows the cores other processes leave idle
+  (aae_train.threads), alone and beside the busy process, with both spin settings.
 
 Each case trains 2 epochs in a fresh process and reports the second epoch's time (the first
 pays for start-up and warm caches). Results: benchmarks/results/train_speed.{json,md}.
@@ -53,6 +55,7 @@ def main(argv=None) -> None:
               "load_start": round(os.getloadavg()[0], 2), "cases": {}}
     openmp_default = {"GOMP_SPINCOUNT": "300000"}  # libgomp's own default; aae-train sets 1000 unless told
     multi = [exe, *base, "--threads", str(cores)]
+    auto = [exe, *base]  # no --threads: aae_train.threads follows the idle cores
     cases = {  # name: (command, beside a busy process, extra environment)
         f"1 process x {cores} threads, alone": (multi, False, {}),
         f"1 process x {cores} threads, alone, OpenMP's default spinning": (multi, False, openmp_default),
@@ -62,6 +65,10 @@ def main(argv=None) -> None:
         f"1 process x {cores} threads, beside a busy process": (multi, True, {}),
         f"1 process x {cores} threads, beside a busy process, OpenMP's default spinning": (multi, True, openmp_default),
         "1 process x 1 thread, beside a busy process": ([exe, *base, "--threads", "1"], True, {}),
+        "1 process, threads following the idle cores (default), alone": (auto, False, {}),
+        "1 process, threads following the idle cores (default), beside a busy process": (auto, True, {}),
+        "1 process, threads following the idle cores, OpenMP's default spinning, alone": (auto, False, openmp_default),
+        "1 process, threads following the idle cores, OpenMP's default spinning, beside a busy process": (auto, True, openmp_default),
     }
     for name, (cmd, busy, extra) in cases.items():
         print(name, flush=True)
