@@ -4,17 +4,20 @@ The floor of an epoch is what it cannot go below on this CPU:
 
 - its matrix multiplications: every mm/addmm/bmm the real training steps and the epoch's
   validation pass dispatch (forward and backward of all phases, recorded with a dispatch mode
-  on the real loop, with their shapes and memory layouts), each timed alone on this CPU at the
-  same thread count, times how often an epoch runs it;
+  on the real loop, with their shapes and memory layouts), each run alone on this CPU at the
+  same thread count, with its operands in cache, as often as the epoch runs it;
 - its optimiser updates: the bytes Adam must move (read weight, gradient and both moments,
   write weight and moments: 28 bytes a parameter) at the memory bandwidth measured here with
   the same pattern (an in-place update of arrays far larger than the caches).
 
 Epochs are trained by `aae_train.train.train` on the full training split (54,000 images) in
 this process. This machine's speed drifts by tens of percent from minute to minute (a shared
-virtual machine), so the floor's rates are measured again after every epoch and each epoch is
-compared with the floor measured on either side of it; the report gives every epoch after the
-first and the median ratio. Target: epoch <= 1.25 x floor.
+virtual machine), so the floor is measured side by side with the epoch it is compared with:
+every ten training steps the loop's progress callback replays those ten steps' multiplications
+alone and measures the bandwidth once, and after the epoch the validation pass's
+multiplications are replayed. The time spent in the callback is taken out of the epoch's time.
+The first epoch warms up (and records the multiplications); the report gives every later epoch
+and the median ratio. Target: epoch <= 1.25 x floor.
 Results: benchmarks/results/train_floor.{json,md}.
 
     python benchmarks/train_floor.py --data-dir ../shared/data/mnist
@@ -37,6 +40,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "results"
+ADAM_BYTES = 28  # a parameter's update: weight, gradient and both moments read; weight and moments written
 
 
 def main(argv=None) -> None:
@@ -54,27 +58,23 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()[0]
-    epochs, floors, cfg, trainer, (step_ops, eval_ops) = measure_epochs(args)
+    epochs, cfg, trainer, (step_ops, eval_ops), params = measure_epochs(args)
     steps = len(trainer.train_x) // cfg.train.batch_size
-    params = sum(p.numel() for opt, _ in trainer.optimizers.values() for g in opt.param_groups for p in g["params"])
     flop = sum(n * op_flop(k) for k, n in step_ops.items()) * steps + sum(n * op_flop(k) for k, n in eval_ops.items())
-    adam_bytes = 28 * params * steps
+    adam_bytes = ADAM_BYTES * params * steps
     rows = []
-    for i in range(1, len(epochs)):  # the first epoch warms up; each later one between two floor measurements
-        before, after = floors[i - 1], floors[i]
-        matmul_s = (before["matmul_s"] + after["matmul_s"]) / 2
-        bandwidth = (before["bandwidth"] + after["bandwidth"]) / 2
-        floor = matmul_s + adam_bytes / bandwidth
-        rows.append({"epoch": i + 1, "epoch_s": round(epochs[i], 2), "matmul_floor_s": round(matmul_s, 2),
-                     "matmul_rate_gflops": round(flop / matmul_s / 1e9, 1), "bandwidth_gbps": round(bandwidth / 1e9, 1),
-                     "optimizer_floor_s": round(adam_bytes / bandwidth, 2), "floor_s": round(floor, 2),
-                     "ratio": round(epochs[i] / floor, 3)})
+    for e in epochs[1:]:  # the first epoch warms up and records the multiplications
+        floor = e["matmul_s"] + e["optimizer_s"]
+        rows.append({"epoch": e["epoch"], "epoch_s": round(e["epoch_s"], 2), "matmul_floor_s": round(e["matmul_s"], 2),
+                     "matmul_rate_gflops": round(flop / e["matmul_s"] / 1e9, 1), "bandwidth_gbps": round(e["bandwidth"] / 1e9, 1),
+                     "optimizer_floor_s": round(e["optimizer_s"], 2), "floor_s": round(floor, 2),
+                     "replay_s": round(e["replay_s"], 2), "ratio": round(e["epoch_s"] / floor, 3)})
     median = sorted(rows, key=lambda r: r["ratio"])[(len(rows) - 1) // 2]  # a real epoch: the lower median
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "cpu": cpu_name(), "threads": args.threads, "GOMP_SPINCOUNT": os.environ["GOMP_SPINCOUNT"],
         "load_start": round(load_start, 2), "load_end": round(os.getloadavg()[0], 2), "train_images": len(trainer.train_x),
-        "steps": steps, "epoch_seconds": epochs, "matmul_tflop": round(flop / 1e12, 3),
+        "steps": steps, "epoch_seconds": [round(e["epoch_s"], 3) for e in epochs], "matmul_tflop": round(flop / 1e12, 3),
         "optimizer_params_per_step": params, "optimizer_gbytes": round(adam_bytes / 1e9, 1),
         "epochs": rows, "median": median, "ratio": median["ratio"],
         "matmul_shapes": {str(k): {"per_step": step_ops.get(k, 0), "per_validation": eval_ops.get(k, 0)}
@@ -86,41 +86,59 @@ def main(argv=None) -> None:
 
 
 def measure_epochs(args):
-    """Train on MNIST with `train`; after each epoch (outside its timed span) measure the floor's
-    rates. Returns the epochs' seconds, the floor measured after each, the config, the trainer and
-    the recorded multiplications (of one step and of one validation pass)."""
+    """Train on MNIST with `train`, the floor measured beside it (module docstring). Returns per
+    epoch its seconds (less the time the measurements took) and its floor's parts, the config,
+    the trainer, the recorded multiplications (of one step and of one validation pass) and the
+    parameters Adam updates in a step."""
     from aae_train.config import DataConfig, ModelConfig, RunConfig, TrainConfig
     from aae_train import train as loop
 
     # aae-train mnist's defaults: 784-1000-1000-8 encoder, its mirror, a 8-1000-1000-1 discriminator
     cfg = RunConfig(model=ModelConfig(), data=DataConfig(source="mnist", path=str(args.data_dir), limit=args.limit),
                     train=TrainConfig(epochs=args.epochs, batch_size=100, device="cpu", seed=0))
-    captured, floors = {}, []
+    captured, epochs = {}, []
+    current = {"done": 0, "callback_s": 0.0, "matmul_s": 0.0, "optimizer_s": 0.0, "bandwidths": []}
     original = loop.Trainer.__init__
 
     def keep(self, *a, **kw):
         original(self, *a, **kw)
         captured["trainer"] = self
 
-    def after_epoch(metrics):
+    def after_steps(done, steps, losses):  # inside the timed epoch: its own time is taken out
+        start = time.perf_counter()
+        if "replay" in captured:
+            k, current["done"] = done - current["done"], done
+            current["matmul_s"] += captured["replay"].run(captured["ops"][0], k)
+            bandwidth = captured["bandwidth"].measure()
+            current["bandwidths"].append(bandwidth)
+            current["optimizer_s"] += k * ADAM_BYTES * captured["params"] / bandwidth
+        current["callback_s"] += time.perf_counter() - start
+
+    def after_epoch(metrics):  # outside the timed epoch
         trainer = captured["trainer"]
-        if "ops" not in captured:  # once: an extra step on a copy, so the run itself is untouched
+        if "replay" not in captured:  # once: an extra step on a copy, so the run itself is untouched
             captured["ops"] = record_ops(trainer)
-        step_ops, eval_ops = captured["ops"]
-        steps = len(trainer.train_x) // cfg.train.batch_size
-        timed = {key: time_op(key) for key in set(step_ops) | set(eval_ops)}
-        floors.append({"matmul_s": sum(n * timed[k] for k, n in step_ops.items()) * steps
-                       + sum(n * timed[k] for k, n in eval_ops.items()), "bandwidth": memory_bandwidth()})
-        print(f"epoch {metrics['epoch']}: {metrics['seconds']:.2f} s; matmul floor {floors[-1]['matmul_s']:.2f} s, "
-              f"{floors[-1]['bandwidth'] / 1e9:.1f} GB/s", flush=True)
+            captured["replay"], captured["bandwidth"] = Replay(captured["ops"]), Bandwidth()
+            captured["params"] = sum(p.numel() for opt, _ in trainer.optimizers.values()
+                                     for g in opt.param_groups for p in g["params"])
+            row = {"epoch": metrics["epoch"], "epoch_s": metrics["seconds"] - current["callback_s"]}
+        else:
+            current["matmul_s"] += captured["replay"].run(captured["ops"][1], 1)  # the validation pass
+            row = {"epoch": metrics["epoch"], "epoch_s": metrics["seconds"] - current["callback_s"],
+                   "matmul_s": current["matmul_s"], "optimizer_s": current["optimizer_s"],
+                   "bandwidth": statistics.median(current["bandwidths"]), "replay_s": current["callback_s"]}
+        epochs.append(row)
+        print(f"epoch {row['epoch']}: {row['epoch_s']:.2f} s" + (f"; floor {row['matmul_s']:.2f} s of multiplications + "
+              f"{row['optimizer_s']:.2f} s of Adam ({row['bandwidth'] / 1e9:.1f} GB/s)" if "matmul_s" in row else ""), flush=True)
+        current.update(done=0, callback_s=0.0, matmul_s=0.0, optimizer_s=0.0, bandwidths=[])
 
     loop.Trainer.__init__ = keep
     try:
         with tempfile.TemporaryDirectory(prefix="aae-floor-") as tmp:
-            result = loop.train(cfg, Path(tmp) / "run", data_dir=str(args.data_dir), on_epoch=after_epoch)
+            loop.train(cfg, Path(tmp) / "run", data_dir=str(args.data_dir), on_epoch=after_epoch, on_step=after_steps)
     finally:
         loop.Trainer.__init__ = original
-    return [m["seconds"] for m in result.metrics], floors, cfg, captured["trainer"], captured["ops"]
+    return epochs, cfg, captured["trainer"], captured["ops"], captured["params"]
 
 
 def record_ops(trainer) -> tuple[Counter, Counter]:
@@ -160,45 +178,45 @@ def op_flop(key) -> int:
     return 2 * a[-2] * a[-1] * b[-1] * (a[0] if kind == "bmm" else 1)
 
 
-def time_op(key) -> float:
-    """Median seconds of one call of the recorded matrix multiplication, same shapes and layouts,
-    timed alone (its operands stay in cache: the best this CPU does for that shape)."""
-    import torch
+class Replay:
+    """The recorded multiplications, each with operands of its shapes and layouts made once."""
 
-    kind, tensors = key
-    args = [torch.empty_strided(shape, stride).normal_() for shape, stride in tensors]
-    op = {"mm": torch.mm, "addmm": torch.addmm, "bmm": torch.bmm}[kind]
-    for _ in range(5):
-        op(*args)
-    reps = max(5, min(1000, int(0.05 / max(1e-6, _once(op, args)))))
-    times = []
-    for _ in range(5):
+    def __init__(self, ops: tuple[Counter, Counter]):
+        import torch
+
+        functions = {"mm": torch.mm, "addmm": torch.addmm, "bmm": torch.bmm}
+        self.calls = {}
+        for kind, tensors in set(ops[0]) | set(ops[1]):
+            args = [torch.empty_strided(shape, stride).normal_() for shape, stride in tensors]
+            self.calls[(kind, tensors)] = (functions[kind], args)
+            for _ in range(3):  # warm: the first calls allocate and pick kernels
+                functions[kind](*args)
+
+    def run(self, ops: Counter, times: int) -> float:
+        """Seconds to run every multiplication of ``ops`` as often as ``times`` passes call it, alone
+        (one after the other, each one's operands in cache: the best this CPU does for that shape)."""
         start = time.perf_counter()
-        for _ in range(reps):
-            op(*args)
-        times.append((time.perf_counter() - start) / reps)
-    return statistics.median(times)
+        for key, n in ops.items():
+            op, args = self.calls[key]
+            for _ in range(n * times):
+                op(*args)
+        return time.perf_counter() - start
 
 
-def _once(op, args) -> float:
-    start = time.perf_counter()
-    op(*args)
-    return time.perf_counter() - start
+class Bandwidth:
+    """Bytes a second of an in-place update of 64 MiB arrays (far larger than the caches), as Adam
+    moves them (a += b * c: three arrays read, the first written back in place)."""
 
+    def __init__(self, elements: int = 16 << 20):
+        import torch
 
-def memory_bandwidth() -> float:
-    """Bytes a second of an in-place update over 256 MiB arrays, as Adam moves them (a += b * c:
-    three arrays read, the first written back in place), median of 9."""
-    import torch
+        self.a, self.b, self.c = torch.ones(elements), torch.ones(elements), torch.ones(elements)
+        self.a.addcmul_(self.b, self.c)
 
-    a, b, c = torch.ones(64 << 20), torch.ones(64 << 20), torch.ones(64 << 20)
-    a.addcmul_(b, c)
-    times = []
-    for _ in range(9):
+    def measure(self) -> float:
         start = time.perf_counter()
-        a.addcmul_(b, c, value=1e-7)
-        times.append(time.perf_counter() - start)
-    return 4 * a.numel() * 4 / statistics.median(times)
+        self.a.addcmul_(self.b, self.c, value=1e-7)
+        return 4 * self.a.numel() * 4 / (time.perf_counter() - start)
 
 
 def cpu_name() -> str:
@@ -214,25 +232,26 @@ def cpu_name() -> str:
 def markdown(r: dict) -> str:
     m = r["median"]
     rows = "\n".join(f"| {e['epoch']} | {e['epoch_s']} | {e['matmul_floor_s']} ({e['matmul_rate_gflops']} GFLOP/s) | "
-                     f"{e['optimizer_floor_s']} ({e['bandwidth_gbps']} GB/s) | {e['floor_s']} | {e['ratio']} |" for e in r["epochs"])
+                     f"{e['optimizer_floor_s']} ({e['bandwidth_gbps']} GB/s) | {e['floor_s']} | {e['ratio']} | {e['replay_s']} |" for e in r["epochs"])
     return f"""# Training speed against the machine's floor: the paper's MLP AAE on MNIST, batch 100
 
 Machine: {r['machine']} ({r['cpu']}), {r['threads']} threads, GOMP_SPINCOUNT={r['GOMP_SPINCOUNT']}; load average
 {r['load_start']} at the start, {r['load_end']} at the end; {r['date']}. {r['train_images']:,} training images,
 {r['steps']} steps an epoch. An epoch's work: {r['matmul_tflop']} TFLOP of matrix multiplications (all phases,
 forward and backward, and the validation pass) and {r['optimizer_gbytes']} GB of Adam updates
-({r['optimizer_params_per_step']:,} parameters a step, 28 bytes each). The floor's rates were measured
-after every epoch; each epoch is compared with the mean of the measurements on either side of it
-(the first epoch warms up: {r['epoch_seconds'][0]:.2f} s).
+({r['optimizer_params_per_step']:,} parameters a step, 28 bytes each). The floor was measured beside
+each epoch: every ten steps the loop's callback ran those steps' multiplications alone and measured the
+bandwidth once, and the validation pass's multiplications were run after the epoch; the epoch's
+seconds exclude that time ("replay s"). The first epoch warms up: {r['epoch_seconds'][0]:.2f} s.
 
-| epoch | seconds | matmul floor s | Adam floor s | floor s | epoch / floor |
-|---:|---:|---:|---:|---:|---:|
+| epoch | seconds | matmul floor s | Adam floor s | floor s | epoch / floor | replay s |
+|---:|---:|---:|---:|---:|---:|---:|
 {rows}
 
 **Median epoch: {m['epoch_s']} s against a floor of {m['floor_s']} s: {m['ratio']} x** (target <= 1.25).
 
 Each distinct multiplication (shape and memory layout, as the loop dispatched it; {len(r['matmul_shapes'])}
-of them) was timed alone at the same thread count, its operands in cache. Produced by
+of them) was run alone at the same thread count, its operands in cache. Produced by
 `python benchmarks/train_floor.py --data-dir ../shared/data/mnist`.
 """
 
