@@ -239,7 +239,7 @@ Machine: {r['machine']} ({r['cpu']}), {r['threads']} threads, GOMP_SPINCOUNT={r[
 {r['load_start']} at the start, {r['load_end']} at the end; {r['date']}. {r['train_images']:,} training images,
 {r['steps']} steps an epoch. An epoch's work: {r['matmul_tflop']} TFLOP of matrix multiplications (all phases,
 forward and backward, and the validation pass) and {r['optimizer_gbytes']} GB of Adam updates
-({r['optimizer_params_per_step']:,} parameters a step, 28 bytes each). The floor was measured beside
+({r['optimizer_params_per_step']:,} parameters a step, {ADAM_BYTES} bytes each). The floor was measured beside
 each epoch: every ten steps the loop's callback ran those steps' multiplications alone and measured the
 bandwidth once, and the validation pass's multiplications were run after the epoch; the epoch's
 seconds exclude that time ("replay s"). The first epoch warms up: {r['epoch_seconds'][0]:.2f} s.
