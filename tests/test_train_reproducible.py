@@ -19,7 +19,7 @@ from aae_runtime.contract.priors import make_prior_spec, sample_prior
 from aae_train.checkpoint import load_checkpoint
 from aae_train.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from aae_train.models import build_models
-from aae_train.families.adversary import mmd2, r1_penalty
+from aae_train.families.adversary import generator_loss, mmd2, r1_penalty
 from aae_train.train import lr_factor, train
 
 
@@ -102,6 +102,19 @@ def test_r1_penalty_is_the_squared_gradient_norm_of_d():
     assert torch.allclose(penalty, linear.weight.square().sum())
     penalty.backward()  # differentiable in D's weights: D's update can lower it
     assert torch.allclose(linear.weight.grad, 2 * linear.weight)
+
+
+def test_generator_loss_reaches_the_codes_but_leaves_d_without_gradients():
+    torch.manual_seed(0)
+    disc = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    disc[0].bias.requires_grad_(False)  # a flag set before is kept
+    z = torch.randn(6, 3, requires_grad=True)
+    t = TrainConfig(disc_noise=0.0)
+    generator_loss(disc, z, t).backward()
+    assert all(p.grad is None for p in disc.parameters())
+    assert [p.requires_grad for p in disc.parameters()] == [True, False, True, True]
+    expected = torch.autograd.grad(torch.nn.functional.binary_cross_entropy_with_logits(disc(z), torch.ones(6, 1)), z)[0]
+    assert torch.equal(z.grad, expected)  # the same gradient the codes got with D's weights tracked
 
 
 def test_gradient_penalty_keeps_the_discriminator_flat_at_prior_samples(tmp_path, mnist_dir):
