@@ -104,6 +104,20 @@ def test_r1_penalty_is_the_squared_gradient_norm_of_d():
     assert torch.allclose(linear.weight.grad, 2 * linear.weight)
 
 
+@pytest.mark.parametrize("family", ["aae", "semi"])
+def test_an_encoder_without_randomness_encodes_once_for_both_regularisation_steps(family, tmp_path, mnist_dir, monkeypatch):
+    """D's fakes and the generator's codes from one pass give the weights of two passes, bit for bit."""
+    from aae_train.families.base import Family
+
+    cfg = replace(_cfg(mnist_dir, 1), family=family, model=ModelConfig(latent_dim=8, hidden=24))
+    cfg = replace(cfg, train=replace(cfg.train, ema=0.0))
+    one_pass = _weights(train(cfg, tmp_path / "one").checkpoint)
+    monkeypatch.setattr(Family, "encoder_draws_noise", property(lambda self: True))  # the two-pass path
+    two_passes = _weights(train(cfg, tmp_path / "two").checkpoint)
+    assert one_pass.keys() == two_passes.keys()
+    assert all(torch.equal(one_pass[k], two_passes[k]) for k in one_pass)
+
+
 def test_generator_loss_reaches_the_codes_but_leaves_d_without_gradients():
     torch.manual_seed(0)
     disc = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))

@@ -54,11 +54,16 @@ class AAEFamily(Family):
         recon.backward()
         opt["recon"].step()
         # Regularisation phase: the discriminator (prior samples real, codes fake), then the
-        # encoder as generator, trying to make D call its codes real.
-        with torch.no_grad():  # D's fakes: no graph through the encoder
-            z_fake = enc(x)
+        # encoder as generator, trying to make D call its codes real. D's phase leaves the
+        # encoder as it is, so an encoder without randomness encodes once for both.
+        if self.encoder_draws_noise:
+            with torch.no_grad():  # D's fakes: no graph through the encoder
+                z_fake = enc(x)
+        else:
+            z = enc(x)
+            z_fake = z.detach()
         d_loss, d_acc = discriminator_phase(disc, opt["disc"], z_fake, self.draw_prior, t)
-        g_loss = generator_loss(disc, enc(x), t)
+        g_loss = generator_loss(disc, enc(x) if self.encoder_draws_noise else z, t)
         opt["gen"].zero_grad(set_to_none=True)
         g_loss.backward()
         opt["gen"].step()

@@ -102,6 +102,15 @@ class Family:
         std = self.cfg.train.code_noise
         return z + std * torch.randn_like(z) if std > 0 else z
 
+    @property
+    def encoder_draws_noise(self) -> bool:
+        """Whether the encoder draws randomness in training (dropout, a sampling posterior). An
+        encoder that does not gives the same codes on every pass until its weights change, so a
+        regularisation phase can take D's fakes and the generator's codes from one pass."""
+        enc = self.nets["encoder"]
+        return self.cfg.model.posterior != "deterministic" or \
+            any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in enc.modules())
+
     def decoder_label(self, batch: Batch) -> torch.Tensor | None:
         """What a conditional decoder gets beside the code in the reconstruction phase (None: nothing)."""
         return None

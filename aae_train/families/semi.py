@@ -127,13 +127,19 @@ class SemiFamily(SupervisedFamily):
         opt["recon"].zero_grad(set_to_none=True)
         recon.backward()
         opt["recon"].step()
-        # Regularisation phase: one discriminator per code, then the encoder fools both.
-        with torch.no_grad():
-            z_fake, logits_fake = enc.codes(x)
+        # Regularisation phase: one discriminator per code, then the encoder fools both (from
+        # the same pass as the fakes when the encoder draws no randomness, as in the AAE family).
+        if self.encoder_draws_noise:
+            with torch.no_grad():
+                z_fake, logits_fake = enc.codes(x)
+        else:
+            z, logits = enc.codes(x)
+            z_fake, logits_fake = z.detach(), logits.detach()
         d_loss, d_acc = discriminator_phase(self.nets["discriminator"], opt["disc"], z_fake, self.draw_prior, t)
         c_loss, c_acc = discriminator_phase(self.nets["cat_discriminator"], opt["cat_disc"], torch.softmax(logits_fake, 1),
                                             self.draw_categorical, t, noise=False)
-        z, logits = enc.codes(x)
+        if self.encoder_draws_noise:
+            z, logits = enc.codes(x)
         g_loss = generator_loss(self.nets["discriminator"], z, t) + \
             generator_loss(self.nets["cat_discriminator"], torch.softmax(logits, dim=1), t, noise=False)
         opt["gen"].zero_grad(set_to_none=True)
