@@ -19,7 +19,8 @@ from aae_runtime.contract.errors import AAEError
 from aae_runtime.images import RESAMPLE
 from aae_runtime.contract.priors import PRIOR_NAMES, make_prior_spec
 from aae_train.config import (
-    ARCHS, DEVICES, LOADERS, LR_SCHEDULES, POSTERIORS, RECON_LOSSES, DataConfig, ModelConfig, RunConfig, TrainConfig,
+    ARCHS, COMPILE_MODES, DEVICES, LOADERS, LR_SCHEDULES, POSTERIORS, PRECISIONS, RECON_LOSSES, DataConfig, ModelConfig,
+    RunConfig, TrainConfig,
 )
 from aae_train.crops import parse_augment
 from aae_train.process import set_openmp_waiting
@@ -73,6 +74,10 @@ Limit = Annotated[Optional[int], typer.Option(min=2, help="Use at most N trainin
 ValFraction = Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of the images held out for validation and the threshold.")]
 Seed = Annotated[int, typer.Option(min=0, help="Seeds weights, shuffling, prior and noise draws (identical results on the CPU).")]
 Device = Annotated[Literal[DEVICES], typer.Option(help="Training device; auto: CUDA when PyTorch sees a GPU.")]
+Precision = Annotated[str, typer.Option(help=f"Arithmetic of the step's network passes: {'|'.join(PRECISIONS)} (bf16: "
+                                         "bfloat16 autocast, for GPUs with bfloat16 units; weights and losses stay fp32).")]
+CompileMode = Annotated[str, typer.Option("--compile", help=f"torch.compile the networks: {'|'.join(COMPILE_MODES)} "
+                                          "(for GPUs; on the CPU it measured slower; does not change the model or its config).")]
 Loader = Annotated[str, typer.Option(
     help="How the images are read: memory (decoded once, held in memory), stream (decoded from disk every epoch by "
          "--workers processes; for folders larger than memory) or auto (stream when the decoded images would take more "
@@ -164,6 +169,7 @@ def build_config(*, data: DataConfig, image_shape: tuple[int, int, int], latent_
     _choice(train["device"], DEVICES, "--device")
     _choice(train["recon_loss"], RECON_LOSSES, "--recon-loss")
     _choice(train["lr_schedule"], LR_SCHEDULES, "--lr-schedule")
+    _choice(train["precision"], PRECISIONS, "--precision")
     if latent_dim is None:
         latent_dim = 2 if prior == "swissroll" else default_latent
     spec = prior_spec(prior, latent_dim, prior_params)
@@ -271,10 +277,12 @@ def mnist(
     val_fraction: ValFraction = DataConfig.val_fraction,
     seed: Seed = TrainConfig.seed,
     device: Device = TrainConfig.device,
+    precision: Precision = TrainConfig.precision,
     resume: Resume = None,
     overwrite: Overwrite = False,
     nproc: Nproc = 1,
     threads: Threads = None,
+    compile_mode: CompileMode = "off",
     family: FamilyOpt = DEFAULT_FAMILY,
     labels: Labels = None,
     label_seed: LabelSeed = None,
@@ -293,11 +301,14 @@ def mnist(
         train=dict(epochs=epochs, batch_size=batch_size, lr_recon=lr_recon, lr_disc=lr_disc, lr_gen=lr_gen,
                    lr_schedule=lr_schedule, lr_min_factor=lr_min_factor, label_smoothing=label_smoothing,
                    disc_noise=disc_noise, gradient_penalty=gradient_penalty, disc_steps=disc_steps,
-                   code_noise=code_noise, ema=ema, recon_loss=recon_loss, seed=seed, device=device),
+                   code_noise=code_noise, ema=ema, recon_loss=recon_loss, seed=seed, device=device,
+                   precision=precision),
     )
     if nproc > 1:
         _torchrun(nproc, cfg.train.batch_size)
-    run(cfg, out or _default_out("mnist", resume), data_dir, resume, threads, overwrite, given_options(ctx))
+    _choice(compile_mode, COMPILE_MODES, "--compile")
+    run(cfg, out or _default_out("mnist", resume), data_dir, resume, threads, overwrite, given_options(ctx),
+        compile_mode=compile_mode)
 
 
 @app.command()
@@ -351,10 +362,12 @@ def folder(
     val_fraction: ValFraction = 0.2,
     seed: Seed = TrainConfig.seed,
     device: Device = TrainConfig.device,
+    precision: Precision = TrainConfig.precision,
     resume: Resume = None,
     overwrite: Overwrite = False,
     nproc: Nproc = 1,
     threads: Threads = None,
+    compile_mode: CompileMode = "off",
     loader: Loader = "auto",
     workers: Workers = None,
     family: FamilyOpt = DEFAULT_FAMILY,
@@ -398,12 +411,14 @@ def folder(
         train=dict(epochs=epochs, batch_size=batch_size, lr_recon=lr_recon, lr_disc=lr_disc, lr_gen=lr_gen,
                    lr_schedule=lr_schedule, lr_min_factor=lr_min_factor, label_smoothing=label_smoothing,
                    disc_noise=disc_noise, gradient_penalty=gradient_penalty, disc_steps=disc_steps,
-                   code_noise=code_noise, ema=ema, recon_loss=recon_loss, seed=seed, device=device),
+                   code_noise=code_noise, ema=ema, recon_loss=recon_loss, seed=seed, device=device,
+                   precision=precision),
     )
     if nproc > 1:
         _torchrun(nproc, cfg.train.batch_size)
+    _choice(compile_mode, COMPILE_MODES, "--compile")
     run(cfg, out or _default_out("folder", resume), directory if directory.is_dir() else None, resume, threads, overwrite,
-        given_options(ctx), loader, workers)
+        given_options(ctx), loader, workers, compile_mode)
 
 
 # metrics key -> (short name, format) for the progress bar and the per-epoch lines
@@ -473,7 +488,8 @@ def given_options(ctx: typer.Context) -> dict:
 
 
 def run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, threads: int | None = None,
-        overwrite: bool = False, given: dict | None = None, loader: str = "auto", workers: int | None = None) -> None:
+        overwrite: bool = False, given: dict | None = None, loader: str = "auto", workers: int | None = None,
+        compile_mode: str = "off") -> None:
     """Train with a live progress bar; one-line errors, never a traceback."""
     _require_training()
     from aae_train.data import DataWarning
@@ -487,7 +503,7 @@ def run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, t
     if os.environ.get("RANK", "0") != "0":  # another rank of a torchrun run: rank 0 reports, it fails in one line
         try:
             train(cfg, out, data_dir=str(data_dir) if data_dir else None, resume=resume, overwrite=overwrite, given=given,
-                  loader=loader, workers=workers, adapt_threads=threads is None)
+                  loader=loader, workers=workers, adapt_threads=threads is None, compile_mode=compile_mode)
         except AAEError as exc:
             print_error(f"rank {os.environ['RANK']}: {exc}", err)
             raise typer.Exit(2)
@@ -534,7 +550,7 @@ def run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, t
                 result = train(cfg, out, data_dir=str(data_dir) if data_dir else None, resume=resume,
                                on_epoch=on_epoch, on_step=on_step, on_start=on_start, download_progress=on_download,
                                overwrite=overwrite, given=given, loader=loader, workers=workers,
-                               adapt_threads=threads is None)
+                               adapt_threads=threads is None, compile_mode=compile_mode)
         except AAEError as exc:
             progress.stop()
             print_error(str(exc), err)  # literal text: paths may hold "[/]"

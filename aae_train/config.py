@@ -16,6 +16,8 @@ POSTERIORS = ("deterministic", "gaussian", "universal")
 RECON_LOSSES = ("bce", "mse", "ssim")
 LR_SCHEDULES = ("constant", "cosine", "step")
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16")  # of the training step's network passes (aae_train.speed)
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")  # torch.compile; how, not what: not in the config
 DATA_SOURCES = ("mnist", "folder")
 LOADERS = ("auto", "memory", "stream")  # how a folder is read (aae_train.streaming); not part of the config
 
@@ -95,12 +97,15 @@ class TrainConfig:
     ema: float = 0.0  # decay of an exponential moving average of encoder + decoder weights, saved as the model; 0 = off
     seed: int = 0
     device: str = "auto"
+    precision: str = "fp32"  # bf16: the step's network passes under bfloat16 autocast (weights and losses stay float32)
 
     def __post_init__(self) -> None:
         if self.recon_loss not in RECON_LOSSES:
             raise ValueError(f"unknown reconstruction loss {self.recon_loss!r}; choose one of {', '.join(RECON_LOSSES)}")
         if self.device not in DEVICES:
             raise ValueError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch size must be at least 1")
         if self.lr_schedule not in LR_SCHEDULES:

@@ -32,6 +32,7 @@ from aae_train.families import get_family
 from aae_train.families.base import Batch, Streams
 from aae_train.streaming import Stream, default_workers, eval_chunk
 from aae_train.process import returning_large_buffers
+from aae_train.speed import compile_networks, step_context
 from aae_train.threads import ThreadPolicy
 from aae_train.plots import LATENT_NAME, LOSS_CURVES_NAME, RECONSTRUCTIONS_NAME, SAMPLES_NAME, plot_latent, plot_losses
 
@@ -68,7 +69,7 @@ class Trainer:
     """Holds the family, its networks and optimisers, the data (on the training device) and the
     RNG streams of one run."""
 
-    def __init__(self, cfg: RunConfig, data: Dataset, workers: int | None = None):
+    def __init__(self, cfg: RunConfig, data: Dataset, workers: int | None = None, compile_mode: str = "off"):
         self.cfg = cfg
         self.device = resolve_device(cfg.train.device)
         t = cfg.train
@@ -120,6 +121,7 @@ class Trainer:
         if self.ema is not None:  # (averages, trained weights), in the same order; load_state_dict keeps the objects
             self._ema_params = ([p for name in names for p in self.ema[name].parameters()],
                                 [p for name in names for p in self.nets[name].parameters()])
+        compile_networks(self.nets, compile_mode)  # after the averages' copies: they stay plain modules
 
     @property
     def model(self) -> dict[str, torch.nn.Module]:
@@ -166,7 +168,8 @@ class Trainer:
         for i, (idx, x) in enumerate(zip(shards, images)):
             batch = Batch(x, self.train_y[idx.to(self.device)] if self.train_y is not None else None)
             try:
-                total += self.family.step(batch)
+                with step_context(self.device, self.cfg.train.precision):
+                    total += self.family.step(batch)
             except RuntimeError:  # e.g. BCE refusing a NaN reconstruction once the weights diverged
                 if self.weights_finite():
                     raise
@@ -328,7 +331,7 @@ def check_run_folder(run_dir: Path, resume: str | Path | None, overwrite: bool) 
 
 # What `--resume` may change: how long and where it runs, where the data and run folder are, how data is read.
 RESUME_OPTIONS = frozenset({"epochs", "device", "threads", "out", "resume", "overwrite", "data_dir", "directory", "loader",
-                            "workers"})
+                            "workers", "compile_mode"})
 
 
 # Options whose config field has another name (prior parameters: the prior's spec as a whole).
@@ -375,7 +378,7 @@ def _shown(value) -> str:
 def train(cfg: RunConfig, run_dir: str | Path, data_dir: str | None = None, resume: str | Path | None = None,
           on_epoch: Callable[[dict], None] | None = None, on_step=None, on_start=None, download_progress=None,
           overwrite: bool = False, given: dict | None = None, loader: str = "auto", workers: int | None = None,
-          adapt_threads: bool = False) -> TrainResult:
+          adapt_threads: bool = False, compile_mode: str = "off") -> TrainResult:
     """Train (or resume) a model of ``cfg.family``, writing checkpoints, metrics and grids into ``run_dir``.
 
     With ``resume``, the checkpoint's config is used, except that ``cfg.train.epochs`` may
@@ -389,6 +392,7 @@ def train(cfg: RunConfig, run_dir: str | Path, data_dir: str | None = None, resu
     how many decoding processes (`aae_train.streaming`); they do not change the model.
     ``adapt_threads``: torch's thread count follows the cores other processes leave idle
     (`aae_train.threads`; one process only).
+    ``compile_mode``: torch.compile the networks (`aae_train.speed`; not part of the config).
     """
     run_dir = Path(run_dir)
     replaced = check_run_folder(run_dir, resume, overwrite)  # on every rank: they agree on a shared folder
@@ -417,7 +421,7 @@ def train(cfg: RunConfig, run_dir: str | Path, data_dir: str | None = None, resu
                             f"{getattr(cfg.options, 'classes', None)}, the data now gives {getattr(configured.options, 'classes', None)}); "
                             "restore the data as it was, or train a new run")
     cfg = configured
-    trainer = Trainer(cfg, data, workers)
+    trainer = Trainer(cfg, data, workers, compile_mode)
     if adapt_threads and distributed.world_size() == 1:
         policy = ThreadPolicy(torch.set_num_threads, most=torch.get_num_threads())
         trainer.thread_policy = policy if policy.works else None

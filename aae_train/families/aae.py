@@ -16,6 +16,7 @@ from aae_train.families.adversary import MMD_SAMPLES, discriminator_phase, gener
 from aae_train.families.base import Batch, Family, GraphSpec
 from aae_train.graphs import Scorer
 from aae_train.models import Decoder, Discriminator, Encoder
+from aae_train.speed import to_device
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class AAEFamily(Family):
         }
 
     def draw_prior(self, n: int) -> torch.Tensor:
-        return torch.from_numpy(sample_prior(self.cfg.model.prior, n, self.streams.prior)).to(self.device)
+        return to_device(sample_prior(self.cfg.model.prior, n, self.streams.prior), self.device)
 
     def step(self, batch: Batch) -> torch.Tensor:
         enc, dec, disc, t, opt = self.nets["encoder"], self.nets["decoder"], self.nets["discriminator"], self.cfg.train, self.opt

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from aae_train.config import RunConfig
 from aae_train.graphs import ssim_map
+from aae_train.speed import float32_loss
 
 # Export (`export.onnx_export`) turns each of a family's GraphSpecs into one ONNX file. The
 # names below are the runtime's (aae_runtime.contract.metadata); the runtime decides what a
@@ -116,11 +117,13 @@ class Family:
         return None
 
     def recon_loss(self, recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if self.cfg.train.recon_loss == "bce":
-            return F.binary_cross_entropy(recon, x)
-        if self.cfg.train.recon_loss == "ssim":
-            return (1.0 - ssim_map(recon, x)).mean()
-        return F.mse_loss(recon, x)
+        with float32_loss(recon.device):  # --precision bf16: the passes in bfloat16, the loss in float32
+            recon, x = recon.float(), x.float()
+            if self.cfg.train.recon_loss == "bce":
+                return F.binary_cross_entropy(recon, x)
+            if self.cfg.train.recon_loss == "ssim":
+                return (1.0 - ssim_map(recon, x)).mean()
+            return F.mse_loss(recon, x)
 
     # -- evaluation and outputs -----------------------------------------------------------------
     def reconstruct(self, model: dict[str, torch.nn.Module], x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

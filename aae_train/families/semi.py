@@ -28,6 +28,7 @@ from aae_train.families.base import Batch, GraphSpec, Streams
 from aae_train.families.supervised import SupervisedFamily
 from aae_train.graphs import ClassifyingEncoder, Scorer
 from aae_train.models import Decoder, Discriminator, Encoder
+from aae_train.speed import to_device
 from aae_train.streaming import MEMORY_SHARE, FolderImages, gib, usable_memory
 
 
@@ -116,7 +117,7 @@ class SemiFamily(SupervisedFamily):
     def draw_categorical(self, n: int) -> torch.Tensor:
         """One-hot draws from the uniform categorical prior (the prior stream, like the Gaussian's)."""
         k = self.n_classes(self.cfg)
-        return self.one_hot(torch.from_numpy(self.streams.prior.integers(0, k, size=n)).to(self.device))
+        return self.one_hot(to_device(self.streams.prior.integers(0, k, size=n), self.device))
 
     def step(self, batch: Batch) -> torch.Tensor:
         enc, dec, t, opt = self.nets["encoder"], self.nets["decoder"], self.cfg.train, self.opt
@@ -146,8 +147,8 @@ class SemiFamily(SupervisedFamily):
         g_loss.backward()
         opt["gen"].step()
         # Semi-supervised classification phase, on a minibatch of the labelled images.
-        pick = torch.randint(len(self.labelled_x), (min(len(x), len(self.labelled_x)),),
-                             generator=self.streams.extra["labelled"]).to(self.device)
+        pick = to_device(torch.randint(len(self.labelled_x), (min(len(x), len(self.labelled_x)),),
+                                       generator=self.streams.extra["labelled"]), self.device)
         xl = self.labelled_x[pick]
         if self.cfg.options.class_noise > 0:  # a few labels are memorised at once; noise makes each pass new
             xl = xl + self.cfg.options.class_noise * torch.randn_like(xl)
