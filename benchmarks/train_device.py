@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -66,6 +67,7 @@ def main(argv=None) -> int:
     for bs in (int(b) for b in args.batch_sizes.split(",") if b):
         run_case(args, (best["precision"], best["compile"], bs), done, cache)
     report = summary(args, done, device_name(args.device, torch))
+    report["command"] = shlex.join(["python", "benchmarks/train_device.py", *(sys.argv[1:] if argv is None else argv)])
     stem = args.results / f"train_device_{args.device}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     stem.with_suffix(".md").write_text(markdown(report))
@@ -137,7 +139,7 @@ def markdown(r: dict) -> str:
         f = r["fastest_at_100"]
         lines += ["", f"**Fastest at batch 100: {f['epoch_s']} s an epoch ({f['precision']}, compile {f['compile']})** "
                       f"(target on an H100/H200-class GPU: <= {TARGET_S:g} s)."]
-    lines += ["", "Produced by `python benchmarks/train_device.py --data-dir ../shared/data/mnist --device DEVICE`.", ""]
+    lines += ["", f"Produced by `{r['command']}`.", ""]
     return "\n".join(lines)
 
 
