@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -30,6 +29,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+from train_floor import cpu_name  # noqa: E402
+
 RESULTS = REPO / "benchmarks" / "results"
 TARGET_S = 1.0  # an MNIST epoch at batch 100 on an H100/H200-class GPU
 
@@ -105,13 +107,7 @@ def run_case(args, case, done: dict, cache: Path) -> None:
 def device_name(device: str, torch) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name(0)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
-    except OSError:
-        pass
-    return platform.processor() or "CPU"
+    return f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
 
 
 def summary(args, done: dict, name: str) -> dict:
