@@ -76,8 +76,9 @@ Seed = Annotated[int, typer.Option(min=0, help="Seeds weights, shuffling, prior 
 Device = Annotated[Literal[DEVICES], typer.Option(help="Training device; auto: CUDA when PyTorch sees a GPU.")]
 Precision = Annotated[str, typer.Option(help=f"Arithmetic of the step's network passes: {'|'.join(PRECISIONS)} (bf16: "
                                          "bfloat16 autocast, for GPUs with bfloat16 units; weights and losses stay fp32).")]
-CompileMode = Annotated[str, typer.Option("--compile", help=f"torch.compile the networks: {'|'.join(COMPILE_MODES)} "
-                                          "(for GPUs; on the CPU it measured slower; does not change the model or its config).")]
+CompileMode = Annotated[str, typer.Option("--compile", help=f"How the step runs: {'|'.join(COMPILE_MODES)} (torch.compile "
+                                          "of the networks, or cuda-graph: the whole step as one CUDA graph; for GPUs, "
+                                          "on the CPU compiling measured slower; does not change the model or its config).")]
 Loader = Annotated[str, typer.Option(
     help="How the images are read: memory (decoded once, held in memory), stream (decoded from disk every epoch by "
          "--workers processes; for folders larger than memory) or auto (stream when the decoded images would take more "

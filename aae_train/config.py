@@ -17,7 +17,9 @@ RECON_LOSSES = ("bce", "mse", "ssim")
 LR_SCHEDULES = ("constant", "cosine", "step")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")  # of the training step's network passes (aae_train.speed)
-COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")  # torch.compile; how, not what: not in the config
+CUDA_GRAPH = "cuda-graph"  # the whole step as one CUDA graph (aae_train.cudagraph)
+# torch.compile's modes, or CUDA_GRAPH; how the step runs, not what it computes: not in the config
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", CUDA_GRAPH)
 DATA_SOURCES = ("mnist", "folder")
 LOADERS = ("auto", "memory", "stream")  # how a folder is read (aae_train.streaming); not part of the config
 

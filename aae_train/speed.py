@@ -15,14 +15,15 @@ import contextlib
 import numpy as np
 import torch
 
-from aae_train.config import COMPILE_MODES
+from aae_train.config import COMPILE_MODES, CUDA_GRAPH
 
 
-def step_context(device: torch.device, precision: str):
+def step_context(device: torch.device, precision: str, cache: bool = True):
     """The context a training step runs in: bfloat16 autocast for ``bf16``, else nothing. The
-    families compute their losses in float32 inside it (`float32_loss`)."""
+    families compute their losses in float32 inside it (`float32_loss`). ``cache``: autocast's
+    cache of weight casts, which must be off in a step captured as a CUDA graph."""
     if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()
 
 
@@ -38,7 +39,7 @@ def compile_networks(nets: dict[str, torch.nn.Module], mode: str) -> None:
     State dicts, checkpoints and exported graphs are unchanged."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"unknown compile mode {mode!r}; choose one of {', '.join(COMPILE_MODES)}")
-    if mode == "off":
+    if mode in ("off", CUDA_GRAPH):  # CUDA_GRAPH: the loop captures the whole step (aae_train.cudagraph)
         return
     # Every compiled part shares one code object (torch.compile's wrapper), so its variants (each
     # network's shapes, training and evaluation, frozen or trainable weights) share one cache,

@@ -26,13 +26,14 @@ from aae_runtime.images import save_grid
 from aae_runtime.contract.priors import sample_prior
 from aae_train import distributed
 from aae_train.checkpoint import BEST_NAME, CHECKPOINT_NAME, config_of, load_checkpoint, save_checkpoint
-from aae_train.config import RunConfig
+from aae_train.config import CUDA_GRAPH, RunConfig
 from aae_train.data import Dataset, class_labels, load_dataset
 from aae_train.families import get_family
 from aae_train.families.base import Batch, Streams
 from aae_train.streaming import Stream, default_workers, eval_chunk
 from aae_train.process import returning_large_buffers
-from aae_train.speed import compile_networks, step_context
+from aae_train.cudagraph import GraphedStep
+from aae_train.speed import compile_networks, step_context, to_device
 from aae_train.threads import ThreadPolicy
 from aae_train.plots import LATENT_NAME, LOSS_CURVES_NAME, RECONSTRUCTIONS_NAME, SAMPLES_NAME, plot_latent, plot_losses
 
@@ -121,7 +122,18 @@ class Trainer:
         if self.ema is not None:  # (averages, trained weights), in the same order; load_state_dict keeps the objects
             self._ema_params = ([p for name in names for p in self.ema[name].parameters()],
                                 [p for name in names for p in self.nets[name].parameters()])
-        compile_networks(self.nets, compile_mode)  # after the averages' copies: they stay plain modules
+        # --compile cuda-graph: the whole step replayed as one CUDA graph (aae_train.cudagraph);
+        # the other modes compile the networks' parts, after the averages' copies (they stay plain modules)
+        self.graphed = None
+        if compile_mode == CUDA_GRAPH:
+            if self.device.type != "cuda" or distributed.world_size() > 1:
+                raise TrainingError(f"--compile {CUDA_GRAPH} captures the step on one GPU: use it with --device cuda "
+                                    "and one process, or choose another --compile mode")
+            precision = t.precision
+            self.graphed = GraphedStep(self.family, [opt for opt, _ in self.optimizers.values()],
+                                       lambda: step_context(self.device, precision, cache=False))
+        else:
+            compile_networks(self.nets, compile_mode)
 
     @property
     def model(self) -> dict[str, torch.nn.Module]:
@@ -150,6 +162,8 @@ class Trainer:
         for m in self.nets.values():
             m.train()
         factor = self.set_learning_rates()
+        if self.graphed is not None:  # the graph holds the learning rates as they were at its capture
+            self.graphed.invalidate()
         if self.crops is not None:
             self.train_x = torch.from_numpy(self.crops.draw(self.epoch)).to(self.device)
             self.n_train = len(self.train_x)
@@ -167,9 +181,13 @@ class Trainer:
         total = torch.zeros(len(names), device=self.device)
         for i, (idx, x) in enumerate(zip(shards, images)):
             batch = Batch(x, self.train_y[idx.to(self.device)] if self.train_y is not None else None)
+            draws = [to_device(d, self.device) for d in self.family.host_draws(len(x))]
             try:
-                with step_context(self.device, self.cfg.train.precision):
-                    total += self.family.step(batch)
+                if self.graphed is not None:
+                    total += self.graphed(batch, draws)
+                else:
+                    with step_context(self.device, self.cfg.train.precision):
+                        total += self.family.step(batch, draws)
             except RuntimeError:  # e.g. BCE refusing a NaN reconstruction once the weights diverged
                 if self.weights_finite():
                     raise

@@ -1,5 +1,6 @@
 """Epoch time of the paper's MLP AAE on MNIST on a training device (a GPU, or the CPU), by
-precision (fp32, bf16 autocast), torch.compile mode and batch size.
+precision (fp32, bf16 autocast), ``--compile`` mode (torch.compile's, or the whole step as one CUDA
+graph) and batch size.
 
 Each case trains `aae_train.train.train` for ``--epochs`` epochs on the full training split
 (54,000 images, held on the device as `aae-train mnist` holds them) and reports the median epoch
@@ -25,6 +26,7 @@ import shlex
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +45,8 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=4, help="per case; the first warms up")
     p.add_argument("--limit", type=int, default=None, help="MNIST images (90 %% train); default all 60,000")
     p.add_argument("--precisions", default="fp32,bf16")
-    p.add_argument("--compile", default="off,default,reduce-overhead", help="torch.compile modes (off: eager)")
+    p.add_argument("--compile", default="off,cuda-graph,reduce-overhead",
+                   help="--compile modes (off: eager; cuda-graph: the whole step as one CUDA graph; the rest torch.compile's)")
     p.add_argument("--batch-sizes", default="250,500,1000,2000", help="tried with the fastest case at batch 100")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     p.add_argument("--work-dir", type=Path, default=REPO / "runs" / "train_device")
@@ -63,18 +66,22 @@ def main(argv=None) -> int:
     cache = args.work_dir / f"cases-{args.device}.json"
     done = json.loads(cache.read_text()) if cache.exists() else {}
     grid = [(prec, mode, 100) for prec in args.precisions.split(",") for mode in args.compile.split(",")]
+    failed: dict[str, str] = {}  # cases that raised: reported, not cached (a rerun tries them again)
     for case in grid:
-        run_case(args, case, done, cache)
-    best = min((done[key(c)] for c in grid), key=lambda r: r["epoch_s"])
-    for bs in (int(b) for b in args.batch_sizes.split(",") if b):
-        run_case(args, (best["precision"], best["compile"], bs), done, cache)
+        run_case(args, case, done, cache, failed)
+    finished = [done[key(c)] for c in grid if key(c) in done]
+    if finished:
+        best = min(finished, key=lambda r: r["epoch_s"])
+        for bs in (int(b) for b in args.batch_sizes.split(",") if b):
+            run_case(args, (best["precision"], best["compile"], bs), done, cache, failed)
     report = summary(args, done, device_name(args.device, torch))
+    report["failed"] = failed
     report["command"] = shlex.join(["python", "benchmarks/train_device.py", *(sys.argv[1:] if argv is None else argv)])
     stem = args.results / f"train_device_{args.device}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     stem.with_suffix(".md").write_text(markdown(report))
     print(markdown(report))
-    return 0
+    return 1 if failed else 0
 
 
 def key(case) -> str:
@@ -82,8 +89,9 @@ def key(case) -> str:
     return f"{precision}-{mode}-{batch}"
 
 
-def run_case(args, case, done: dict, cache: Path) -> None:
-    """Train one case (unless finished) and record its epoch times."""
+def run_case(args, case, done: dict, cache: Path, failed: dict) -> None:
+    """Train one case (unless finished) and record its epoch times; a case that raises is
+    recorded in ``failed`` (its last line) and the grid goes on."""
     from aae_train.config import DataConfig, ModelConfig, RunConfig, TrainConfig
     from aae_train.train import train
 
@@ -94,7 +102,13 @@ def run_case(args, case, done: dict, cache: Path) -> None:
     cfg = RunConfig(model=ModelConfig(), data=DataConfig(source="mnist", path=str(args.data_dir), limit=args.limit),
                     train=TrainConfig(epochs=args.epochs, batch_size=batch, device=args.device, seed=0, precision=precision))
     start = time.perf_counter()
-    result = train(cfg, args.work_dir / key(case), data_dir=str(args.data_dir), overwrite=True, compile_mode=mode)
+    try:
+        result = train(cfg, args.work_dir / key(case), data_dir=str(args.data_dir), overwrite=True, compile_mode=mode)
+    except Exception as exc:  # noqa: BLE001 - a benchmark reports every case, failed ones too
+        traceback.print_exc()
+        failed[key(case)] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else ''}"
+        print(f"{key(case)}: failed ({failed[key(case)]})", flush=True)
+        return
     seconds = [m["seconds"] for m in result.metrics]
     done[key(case)] = {"precision": precision, "compile": mode, "batch_size": batch, "epoch_seconds": seconds,
                        "epoch_s": round(statistics.median(seconds[1:] or seconds), 3),
@@ -135,6 +149,8 @@ def markdown(r: dict) -> str:
         f = r["fastest_at_100"]
         lines += ["", f"**Fastest at batch 100: {f['epoch_s']} s an epoch ({f['precision']}, compile {f['compile']})** "
                       f"(target on an H100/H200-class GPU: <= {TARGET_S:g} s)."]
+    for name, why in r.get("failed", {}).items():
+        lines += ["", f"Case {name} failed: {why}"]
     lines += ["", f"Produced by `{r['command']}`.", ""]
     return "\n".join(lines)
 

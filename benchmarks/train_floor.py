@@ -165,7 +165,7 @@ def record_ops(trainer) -> tuple[Counter, Counter]:
     x = trainer.train_x[: trainer.cfg.train.batch_size]
     family = copy.deepcopy(trainer.family)  # its networks, optimisers and RNG streams: the run goes on untouched
     with Record() as step:
-        family.step(Batch(x, None))
+        family.step(Batch(x, None), [torch.from_numpy(d) for d in family.host_draws(len(x))])
     with Record() as validation:
         trainer.evaluate()
     return step.calls, validation.calls

@@ -83,6 +83,16 @@ def test_unknown_speed_options_are_one_line_errors(option, value, allowed, tmp_p
     assert not (tmp_path / "r").exists()
 
 
+def test_cuda_graph_steps_need_a_gpu_and_one_process(tmp_path, mnist_dir):
+    """--compile cuda-graph captures the step on a GPU (aae_train.cudagraph): elsewhere a one-line error, nothing written."""
+    r = subprocess.run(["aae-train", "mnist", "--compile", "cuda-graph", "--device", "cpu", "--limit", "300", "--epochs", "1",
+                        "--threads", "1", "--data-dir", str(mnist_dir), "--out", str(tmp_path / "r")],
+                       capture_output=True, text=True, timeout=300)
+    errors = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(errors) == 1 and "--compile cuda-graph" in errors[0] and "--device cuda" in errors[0], r.stderr
+    assert not (tmp_path / "r").exists()
+
+
 def test_resume_with_another_precision_is_refused(tiny_run, tmp_path, mnist_dir):
     r = subprocess.run(["aae-train", "mnist", "--resume", str(tiny_run.checkpoint), "--out", str(tmp_path / "r"), "--epochs", "5",
                         "--precision", "bf16", "--threads", "1", "--data-dir", str(mnist_dir)], capture_output=True, text=True, timeout=300)

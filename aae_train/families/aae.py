@@ -16,7 +16,6 @@ from aae_train.families.adversary import MMD_SAMPLES, discriminator_phase, gener
 from aae_train.families.base import Batch, Family, GraphSpec
 from aae_train.graphs import Scorer
 from aae_train.models import Decoder, Discriminator, Encoder
-from aae_train.speed import to_device
 
 
 @dataclass(frozen=True)
@@ -42,10 +41,11 @@ class AAEFamily(Family):
             "gen": (self.adam(n["encoder"].parameters(), lr=t.lr_gen, betas=(0.5, 0.999)), t.lr_gen),
         }
 
-    def draw_prior(self, n: int) -> torch.Tensor:
-        return to_device(sample_prior(self.cfg.model.prior, n, self.streams.prior), self.device)
+    def host_draws(self, n: int) -> list[np.ndarray]:
+        """A prior draw for each discriminator update."""
+        return [sample_prior(self.cfg.model.prior, n, self.streams.prior) for _ in range(self.cfg.train.disc_steps)]
 
-    def step(self, batch: Batch) -> torch.Tensor:
+    def step(self, batch: Batch, draws: list[torch.Tensor]) -> torch.Tensor:
         enc, dec, disc, t, opt = self.nets["encoder"], self.nets["decoder"], self.nets["discriminator"], self.cfg.train, self.opt
         x = batch.x
         # Reconstruction phase: encoder + decoder (from noisy codes with --code-noise; a conditional
@@ -63,7 +63,7 @@ class AAEFamily(Family):
         else:
             z = enc(x)
             z_fake = z.detach()
-        d_loss, d_acc = discriminator_phase(disc, opt["disc"], z_fake, self.draw_prior, t)
+        d_loss, d_acc = discriminator_phase(disc, opt["disc"], z_fake, draws, t)
         g_loss = generator_loss(disc, enc(x) if self.encoder_draws_noise else z, t)
         opt["gen"].zero_grad(set_to_none=True)
         g_loss.backward()

@@ -9,7 +9,7 @@ as generator, is updated so that the discriminator calls its codes real. The sta
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,13 +25,14 @@ def disc_input(z: torch.Tensor, std: float) -> torch.Tensor:
 
 
 def discriminator_phase(disc: torch.nn.Module, opt: torch.optim.Optimizer, z_fake: torch.Tensor,
-                        draw_real: Callable[[int], torch.Tensor], t: TrainConfig, noise: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """``t.disc_steps`` updates of ``disc`` on fresh real draws against the (detached) codes
-    ``z_fake``; returns the last step's (loss, accuracy). ``noise``: apply ``t.disc_noise``."""
+                        real: Sequence[torch.Tensor], t: TrainConfig, noise: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """An update of ``disc`` for each batch of prior draws in ``real`` (``t.disc_steps`` of them)
+    against the (detached) codes ``z_fake``; returns the last update's (loss, accuracy).
+    ``noise``: apply ``t.disc_noise``."""
     std = t.disc_noise if noise else 0.0
     real_target = 1.0 - t.label_smoothing  # one-sided: only the prior's targets are smoothed
-    for _ in range(t.disc_steps):
-        d_real = disc_input(draw_real(len(z_fake)), std).requires_grad_(t.gradient_penalty > 0)
+    for drawn in real:
+        d_real = disc_input(drawn, std).requires_grad_(t.gradient_penalty > 0)
         if draws_masks(disc):  # a pass per batch, masks and the fakes' noise drawn in the order they always were
             logits_real = disc(d_real)
             logits_fake = disc(disc_input(z_fake, std))

@@ -36,7 +36,7 @@ class AEFamily(AAEFamily):
         params = [*n["encoder"].parameters(), *n["decoder"].parameters()]
         return {"recon": (self.adam(params, lr=t.lr_recon), t.lr_recon)}
 
-    def step(self, batch: Batch) -> torch.Tensor:
+    def step(self, batch: Batch, draws: list[torch.Tensor]) -> torch.Tensor:
         recon = self.recon_loss(self.nets["decoder"](self.with_code_noise(self.nets["encoder"](batch.x))), batch.x)
         self.opt["recon"].zero_grad(set_to_none=True)
         recon.backward()

@@ -93,8 +93,16 @@ class Family:
         self.streams = streams
 
     # -- training -------------------------------------------------------------------------------
-    def step(self, batch: Batch) -> torch.Tensor:
-        """One minibatch of every phase; returns the losses (len(loss_names),), detached."""
+    def host_draws(self, n: int) -> list[np.ndarray]:
+        """The random draws one step of ``n`` images takes on the host (prior samples, picks of
+        labelled images), in the order it uses them. The loop makes them before the step and
+        hands them to `step` on the training device, so a step is a fixed function of device
+        tensors (one a GPU can replay as a CUDA graph: `aae_train.cudagraph`)."""
+        return []
+
+    def step(self, batch: Batch, draws: list[torch.Tensor]) -> torch.Tensor:
+        """One minibatch of every phase, ``draws`` being `host_draws` on the device; returns the
+        losses (len(loss_names),), detached."""
         raise NotImplementedError
 
     def with_code_noise(self, z: torch.Tensor) -> torch.Tensor:

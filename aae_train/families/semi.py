@@ -28,7 +28,6 @@ from aae_train.families.base import Batch, GraphSpec, Streams
 from aae_train.families.supervised import SupervisedFamily
 from aae_train.graphs import ClassifyingEncoder, Scorer
 from aae_train.models import Decoder, Discriminator, Encoder
-from aae_train.speed import to_device
 from aae_train.streaming import MEMORY_SHARE, FolderImages, gib, usable_memory
 
 
@@ -114,14 +113,21 @@ class SemiFamily(SupervisedFamily):
         visible[self.train_idx] = train_y[self.train_idx]
         return visible
 
-    def draw_categorical(self, n: int) -> torch.Tensor:
-        """One-hot draws from the uniform categorical prior (the prior stream, like the Gaussian's)."""
-        k = self.n_classes(self.cfg)
-        return self.one_hot(to_device(self.streams.prior.integers(0, k, size=n), self.device))
+    def host_draws(self, n: int) -> list[np.ndarray]:
+        """Style-prior draws for each update of the style discriminator, class draws from the
+        uniform categorical prior (the same stream) for each of the class discriminator's, then
+        which labelled images the classification phase takes."""
+        k, steps = self.n_classes(self.cfg), self.cfg.train.disc_steps
+        style = super().host_draws(n)
+        classes = [self.streams.prior.integers(0, k, size=n) for _ in range(steps)]
+        pick = torch.randint(len(self.labelled_x), (min(n, len(self.labelled_x)),), generator=self.streams.extra["labelled"])
+        return [*style, *classes, pick.numpy()]
 
-    def step(self, batch: Batch) -> torch.Tensor:
+    def step(self, batch: Batch, draws: list[torch.Tensor]) -> torch.Tensor:
         enc, dec, t, opt = self.nets["encoder"], self.nets["decoder"], self.cfg.train, self.opt
         x = batch.x
+        steps = t.disc_steps
+        style, classes, pick = draws[:steps], [self.one_hot(c) for c in draws[steps : 2 * steps]], draws[-1]
         # Reconstruction phase, from both codes.
         z, logits = enc.codes(x)
         recon = self.recon_loss(dec(self.with_code_noise(z), torch.softmax(logits, dim=1)), x)
@@ -136,9 +142,9 @@ class SemiFamily(SupervisedFamily):
         else:
             z, logits = enc.codes(x)
             z_fake, logits_fake = z.detach(), logits.detach()
-        d_loss, d_acc = discriminator_phase(self.nets["discriminator"], opt["disc"], z_fake, self.draw_prior, t)
+        d_loss, d_acc = discriminator_phase(self.nets["discriminator"], opt["disc"], z_fake, style, t)
         c_loss, c_acc = discriminator_phase(self.nets["cat_discriminator"], opt["cat_disc"], torch.softmax(logits_fake, 1),
-                                            self.draw_categorical, t, noise=False)
+                                            classes, t, noise=False)
         if self.encoder_draws_noise:
             z, logits = enc.codes(x)
         g_loss = generator_loss(self.nets["discriminator"], z, t) + \
@@ -147,8 +153,6 @@ class SemiFamily(SupervisedFamily):
         g_loss.backward()
         opt["gen"].step()
         # Semi-supervised classification phase, on a minibatch of the labelled images.
-        pick = to_device(torch.randint(len(self.labelled_x), (min(len(x), len(self.labelled_x)),),
-                                       generator=self.streams.extra["labelled"]), self.device)
         xl = self.labelled_x[pick]
         if self.cfg.options.class_noise > 0:  # a few labels are memorised at once; noise makes each pass new
             xl = xl + self.cfg.options.class_noise * torch.randn_like(xl)
