@@ -32,7 +32,7 @@ from aae_runtime.contract.metadata import (
 )
 from aae_runtime.contract.priors import sample_prior
 from aae_runtime.contract.scores import (
-    HEAD_PARAMS, HEAD_THRESHOLD, ScoreParts, evaluate_score, head_params, intensity, per_image, pixel_error,
+    HEAD_PARAMS, HEAD_THRESHOLD, SEGMENTATION, ScoreParts, evaluate_score, head_params, intensity, per_image, pixel_error,
 )
 from aae_runtime.contract.modelfolder import current_version
 from aae_runtime.contract.onnxwire import check_operators, read_graph_file
@@ -148,6 +148,9 @@ class AAEModel:
             scorer, notice = create_session(model_dir / SCORER_FILE, cfg)
             _check_scorer(scorer, meta_enc)  # what ONNX Runtime reads must be what the file says
         encoder = decoder = None
+        if scorer is None and SEGMENTATION in meta_enc.requires:
+            raise ModelError(f"{model_dir}: this model's maps come from its segmenter, which only {SCORER_FILE} runs"
+                             + ("" if (model_dir / SCORER_FILE).is_file() else f", and {SCORER_FILE} is missing: export the model again"))
         if scorer is None:
             encoder, notice = create_session(paths[ENCODER_FILE], cfg)
             _check_graphs(encoder, files[DECODER_FILE], meta_enc)

@@ -21,7 +21,7 @@ from aae_runtime.calibration import DEFAULT_PERCENTILE, f1_threshold, percentile
 from aae_runtime.contract.errors import InputError, ModelError
 from aae_runtime.contract.metadata import DECODER_FILE, ENCODER_FILE, METADATA_KEY, SCORER_FILE, ModelMetadata
 from aae_runtime.contract.onnxwire import set_metadata_prop
-from aae_runtime.contract.scores import HEAD_PARAMS, HEAD_THRESHOLD, PIXEL_DEFINITIONS, RECONSTRUCTION_SCORES, ScoreParts, \
+from aae_runtime.contract.scores import HEAD_PARAMS, HEAD_THRESHOLD, PIXEL_DEFINITIONS, PIXEL_ERRORS, ScoreParts, \
     evaluate_score, fit_score, head_params, score_spec
 
 MIN_NORMAL_IMAGES = 10  # fewer cannot give a meaningful percentile or standardisation
@@ -42,9 +42,9 @@ def calibrate_model(model, normal: np.ndarray, anomalies: np.ndarray | None = No
     F1-optimal, else the ``percentile`` of the normal scores.
     """
     name = score or model.score_name
-    if model.tiling is not None and name not in RECONSTRUCTION_SCORES:
+    if model.tiling is not None and name not in PIXEL_ERRORS:
         raise InputError(f"score {name!r}: a tiled model's score is the maximum of its per-pixel error map; choose one of "
-                         f"{', '.join(RECONSTRUCTION_SCORES)}")
+                         f"{', '.join(PIXEL_ERRORS)}")
     pix, _ = score_spec(name)
     fused = (model.metadata.raw.get("graphs") or {}).get("scorer")
     if model.scorer is not None and fused and fused.get("pixel_error") != pix:

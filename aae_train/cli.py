@@ -91,6 +91,10 @@ Labels = Annotated[Optional[str], typer.Option(help="semi: labelled training ima
 LabelSeed = Annotated[Optional[int], typer.Option(min=0, help="semi: seed of the labelled subset's draw (default 0).")]
 ClassNoise = Annotated[Optional[float], typer.Option(min=0, max=10, help="semi: std of Gaussian noise on the labelled images of the classification step (default 0).")]
 LrClass = Annotated[Optional[float], typer.Option(min=0, max=1e6, help="semi: Adam learning rate, supervised classification step (default 1e-3).")]
+DefectShare = Annotated[Optional[float], typer.Option(min=0.01, max=0.99, help="draem: share of training crops given a synthetic defect (default 0.5).")]
+SegmentWidth = Annotated[Optional[int], typer.Option(min=4, max=256, help="draem: the segmenter's channels at full resolution (default 16).")]
+SegmentInput = Annotated[Optional[str], typer.Option(help="draem: what the segmenter sees: image, or image+reconstruction (the autoencoder's reconstruction beside it).")]
+LrSegment = Annotated[Optional[float], typer.Option(min=0, max=1e6, help="draem: Adam learning rate, segmenter (default 1e-3).")]
 Resume = Annotated[Optional[Path], typer.Option(exists=True, help="Continue from this checkpoint (its config is kept; --epochs sets the total).")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace the run that --out already holds (else refused).")]
 Nproc = Annotated[int, typer.Option(min=1, max=1024, help="Train with this many processes on this machine (torchrun, "
@@ -103,7 +107,8 @@ ADVERSARIAL_OPTIONS = ("prior", "prior_std", "mog_components", "mog_radius", "mo
                        "lr_gen", "label_smoothing", "disc_noise", "gradient_penalty", "disc_steps", "disc_dropout")
 # Family options of the command line -> the family they belong to (its options dataclass has the field;
 # --unlabelled-dir belongs to every family that trains on labelled and unlabelled images).
-FAMILY_OPTIONS = {"labels": "semi", "label_seed": "semi", "lr_class": "semi", "class_noise": "semi", "unlabelled_dir": "semi"}
+FAMILY_OPTIONS = {"labels": "semi", "label_seed": "semi", "lr_class": "semi", "class_noise": "semi", "unlabelled_dir": "semi",
+                  "defect_share": "draem", "segment_width": "draem", "segment_input": "draem", "lr_segment": "draem"}
 
 PRIOR_OPTIONS = {  # CLI option -> (prior it belongs to, parameter in the prior spec)
     "--prior-std": ("gaussian", "std"), "--mog-components": ("mog", "components"), "--mog-radius": ("mog", "radius"),
@@ -191,9 +196,9 @@ def _option_name(param: str) -> str:
     return "--" + param.replace("_", "-")
 
 
-def family_options(ctx: typer.Context, family: str, labels: str | None, label_seed: int | None, lr_class: float | None,
-                   class_noise: float | None):
-    """The family's options dataclass from the CLI; an option given for another family is an error."""
+def family_options(ctx: typer.Context, family: str, values: dict):
+    """The family's options dataclass from the CLI (``values``: its fields as given, None where not);
+    an option given for another family is an error."""
     _choice(family, FAMILY_NAMES, "--family")
     given = [p for p in ctx.params if getattr(ctx.get_parameter_source(p), "name", "") in ("COMMANDLINE", "ENVIRONMENT")]
     kind = get_family(family)
@@ -206,14 +211,11 @@ def family_options(ctx: typer.Context, family: str, labels: str | None, label_se
         owner = FAMILY_OPTIONS.get(param)
         if owner is not None and param not in fields and not (param == "unlabelled_dir" and kind.allows_unlabelled and kind.uses_labels):
             raise typer.BadParameter(f"applies to --family {owner}, not {family}", param_hint=_option_name(param))
-    if "labels" not in fields:
-        return kind.options_class()
-    defaults = kind.options_class()
+    chosen = {k: v for k, v in values.items() if v is not None and k in fields}
+    if "labels" in chosen:
+        chosen["labels"] = parse_labels(chosen["labels"])
     try:
-        return kind.options_class(labels=parse_labels(labels) if labels is not None else defaults.labels,
-                                  label_seed=defaults.label_seed if label_seed is None else label_seed,
-                                  lr_class=defaults.lr_class if lr_class is None else lr_class,
-                                  class_noise=defaults.class_noise if class_noise is None else class_noise)
+        return kind.options_class(**chosen)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
 
@@ -291,7 +293,7 @@ def mnist(
     class_noise: ClassNoise = None,
 ) -> None:
     """Train on MNIST (28x28 grayscale digits; the paper's setting: 8-D Gaussian prior, std 5)."""
-    options = family_options(ctx, family, labels, label_seed, lr_class, class_noise)
+    options = family_options(ctx, family, dict(labels=labels, label_seed=label_seed, lr_class=lr_class, class_noise=class_noise))
     if prior == "gaussian" and prior_std is None:
         prior_std = 5.0  # the paper's MNIST likelihood model
     cfg = build_config(family=family, options=options,
@@ -378,6 +380,10 @@ def folder(
     class_noise: ClassNoise = None,
     unlabelled_dir: Annotated[Optional[str], typer.Option(
         help="semi: the sub-folder of DIRECTORY holding unlabelled images (the other sub-folders are the classes).")] = None,
+    defect_share: DefectShare = None,
+    segment_width: SegmentWidth = None,
+    segment_input: SegmentInput = None,
+    lr_segment: LrSegment = None,
 ) -> None:
     """Train on your own normal images: every image under DIRECTORY, resized as `aae-run` will resize it."""
     if resume is None and not directory.is_dir():
@@ -398,7 +404,9 @@ def folder(
     except AAEError as exc:
         raise typer.BadParameter(str(exc).split(": ", 1)[-1], param_hint="--augment") from None
     height, width = (crop, crop) if crop is not None else parse_size(size or "64")
-    options = family_options(ctx, family, labels, label_seed, lr_class, class_noise)
+    options = family_options(ctx, family, dict(labels=labels, label_seed=label_seed, lr_class=lr_class, class_noise=class_noise,
+                                               defect_share=defect_share, segment_width=segment_width,
+                                               segment_input=segment_input, lr_segment=lr_segment))
     if unlabelled_dir is not None and not (directory / unlabelled_dir).is_dir():
         raise typer.BadParameter(f"{directory / unlabelled_dir} is not a folder: name a sub-folder of DIRECTORY",
                                  param_hint="--unlabelled-dir")
@@ -425,7 +433,7 @@ def folder(
 # metrics key -> (short name, format) for the progress bar and the per-epoch lines
 SHOWN_LOSSES = {"recon_loss": ("recon", ".4f"), "disc_loss": ("D", ".3f"), "disc_acc": ("acc", ".2f"),
                 "cat_disc_loss": ("Dy", ".3f"), "cat_disc_acc": ("acc", ".2f"), "gen_loss": ("G", ".3f"),
-                "class_loss": ("CE", ".3f")}
+                "class_loss": ("CE", ".3f"), "segment_loss": ("seg", ".3f")}
 
 
 def format_losses(losses: dict) -> str:
@@ -437,7 +445,8 @@ def format_epoch(m: dict) -> str:
     text = format_losses({k: m[k] for k in SHOWN_LOSSES if k in m})
     recon, rest = text.split("  ", 1) if "  " in text else (text, "")
     val = f"  val {m['val_recon_loss']:.4f}" + (f"  val error {m['val_error']:.2%}" if "val_error" in m else "")
-    return recon + val + ("  " + rest if rest else "")
+    val_segment = f"  val seg {m['val_segment_loss']:.3f}" if "val_segment_loss" in m else ""
+    return recon + val + ("  " + rest if rest else "") + val_segment
 
 
 def _prior_params(options: dict) -> dict[str, float | None]:

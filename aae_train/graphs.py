@@ -101,3 +101,19 @@ class BestLabelScorer(nn.Module):
         best = per.argmin(dim=1)  # (B,)
         maps = err.view(b, k, *err.shape[1:])[torch.arange(b, device=x.device), best]
         return z, maps, per.min(dim=1).values, best
+
+
+class SegmentScorer(nn.Module):
+    """image -> (latent, pixel_error, reconstruction_error) of the draem family: the per-pixel map
+    is the segmenter's probability that a pixel belongs to a defect, from the image (and, with
+    ``with_reconstruction``, the autoencoder's reconstruction of it beside it)."""
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, segmenter: nn.Module, with_reconstruction: bool):
+        super().__init__()
+        self.encoder, self.decoder, self.segmenter, self.with_reconstruction = encoder, decoder, segmenter, with_reconstruction
+
+    def forward(self, x: torch.Tensor):
+        z = self.encoder(x)
+        seen = torch.cat([x, self.decoder(z)], dim=1) if self.with_reconstruction else x
+        probability = torch.sigmoid(self.segmenter(seen))[:, 0]  # (B, H, W)
+        return z, probability, probability.flatten(1).mean(dim=1)

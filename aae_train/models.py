@@ -166,5 +166,41 @@ class Discriminator(nn.Module):
         return self.net(z)
 
 
+SEGMENTER_LEVELS = 3  # halvings of the segmenter's U-Net: tiles must be multiples of 2**3
+
+
+def _double_conv(c_in: int, c_out: int) -> nn.Sequential:
+    """Two 3 x 3 convolutions, each with group normalisation (batch-size independent: the same in
+    training and at inference) and ReLU."""
+    groups = math.gcd(4, c_out)
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.GroupNorm(groups, c_out), nn.ReLU(),
+                         nn.Conv2d(c_out, c_out, 3, padding=1), nn.GroupNorm(groups, c_out), nn.ReLU())
+
+
+class Segmenter(nn.Module):
+    """A small U-Net: images (B, c_in, H, W) -> logits (B, 1, H, W) that a pixel belongs to a defect
+    (the draem family). ``width`` channels at full resolution, doubled at each of
+    SEGMENTER_LEVELS halvings (at most 4 x width); skip connections keep the map sharp."""
+
+    def __init__(self, c_in: int, width: int = 16):
+        super().__init__()
+        widths = [width * min(2**i, 4) for i in range(SEGMENTER_LEVELS + 1)]
+        self.down = nn.ModuleList([_double_conv(c_in, widths[0])] +
+                                  [_double_conv(widths[i], widths[i + 1]) for i in range(SEGMENTER_LEVELS)])
+        self.up = nn.ModuleList([_double_conv(widths[i + 1] + widths[i], widths[i]) for i in reversed(range(SEGMENTER_LEVELS))])
+        self.out = nn.Conv2d(widths[0], 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x if i == 0 else nn.functional.max_pool2d(x, 2))
+            skips.append(x)
+        x = skips.pop()
+        for block in self.up:
+            skip = skips.pop()
+            x = block(torch.cat([nn.functional.interpolate(x, size=skip.shape[2:], mode="nearest"), skip], dim=1))
+        return self.out(x)
+
+
 def build_models(cfg: ModelConfig) -> tuple[Encoder, Decoder, Discriminator]:
     return Encoder(cfg), Decoder(cfg), Discriminator(cfg)

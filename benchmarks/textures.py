@@ -53,6 +53,11 @@ RECIPES = {
     "aae-ssim-loss": (["--recon-loss", "ssim"], ["--score", "ssim"]),  # Bergmann et al.: SSIM loss and score
     "aae-crop32": (["--crop", "32", "--latent-dim", "32", "--recon-loss", "mse", "--prior-std", "1"], []),  # smaller tiles
     "ae-crop32": (["--family", "ae", "--crop", "32", "--latent-dim", "32", "--recon-loss", "mse"], []),  # ... without the adversary
+    # reconstruction + a segmenter trained on synthetic defects (DRAEM-like); batches of 32 and weight
+    # averaging: the same number of crops, three times the updates
+    "draem": (["--family", "draem", "--recon-loss", "mse", "--batch-size", "32", "--ema", "0.995"], []),
+    "draem-image": (["--family", "draem", "--segment-input", "image", "--recon-loss", "mse", "--batch-size", "32",
+                     "--ema", "0.995"], []),  # ... the segmenter sees the crop alone
 }
 SHARED_TRAIN = {"aae-ssim-score": "aae"}  # recipe -> recipe whose checkpoint it re-exports
 PUBLISHED = ["MVTec AD textures, mean pixel AUROC (another data set; context only): AE with SSIM loss about 0.78 "

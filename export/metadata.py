@@ -13,7 +13,7 @@ from aae_runtime import __version__
 from aae_runtime.contract.preprocessing import Preprocessing
 from aae_runtime.contract.metadata import GRAPH_FILES, IMAGE_INPUT, METADATA_KEY, SCHEMA_VERSION, SCHEMA_WITHOUT_REQUIREMENTS
 from aae_runtime.contract.tiling import TILING, Tiling
-from aae_runtime.contract.scores import SCORE_DEFINITIONS
+from aae_runtime.contract.scores import SCORE_DEFINITIONS, SEGMENT, SEGMENTATION
 from aae_train.config import RunConfig
 
 
@@ -34,6 +34,8 @@ def build_metadata(cfg: RunConfig, family, pre: Preprocessing, prior: dict, scor
         if g.name == "scorer":
             listed[g.name]["pixel_error"] = score.get("pixel_error", score["name"])
     requires = [TILING] if tiling is not None else []
+    if score.get("pixel_error", score["name"]) == SEGMENT:  # maps that only the scorer graph computes
+        requires.append(SEGMENTATION)
     block = {
         "schema_version": SCHEMA_VERSION if requires else SCHEMA_WITHOUT_REQUIREMENTS,
         "export_id": provenance["export_id"],

@@ -29,7 +29,7 @@ from aae_runtime.contract.metadata import BEST_LABEL_OUTPUT, GRAPH_FILES, IMAGE_
 from aae_runtime.contract.tiling import DEFAULT_SMOOTH_SIGMA, MAX_SIGMA, Tiling
 from aae_runtime.model import AAEModel
 from aae_runtime.recalibrate import calibrate_model, load_folder
-from aae_runtime.contract.scores import DEFAULT_SCORE, SCORES, score_spec
+from aae_runtime.contract.scores import DEFAULT_SCORE, SCORES, SEGMENT, score_spec
 from aae_runtime.session import SessionConfig, create_session
 from aae_train.checkpoint import CHECKPOINT_NAME, file_sha256, load_trained
 from aae_train.data import load_dataset
@@ -102,8 +102,12 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_dir: str
     log(f"exporting {Path(checkpoint)} ({cfg.family}, epoch {state['epoch']}); {len(normal)} held-out normal "
         + ("crops for the checks" if cfg.data.crop else "images for checks and threshold"))
     tiling = _tiling(cfg, map_sigma, tile_stride)
-    score = score or (TILED_DEFAULT_SCORE if tiling is not None else DEFAULT_SCORE)
+    score = score or trained.family.default_score or (TILED_DEFAULT_SCORE if tiling is not None else DEFAULT_SCORE)
     pix = score_spec(score)[0]
+    scorer_maps = pix == SEGMENT  # maps only the scorer graph computes: it is the model's scoring path
+    if scorer_maps and (variant != "fp32" or not fused):
+        raise ExportError(f"score {score!r}: its maps come from the fused scorer graph, so it is exported in float32 "
+                          "with that graph: leave out --quantize/--precision and --no-fused")
     specs = {g.name: g for g in trained.family.graphs(cfg, trained.nets, pix if fused and variant == "fp32" else None)}
     example = torch.from_numpy(normal[:2])
     with torch.no_grad():
@@ -126,7 +130,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_dir: str
         raise ExportError(f"ONNX Runtime differs from PyTorch by {diffs[worst]:.2e} > {PARITY_TOLERANCE:.0e} ({worst}); "
                           "no files written")
 
-    model = _runtime_model(protos["encoder"], protos["decoder"], draft)
+    model = _runtime_model(protos["encoder"], protos["decoder"], draft, protos["scorer"] if scorer_maps else None)
     model, protos["encoder"], protos["decoder"], variant_info = _apply_variant(
         variant, protos["encoder"], protos["decoder"], draft, model, normal, prior, log)
     if anomalies is not None and not isinstance(anomalies, np.ndarray):
@@ -146,7 +150,9 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_dir: str
         log(f"note: a photo's score is the maximum of its map, so it grows with the photo's area; this threshold holds "
             f"for photos of about {side[1]} x {side[0]} pixels. For photos of another size, run aae-run calibrate on 10 "
             "or more whole normal photos from the line")
-    if "scorer" in protos:
+    if scorer_maps:
+        log("fused scorer: it computes the maps itself (parity with PyTorch above)")
+    elif "scorer" in protos:
         _check_fused(protos["scorer"], model, normal, log)
     elif fused:
         log(f"fused scorer graph: not made for the {variant} variant; the runtime uses the two graphs")
@@ -324,11 +330,14 @@ def check_parity(specs: dict, protos: dict[str, onnx.ModelProto], images: np.nda
     return worst
 
 
-def _runtime_model(enc_proto: onnx.ModelProto, dec_proto: onnx.ModelProto, metadata: dict) -> AAEModel:
+def _runtime_model(enc_proto: onnx.ModelProto, dec_proto: onnx.ModelProto, metadata: dict,
+                   scorer_proto: onnx.ModelProto | None = None) -> AAEModel:
+    """The runtime's model of the graphs (the scorer too, when its maps are the model's)."""
     cpu = SessionConfig(device="cpu")
     enc, _ = create_session(enc_proto.SerializeToString(), cpu)
     dec, _ = create_session(dec_proto.SerializeToString(), cpu)
-    return AAEModel(enc, dec, ModelMetadata.from_dict(metadata, "export"))
+    scorer = create_session(scorer_proto.SerializeToString(), cpu)[0] if scorer_proto is not None else None
+    return AAEModel(enc, dec, ModelMetadata.from_dict(metadata, "export"), scorer=scorer)
 
 
 def _batches(x: np.ndarray, size: int):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from aae_runtime.contract.errors import ModelError
 from aae_runtime.contract.preprocessing import Preprocessing
 from aae_runtime.contract.priors import validate_prior
-from aae_runtime.contract.scores import RECONSTRUCTION_SCORES, validate_score_block
+from aae_runtime.contract.scores import PIXEL_ERRORS, SEGMENT, SEGMENTATION, validate_score_block
 from aae_runtime.contract.tiling import TILING, Tiling
 
 METADATA_KEY = "aae"
@@ -27,7 +27,8 @@ METADATA_KEY = "aae"
 # requires something, so models without tiling still load in schema-2 runtimes.
 SCHEMA_VERSION = 3
 SCHEMA_WITHOUT_REQUIREMENTS = 2  # what export writes for a model that requires nothing
-KNOWN_FEATURES = (TILING,)
+# 3 also: "segmentation", maps that only the scorer graph computes (the draem family's segmenter).
+KNOWN_FEATURES = (TILING, SEGMENTATION)
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
 # Graph input and output names, fixed by export and relied on by the runtime.
@@ -180,6 +181,7 @@ class ModelMetadata:
         requires = _requires(d, source)
         pre = Preprocessing.from_dict(d["preprocessing"]) if isinstance(d["preprocessing"], dict) else Preprocessing.from_dict({})
         tiling = _tiling(d, requires, pre, source)
+        _segmentation(d, requires, graphs, source)
         return cls(
             requires=requires,
             tiling=tiling,
@@ -256,10 +258,19 @@ def _tiling(d: dict, requires: tuple[str, ...], pre: Preprocessing, source: str)
         raise ModelError(f"{source} metadata: tiles of {tiling.tile} but the model takes {pre.height} x {pre.width} "
                          "inputs: re-export the model")
     pix = d["score"].get("pixel_error", d["score"].get("name"))
-    if d["score"].get("name") not in RECONSTRUCTION_SCORES or pix != d["score"]["name"]:
+    if d["score"].get("name") not in PIXEL_ERRORS or pix != d["score"]["name"]:
         raise ModelError(f"{source} metadata: a tiled model's score is the maximum of its per-pixel error map, so it must "
-                         f"be one of {', '.join(RECONSTRUCTION_SCORES)}: recalibrate or re-export the model")
+                         f"be one of {', '.join(PIXEL_ERRORS)}: recalibrate or re-export the model")
     return tiling
+
+
+def _segmentation(d: dict, requires: tuple[str, ...], graphs: dict, source: str) -> None:
+    """A score on the segmenter's map must be required and have the scorer graph that computes it."""
+    if d["score"].get("pixel_error", d["score"].get("name")) != SEGMENT:
+        return
+    if SEGMENTATION not in requires or "scorer" not in graphs:
+        raise ModelError(f"{source} metadata: its '{SEGMENT}' maps come from the scorer graph, but it does not list "
+                         f"'{SEGMENTATION}' in 'requires' or has no scorer graph: re-export the model")
 
 
 def _classes(d: dict, graphs: dict, source: str) -> tuple[str, ...] | None:

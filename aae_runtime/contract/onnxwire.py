@@ -40,6 +40,7 @@ EXPORTED_OPERATORS = frozenset({
     "Identity", "Log", "MatMul", "Max", "Min", "Mul", "Neg", "Pad", "Pow", "QuantizeLinear", "Range", "ReduceMean",
     "ReduceMin", "Relu", "Reshape", "Shape", "Sigmoid", "Slice", "Softmax", "Split", "Sqrt", "Squeeze", "Sub", "Transpose",
     "Unsqueeze", "Where", "Greater",
+    "InstanceNormalization", "MaxPool", "Resize",  # the draem family's segmenter (group norm, U-Net halvings and doublings)
 })
 
 

@@ -46,6 +46,12 @@ RECONSTRUCTION_SCORES = ("mse", "mae", "bce", "ssim")
 # error yet a low SSIM. Constants for inputs spanning 1 (pixels / 255).
 SSIM_WINDOW = 7
 SSIM_C1, SSIM_C2 = 0.01**2, 0.03**2
+# The draem family's map: the probability that a pixel belongs to a defect, which only its
+# scorer graph computes (the segmenter is not part of the encoder and decoder): a model scored
+# so lists SEGMENTATION in its metadata's "requires".
+SEGMENT = "segment"
+SEGMENTATION = "segmentation"  # the feature name in the metadata's "requires" list
+PIXEL_ERRORS = (*RECONSTRUCTION_SCORES, SEGMENT)  # every per-pixel map a score may be built on
 LATENT_SOURCES = ("prior", "codes")
 UNSTANDARDISED = ("reconstruction", "relative")  # alone, these keep their natural units
 
@@ -54,6 +60,7 @@ UNSTANDARDISED = ("reconstruction", "relative")  # alone, these keep their natur
 def _build_scores() -> dict[str, tuple[str, list[tuple[str, str, float | str]]]]:
     table: dict[str, tuple[str, list]] = {"prior": ("mse", [("prior", "identity", 1.0)]),
                                           "codes": ("mse", [("codes", "log", 1.0)])}
+    table[SEGMENT] = (SEGMENT, [("reconstruction", "identity", 1.0)])
     for pix in RECONSTRUCTION_SCORES:
         table[pix] = (pix, [("reconstruction", "identity", 1.0)])
         table[f"{pix}_rel"] = (pix, [("relative", "identity", 1.0)])
@@ -78,6 +85,7 @@ PIXEL_DEFINITIONS = {
     "mae": "|x - decoder(encoder(x))|",
     "bce": "binary cross-entropy of x under decoder(encoder(x))",
     "ssim": f"1 - SSIM(x, decoder(encoder(x))) over {SSIM_WINDOW} x {SSIM_WINDOW} uniform windows (edges reflected)",
+    SEGMENT: "probability that the pixel belongs to a defect: sigmoid(segmenter(x, decoder(encoder(x)))), from the scorer graph",
 }
 SOURCE_DEFINITIONS = {
     "reconstruction": "mean over pixels and channels of the per-pixel error",
@@ -125,6 +133,9 @@ def pixel_error(x: np.ndarray, recon: np.ndarray, name: str) -> np.ndarray:
         err = -(x * np.log(r) + (1 - x) * np.log(1 - r))
     elif name == "ssim":
         err = 1.0 - ssim_map(x, recon)
+    elif name == SEGMENT:
+        raise ModelError("this model's maps come from its segmenter, which only its scorer graph (scorer.onnx) runs: "
+                         "load the model with its scorer, or export it again")
     else:
         raise ValueError(f"unknown reconstruction score {name!r}; choose one of {', '.join(RECONSTRUCTION_SCORES)}")
     return err.mean(axis=1)
@@ -246,7 +257,7 @@ def validate_score_block(block: dict, source: str) -> None:
     pix = block.get("pixel_error", block.get("name"))
     if block.get("combine", "sum") not in ("sum", "max"):
         raise ModelError(f"{source} metadata combines score terms by {block.get('combine')!r}: upgrade aae or re-export the model")
-    if pix not in RECONSTRUCTION_SCORES:
+    if pix not in PIXEL_ERRORS:
         raise ModelError(f"{source} metadata names an unknown pixel error {pix!r}: upgrade aae or re-export the model")
     for t in block.get("terms") or []:
         ok = (isinstance(t, dict) and t.get("source") in (*UNSTANDARDISED, *LATENT_SOURCES)

@@ -64,6 +64,7 @@ class Family:
     allows_unlabelled: ClassVar[bool] = True  # images without a class may train (only if uses_labels)
     adversarial: ClassVar[bool] = True  # has a discriminator: prior and D options apply
     extra_streams: ClassVar[tuple[str, ...]] = ()  # names of torch.Generator streams it needs
+    default_score: ClassVar[str | None] = None  # the score export uses unless told (None: export's default)
 
     def __init__(self, cfg: RunConfig, nets: dict[str, torch.nn.Module], device: torch.device):
         self.cfg, self.nets, self.device = cfg, nets, device
