@@ -7,7 +7,7 @@ photos are scikit-image's grass photograph mirrored out to the size (a real text
 
     python benchmarks/photo_scoring.py --model runs/textures/grass/aae/model --sizes 512,1024,2048
 
-Writes benchmarks/results/photo_scoring.{json,md}.
+Writes benchmarks/results/photo_scoring.{json,md} (``--name``: another stem).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "results"
 
 
@@ -37,6 +38,13 @@ def make_photo(side: int, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(tiled).save(path)
     return path
+
+
+def family_of(model: Path) -> str:
+    from aae_runtime.contract.modelfolder import current_version
+
+    meta = current_version(model) / "metadata.json"
+    return json.loads(meta.read_text()).get("family", "?") if meta.is_file() else "?"
 
 
 def measure(model: Path, photo: Path, out: Path | None, batch: int, threads: int) -> dict:
@@ -60,6 +68,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work-dir", type=Path, default=REPO / "runs" / "photo_scoring")
+    p.add_argument("--name", default="photo_scoring", help="results file stem (benchmarks/results/NAME.json and .md)")
     args = p.parse_args(argv)
     rows = []
     for side in (int(s) for s in args.sizes.split(",")):  # ascending: ru_maxrss of children only grows
@@ -72,8 +81,8 @@ def main(argv=None) -> None:
     report = {"model": str(args.model), "batch_size": args.batch_size, "threads": args.threads, "rows": rows,
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}"}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "photo_scoring.json").write_text(json.dumps(report, indent=2))
-    lines = ["# Scoring one whole photo (tiled model): time and peak memory", "",
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=2))
+    lines = [f"# Scoring one whole photo (tiled model, family {family_of(args.model)}): time and peak memory", "",
              f"Machine: {report['machine']}; one fresh `aae-run score` process per photo and column (start-up "
              f"included), {args.threads} thread(s), {args.batch_size} tiles per call; tile "
              "stride half a tile.", "",
@@ -81,7 +90,7 @@ def main(argv=None) -> None:
              "|---|---|---|---|---|"]
     lines += [f"| {r['side']} x {r['side']} | {r['seconds']} | {r['peak_rss_mib']} | {r['seconds_with_maps']} | "
               f"{r['peak_rss_mib_with_maps']} |" for r in rows]
-    (RESULTS / "photo_scoring.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

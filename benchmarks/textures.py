@@ -55,7 +55,8 @@ RECIPES = {
     "ae-crop32": (["--family", "ae", "--crop", "32", "--latent-dim", "32", "--recon-loss", "mse"], []),  # ... without the adversary
     # reconstruction + a segmenter trained on synthetic defects (DRAEM-like); batches of 32 and weight
     # averaging: the same number of crops, three times the updates
-    "draem": (["--family", "draem", "--recon-loss", "mse", "--batch-size", "32", "--ema", "0.995"], []),
+    "draem": (["--family", "draem", "--arch", "conv", "--latent-dim", "32", "--recon-loss", "mse", "--batch-size", "32",
+               "--ema", "0.995"], []),
     "draem-image": (["--family", "draem", "--segment-input", "image", "--recon-loss", "mse", "--batch-size", "32",
                      "--ema", "0.995"], []),  # ... the segmenter sees the crop alone
 }

@@ -41,6 +41,7 @@ from aae_train.models import SEGMENTER_LEVELS, Decoder, Encoder, Segmenter
 from aae_train.speed import float32_loss
 
 SEGMENT_INPUTS = ("image+reconstruction", "image")
+MIN_CROP = 16
 VALIDATION_SEED = 20211  # the held-out crops' synthetic defects: one fixed draw, comparable across epochs
 
 
@@ -75,9 +76,10 @@ class DraemFamily(AEFamily):
         if not cfg.data.crop:
             raise DataError("--family draem learns defect maps of whole photos: train on crops (aae-train folder DIR --crop 64)")
         step = 2**SEGMENTER_LEVELS
-        if cfg.data.crop % step:
-            raise DataError(f"--family draem: --crop {cfg.data.crop} is not a multiple of {step} (the segmenter halves "
-                            f"the crop {SEGMENTER_LEVELS} times): choose e.g. --crop {max(step, cfg.data.crop // step * step)}")
+        if cfg.data.crop % step or cfg.data.crop < MIN_CROP:
+            raise DataError(f"--family draem: --crop {cfg.data.crop} is not a multiple of {step} of at least {MIN_CROP} (the "
+                            f"segmenter halves the crop {SEGMENTER_LEVELS} times, synthetic blurs reach 9 pixels): choose "
+                            f"e.g. --crop {max(MIN_CROP, cfg.data.crop // step * step)}")
         return cfg
 
     @classmethod
