@@ -93,7 +93,7 @@ def train_and_export(args, texture: str, recipe: str, data: Path) -> tuple[Path,
                "--seed", str(args.seed), *train_opts, "--out", str(run)]
         if (run / "checkpoint.pt").exists():
             cmd = ["aae-train", "folder", str(data / "train"), "--resume", str(run / "checkpoint.pt"), "--out", str(run),
-                   "--threads", str(args.threads)]
+                   "--epochs", str(args.epochs), "--threads", str(args.threads)]  # goes on to --epochs (a longer run too)
         print("$", shlex.join(cmd), flush=True)
         start = time.perf_counter()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env, cwd=REPO)
