@@ -277,7 +277,7 @@ class AAEModel:
         """
         x = self._check_images(images)
         pre = self.metadata.preprocessing
-        ink = intensity(x, pre.offset, pre.offset + 255 * pre.scale)
+        ink = intensity(x, *pre.pixel_range)
         if self.scorer is not None:
             names = [LATENT_OUTPUT, PIXEL_ERROR_OUTPUT, RECONSTRUCTION_ERROR_OUTPUT] + ([CLASS_OUTPUT] if self.metadata.classifies else [])
             z, err, recon, *probs = self.scorer.run(names, {IMAGE_INPUT: x})

@@ -21,7 +21,7 @@ from aae_runtime.calibration import DEFAULT_PERCENTILE, f1_threshold, percentile
 from aae_runtime.contract.errors import InputError, ModelError
 from aae_runtime.contract.metadata import DECODER_FILE, ENCODER_FILE, METADATA_KEY, SCORER_FILE, ModelMetadata
 from aae_runtime.contract.onnxwire import set_metadata_prop
-from aae_runtime.contract.scores import HEAD_PARAMS, HEAD_THRESHOLD, PIXEL_DEFINITIONS, PIXEL_ERRORS, ScoreParts, \
+from aae_runtime.contract.scores import HEAD_PARAMS, HEAD_THRESHOLD, PIXEL_DEFINITIONS, PIXEL_ERRORS, SEGMENT, SEGMENTATION, ScoreParts, \
     evaluate_score, fit_score, head_params, score_spec
 
 MIN_NORMAL_IMAGES = 10  # fewer cannot give a meaningful percentile or standardisation
@@ -46,6 +46,9 @@ def calibrate_model(model, normal: np.ndarray, anomalies: np.ndarray | None = No
         raise InputError(f"score {name!r}: a tiled model's score is the maximum of its per-pixel error map; choose one of "
                          f"{', '.join(PIXEL_ERRORS)}")
     pix, _ = score_spec(name)
+    if pix == SEGMENT and SEGMENTATION not in model.metadata.requires:
+        raise InputError(f"score {name!r} is the segmenter's map of a draem model, which this model has not: choose a score of "
+                         "its reconstruction (e.g. mse)")
     fused = (model.metadata.raw.get("graphs") or {}).get("scorer")
     if model.scorer is not None and fused and fused.get("pixel_error") != pix:
         raise InputError(f"score {name!r} needs {pix} pixel errors but this model's fused graph computes "

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 SCALES = (4, 8, 16)  # cells of a random field across a crop: large, middling and small blobs
 FILLS = 4  # another place (turned, new contrast), blurred, flat, intensity scaled or shifted
 BLUR_SIGMAS = (1.5, 3.0)
+BLUR_REACH = int(3 * max(BLUR_SIGMAS))  # pixels a blur reaches (its edges are reflected: crops must be larger)
 # The uniform draws of one crop, by column: which scale, the level (the blob's size), the curve's
 # width, curve or blob, which fill, turned, mirrored, contrast, brightness, flat level, intensity
 # factor, scaled or shifted, opacity, whether the crop gets a defect, which blur, and the place
@@ -93,7 +94,7 @@ def synthesize(x: torch.Tensor, draws: list[torch.Tensor], share: float, low: fl
 
 def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Gaussian blur of each channel, edges reflected."""
-    r = int(3 * sigma)
+    r = int(3 * sigma)  # <= BLUR_REACH
     t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
     g = torch.exp(-t * t / (2 * sigma * sigma))
     g = g / g.sum()

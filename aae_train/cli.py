@@ -19,7 +19,7 @@ from aae_runtime.contract.errors import AAEError
 from aae_runtime.images import RESAMPLE
 from aae_runtime.contract.priors import PRIOR_NAMES, make_prior_spec
 from aae_train.config import (
-    ARCHS, COMPILE_MODES, DEVICES, LOADERS, LR_SCHEDULES, POSTERIORS, PRECISIONS, RECON_LOSSES, DataConfig, ModelConfig,
+    ARCHS, COMPILE_MODES, CUDA_GRAPH, DEVICES, LOADERS, LR_SCHEDULES, POSTERIORS, PRECISIONS, RECON_LOSSES, DataConfig, ModelConfig,
     RunConfig, TrainConfig,
 )
 from aae_train.crops import parse_augment
@@ -307,9 +307,9 @@ def mnist(
                    code_noise=code_noise, ema=ema, recon_loss=recon_loss, seed=seed, device=device,
                    precision=precision),
     )
+    _check_compile(compile_mode, nproc, device)
     if nproc > 1:
         _torchrun(nproc, cfg.train.batch_size)
-    _choice(compile_mode, COMPILE_MODES, "--compile")
     run(cfg, out or _default_out("mnist", resume), data_dir, resume, threads, overwrite, given_options(ctx),
         compile_mode=compile_mode)
 
@@ -423,9 +423,9 @@ def folder(
                    code_noise=code_noise, ema=ema, recon_loss=recon_loss, seed=seed, device=device,
                    precision=precision),
     )
+    _check_compile(compile_mode, nproc, device)
     if nproc > 1:
         _torchrun(nproc, cfg.train.batch_size)
-    _choice(compile_mode, COMPILE_MODES, "--compile")
     run(cfg, out or _default_out("folder", resume), directory if directory.is_dir() else None, resume, threads, overwrite,
         given_options(ctx), loader, workers, compile_mode)
 
@@ -465,6 +465,13 @@ class RunElapsedColumn(ProgressColumn):
     def render(self, task) -> Text:
         seconds = int(self.clock() - self.start)
         return Text(f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}", style="progress.elapsed")
+
+
+def _check_compile(mode: str, nproc: int, device: str) -> None:
+    _choice(mode, COMPILE_MODES, "--compile")
+    if mode == CUDA_GRAPH and (nproc > 1 or device == "cpu"):
+        raise typer.BadParameter(f"{CUDA_GRAPH} captures the step on one GPU: use it with --device cuda (or auto on a GPU) "
+                                 "and one process, or choose another mode", param_hint="--compile")
 
 
 def _torchrun(nproc: int, batch_size: int) -> None:

@@ -54,8 +54,9 @@ class GraphedStep:
             return self._on_stream(lambda: self._step(given, batch.y is not None))
         if self.graph is None or key != self.key:
             self._capture(given, batch.y is not None, key)
-        for buffer, value in zip(self.inputs, given):
-            buffer.copy_(value, non_blocking=True)
+        with torch.no_grad():
+            for buffer, value in zip(self.inputs, given):
+                buffer.copy_(value, non_blocking=True)
         self.graph.replay()
         return self.output
 
@@ -83,11 +84,14 @@ class GraphedStep:
         graph = torch.cuda.CUDAGraph()
         self.stream.wait_stream(torch.cuda.current_stream())
         try:
-            with torch.cuda.graph(graph, stream=self.stream):
+            # thread_local: a loader's pinning thread (a streamed folder) may allocate meanwhile
+            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
                 self.output = self._step(self.inputs, labelled)
+        except torch.OutOfMemoryError:
+            raise
         except RuntimeError as exc:  # an operation that cannot be captured (one that waits for the GPU, say)
             first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            raise CaptureError(f"--compile cuda-graph: this step cannot be captured as a CUDA graph ({first}); "
+            raise CaptureError(f"--compile cuda-graph: capturing the training step as a CUDA graph failed ({first}); "
                                "train with --compile off or reduce-overhead") from None
         torch.cuda.current_stream().wait_stream(self.stream)
         self.graph = graph

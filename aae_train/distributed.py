@@ -44,10 +44,11 @@ def init(device: torch.device) -> None:
     dist.init_process_group(backend=backend)
 
 
-def shard(indices: torch.Tensor) -> torch.Tensor:
-    """This rank's share of a global minibatch's indices (every rank an equal share)."""
+def shard(rows):
+    """This rank's share of a global minibatch's rows (every rank an equal share): its indices,
+    or the host draws of its step (a tensor or an array, split along the first axis)."""
     n = world_size()
-    return indices if n == 1 else indices[rank()::n]
+    return rows if n == 1 else rows[rank()::n]
 
 
 def average_gradients_on_step(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:

@@ -24,9 +24,11 @@ def pixel_error(x: torch.Tensor, r: torch.Tensor, name: str) -> torch.Tensor:
         err = (x - r).abs()
     elif name == "ssim":
         err = 1.0 - ssim_map(x, r)
-    else:  # bce
+    elif name == "bce":
         rc = r.clamp(_EPS, 1 - _EPS)
         err = -(x * rc.log() + (1 - x) * (1 - rc).log())
+    else:
+        raise ValueError(f"no per-pixel error {name!r} of a reconstruction; choose one of mse, mae, ssim, bce")
     return err.mean(dim=1)
 
 

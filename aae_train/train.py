@@ -181,7 +181,9 @@ class Trainer:
         total = torch.zeros(len(names), device=self.device)
         for i, (idx, x) in enumerate(zip(shards, images)):
             batch = Batch(x, self.train_y[idx.to(self.device)] if self.train_y is not None else None)
-            draws = [to_device(d, self.device) for d in self.family.host_draws(len(x))]
+            # drawn for the global minibatch, each rank taking its rows: the ranks' draws differ, and
+            # a run on N processes draws what one process does
+            draws = [to_device(np.ascontiguousarray(distributed.shard(d)), self.device) for d in self.family.host_draws(bs)]
             try:
                 if self.graphed is not None:
                     total += self.graphed(batch, draws)
@@ -299,6 +301,8 @@ class Trainer:
             self.ema_updates = int(state["trained"]["ema_updates"]) if "trained" in state else 0
         for name, (opt, _) in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][name])
+            for group in opt.param_groups:  # a run saved under --compile cuda-graph: its own capture sets it again
+                group["capturable"] = False
         torch.set_rng_state(state["rng"]["torch"])
         self.shuffle.set_state(state["rng"]["shuffle"])
         self.streams.prior.bit_generator.state = state["rng"]["prior"]

@@ -45,8 +45,9 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=4, help="per case; the first warms up")
     p.add_argument("--limit", type=int, default=None, help="MNIST images (90 %% train); default all 60,000")
     p.add_argument("--precisions", default="fp32,bf16")
-    p.add_argument("--compile", default="off,cuda-graph,reduce-overhead",
-                   help="--compile modes (off: eager; cuda-graph: the whole step as one CUDA graph; the rest torch.compile's)")
+    p.add_argument("--compile", default=None,
+                   help="--compile modes (off: eager; cuda-graph: the whole step as one CUDA graph, GPUs only; the rest "
+                        "torch.compile's); default off,cuda-graph,reduce-overhead on cuda, off,default,reduce-overhead on cpu")
     p.add_argument("--batch-sizes", default="250,500,1000,2000", help="tried with the fastest case at batch 100")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     p.add_argument("--work-dir", type=Path, default=REPO / "runs" / "train_device")
@@ -65,7 +66,8 @@ def main(argv=None) -> int:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     cache = args.work_dir / f"cases-{args.device}.json"
     done = json.loads(cache.read_text()) if cache.exists() else {}
-    grid = [(prec, mode, 100) for prec in args.precisions.split(",") for mode in args.compile.split(",")]
+    modes = args.compile or ("off,cuda-graph,reduce-overhead" if args.device == "cuda" else "off,default,reduce-overhead")
+    grid = [(prec, mode, 100) for prec in args.precisions.split(",") for mode in modes.split(",")]
     failed: dict[str, str] = {}  # cases that raised: reported, not cached (a rerun tries them again)
     for case in grid:
         run_case(args, case, done, cache, failed)
@@ -92,6 +94,7 @@ def key(case) -> str:
 def run_case(args, case, done: dict, cache: Path, failed: dict) -> None:
     """Train one case (unless finished) and record its epoch times; a case that raises is
     recorded in ``failed`` (its last line) and the grid goes on."""
+    from aae_runtime.contract.errors import AAEError
     from aae_train.config import DataConfig, ModelConfig, RunConfig, TrainConfig
     from aae_train.train import train
 
@@ -105,7 +108,8 @@ def run_case(args, case, done: dict, cache: Path, failed: dict) -> None:
     try:
         result = train(cfg, args.work_dir / key(case), data_dir=str(args.data_dir), overwrite=True, compile_mode=mode)
     except Exception as exc:  # noqa: BLE001 - a benchmark reports every case, failed ones too
-        traceback.print_exc()
+        if not isinstance(exc, AAEError):  # a bug's traceback; a refusal (AAEError) is its own message
+            traceback.print_exc()
         failed[key(case)] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else ''}"
         print(f"{key(case)}: failed ({failed[key(case)]})", flush=True)
         return

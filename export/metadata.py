@@ -44,7 +44,7 @@ def build_metadata(cfg: RunConfig, family, pre: Preprocessing, prior: dict, scor
             "name": IMAGE_INPUT,
             "shape": ["batch", *pre.shape],
             "channels": pre.channels,
-            "value_range": [pre.offset, pre.offset + 255 * pre.scale],
+            "value_range": list(pre.pixel_range),
         },
         "preprocessing": pre.to_dict(),
         "latent_dim": cfg.model.latent_dim,

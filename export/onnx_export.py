@@ -105,6 +105,9 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_dir: str
     score = score or trained.family.default_score or (TILED_DEFAULT_SCORE if tiling is not None else DEFAULT_SCORE)
     pix = score_spec(score)[0]
     scorer_maps = pix == SEGMENT  # maps only the scorer graph computes: it is the model's scoring path
+    if scorer_maps and trained.family.default_score != SEGMENT:
+        raise ExportError(f"score {score!r} is the segmenter's map of a --family draem model; this is a {cfg.family} model: "
+                          "choose a score of its reconstruction (e.g. mse)")
     if scorer_maps and (variant != "fp32" or not fused):
         raise ExportError(f"score {score!r}: its maps come from the fused scorer graph, so it is exported in float32 "
                           "with that graph: leave out --quantize/--precision and --no-fused")

@@ -203,3 +203,57 @@ def test_draem_options_on_another_family_are_refused(tmp_path, grass):
                                   "--out", str(tmp_path / "run")])
     text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", r.output).split())
     assert r.exit_code == 2 and "applies to --family draem, not aae" in text, r.output
+
+
+def test_an_rgb_draem_model_with_the_reconstruction_beside_the_crop_exports_and_maps(tmp_path):
+    from skimage.data import astronaut
+
+    from aae_runtime import AAEModel
+    from aae_train.cli import app as train_app
+    from export.onnx_export import export_checkpoint
+
+    write_png(tmp_path / "train" / "a.png", astronaut()[:160, :160])  # (H, W, 3): RGB photos, the default segment input
+    r = runner.invoke(train_app, ["folder", str(tmp_path / "train"), "--crop", str(CROP), "--color", "RGB", "--family", "draem",
+                                  "--arch", "conv", "--crops-per-image", "64", "--epochs", "1", "--batch-size", "16",
+                                  "--hidden", "16", "--segment-width", "4", "--threads", "1", "--out", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    result = export_checkpoint(tmp_path / "run" / "checkpoint.pt", tmp_path / "model", log=lambda s: None)
+    assert max(result.max_abs_diff.values()) < 1e-4 and "scorer.pixel_error" in result.max_abs_diff
+    m = AAEModel.load(tmp_path / "model", device="cpu")
+    score, smoothed = m.score_photo(astronaut()[300:400, 200:330].transpose(2, 0, 1).astype(np.float32) / 255)
+    assert smoothed.shape == (100, 130) and 0 <= score <= 1
+
+
+def test_synthetic_defects_are_made_in_float32_under_bf16_autocast(grass):
+    from aae_train.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+    from aae_train.families import get_family
+
+    pre = {"color_mode": "L", "size": [CROP, CROP], "resample": "bilinear", "scale": 1 / 255, "offset": 0.0}
+    cfg = RunConfig(model=ModelConfig(image_shape=(1, CROP, CROP), latent_dim=8, arch="conv", hidden=16,
+                                      prior={"name": "gaussian", "dim": 8, "std": 1.0}),
+                    data=DataConfig(source="folder", crop=CROP, preprocessing=pre), train=TrainConfig(device="cpu"), family="draem")
+    kind = get_family("draem")
+    family = kind(cfg, kind.networks(cfg), torch.device("cpu"))
+    x = _crops(grass, 8, CROP)
+    draws = [torch.from_numpy(d) for d in anomalies.draw(8, np.random.default_rng(0))]
+    plain = family.with_defects(x, draws)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = family.with_defects(x, draws)
+    assert under[0].dtype == torch.float32 and all(torch.equal(a, b) for a, b in zip(plain, under))
+
+
+def test_the_segment_score_belongs_to_draem_models_only(tiny_run, tiny_model_dir, tmp_path, mnist_test):
+    import shutil
+
+    from aae_runtime.cli import app
+    from export.cli import app as export_app
+
+    r = runner.invoke(export_app, ["--checkpoint", str(tiny_run.checkpoint), "--out", str(tmp_path / "m"), "--score", "segment"])
+    assert r.exit_code == 2 and "segmenter's map of a --family draem model" in " ".join(r.output.split()), r.output
+    assert not (tmp_path / "m").exists()
+    images, _ = mnist_test
+    for i in range(12):
+        write_png(tmp_path / "normal" / f"{i}.png", images[i])
+    shutil.copytree(tiny_model_dir, tmp_path / "model")
+    r = runner.invoke(app, ["calibrate", str(tmp_path / "normal"), "--model", str(tmp_path / "model"), "--score", "segment"])
+    assert r.exit_code == 2 and "which this model has not" in " ".join(r.output.split()), r.output

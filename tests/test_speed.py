@@ -83,13 +83,16 @@ def test_unknown_speed_options_are_one_line_errors(option, value, allowed, tmp_p
     assert not (tmp_path / "r").exists()
 
 
-def test_cuda_graph_steps_need_a_gpu_and_one_process(tmp_path, mnist_dir):
-    """--compile cuda-graph captures the step on a GPU (aae_train.cudagraph): elsewhere a one-line error, nothing written."""
-    r = subprocess.run(["aae-train", "mnist", "--compile", "cuda-graph", "--device", "cpu", "--limit", "300", "--epochs", "1",
+@pytest.mark.parametrize("where", [["--device", "cpu"], ["--nproc", "2"], ["--device", "auto"]])  # auto: this machine has no GPU
+def test_cuda_graph_steps_need_a_gpu_and_one_process(where, tmp_path, mnist_dir):
+    """--compile cuda-graph captures the step on a GPU (aae_train.cudagraph): elsewhere a one-line error, nothing written
+    (before torchrun starts processes, and before data is read where the command line says enough)."""
+    r = subprocess.run(["aae-train", "mnist", "--compile", "cuda-graph", *where, "--limit", "300", "--epochs", "1",
                         "--threads", "1", "--data-dir", str(mnist_dir), "--out", str(tmp_path / "r")],
                        capture_output=True, text=True, timeout=300)
     errors = [line for line in r.stderr.splitlines() if line.strip()]
-    assert r.returncode == 2 and len(errors) == 1 and "--compile cuda-graph" in errors[0] and "--device cuda" in errors[0], r.stderr
+    assert r.returncode == 2 and len(errors) == 1 and "cuda-graph captures the step on one GPU" in errors[0], r.stderr
+    assert "--device cuda" in errors[0] and "one process" in errors[0]
     assert not (tmp_path / "r").exists()
 
 

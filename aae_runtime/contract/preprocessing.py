@@ -38,6 +38,11 @@ class Preprocessing:
         """(C, H, W) of one model input."""
         return (self.channels, self.height, self.width)
 
+    @property
+    def pixel_range(self) -> tuple[float, float]:
+        """The inputs of pixels 0 and 255 (black and white), in that order."""
+        return (self.offset, self.offset + 255 * self.scale)
+
     def to_dict(self) -> dict:
         return {
             "color_mode": self.color_mode,

@@ -32,7 +32,8 @@ def discriminator_phase(disc: torch.nn.Module, opt: torch.optim.Optimizer, z_fak
     std = t.disc_noise if noise else 0.0
     real_target = 1.0 - t.label_smoothing  # one-sided: only the prior's targets are smoothed
     for drawn in real:
-        d_real = disc_input(drawn, std).requires_grad_(t.gradient_penalty > 0)
+        # detached: the draw may be a CUDA graph's input buffer, which must not itself require grad
+        d_real = disc_input(drawn, std).detach().requires_grad_(t.gradient_penalty > 0)
         if draws_masks(disc):  # a pass per batch, masks and the fakes' noise drawn in the order they always were
             logits_real = disc(d_real)
             logits_fake = disc(disc_input(z_fake, std))

@@ -36,6 +36,9 @@ class AEFamily(AAEFamily):
         params = [*n["encoder"].parameters(), *n["decoder"].parameters()]
         return {"recon": (self.adam(params, lr=t.lr_recon), t.lr_recon)}
 
+    def host_draws(self, n: int) -> list[np.ndarray]:
+        return []  # no prior to draw from
+
     def step(self, batch: Batch, draws: list[torch.Tensor]) -> torch.Tensor:
         recon = self.recon_loss(self.nets["decoder"](self.with_code_noise(self.nets["encoder"](batch.x))), batch.x)
         self.opt["recon"].zero_grad(set_to_none=True)

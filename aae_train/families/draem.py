@@ -40,8 +40,8 @@ from aae_train.graphs import SegmentScorer
 from aae_train.models import SEGMENTER_LEVELS, Decoder, Encoder, Segmenter
 from aae_train.speed import float32_loss
 
-SEGMENT_INPUTS = ("image+reconstruction", "image")
-MIN_CROP = 16
+WITH_RECONSTRUCTION = "image+reconstruction"  # DRAEM's design: the crop beside the autoencoder's reconstruction
+SEGMENT_INPUTS = (WITH_RECONSTRUCTION, "image")
 VALIDATION_SEED = 20211  # the held-out crops' synthetic defects: one fixed draw, comparable across epochs
 
 
@@ -49,18 +49,18 @@ VALIDATION_SEED = 20211  # the held-out crops' synthetic defects: one fixed draw
 class DraemOptions:
     defect_share: float = 0.5  # share of training crops that get a synthetic defect
     segment_width: int = 16  # the segmenter's channels at full resolution
-    segment_input: str = "image+reconstruction"  # what the segmenter sees: SEGMENT_INPUTS
+    segment_input: str = WITH_RECONSTRUCTION  # what the segmenter sees: SEGMENT_INPUTS
     lr_segment: float = 1e-3  # Adam, the segmenter
 
     def __post_init__(self) -> None:
         if not 0.0 < self.defect_share < 1.0:
-            raise ValueError("defect share must be between 0 and 1 (a share of crops with and without a defect)")
+            raise ValueError("--defect-share must be between 0 and 1 (a share of crops with and without a defect)")
         if not 4 <= self.segment_width <= 256:
-            raise ValueError("segment width must be 4 to 256 channels")
+            raise ValueError("--segment-width must be 4 to 256 channels")
         if self.segment_input not in SEGMENT_INPUTS:
             raise ValueError(f"unknown segment input {self.segment_input!r}; choose one of {', '.join(SEGMENT_INPUTS)}")
         if not self.lr_segment > 0:
-            raise ValueError("lr_segment must be > 0")
+            raise ValueError("--lr-segment must be > 0")
 
 
 class DraemFamily(AEFamily):
@@ -76,16 +76,17 @@ class DraemFamily(AEFamily):
         if not cfg.data.crop:
             raise DataError("--family draem learns defect maps of whole photos: train on crops (aae-train folder DIR --crop 64)")
         step = 2**SEGMENTER_LEVELS
-        if cfg.data.crop % step or cfg.data.crop < MIN_CROP:
-            raise DataError(f"--family draem: --crop {cfg.data.crop} is not a multiple of {step} of at least {MIN_CROP} (the "
-                            f"segmenter halves the crop {SEGMENTER_LEVELS} times, synthetic blurs reach 9 pixels): choose "
-                            f"e.g. --crop {max(MIN_CROP, cfg.data.crop // step * step)}")
+        least = step * (anomalies.BLUR_REACH // step + 1)
+        if cfg.data.crop % step or cfg.data.crop < least:
+            raise DataError(f"--family draem: --crop {cfg.data.crop} is not a multiple of {step} of at least {least} (the "
+                            f"segmenter halves the crop {SEGMENTER_LEVELS} times, synthetic blurs reach "
+                            f"{anomalies.BLUR_REACH} pixels): choose e.g. --crop {max(least, cfg.data.crop // step * step)}")
         return cfg
 
     @classmethod
     def networks(cls, cfg: RunConfig) -> dict[str, torch.nn.Module]:
         o, channels = cfg.options, cfg.model.image_shape[0]
-        c_in = channels * (2 if o.segment_input == "image+reconstruction" else 1)
+        c_in = channels * (2 if o.segment_input == WITH_RECONSTRUCTION else 1)
         return {"encoder": Encoder(cfg.model), "decoder": Decoder(cfg.model), "segmenter": Segmenter(c_in, o.segment_width)}
 
     def optimizers(self):
@@ -95,16 +96,19 @@ class DraemFamily(AEFamily):
 
     @property
     def value_range(self) -> tuple[float, float]:
-        """The model inputs' range (what pixels 0 and 255 become): synthetic defects stay inside it."""
-        pre = Preprocessing.from_dict(self.cfg.data.preprocessing)
-        return sorted((pre.offset, pre.offset + 255 * pre.scale))
+        """(lowest, highest) model input (what pixels 0 and 255 become): synthetic defects stay inside it."""
+        low, high = sorted(Preprocessing.from_dict(self.cfg.data.preprocessing).pixel_range)
+        return low, high
 
     def host_draws(self, n: int) -> list[np.ndarray]:
         return anomalies.draw(n, self.streams.prior)
 
     def with_defects(self, x: torch.Tensor, draws: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Crops with synthetic defects and their masks, made in float32 whatever --precision (the
+        training data must not depend on it; autocast off)."""
         low, high = self.value_range
-        return anomalies.synthesize(x, draws, self.cfg.options.defect_share, low, high)
+        with float32_loss(x.device):
+            return anomalies.synthesize(x.float(), draws, self.cfg.options.defect_share, low, high)
 
     def step(self, batch: Batch, draws: list[torch.Tensor]) -> torch.Tensor:
         enc, dec, seg, opt = self.nets["encoder"], self.nets["decoder"], self.nets["segmenter"], self.opt
@@ -124,7 +128,7 @@ class DraemFamily(AEFamily):
         return torch.stack([recon_loss.detach(), segment_loss.detach()])
 
     def segment_input(self, x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x, recon], dim=1) if self.cfg.options.segment_input == "image+reconstruction" else x
+        return torch.cat([x, recon], dim=1) if self.cfg.options.segment_input == WITH_RECONSTRUCTION else x
 
     @staticmethod
     def segment_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -157,7 +161,7 @@ class DraemFamily(AEFamily):
         specs = super().graphs(cfg, model, pixel_error if pixel_error != SEGMENT else None)
         if pixel_error == SEGMENT:
             scorer = SegmentScorer(model["encoder"], model["decoder"], model["segmenter"],
-                                   cfg.options.segment_input == "image+reconstruction")
+                                   cfg.options.segment_input == WITH_RECONSTRUCTION)
             specs.append(GraphSpec("scorer", scorer, (IMAGE_INPUT,), (LATENT_OUTPUT, PIXEL_ERROR_OUTPUT, RECONSTRUCTION_ERROR_OUTPUT),
                                    lambda x: (x,)))
         return specs
