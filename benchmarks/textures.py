@@ -54,11 +54,12 @@ RECIPES = {
     "aae-crop32": (["--crop", "32", "--latent-dim", "32", "--recon-loss", "mse", "--prior-std", "1"], []),  # smaller tiles
     "ae-crop32": (["--family", "ae", "--crop", "32", "--latent-dim", "32", "--recon-loss", "mse"], []),  # ... without the adversary
     # reconstruction + a segmenter trained on synthetic defects (DRAEM-like); batches of 32 and weight
-    # averaging: the same number of crops, three times the updates
+    # averaging: the same number of crops, three times the updates. Maps smoothed by 2 px, not 4: the
+    # segmenter's maps are smooth already (chosen on the validation band: benchmarks/textures_sigma.py)
     "draem": (["--family", "draem", "--arch", "conv", "--latent-dim", "32", "--recon-loss", "mse", "--batch-size", "32",
-               "--ema", "0.995"], []),
+               "--ema", "0.995"], ["--map-sigma", "2"]),
     "draem-image": (["--family", "draem", "--segment-input", "image", "--recon-loss", "mse", "--batch-size", "32",
-                     "--ema", "0.995"], []),  # ... the segmenter sees the crop alone
+                     "--ema", "0.995"], ["--map-sigma", "2"]),  # ... the segmenter sees the crop alone
 }
 SHARED_TRAIN = {"aae-ssim-score": "aae"}  # recipe -> recipe whose checkpoint it re-exports
 PUBLISHED = ["MVTec AD textures, mean pixel AUROC (another data set; context only): AE with SSIM loss about 0.78 "
