@@ -93,7 +93,7 @@ ClassNoise = Annotated[Optional[float], typer.Option(min=0, max=10, help="semi: 
 LrClass = Annotated[Optional[float], typer.Option(min=0, max=1e6, help="semi: Adam learning rate, supervised classification step (default 1e-3).")]
 DefectShare = Annotated[Optional[float], typer.Option(min=0.01, max=0.99, help="draem: share of training crops given a synthetic defect (default 0.5).")]
 SegmentWidth = Annotated[Optional[int], typer.Option(min=4, max=256, help="draem: the segmenter's channels at full resolution (default 16).")]
-SegmentInput = Annotated[Optional[str], typer.Option(help="draem: what the segmenter sees: image, or image+reconstruction (the autoencoder's reconstruction beside it).")]
+SegmentInput = Annotated[Optional[str], typer.Option(help="draem: what the segmenter sees: image+reconstruction (the default: the crop beside the autoencoder's reconstruction, DRAEM's design) or image.")]
 LrSegment = Annotated[Optional[float], typer.Option(min=0, max=1e6, help="draem: Adam learning rate, segmenter (default 1e-3).")]
 Resume = Annotated[Optional[Path], typer.Option(exists=True, help="Continue from this checkpoint (its config is kept; --epochs sets the total).")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace the run that --out already holds (else refused).")]
