@@ -92,18 +92,27 @@ def train_and_export(args, texture: str, recipe: str, data: Path) -> tuple[Path,
         cmd = ["aae-train", "folder", str(data / "train"), *crop, "--val-fraction", "0.25",
                "--crops-per-image", str(args.crops), "--epochs", str(args.epochs), "--threads", str(args.threads),
                "--seed", str(args.seed), *train_opts, "--out", str(run)]
+        before = 0.0  # seconds of the epochs an earlier, interrupted or shorter, invocation trained
         if (run / "checkpoint.pt").exists():
             cmd = ["aae-train", "folder", str(data / "train"), "--resume", str(run / "checkpoint.pt"), "--out", str(run),
                    "--epochs", str(args.epochs), "--threads", str(args.threads)]  # goes on to --epochs (a longer run too)
+            before = epoch_seconds(run / "metrics.jsonl")
         print("$", shlex.join(cmd), flush=True)
         start = time.perf_counter()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env, cwd=REPO)
-        timing.write_text(f"{time.perf_counter() - start:.1f}\n")
+        timing.write_text(f"{before + time.perf_counter() - start:.1f}\n")
     if not holds_model(model):
         cmd = ["aae-export", "--checkpoint", str(run / "best.pt"), "--out", str(model), *export_opts]
         print("$", shlex.join(cmd), flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=REPO)
     return model, float(timing.read_text())
+
+
+def epoch_seconds(metrics: Path) -> float:
+    """The training seconds of the epochs a run's metrics.jsonl records (0 if none)."""
+    if not metrics.exists():
+        return 0.0
+    return sum(json.loads(line).get("seconds", 0.0) for line in metrics.read_text().splitlines() if line.strip())
 
 
 def score_test_set(model_dir: Path, test: Path) -> dict:

@@ -10,7 +10,7 @@ chosen here.
 
     python benchmarks/textures_sigma.py --recipes draem,draem-image
 
-Writes benchmarks/results/textures_sigma.{json,md}.
+Writes benchmarks/results/NAME.{json,md} (``--name``, textures_sigma by default).
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ def main(argv=None) -> None:
     p.add_argument("--sigmas", default="0,1,2,4,8")
     p.add_argument("--windows", type=int, default=200)
     p.add_argument("--work-dir", type=Path, default=REPO / "runs" / "textures")
+    p.add_argument("--name", default="textures_sigma", help="results file name (benchmarks/results/NAME.{json,md})")
     args = p.parse_args(argv)
     sigmas = [float(s) for s in args.sigmas.split(",")]
     report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "windows": args.windows, "seed": VALIDATION_SEED,
@@ -77,10 +78,13 @@ def main(argv=None) -> None:
             lines.append(f"| {recipe} | {texture} | " + " | ".join(f"{r['image_auroc']:.3f} / {r['pixel_auroc']:.3f}"
                                                                  for r in res.values()) + " |")
             print(lines[-1], flush=True)
-    lines += ["", f"Produced by `python benchmarks/textures_sigma.py --recipes {args.recipes}`.", ""]
+    command = ["python", "benchmarks/textures_sigma.py", "--recipes", args.recipes]
+    if argv is None:
+        command = ["python", "benchmarks/textures_sigma.py", *sys.argv[1:]]
+    lines += ["", f"Produced by `{' '.join(command)}`.", ""]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "textures_sigma.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / "textures_sigma.md").write_text("\n".join(lines))
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines))
 
 
 if __name__ == "__main__":
