@@ -71,3 +71,24 @@ def write_png(path: Path, pixels: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels).save(path)
     return path
+
+
+def calibrate_copy(model_dir: Path, photos: list[np.ndarray], work: Path, *options: str):
+    """`aae-run calibrate` run on ``photos`` (written as PNGs under ``work/line``) over a copy of
+    ``model_dir``: the reloaded copy and each photo's score by it."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from aae_runtime import AAEModel
+    from aae_runtime.cli import app
+
+    copy = work / "model"
+    shutil.copytree(model_dir, copy)
+    paths = [write_png(work / "line" / f"{i}.png", p) for i, p in enumerate(photos)]
+    r = CliRunner().invoke(app, ["calibrate", str(work / "line"), "--model", str(copy), *options])
+    assert r.exit_code == 0, r.output
+    m = AAEModel.load(copy, device="cpu")
+    from PIL import Image
+
+    return m, [m.score_photo(np.asarray(Image.open(p), np.float32)[None] / 255)[0] for p in paths]

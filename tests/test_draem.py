@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from aae_runtime.contract.errors import ModelError
 from aae_runtime.contract.metadata import ModelMetadata
 from aae_train import anomalies
-from tests.conftest import write_png
+from tests.conftest import calibrate_copy, write_png
 
 runner = CliRunner()
 CROP = 32
@@ -117,23 +117,12 @@ def test_aae_run_scores_maps_and_lists_regions_of_a_draem_model(draem_model, gra
 
 
 def test_calibrate_refits_a_draem_models_threshold_through_its_scorer(draem_model, grass, tmp_path):
-    import shutil
-
-    from aae_runtime import AAEModel
     from aae_runtime.cli import app
 
-    model_dir = tmp_path / "model"
-    shutil.copytree(draem_model[0], model_dir)
-    for i in range(10):
-        write_png(tmp_path / "line" / f"{i}.png", grass[200 + 20 * i : 260 + 20 * i, 100:180])
-    r = runner.invoke(app, ["calibrate", str(tmp_path / "line"), "--model", str(model_dir), "--percentile", "90"])
-    assert r.exit_code == 0, r.output
-    m = AAEModel.load(model_dir, device="cpu")
-    from PIL import Image
-
-    scores = [m.score_photo(np.asarray(Image.open(tmp_path / "line" / f"{i}.png"), np.float32)[None] / 255)[0] for i in range(10)]
+    photos = [grass[200 + 20 * i : 260 + 20 * i, 100:180] for i in range(10)]
+    m, scores = calibrate_copy(draem_model[0], photos, tmp_path, "--percentile", "90")
     assert m.threshold == pytest.approx(float(np.percentile(scores, 90)), rel=1e-5) and m.score_name == "segment"
-    r = runner.invoke(app, ["calibrate", str(tmp_path / "line"), "--model", str(model_dir), "--score", "mse"])
+    r = runner.invoke(app, ["calibrate", str(tmp_path / "line"), "--model", str(tmp_path / "model"), "--score", "mse"])
     assert r.exit_code == 2 and "computes segment" in " ".join(r.output.split()), r.output
 
 

@@ -21,7 +21,7 @@ from aae_runtime.contract.metadata import ModelMetadata
 from aae_runtime.contract.scores import pixel_error, ssim_map
 from aae_runtime.contract.tiling import Tiling, gaussian_smooth
 from aae_train.crops import CropSampler, augment, split_photos
-from tests.conftest import write_png
+from tests.conftest import calibrate_copy, write_png
 
 runner = CliRunner()
 CROP = 32
@@ -254,24 +254,12 @@ def test_crop_options_that_do_not_fit_are_one_line_errors(tmp_path, grass, args,
 
 
 def test_calibrate_refits_a_tiled_models_threshold_on_whole_photos(tiled_model, grass, tmp_path):
-    import shutil
-
-    from aae_runtime import AAEModel
     from aae_runtime.cli import app
 
-    model_dir = tmp_path / "model"
-    shutil.copytree(tiled_model[0], model_dir)
-    for i in range(12):
-        write_png(tmp_path / "line" / f"{i}.png", grass[200 + 20 * i : 280 + 20 * i, 100:200])
-    r = runner.invoke(app, ["calibrate", str(tmp_path / "line"), "--model", str(model_dir), "--percentile", "90"])
-    assert r.exit_code == 0, r.output
-    m = AAEModel.load(model_dir, device="cpu")
-    from PIL import Image
-
-    photos = [np.asarray(Image.open(tmp_path / "line" / f"{i}.png"), np.float32)[None] / 255 for i in range(12)]
-    scores = [m.score_photo(p)[0] for p in photos]
+    photos = [grass[200 + 20 * i : 280 + 20 * i, 100:200] for i in range(12)]
+    m, scores = calibrate_copy(tiled_model[0], photos, tmp_path, "--percentile", "90")
     assert m.threshold == pytest.approx(float(np.percentile(scores, 90)), rel=1e-5) and m.tiling is not None
-    r = runner.invoke(app, ["calibrate", str(tmp_path / "line"), "--model", str(model_dir), "--score", "mse_absrel"])
+    r = runner.invoke(app, ["calibrate", str(tmp_path / "line"), "--model", str(tmp_path / "model"), "--score", "mse_absrel"])
     assert r.exit_code == 2 and "maximum of its per-pixel error map" in r.output
 
 
