@@ -58,6 +58,8 @@ RECIPES = {
     # segmenter's maps are smooth already (chosen on the validation band: benchmarks/textures_sigma.py)
     "draem": (["--family", "draem", "--arch", "conv", "--latent-dim", "32", "--recon-loss", "mse", "--batch-size", "32",
                "--ema", "0.995"], ["--map-sigma", "2"]),
+    "draem-b16": (["--family", "draem", "--arch", "conv", "--latent-dim", "32", "--recon-loss", "mse", "--batch-size", "16",
+                   "--ema", "0.995"], ["--map-sigma", "2"]),  # ... batches of 16 (screened on the validation band)
     "draem-image": (["--family", "draem", "--segment-input", "image", "--recon-loss", "mse", "--batch-size", "32",
                      "--ema", "0.995"], ["--map-sigma", "2"]),  # ... the segmenter sees the crop alone
 }
