@@ -21,6 +21,7 @@ from aae_train.train import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import train_device  # noqa: E402
+import train_floor  # noqa: E402
 
 
 def _cfg(mnist_dir, family: str = "aae", **train_options) -> RunConfig:
@@ -113,3 +114,29 @@ def test_device_benchmark_runs_its_grid_on_the_cpu_and_skips_finished_cases(tmp_
     stamp = (tmp_path / "runs" / "fp32-off-100" / "checkpoint.pt").stat().st_mtime
     assert train_device.main(argv) == 0
     assert (tmp_path / "runs" / "fp32-off-100" / "checkpoint.pt").stat().st_mtime == stamp  # finished: not trained again
+
+
+def test_floor_benchmark_takes_thread_counts_in_turn_and_compares_the_fastest_epoch_with_the_lowest_floor(
+        tmp_path, mnist_dir, monkeypatch):
+    monkeypatch.setenv("GOMP_SPINCOUNT", "1000")  # the script sets it for its process: undone after the test
+    threads = torch.get_num_threads()
+    try:
+        train_floor.main(["--data-dir", str(mnist_dir), "--limit", "1200", "--threads", "1,2", "--out", str(tmp_path / "floor")])
+    finally:
+        torch.set_num_threads(threads)
+    report = json.loads((tmp_path / "floor.json").read_text())
+    rows = report["epochs"]
+    assert [r["threads"] for r in rows] == [1, 2, 1, 2, 1, 2]  # the first of seven epochs warms up
+    assert all(r["floor_s"] > 0 and r["ratio"] == pytest.approx(r["epoch_s"] / r["floor_s"], rel=0.02) for r in rows)
+    counts, machine = report["by_threads"], report["best"]
+    assert set(counts) == {"1", "2"} and all(c["epochs"] == 3 for c in counts.values())
+    assert machine["epoch_s"] == min(c["epoch_s"] for c in counts.values())
+    assert machine["floor_s"] == min(c["floor_s"] for c in counts.values())
+    text = (tmp_path / "floor.md").read_text()
+    assert "| 2 | 3 |" in text and f"Machine: {report['machine']} (" in text
+
+
+def test_floor_benchmark_refuses_bad_thread_counts(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train_floor.main(["--data-dir", ".", "--threads", "1,1"])
+    assert exit_.value.code == 2 and "distinct thread counts" in capsys.readouterr().err
