@@ -8,7 +8,8 @@ here reads a test label before the final error; no recipe, epoch or checkpoint i
 
 Resumable: each run lives in ``runs/semi/<recipe>-<labels>-<draw>``; a finished run is skipped,
 an interrupted one resumes from its last checkpoint. Results go to
-benchmarks/results/semi_supervised.{json,md}, rewritten after every finished run.
+benchmarks/results/semi_supervised.{json,md}; a size none of whose runs are in the work folder
+keeps its rows from the file as it was (so sizes can be trained on different machines).
 
     python benchmarks/semi_supervised.py --data-dir ../shared/data/mnist --labels 100 --draws 3 --epochs 20
 """
@@ -119,6 +120,13 @@ def summarise(args, label_sets: list[str]) -> dict:
     return results
 
 
+def previous_results(folder: Path) -> dict:
+    """The results file's rows by labelled-set size, kept for the sizes whose runs are not in this
+    work folder (trained on another machine or in a cleaned checkout); {} without a file."""
+    path = folder / "semi_supervised.json"
+    return json.loads(path.read_text())["results"] if path.exists() else {}
+
+
 def write(results: dict, args) -> None:
     out = args.results
     out.mkdir(parents=True, exist_ok=True)
@@ -170,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.only_draw is None or draw == args.only_draw:
                 train_run(args, labels, draw)
     if not args.train_only:
-        results = summarise(args, list(dict.fromkeys([*PAPER, *label_sets])))  # every size with finished runs
-        results = {k: v for k, v in results.items() if v["runs"]}
+        kept = previous_results(args.results)
+        results = summarise(args, list(dict.fromkeys([*PAPER, *kept, *label_sets])))  # every size with finished runs
+        results = {k: v if v["runs"] else kept[k] for k, v in results.items() if v["runs"] or k in kept}
         write(results, args)
         print(json.dumps({k: (v["mean"], v["std"]) for k, v in results.items()}))
     return 0

@@ -24,3 +24,14 @@ def test_tiny_recipe_trains_reports_and_skips_finished_runs(tmp_path, mnist_dir)
     stamp = (tmp_path / "runs" / "recipe-20-0" / "checkpoint.pt").stat().st_mtime
     assert semi_supervised.main(argv) == 0
     assert (tmp_path / "runs" / "recipe-20-0" / "checkpoint.pt").stat().st_mtime == stamp  # finished: not trained again
+
+
+def test_sizes_without_runs_here_keep_their_rows_from_the_results_file(tmp_path, mnist_dir):
+    common = ["--data-dir", str(mnist_dir), "--draws", "1", "--epochs", "1", "--results", str(tmp_path / "results"),
+              "--recipe", "--hidden 16 --latent-dim 2 --limit 600 --batch-size 20 --lr-class 3e-3"]
+    assert semi_supervised.main([*common, "--labels", "20", "--work-dir", str(tmp_path / "a")]) == 0
+    first = json.loads((tmp_path / "results" / "semi_supervised.json").read_text())["results"]["20"]
+    assert semi_supervised.main([*common, "--labels", "30", "--work-dir", str(tmp_path / "b")]) == 0  # another machine's folder
+    out = json.loads((tmp_path / "results" / "semi_supervised.json").read_text())["results"]
+    assert list(out) == ["20", "30"] and out["20"] == first and set(out["30"]["runs"]) == {"0"}
+    assert "| 20 |" in (tmp_path / "results" / "semi_supervised.md").read_text()
