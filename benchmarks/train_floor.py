@@ -83,7 +83,7 @@ def main(argv=None) -> None:
     fastest = min(by_threads.items(), key=lambda kv: kv[1]["epoch_s"])
     lowest = min(by_threads.items(), key=lambda kv: kv[1]["floor_s"])
     best = {"epoch_threads": fastest[0], "epoch_s": fastest[1]["epoch_s"], "floor_threads": lowest[0],
-               "floor_s": lowest[1]["floor_s"], "ratio": round(fastest[1]["epoch_s"] / lowest[1]["floor_s"], 3)}
+            "floor_s": lowest[1]["floor_s"], "ratio": round(fastest[1]["epoch_s"] / lowest[1]["floor_s"], 3)}
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "cpu": cpu_name(), "threads": args.threads, "GOMP_SPINCOUNT": os.environ["GOMP_SPINCOUNT"],
