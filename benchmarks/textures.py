@@ -46,6 +46,7 @@ RESULTS = REPO / "benchmarks" / "results"
 CROP = 64
 TEST_SIZE = 72  # = the threshold windows of the held-out band (3/4 of its 96 rows): test and threshold windows alike
 # name -> (aae-train options after `folder DIR --crop 64`, aae-export options)
+DRAEM_TRAIN = ["--family", "draem", "--arch", "conv", "--latent-dim", "32", "--recon-loss", "mse", "--ema", "0.995"]
 RECIPES = {
     "ae": (["--family", "ae"], []),  # the plain autoencoder: what the adversary buys
     "aae": ([], []),  # the product's defaults (bce loss, 16-d code), scored with the tiled default (mse)
@@ -56,10 +57,8 @@ RECIPES = {
     # reconstruction + a segmenter trained on synthetic defects (DRAEM-like); batches of 32 and weight
     # averaging: the same number of crops, three times the updates. Maps smoothed by 2 px, not 4: the
     # segmenter's maps are smooth already (chosen on the validation band: benchmarks/textures_sigma.py)
-    "draem": (["--family", "draem", "--arch", "conv", "--latent-dim", "32", "--recon-loss", "mse", "--batch-size", "32",
-               "--ema", "0.995"], ["--map-sigma", "2"]),
-    "draem-b16": (["--family", "draem", "--arch", "conv", "--latent-dim", "32", "--recon-loss", "mse", "--batch-size", "16",
-                   "--ema", "0.995"], ["--map-sigma", "2"]),  # ... batches of 16 (screened on the validation band)
+    "draem": (DRAEM_TRAIN + ["--batch-size", "32"], ["--map-sigma", "2"]),
+    "draem-b16": (DRAEM_TRAIN + ["--batch-size", "16"], ["--map-sigma", "2"]),  # ... batches of 16 (screened, not kept)
     "draem-image": (["--family", "draem", "--segment-input", "image", "--recon-loss", "mse", "--batch-size", "32",
                      "--ema", "0.995"], ["--map-sigma", "2"]),  # ... the segmenter sees the crop alone
 }

@@ -17,7 +17,7 @@ every ten training steps the loop's progress callback replays those ten steps' m
 alone and measures the bandwidth once, and after the epoch the validation pass's
 multiplications are replayed. The time spent in the callback is taken out of the epoch's time.
 The first epoch warms up (and records the multiplications); the report gives every later epoch
-and the median ratio. Target: epoch <= 1.25 x floor.
+and the medians. Target: epoch <= 1.25 x floor.
 
 ``--threads 1,2`` measures several thread counts in one run: the epochs after the first take them
 in turn (the count changes between epochs, outside their timing), each floor measured at its own

@@ -78,6 +78,7 @@ def calibrate_copy(model_dir: Path, photos: list[np.ndarray], work: Path, *optio
     ``model_dir``: the reloaded copy and each photo's score by it."""
     import shutil
 
+    from PIL import Image
     from typer.testing import CliRunner
 
     from aae_runtime import AAEModel
@@ -89,6 +90,4 @@ def calibrate_copy(model_dir: Path, photos: list[np.ndarray], work: Path, *optio
     r = CliRunner().invoke(app, ["calibrate", str(work / "line"), "--model", str(copy), *options])
     assert r.exit_code == 0, r.output
     m = AAEModel.load(copy, device="cpu")
-    from PIL import Image
-
     return m, [m.score_photo(np.asarray(Image.open(p), np.float32)[None] / 255)[0] for p in paths]
