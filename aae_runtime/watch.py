@@ -11,7 +11,10 @@ atomically with the two files' sizes. Only after that are the files moved. On st
 are cut back to the sizes the state names (rows of a batch that never committed are dropped, and
 that batch is scored again), files the ledger names that are still in INBOX are moved on (a kill
 between commit and move), and files already waiting are processed. A file is known by its path,
-size, modification time and inode, so a camera that reuses a name gets its new image scored.
+size, modification time and inode, so a camera that reuses a name gets its new image scored; the
+path is the resolved one, so a restart that names INBOX another way (relative, absolute, through
+a link) knows the files handled before. Without ``--done``, or when a file cannot be moved, the
+file stays in INBOX and in the ledger, scored once.
 
 **Not early.** A file is read once its size and modification time have stayed the same for
 ``settle`` seconds (a camera writing slowly, a copy in progress); names a camera writes before
@@ -80,7 +83,7 @@ class Ledger:
             raise InputError(f"--output {output}: use a file name ending in {' or '.join(WATCH_FORMATS)} (rows are appended)")
         self.seen_path = output.with_name(output.name + ".seen")
         self.state_path = output.with_name(output.name + ".state.json")
-        self.seen: set[Seen] = set()
+        self.seen: dict[Seen, bool | None] = {}  # file handled -> whether it failed (None: a line written by an earlier version)
         self.dropped_rows = 0
 
     def open(self) -> None:
@@ -89,10 +92,11 @@ class Ledger:
         if self.state_path.exists():
             try:
                 state = json.loads(self.state_path.read_text())
-                int(state["results_bytes"]), int(state["seen_bytes"])
+                sizes = state["results_bytes"], state["seen_bytes"]
             except (ValueError, KeyError, TypeError, OSError) as exc:
-                raise InputError(f"{self.state_path} is damaged ({exc}): move the results file and its .seen/.state.json "
-                                 "aside to start a new one") from None
+                raise self._damaged(self.state_path, str(exc)) from None
+            if not all(type(v) is int and v >= 0 for v in sizes):
+                raise self._damaged(self.state_path, "its sizes must be whole numbers of bytes")
         elif self.output.exists() and self.output.stat().st_size > 0:
             raise InputError(f"--output {self.output} exists but was not written by aae-run watch (no {self.state_path.name}): "
                              "choose a new file, or remove it")
@@ -105,25 +109,33 @@ class Ledger:
                         f.truncate(size)
             except OSError as exc:
                 raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
-        with open(self.seen_path, encoding="utf-8") as f:
-            for line in f:
-                d = json.loads(line)
-                self.seen.add(Seen(d["path"], d["size"], d["mtime_ns"], d["inode"]))
+        with open(self.seen_path, encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, 1):
+                try:
+                    d = json.loads(line)
+                    self.seen[Seen(str(d["path"]), int(d["size"]), int(d["mtime_ns"]), int(d["inode"]))] = d.get("failed")
+                except (ValueError, KeyError, TypeError, OverflowError) as exc:
+                    raise self._damaged(self.seen_path, f"line {number}: {exc}") from None
         if state["results_bytes"] == 0 and self.suffix == ".csv":
             self._append(self.output, _csv_text([], header=True))
             self._commit()
 
-    def commit(self, rows: list[dict], handled: list[Seen]) -> None:
-        """Append ``rows`` and ``handled`` durably, then switch the state to include them."""
+    def _damaged(self, path: Path, why: str) -> InputError:
+        return InputError(f"{path} is damaged ({why}): move the results file and its .seen/.state.json aside to start "
+                          "a new one")
+
+    def commit(self, rows: list[dict], handled: list[Seen], failed: list[bool]) -> None:
+        """Append ``rows`` and ``handled`` (whether each failed) durably, then switch the state to include them."""
         text = _csv_text(rows) if self.suffix == ".csv" else "".join(json.dumps(r) + "\n" for r in rows)
         self._append(self.output, text)
-        self._append(self.seen_path, "".join(json.dumps(s.__dict__) + "\n" for s in handled))
+        self._append(self.seen_path, "".join(json.dumps({**s.__dict__, "failed": f}) + "\n" for s, f in zip(handled, failed)))
         self._commit()
-        self.seen.update(handled)
+        self.seen.update(zip(handled, failed))
 
     def forget(self, gone: list[Seen]) -> None:
         """Drop ledger entries of files that left INBOX (moved): the ledger stays small."""
-        self.seen.difference_update(gone)
+        for s in gone:
+            self.seen.pop(s, None)
 
     def _append(self, path: Path, text: str) -> None:
         with open(path, "a", encoding="utf-8", newline="") as f:
@@ -166,7 +178,14 @@ class Watcher:
                  batch_size: int = 64, settle_s: float = DEFAULT_SETTLE_S, poll: bool = False,
                  log: Callable[[str], None] = lambda s: None):
         self.model, self.inbox, self.done, self.failed = model, inbox, done, failed
+        self.root = inbox.resolve()  # the ledger's names: the same however INBOX is spelled
+        for name, folder in (("--done", done), ("--failed", failed)):
+            if folder is not None and folder.exists() and not folder.is_dir():
+                raise InputError(f"{name} {folder} is a file, not a folder: name a folder to move the images into")
+            if folder is not None and folder.resolve() == self.root:
+                raise InputError(f"{name} {folder} is the inbox itself: name another folder (e.g. a sub-folder 'done')")
         self.batch_size, self.settle_s, self.log = batch_size, settle_s, log
+        self.noted: set[Path] = set()  # entries that are not regular files, reported once
         self.ledger = Ledger(output)
         self.stats = WatchStats()
         self.changed = threading.Event()
@@ -239,7 +258,14 @@ class Watcher:
                     continue
                 if os.path.isfile(path):
                     out.append((path, st))
+                elif path not in self.noted:
+                    self.noted.add(path)
+                    self.log(f"{path} is not a regular file (a FIFO, a device, a dangling link): not scored")
         return out
+
+    def _seen(self, path: Path, st: os.stat_result) -> Seen:
+        """A file under INBOX as the ledger names it (by its resolved path)."""
+        return Seen.of(self.root / path.relative_to(self.inbox), st)
 
     def _is_destination(self, folder: Path) -> bool:
         return any(d is not None and folder.resolve() == d.resolve() for d in (self.done, self.failed))
@@ -248,18 +274,18 @@ class Watcher:
         """Files a committed batch handled but did not move (killed in between): move them now."""
         if self.done is None and self.failed is None:
             return
-        present = {Seen.of(p, st): p for p, st in self._files()}
+        present = {self._seen(p, st): p for p, st in self._files()}
         handled = [s for s in present if s in self.ledger.seen]
-        failed_paths = self._failed_paths({s.path for s in handled})
-        for s in handled:
-            self._move(present[s], s.path in failed_paths)
-        self.ledger.forget(handled)
-        self.stats.recovered = len(handled)
-        if handled:
-            self.log(f"moved on {len(handled)} files a batch had scored before the watcher stopped")
+        failed_paths = self._failed_paths({str(present[s]) for s in handled if self.ledger.seen[s] is None})
+        moved = [s for s in handled if self._move(present[s], bool(self.ledger.seen[s]) or str(present[s]) in failed_paths)]
+        self.ledger.forget(moved)
+        self.stats.recovered = len(moved)
+        if moved:
+            self.log(f"moved on {len(moved)} files a batch had scored before the watcher stopped")
 
     def _failed_paths(self, paths: set[str]) -> set[str]:
-        """Which of ``paths`` have an error in the results (read from the file: only at start)."""
+        """Which of ``paths`` have an error in the results (ledger lines written before the ledger
+        kept this itself; read from the results file, only at start)."""
         if not paths:
             return set()
         failed = set()
@@ -276,7 +302,7 @@ class Watcher:
         ready, seen_now = [], set()
         for path, st in self._files():
             seen_now.add(path)
-            if Seen.of(path, st) in self.ledger.seen:
+            if self._seen(path, st) in self.ledger.seen:
                 continue
             key = (st.st_size, st.st_mtime_ns)
             before = self.pending.get(path)
@@ -300,29 +326,32 @@ class Watcher:
                 now = None
             if now is not None and (now.st_size, now.st_mtime_ns, now.st_ino) != (st.st_size, st.st_mtime_ns, st.st_ino):
                 continue  # replaced while it was scored: the new file gets its own turn (a deleted one keeps its row)
-            handled.append(Seen.of(path, st))
+            handled.append((path, self._seen(path, st)))
             kept.append(row)
         try:
-            self.ledger.commit(rows_as_dicts(kept, self.model.threshold), handled)
+            self.ledger.commit(rows_as_dicts(kept, self.model.threshold), [s for _, s in handled], [not r.ok for r in kept])
         except OSError as exc:  # a full disk: nothing moved, nothing committed; a restart scores the batch again
             raise InputError(f"cannot write the results to {self.ledger.output} ({exc.strerror or exc}): the images stay "
                              "in the inbox; free space and start the watcher again") from None
         done_at = time.monotonic()
-        for (path, _), row in zip([(Path(s.path), None) for s in handled], kept):
+        moved = []
+        for (path, seen), row in zip(handled, kept):
             self.pending.pop(path, None)
             self.stats.latencies_s.append(done_at - started.get(path, done_at))
-            self._move(path, not row.ok)
-        self.ledger.forget(handled if (self.done or self.failed) else [])
+            if self._move(path, not row.ok):
+                moved.append(seen)
+        self.ledger.forget(moved)  # a file that stays in INBOX stays in the ledger: it is not scored again
         self.stats.batches += 1
         self.stats.scored += sum(r.ok for r in kept)
         self.stats.failed += sum(not r.ok for r in kept)
 
-    def _move(self, path: Path, failed: bool) -> None:
+    def _move(self, path: Path, failed: bool) -> bool:
+        """Move a handled file to --done or --failed; whether it has left INBOX."""
         target_dir = self.failed if failed and self.failed is not None else self.done
-        if target_dir is None or (failed and self.failed is None and self.done is None):
-            return
         if not path.exists():  # deleted after it was read: its row says what became of it
-            return
+            return True
+        if target_dir is None:
+            return False
         rel = path.relative_to(self.inbox)
         target = target_dir / rel
         try:
@@ -332,3 +361,5 @@ class Watcher:
             shutil.move(str(path), str(target))
         except OSError as exc:
             self.log(f"could not move {path} to {target_dir} ({exc.strerror or exc}); its row is written, it stays")
+            return False
+        return True

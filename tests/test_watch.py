@@ -179,3 +179,47 @@ def test_files_deleted_or_replaced_while_waiting_are_handled_by_what_is_there_at
 
     expected = AAEModel.load(tiny_model_dir, device="cpu").score_paths([tmp_path / "done" / "swapped.png"])[0]
     assert [Path(r["path"]).name for r in rows] == ["swapped.png"] and rows[0]["score"] == pytest.approx(expected.score, abs=1e-6)
+
+
+def test_files_that_stay_are_scored_once_with_failed_only_and_with_the_inbox_named_another_way(tiny_model_dir, tmp_path, digits):
+    inbox, out = tmp_path / "inbox", tmp_path / "rows.jsonl"
+    write_png(inbox / "good.png", digits[0])
+    (inbox / "broken.png").write_bytes(b"not an image")
+    run = start(inbox, tiny_model_dir, out, "--failed", str(tmp_path / "failed"))
+    wait_until(lambda: len(rows_of(out)) == 2)
+    time.sleep(1.5)  # a good image without --done stays in the inbox, and in the ledger: not scored again
+    stop(run)
+    assert sorted(Path(r["path"]).name for r in rows_of(out)) == ["broken.png", "good.png"]
+    assert (inbox / "good.png").is_file() and (tmp_path / "failed" / "broken.png").is_file()
+    # the same inbox by a relative name from another folder: the ledger knows it by its resolved path
+    run = subprocess.Popen(["aae-run", "watch", "inbox", "--model", str(tiny_model_dir), "--output", "rows.jsonl",
+                            "--device", "cpu", "--settle", "0.2"], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    for line in run.stderr:
+        if line.startswith("watching"):
+            break
+    time.sleep(1.5)
+    stop(run)
+    assert len(rows_of(out)) == 2
+
+
+def test_a_damaged_ledger_and_a_destination_that_cannot_be_one_are_refused_in_one_line(tiny_model_dir, tmp_path, digits):
+    inbox, out = tmp_path / "inbox", tmp_path / "rows.jsonl"
+    write_png(inbox / "a.png", digits[0])
+    (tmp_path / "file").write_text("x")
+
+    def watch(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["aae-run", "watch", str(inbox), "--model", str(tiny_model_dir), "--output", str(out), *extra],
+                              capture_output=True, text=True, timeout=60)
+
+    for extra, words in ((("--done", str(inbox)), "is the inbox itself"), (("--done", str(tmp_path / "file")), "is a file"),
+                         (("--failed", str(tmp_path / "file")), "is a file")):
+        r = watch(*extra)
+        assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
+    out.write_text("")
+    for state, seen in (('{"results_bytes": 1e999, "seen_bytes": 0}', ""), ('{"results_bytes": "10", "seen_bytes": 0}', ""),
+                        ('{"results_bytes": 0, "seen_bytes": 8}', "garbage\n")):  # a committed ledger line that is not one
+        (tmp_path / "rows.jsonl.state.json").write_text(state)
+        (tmp_path / "rows.jsonl.seen").write_text(seen)
+        r = watch()
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert r.returncode == 2 and len(errors) == 1 and "is damaged" in errors[0] and "internal" not in r.stderr, r.stderr
