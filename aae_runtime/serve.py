@@ -24,6 +24,7 @@ metadata), ``GET /healthz`` (the process answers), ``GET /readyz`` (a model is l
 # which are imported inside `create_app` so that importing this module needs no FastAPI.
 import asyncio
 import base64
+import errno
 import hmac
 import io
 import ipaddress
@@ -236,8 +237,11 @@ def create_app(model_dir: str | Path, session_config: SessionConfig | None = Non
                 try:
                     await loop.run_in_executor(None, holder.reload)
                     metrics["reloads"].inc()
+                    state.pop("reload_error", None)
                 except AAEError as exc:  # a broken new version: keep serving the one loaded
                     state["reload_error"] = str(exc)
+                except Exception as exc:  # a bug: keep serving and keep watching, and say so
+                    state["reload_error"] = f"internal error ({type(exc).__name__}: {exc}); this is a bug"
 
     from contextlib import asynccontextmanager
 
@@ -320,6 +324,9 @@ def create_app(model_dir: str | Path, session_config: SessionConfig | None = Non
             images = await images_of(request, body)
             if len(images) > cfg.max_images:
                 raise _HTTPError(413, f"{len(images)} images in one request; at most {cfg.max_images}")
+            if len(images) > cfg.max_queue:  # would never fit the queue: not a reason to retry
+                raise _HTTPError(413, f"{len(images)} images in one request, more than the server's queue holds "
+                                      f"(--max-queue {cfg.max_queue}): send at most {cfg.max_queue} a request")
             model = holder.model
             native = model.tiling is not None
             batcher = state["batcher"]
@@ -438,6 +445,7 @@ def serve(model_dir: Path, cfg: ServeConfig, session_config: SessionConfig, log=
                          f"${TOKEN_ENV}), or keep --host 127.0.0.1")
     app = create_app(model_dir, session_config, cfg)
     m = app.state.holder.model
+    sock = _listening_socket(cfg.host, cfg.port)  # bound here, so a port in use is one line, before "serving"
     log(f"serving {model_dir} ({m.metadata.family}, threshold {m.threshold:.6g}) on http://{cfg.host}:{cfg.port} "
         f"(max batch {cfg.max_batch}, max wait {cfg.max_wait_ms:g} ms{', token required' if cfg.token else ''})")
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
@@ -449,6 +457,32 @@ def serve(model_dir: Path, cfg: ServeConfig, session_config: SessionConfig, log=
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    server.run()
+    try:
+        server.run(sockets=[sock])
+    except SystemExit:  # uvicorn's own exit on a failure to start
+        pass
+    finally:
+        sock.close()
     if not server.started:
         raise InputError(f"could not listen on {cfg.host}:{cfg.port} (in use, or not an address of this machine)")
+
+
+def _listening_socket(host: str, port: int):
+    """A TCP socket bound to (host, port), as uvicorn binds its own; InputError in one line when it cannot be."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except (OSError, UnicodeError) as exc:
+        raise InputError(f"--host {host}: not an address of this machine ({getattr(exc, 'strerror', None) or exc}): "
+                         "give an IP address or name that resolves here, e.g. 127.0.0.1") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        fix = "choose another --port" if exc.errno == errno.EADDRINUSE else "give an address of this machine to --host"
+        raise InputError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): {fix}") from None
+    sock.set_inheritable(True)
+    return sock

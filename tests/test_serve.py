@@ -251,3 +251,52 @@ def test_a_recalibration_is_picked_up_without_dropping_a_request(tiny_model_dir,
         t.join(timeout=30)
         assert s.stop() == 0
     assert not errors and before in thresholds and len(thresholds) == 2
+
+
+def test_a_port_in_use_is_one_line_and_a_request_larger_than_the_queue_is_413_not_503(tiny_model_dir, pngs):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        r = subprocess.run(["aae-run", "serve", "--model", str(tiny_model_dir), "--port", str(taken.getsockname()[1])],
+                           capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.count("error:") == 1 and "choose another --port" in r.stderr, r.stderr
+    assert "serving" not in r.stderr + r.stdout
+    s = Server(tiny_model_dir, "--max-queue", "4")
+    try:
+        status, answer, head = s.score(*multipart({f"{i}.png": pngs[i].read_bytes() for i in range(5)}))
+        assert status == 413 and "--max-queue 4" in answer["error"] and "retry-after" not in head
+    finally:
+        assert s.stop() == 0
+
+
+def test_a_damaged_pointer_is_reported_by_readyz_and_the_next_good_version_is_still_picked_up(tiny_model_dir, pngs, tmp_path,
+                                                                                             mnist_test):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    normal = tmp_path / "normal"
+    for i in range(20):
+        write_png(normal / f"{i}.png", mnist_test[0][20 + i])
+    s = Server(model)
+    try:
+        before = s.score(pngs[0].read_bytes())[1]["threshold"]
+        pointer = model / "MODEL.json"
+        good = pointer.read_text()
+        pointer.write_text(good.replace('"layout_version": 1', '"layout_version": 1e999'))
+
+        def ready() -> dict:
+            return json.loads(s.request("GET", "/readyz")[1])
+
+        end = time.monotonic() + 20
+        while "reload_error" not in ready() and time.monotonic() < end:
+            time.sleep(0.1)
+        assert "is damaged" in ready()["reload_error"]
+        pointer.write_text(good)
+        r = subprocess.run(["aae-run", "calibrate", str(normal), "--model", str(model), "--percentile", "50"],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        end = time.monotonic() + 20
+        while s.score(pngs[0].read_bytes())[1]["threshold"] == before and time.monotonic() < end:
+            time.sleep(0.1)
+        assert s.score(pngs[0].read_bytes())[1]["threshold"] != before and "reload_error" not in ready()
+    finally:
+        assert s.stop() == 0

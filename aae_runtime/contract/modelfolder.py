@@ -77,7 +77,10 @@ def current_version(model_dir: str | Path) -> Path:
         folder, version = name.split("/") if name.count("/") == 1 else ("", "")
         if folder != VERSIONS or not _VERSION_NAME.match(version):
             raise ValueError(f"names {name!r}, not a version folder")
-        if int(doc.get("layout_version", 0)) > LAYOUT_VERSION:
+        layout_version = doc.get("layout_version", 0)
+        if type(layout_version) is not int:
+            raise ValueError(f"layout_version {layout_version!r} is not a whole number")
+        if layout_version > LAYOUT_VERSION:
             raise ModelError(f"{pointer} is of layout version {doc['layout_version']}, newer than this runtime's "
                              f"{LAYOUT_VERSION}: upgrade aae-toolkit")
     except ModelError:
