@@ -89,6 +89,29 @@ def _check_output(output: Path | None) -> None:
                                  param_hint="--output")
 
 
+def _check_apart(model: Path, **files: Path | None) -> None:
+    """Refuse result files (option name -> path) that would overwrite each other, the maps'
+    index, or a file of the model folder being read: the run's results would be lost."""
+    from aae_runtime.maps import INDEX_NAME
+
+    maps = files.pop("maps", None)
+    home = os.path.realpath(model)
+    seen: dict[str, str] = {}
+    if maps is not None:
+        seen[os.path.realpath(maps / INDEX_NAME)] = "--maps (its index, maps.csv)"
+    for option, path in files.items():
+        if path is None:
+            continue
+        real = os.path.realpath(path)
+        if real == home or real.startswith(home + os.sep):
+            raise typer.BadParameter(f"{_printable(str(path))} is inside the model folder {_printable(str(model))}: "
+                                     "write the results elsewhere", param_hint=option)
+        if real in seen:
+            raise typer.BadParameter(f"{_printable(str(path))} is also the file of {seen[real]}: give each its own file",
+                                     param_hint=option)
+        seen[real] = option
+
+
 def _load(model: Path, device: str, threshold: float | None = None, threshold_percentile: float | None = None,
           threads: int | None = 0, low_latency: bool = False) -> AAEModel:
     """The model, on ``threads`` intra-op threads (None: those `file_scoring_threads` gives)."""
@@ -149,6 +172,7 @@ def score(
         _check_parent_exists(regions, "--regions")
     _check_finite(threshold, "--threshold")
     _check_output(output)  # before scoring: a bad name must not cost a whole run's results
+    _check_apart(model, **{"--output": output, "--regions": regions, "maps": maps})
     if output is not None:
         _create_parent(output, "--output")
     if maps is not None:
@@ -303,7 +327,7 @@ def _write_regions(found: list[tuple], path: Path) -> None:
     number: dict[str, int] = {}
     for image, r in found:
         number[image] = number.get(image, 0) + 1
-        rows.writerow([image, number[image], r.x, r.y, r.width, r.height, r.area, f"{r.peak:.6g}"])
+        rows.writerow([display_path(image), number[image], r.x, r.y, r.width, r.height, r.area, f"{r.peak:.6g}"])
     try:
         atomic_write_text(path, buf.getvalue())
     except OSError as exc:
@@ -372,6 +396,7 @@ def watch(
     if output.suffix.lower() not in WATCH_FORMATS:
         raise typer.BadParameter(f"{_printable(str(output))}: use a file name ending in {' or '.join(WATCH_FORMATS)}",
                                  param_hint="--output")
+    _check_apart(model, **{"--output": output})
     _create_parent(output, "--output")
     try:
         m = _load(model, device, threads=threads)
@@ -572,6 +597,7 @@ def classify(
     """Classify images with a model that has a class head (--family semi), and score them.
     Rows: path, label, confidence, p_<class> per class, score, anomaly, error."""
     _check_output(output)
+    _check_apart(model, **{"--output": output})
     if output is not None:
         _create_parent(output, "--output")
     try:

@@ -29,6 +29,7 @@ from PIL import Image
 
 from aae_runtime.contract.errors import InputError
 from aae_runtime.contract.fileio import atomic_write_bytes, atomic_write_text
+from aae_runtime.images import display_path
 
 MIN_PANEL = 112  # pixels: smaller inputs are enlarged to at least this
 OVERLAY_ALPHA = 0.55
@@ -102,9 +103,9 @@ class MapWriter:
             npy = io.BytesIO()
             np.save(npy, np.ascontiguousarray(error, dtype=np.float32))
             atomic_write_bytes(self.out_dir / raw_name, npy.getvalue())
-            self.rows.append((path, name, raw_name))
+            self.rows.append((display_path(path), display_path(name), display_path(raw_name)))
         else:
-            self.rows.append((path, name))
+            self.rows.append((display_path(path), display_path(name)))
         return target
 
     def close(self) -> Path:

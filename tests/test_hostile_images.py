@@ -12,6 +12,7 @@ import ctypes
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -268,3 +269,33 @@ def test_load_image_raises_only_input_error(hostile):
             load_image(path, pre)
         except InputError as exc:
             assert str(exc) and "\n" not in str(exc)
+
+
+def test_a_name_that_is_not_utf8_is_escaped_in_the_maps_index_and_the_regions(tmp_path, tiny_model_dir, mnist_test):
+    (tmp_path / "in").mkdir()
+    noise = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)  # far from a digit: it has regions
+    odd = non_utf8_name(tmp_path / "in", noise)
+    if odd is None:
+        pytest.skip("this file system refuses names that are not UTF-8")
+    r = run_cli("score", tmp_path / "in", "--model", tiny_model_dir, "--device", "cpu", "--maps", tmp_path / "maps",
+                "--maps-raw", "--regions", tmp_path / "regions.csv")
+    no_traceback(r)
+    assert r.returncode == 0, r.stderr
+    index = (tmp_path / "maps" / "maps.csv").read_text(encoding="utf-8")
+    assert "bad_\\xff\\xfe_name.png" in index and (tmp_path / "maps" / os.fsdecode(b"bad_\xff\xfe_name.png.map.png")).is_file()
+    regions = (tmp_path / "regions.csv").read_text(encoding="utf-8").splitlines()
+    assert len(regions) > 1 and all(line.startswith("path,") or "bad_\\xff\\xfe_name.png" in line for line in regions)
+
+
+def test_result_files_that_would_overwrite_each_other_or_the_model_are_refused(tmp_path, tiny_model_dir, mnist_test):
+    image = write_png(tmp_path / "a.png", mnist_test[0][0])
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    pointer = (model / "MODEL.json").read_bytes()
+    for extra, words in (((("--output", tmp_path / "x.csv"), ("--regions", tmp_path / "x.csv")), "also the file of --output"),
+                         ((("--maps", tmp_path / "m"), ("--output", tmp_path / "m" / "maps.csv")), "also the file of --maps"),
+                         ((("--output", model / "MODEL.json"),), "inside the model folder")):
+        r = run_cli("score", image, "--model", model, "--device", "cpu", *[v for pair in extra for v in pair])
+        no_traceback(r)
+        assert r.returncode == 2 and words in r.stderr and r.stderr.count("error:") == 1, r.stderr
+    assert (model / "MODEL.json").read_bytes() == pointer and not (tmp_path / "x.csv").exists()
