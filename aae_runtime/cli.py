@@ -706,6 +706,9 @@ def bench(
     if not sizes or min(sizes) < 1 or max(sizes) > 65536:
         raise typer.BadParameter(f"{batch_sizes!r}: give positive integers separated by commas, e.g. 1,8,64", param_hint="--batch-sizes")
     _check_parent_exists(out_dir, "--out-dir")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise typer.BadParameter(f"{_printable(str(out_dir))} is a file, not a folder: name a folder for the report",
+                                 param_hint="--out-dir")
     from aae_runtime import bench as b  # only this command pays for the benchmark code
 
     timing = b.Timing()  # defaults live there, with the reason for them
@@ -715,10 +718,13 @@ def bench(
     try:
         report = b.run_bench(model, sizes, device=device, timing=timing, cold_start_runs=cold_start_runs,
                              folder_images=folder_images, sweep=sweep, progress=lambda s: err.print(s, highlight=False))
-        paths = b.write_report(report, out_dir)
     except AAEError as exc:
         raise _fail(exc)
-    out.print(b.markdown(report), highlight=False, markup=False)
+    out.print(b.markdown(report), highlight=False, markup=False)  # first: a report that cannot be saved is still shown
+    try:
+        paths = b.write_report(report, out_dir)
+    except OSError as exc:
+        raise _fail(AAEError(f"--out-dir {out_dir}: cannot write the report ({exc.strerror or exc})"))
     err.print(f"wrote {', '.join(str(p) for p in paths.values())}", highlight=False)
 
 

@@ -107,6 +107,14 @@ def test_cli_bench_rejects_bad_options_in_one_line(tiny_model_dir, tmp_path, arg
     assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr
 
 
+def test_cli_bench_refuses_an_out_dir_that_is_a_file_before_timing(tiny_model_dir, tmp_path):
+    (tmp_path / "file").write_text("x")
+    r = subprocess.run(["aae-run", "bench", "--model", str(tiny_model_dir), "-o", str(tmp_path / "file")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "is a file, not a folder" in r.stderr and "internal" not in r.stderr
+    assert "execution provider" not in r.stderr  # refused before the model was loaded and timed
+
+
 def test_cli_bench_on_a_missing_model_is_one_line(tmp_path):
     r = subprocess.run(["aae-run", "bench", "--model", str(tmp_path / "nope"), "-o", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
