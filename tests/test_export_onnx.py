@@ -71,3 +71,28 @@ def test_export_cli_prints_parity_and_fails_cleanly_on_a_missing_checkpoint(tmp_
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "not found" in bad.stderr
     assert not (tmp_path / "m2").exists()
+
+
+def test_two_exports_racing_for_one_new_folder_leave_one_model_and_refuse_the_other(tmp_path, tiny_run):
+    import subprocess
+
+    cmd = ["aae-export", "--checkpoint", str(tiny_run.checkpoint), "--out", str(tmp_path / "m")]
+    runs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(r.wait(timeout=300), r.stderr.read()) for r in runs]
+    assert sorted(code for code, _ in results) == [0, 2], results
+    refused = next(err for code, err in results if code == 2)
+    assert "already holds a model" in refused and "--overwrite" in refused and "Traceback" not in refused
+    assert len(list((tmp_path / "m" / "versions").iterdir())) == 1
+
+
+def test_a_writer_that_wants_a_new_folder_is_refused_under_the_lock(tiny_model_dir):
+    import pytest
+
+    from aae_runtime.contract.errors import ModelError
+    from aae_runtime.contract.modelfolder import write_version
+
+    before = current_version(tiny_model_dir)
+    with pytest.raises(ModelError, match="already holds a model"):
+        with write_version(tiny_model_dir, "x", new_only=True):
+            raise AssertionError("not reached")
+    assert current_version(tiny_model_dir) == before

@@ -136,17 +136,22 @@ def writer_lock(model_dir: Path, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[
 
 
 @contextlib.contextmanager
-def write_version(model_dir: str | Path, label: str) -> Iterator[Path]:
+def write_version(model_dir: str | Path, label: str, new_only: bool = False) -> Iterator[Path]:
     """Write a new version of the model in ``model_dir`` (created if missing, its parent must
     exist): yields an empty staging folder to put the graph files in; on a normal exit the
     version becomes current atomically (see the module docstring); on an exception nothing
-    changes. ``label`` (e.g. the export id) names the version after its number."""
+    changes. ``label`` (e.g. the export id) names the version after its number. ``new_only``:
+    refuse (ModelError) a folder that holds a model, checked under the lock, so of two writers
+    racing for a new folder one wins and the other is refused."""
     model_dir = Path(model_dir)
     try:
         model_dir.mkdir(exist_ok=True)
     except OSError as exc:
         raise ModelError(f"cannot create {model_dir} ({exc.strerror or exc})") from None
     with writer_lock(model_dir):
+        if new_only and holds_model(model_dir):
+            raise ModelError(f"{model_dir} already holds a model (written while this one was made): choose another "
+                             "--out, or give --overwrite to replace it")
         for stale in model_dir.glob(STAGING_PREFIX + "*"):  # left by a writer that died (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=model_dir))
