@@ -165,7 +165,7 @@ def _load(img: Image.Image) -> None:
 
 def _decode_failure(exc: BaseException, part: str = "image data") -> str:
     if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
-        return f"image too large: {_first_line(exc)}"
+        return f"image too large (more than {MAX_IMAGE_PIXELS:,} pixels; a decompression bomb?): cut it into parts"
     if isinstance(exc, MemoryError):
         return "out of memory decoding the image"
     text = _first_line(exc)
@@ -300,7 +300,8 @@ def find_images(paths: list[str | Path]) -> list[Path]:
     """Expand files and folders (recursively, image suffixes only) into a sorted, de-duplicated list.
 
     A path given explicitly is kept whatever its suffix, so that it gets a row of its own.
-    Folder walks skip symlinked directories, so a symlink loop cannot trap them.
+    Folder walks follow symlinked folders but enter each folder once (by device and inode), so
+    a symlink loop cannot trap them and a folder linked twice is not listed twice.
     """
     found: list[Path] = []
     seen: set[str] = set()
@@ -330,10 +331,14 @@ def _is_dir(path: Path) -> bool:
 def _walk(root: Path):
     """Image files under ``root``, depth first with an explicit stack (a folder tree thousands of
     levels deep must not exhaust Python's recursion limit)."""
-    stack = [root]
+    stack, entered = [root], set()
     while stack:
         folder = stack.pop()
         try:
+            st = folder.stat()
+            if (st.st_dev, st.st_ino) in entered:  # a loop, or a folder reached before by another way
+                continue
+            entered.add((st.st_dev, st.st_ino))
             entries = sorted(folder.iterdir())
         except OSError:
             yield folder  # a folder that cannot be listed gets an error row, not silence
@@ -341,8 +346,6 @@ def _walk(root: Path):
         subfolders = []
         for e in entries:
             try:
-                if e.is_symlink() and e.is_dir():
-                    continue
                 if e.is_dir():
                     subfolders.append(e)
                 elif e.suffix.lower() in IMAGE_SUFFIXES:

@@ -299,3 +299,15 @@ def test_result_files_that_would_overwrite_each_other_or_the_model_are_refused(t
         no_traceback(r)
         assert r.returncode == 2 and words in r.stderr and r.stderr.count("error:") == 1, r.stderr
     assert (model / "MODEL.json").read_bytes() == pointer and not (tmp_path / "x.csv").exists()
+
+
+def test_symlinked_folders_are_walked_once_and_loops_end(tmp_path, mnist_test):
+    shots = tmp_path / "shots"
+    write_png(shots / "a.png", mnist_test[0][0])
+    inbox = tmp_path / "inbox"
+    write_png(inbox / "b.png", mnist_test[0][1])
+    os.symlink(shots, inbox / "line2")  # a camera's folder linked in: its images are scored
+    os.symlink(shots, inbox / "again")  # the same folder a second time: listed once
+    os.symlink(".", inbox / "loop")
+    names = [p.relative_to(inbox).as_posix() for p in find_images([inbox])]
+    assert names == ["again/a.png", "b.png"], names
