@@ -162,6 +162,7 @@ def score(
     (0.5 at the threshold, clamped to [0, 1])."""
     if threshold is not None and threshold_percentile is not None:
         raise typer.BadParameter("give --threshold or --threshold-percentile, not both", param_hint="--threshold")
+    _check_finite(threshold_percentile, "--threshold-percentile")
     if maps_only_flagged and maps is None:
         raise typer.BadParameter("--maps-only-flagged needs --maps DIR", param_hint="--maps-only-flagged")
     if maps_raw and maps is None:
@@ -462,6 +463,7 @@ def calibrate(
 
     if score is not None and score not in SCORES:
         raise typer.BadParameter(f"{score!r} is not one of {', '.join(SCORES)}", param_hint="--score")
+    _check_finite(percentile, "--percentile")
     try:
         m = _load(model, "cpu")
         good, failed = load_folder(m, normal)

@@ -112,7 +112,8 @@ class AAEModel:
         aae_runtime.contract.modelfolder). Raises ModelError or DeviceError."""
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
-            raise ModelError(f"model directory {model_dir} does not exist: pass the folder aae-export wrote (--model DIR)")
+            what = "is a file, not a model folder" if model_dir.exists() else "does not exist"
+            raise ModelError(f"model directory {model_dir} {what}: pass the folder aae-export wrote (--model DIR)")
         model_dir = current_version(model_dir)  # read once: a writer switching versions meanwhile is not mixed in
         paths = {name: model_dir / name for name in (ENCODER_FILE, DECODER_FILE)}
         for name, path in paths.items():

@@ -156,6 +156,8 @@ def test_aae_run_bench_arguments(world, data):
     (["score", "x.png", "--model", "m", "--threshold", "nan"], "--threshold"),
     (["score", "x.png", "--model", "m", "--output", "rows.txt"], "--output"),
     (["score", "x.png", "--model", "m", "--threshold-percentile", "101"], "--threshold-percentile"),
+    (["score", "x.png", "--model", "m", "--threshold-percentile", "nan"], "--threshold-percentile"),
+    (["calibrate", "x", "--model", "m", "--percentile", "nan"], "--percentile"),
     (["sample", "--model", "m", "-n", "0"], "-n"),
     (["sample", "--model", "m", "--out", "s.gif"], "--out"),
     (["info"], "--model"),
