@@ -464,6 +464,10 @@ def calibrate(
     if score is not None and score not in SCORES:
         raise typer.BadParameter(f"{score!r} is not one of {', '.join(SCORES)}", param_hint="--score")
     _check_finite(percentile, "--percentile")
+    both = {os.path.realpath(p) for p in normal} & {os.path.realpath(p) for p in anomalies or []}
+    if both:
+        raise typer.BadParameter(f"{_printable(sorted(both)[0])} is given as normal and as anomalous: an F1 threshold "
+                                 "needs two different sets of images", param_hint="--anomalies")
     try:
         m = _load(model, "cpu")
         good, failed = load_folder(m, normal)

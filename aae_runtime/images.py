@@ -293,7 +293,10 @@ def display_path(path: str | Path, controls: bool = False) -> str:
     return text.translate(_CONTROL_ESCAPES) if controls else text
 
 
-_CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+# C0 and C1 controls, and the bidirectional overrides and isolates (U+202A-202E, U+2066-2069),
+# with which a name could show itself reversed in a terminal
+_CONTROL_ESCAPES = {c: (f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}")
+                    for c in (*range(0x20), *range(0x7F, 0xA0), *range(0x202A, 0x202F), *range(0x2066, 0x206A))}
 
 
 def find_images(paths: list[str | Path]) -> list[Path]:

@@ -320,6 +320,7 @@ def create_app(model_dir: str | Path, session_config: SessionConfig | None = Non
     @app.post("/score")
     async def score(request: Request):
         try:
+            maps = _flag(request.query_params.get("maps"), "maps")
             body = await read_body(request)
             images = await images_of(request, body)
             if len(images) > cfg.max_images:
@@ -344,7 +345,6 @@ def create_app(model_dir: str | Path, session_config: SessionConfig | None = Non
                 batcher.arriving -= len(images)
             metrics["images"].inc(len(images))
             good = [k for k, d in enumerate(decoded) if isinstance(d, np.ndarray)]
-            maps = request.query_params.get("maps") in ("1", "true", "yes")
             scored = await batcher.score([decoded[k] for k in good], maps) if good else []
         except _HTTPError as exc:
             return JSONResponse({"error": exc.message}, status_code=exc.status)
@@ -397,6 +397,15 @@ class _HTTPError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status, self.message = status, message
+
+
+def _flag(value: str | None, name: str) -> bool:
+    """A yes/no query parameter; anything else is the client's error, not a silent no."""
+    if value is None or value.lower() in ("0", "false", "no"):
+        return False
+    if value.lower() in ("1", "true", "yes"):
+        return True
+    raise _HTTPError(400, f"?{name}={value[:40]}: use {name}=1 or {name}=0")
 
 
 def _authorized(request, token: str) -> bool:

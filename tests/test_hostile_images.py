@@ -311,3 +311,25 @@ def test_symlinked_folders_are_walked_once_and_loops_end(tmp_path, mnist_test):
     os.symlink(".", inbox / "loop")
     names = [p.relative_to(inbox).as_posix() for p in find_images([inbox])]
     assert names == ["again/a.png", "b.png"], names
+
+
+def test_bidirectional_overrides_in_a_name_are_escaped_on_the_terminal():
+    assert display_path("photo\u202egnp.exe", controls=True) == "photo\\u202egnp.exe"
+    assert display_path("a\u2066b\u2069", controls=True) == "a\\u2066b\\u2069"
+    assert display_path("photo\u202egnp.exe") == "photo\u202egnp.exe"  # files (CSV, JSON) keep the name as it is
+
+
+def test_calibrating_with_one_folder_as_normal_and_anomalous_is_refused(tmp_path, tiny_model_dir, mnist_test):
+    for i in range(3):
+        write_png(tmp_path / "good" / f"{i}.png", mnist_test[0][i])
+    r = run_cli("calibrate", tmp_path / "good", "--model", tiny_model_dir, "--anomalies", tmp_path / "good")
+    assert r.returncode == 2 and "as normal and as anomalous" in r.stderr and r.stderr.count("error:") == 1, r.stderr
+
+
+def test_a_pointer_that_is_a_folder_is_a_damaged_model_folder(tmp_path, tiny_model_dir, mnist_test):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "MODEL.json").unlink()
+    (model / "MODEL.json").mkdir()
+    r = run_cli("score", write_png(tmp_path / "a.png", mnist_test[0][0]), "--model", model)
+    assert r.returncode == 2 and "is damaged" in r.stderr and "permissions" not in r.stderr, r.stderr

@@ -265,6 +265,8 @@ def test_a_port_in_use_is_one_line_and_a_request_larger_than_the_queue_is_413_no
     try:
         status, answer, head = s.score(*multipart({f"{i}.png": pngs[i].read_bytes() for i in range(5)}))
         assert status == 413 and "--max-queue 4" in answer["error"] and "retry-after" not in head
+        status, answer, _ = s.score(pngs[0].read_bytes(), path="/score?maps=2")
+        assert status == 400 and "maps=1" in answer["error"]
     finally:
         assert s.stop() == 0
 

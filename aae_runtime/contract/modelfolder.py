@@ -65,6 +65,8 @@ def current_version(model_dir: str | Path) -> Path:
             raw = f.read(MAX_POINTER_BYTES + 1)
     except FileNotFoundError:
         return model_dir
+    except IsADirectoryError:
+        raise ModelError(f"{pointer} is damaged (a folder, not the pointer file): export the model again") from None
     except OSError as exc:
         raise ModelError(f"cannot read {pointer} ({exc.strerror or exc}): check the folder's permissions") from None
     try:
