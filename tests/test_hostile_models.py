@@ -94,7 +94,7 @@ def _truncate(p: Path) -> None:
 CASES = {
     # name: (how to break the copied model folder, words the one-line error must contain)
     "folder missing": (lambda m: shutil.rmtree(m), "does not exist"),
-    "folder is a file": (lambda m: (shutil.rmtree(m), m.write_text("x")), "does not exist"),
+    "folder is a file": (lambda m: (shutil.rmtree(m), m.write_text("x")), "is a file, not a model folder"),
     "encoder missing": (lambda m: (g(m) / ENCODER_FILE).unlink(), "has no encoder.onnx"),
     "decoder missing": (lambda m: (g(m) / DECODER_FILE).unlink(), "has no decoder.onnx"),
     "encoder empty": (lambda m: (g(m) / ENCODER_FILE).write_bytes(b""), "is empty"),
