@@ -424,6 +424,8 @@ def serve(
     max_wait_ms: Annotated[float, typer.Option(min=0.0, max=1000.0, help="How long the first image of a batch waits for others.")] = 2.0,
     max_queue: Annotated[int, typer.Option(min=1, max=1_000_000, help="Images waiting at most; beyond: 503 and Retry-After.")] = 1024,
     max_body_mb: Annotated[float, typer.Option(min=0.001, max=4096.0, help="Largest request body.")] = 32.0,
+    max_megapixels: Annotated[float, typer.Option(min=0.001, max=200.0, help="Largest image, in millions of pixels (a small "
+                                                  "compressed upload can decode to a huge photo).")] = 16.8,
     read_timeout: Annotated[float, typer.Option(min=0.1, max=3600.0, help="Seconds to receive a whole body (else 408).")] = 10.0,
     token_file: Annotated[Optional[Path], typer.Option(help=f"File whose first line is the bearer token (else $AAE_TOKEN).")] = None,
     noop_endpoint: Annotated[bool, typer.Option("--noop-endpoint", help="Also POST /noop: reads the body, answers fixed JSON "
@@ -441,6 +443,7 @@ def serve(
     try:
         cfg = service.ServeConfig(host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                                   max_body_bytes=int(max_body_mb * 2**20), read_timeout_s=read_timeout,
+                                  max_pixels=int(max_megapixels * 1e6),
                                   token=service.read_token(token_file), noop_endpoint=noop_endpoint)
         service.serve(model, cfg, SessionConfig(device=device, threads=threads),
                       log=lambda line: err.print(_printable(line), highlight=False))

@@ -66,15 +66,16 @@ def load_image(path: str | Path, pre: Preprocessing, native: bool = False) -> np
         return _decode(f, pre, native)
 
 
-def decode_image(data: bytes, pre: Preprocessing, native: bool = False) -> np.ndarray:
+def decode_image(data: bytes, pre: Preprocessing, native: bool = False, max_pixels: int | None = None) -> np.ndarray:
     """`load_image` for bytes already in memory (an HTTP upload): the same formats, limits and
-    conversion, the same `InputError` reasons."""
+    conversion, the same `InputError` reasons; ``max_pixels`` lowers the size limit (a service
+    bounds the work one request can ask for)."""
     _configure_pillow()
-    return _decode(io.BytesIO(data), pre, native)
+    return _decode(io.BytesIO(data), pre, native, max_pixels)
 
 
-def _decode(f, pre: Preprocessing, native: bool) -> np.ndarray:
-    img, decoded_bytes = _open_image(f)
+def _decode(f, pre: Preprocessing, native: bool, max_pixels: int | None = None) -> np.ndarray:
+    img, decoded_bytes = _open_image(f, max_pixels)
     # Files are decoded on several threads (model.py); one large image at a time keeps the
     # peak near one MAX_DECODED_BYTES image instead of one per thread.
     with _LARGE_DECODE if decoded_bytes > LARGE_IMAGE_BYTES else contextlib.nullcontext():
@@ -122,7 +123,7 @@ def _open_regular_file(path: Path):
         raise
 
 
-def _open_image(f) -> tuple[Image.Image, int]:
+def _open_image(f, max_pixels: int | None = None) -> tuple[Image.Image, int]:
     """Read the header of the open file ``f`` and check the size: (lazy image, bytes it decodes to)."""
     try:
         img = Image.open(f, formats=FORMATS)
@@ -139,6 +140,9 @@ def _open_image(f) -> tuple[Image.Image, int]:
             raise InputError(f"image has no pixels ({width}x{height})")
         if width * height > MAX_IMAGE_PIXELS:
             raise InputError(f"image too large ({width}x{height} pixels, limit {MAX_IMAGE_PIXELS:,})")
+        if max_pixels is not None and width * height > max_pixels:
+            raise InputError(f"image too large for this service ({width}x{height} pixels, limit {max_pixels:,}): "
+                             "send a smaller image, or raise the server's --max-megapixels")
         decoded = width * height * _BYTES_PER_PIXEL.get(img.mode, 4)
         if decoded > MAX_DECODED_BYTES:
             raise InputError(f"image too large ({width}x{height} {img.mode}, {decoded / 1e6:,.0f} MB decoded, "

@@ -58,6 +58,7 @@ class ServeConfig:
     max_queue: int = 1024  # images waiting for inference; beyond it: 503 + Retry-After
     max_body_bytes: int = 32 << 20  # one request's body
     max_images: int = 256  # images in one request
+    max_pixels: int = 16_800_000  # one image's pixels (about a 4096 x 4096 photo): what a small upload may make us decode and tile
     read_timeout_s: float = 10.0  # to receive a whole body
     reload_poll_s: float = 1.0  # how often the model folder's pointer is looked at
     token: str | None = None
@@ -334,11 +335,12 @@ def create_app(model_dir: str | Path, session_config: SessionConfig | None = Non
             batcher.arriving += len(images)
             try:
                 if len(images) == 1 and len(images[0][1]) <= INLINE_DECODE_BYTES and not native:
-                    decoded = [_decode(images[0][1], model, native)]  # a small image: quicker than a thread hop
+                    decoded = [_decode(images[0][1], model, native, cfg.max_pixels)]  # a small image: quicker than a thread hop
                 else:  # on decoding threads, a few images per call (a call per image costs more than a small decode)
                     loop = asyncio.get_running_loop()
                     step = max(1, -(-len(images) // DECODE_CALLS))
-                    chunks = await asyncio.gather(*(loop.run_in_executor(None, _decode_all, images[i : i + step], model, native)
+                    chunks = await asyncio.gather(*(loop.run_in_executor(None, _decode_all, images[i : i + step], model, native,
+                                                                         cfg.max_pixels)
                                                     for i in range(0, len(images), step)))
                     decoded = [d for chunk in chunks for d in chunk]
             finally:
@@ -414,13 +416,13 @@ def _authorized(request, token: str) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
 
 
-def _decode_all(images: list[tuple[str, bytes]], model: AAEModel, native: bool) -> list:
-    return [_decode(data, model, native) for _, data in images]
+def _decode_all(images: list[tuple[str, bytes]], model: AAEModel, native: bool, max_pixels: int) -> list:
+    return [_decode(data, model, native, max_pixels) for _, data in images]
 
 
-def _decode(data: bytes, model: AAEModel, native: bool):
+def _decode(data: bytes, model: AAEModel, native: bool, max_pixels: int):
     try:
-        x = decode_image(data, model.metadata.preprocessing, native=native)
+        x = decode_image(data, model.metadata.preprocessing, native=native, max_pixels=max_pixels)
         if native:
             model.tiling.check(x.shape[1], x.shape[2])
         return x
