@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import signal
 import time
 import warnings
 from dataclasses import fields as dataclass_fields
@@ -196,9 +198,20 @@ def _option_name(param: str) -> str:
     return "--" + param.replace("_", "-")
 
 
+def check_given_values(ctx: typer.Context) -> None:
+    """What typer's ranges let through: nan and inf (its range checks are comparisons), and an
+    empty --out (the current folder)."""
+    for param, value in ctx.params.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise typer.BadParameter(f"{value} is not a finite number", param_hint=_option_name(param))
+    if ctx.params.get("out") is not None and str(ctx.params["out"]) in ("", "."):
+        raise typer.BadParameter("give the run folder's name (e.g. runs/first), not the current folder", param_hint="--out")
+
+
 def family_options(ctx: typer.Context, family: str, values: dict):
     """The family's options dataclass from the CLI (``values``: its fields as given, None where not);
     an option given for another family is an error."""
+    check_given_values(ctx)
     _choice(family, FAMILY_NAMES, "--family")
     given = [p for p in ctx.params if getattr(ctx.get_parameter_source(p), "name", "") in ("COMMANDLINE", "ENVIRONMENT")]
     kind = get_family(family)
@@ -407,6 +420,12 @@ def folder(
     options = family_options(ctx, family, dict(labels=labels, label_seed=label_seed, lr_class=lr_class, class_noise=class_noise,
                                                defect_share=defect_share, segment_width=segment_width,
                                                segment_input=segment_input, lr_segment=lr_segment))
+    if unlabelled_dir is not None:  # a direct sub-folder, by its name: "unsorted", "unsorted/" and "./unsorted" alike
+        parts = [part for part in Path(unlabelled_dir).parts if part != "."]
+        if len(parts) != 1 or parts[0] in ("..", "/") or Path(unlabelled_dir).is_absolute():
+            raise typer.BadParameter(f"{unlabelled_dir!r}: name a sub-folder of DIRECTORY (e.g. unsorted), not a path",
+                                     param_hint="--unlabelled-dir")
+        unlabelled_dir = parts[0]
     if unlabelled_dir is not None and not (directory / unlabelled_dir).is_dir():
         raise typer.BadParameter(f"{directory / unlabelled_dir} is not a folder: name a sub-folder of DIRECTORY",
                                  param_hint="--unlabelled-dir")
@@ -476,7 +495,6 @@ def _check_compile(mode: str, nproc: int, device: str) -> None:
 
 def _torchrun(nproc: int, batch_size: int) -> None:
     """This command again, as ``nproc`` processes under torchrun (PyTorch's launcher); exits with its code."""
-    import subprocess
     import sys
 
     from aae_train.distributed import launched_by_torchrun
@@ -494,8 +512,23 @@ def _torchrun(nproc: int, batch_size: int) -> None:
             skip = True
         elif not a.startswith("--nproc="):
             args.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "aae_train", *args]
-    raise typer.Exit(subprocess.call(cmd))
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run as torchrun
+
+    # The ranks say what went wrong, each in one line; torchrun's own report of a failed rank
+    # (a traceback of the launcher and a summary table) would only bury it.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        torchrun(parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "aae_train", *args]))
+    except ChildFailedError as exc:  # the first failed rank's exit code (2: bad input, 130/143: stopped)
+        codes = [f.exitcode for f in sorted(exc.failures.values(), key=lambda f: f.timestamp)]
+        raise typer.Exit(next((c for c in codes if c > 0), 128 - codes[0] if codes and codes[0] < 0 else 1)) from None
+    except SignalException as exc:  # Ctrl-C or SIGTERM to this launcher: the ranks were stopped with it
+        raise typer.Exit(128 + int(exc.sigval)) from None
+    raise typer.Exit(0)
 
 
 def given_options(ctx: typer.Context) -> dict:
@@ -517,6 +550,14 @@ def run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, t
         import torch
 
         torch.set_num_threads(threads)
+    terminated = []  # SIGTERM (a service manager, torchrun) stops training the way Ctrl-C does
+
+    def on_sigterm(signum, frame):
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    stopped = lambda: 143 if terminated else 130  # noqa: E731
     if os.environ.get("RANK", "0") != "0":  # another rank of a torchrun run: rank 0 reports, it fails in one line
         try:
             train(cfg, out, data_dir=str(data_dir) if data_dir else None, resume=resume, overwrite=overwrite, given=given,
@@ -525,7 +566,7 @@ def run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, t
             print_error(f"rank {os.environ['RANK']}: {exc}", err)
             raise typer.Exit(2)
         except KeyboardInterrupt:
-            raise typer.Exit(130)
+            raise typer.Exit(stopped())
         return
 
     with Progress(
@@ -575,11 +616,11 @@ def run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, t
         except TrainingInterrupted as exc:
             progress.stop()
             print_error(exc.message, err)
-            raise typer.Exit(130)
+            raise typer.Exit(stopped())
         except KeyboardInterrupt:  # while the data loads: nothing is written before it has
             progress.stop()
             print_error("interrupted while loading the data: nothing written", err)
-            raise typer.Exit(130)
+            raise typer.Exit(stopped())
     err.print(f"checkpoint: {result.checkpoint}\nplots: {', '.join(str(out / name) for name in PLOT_NAMES)}", highlight=False)
 
 

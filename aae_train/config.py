@@ -6,6 +6,8 @@ changes what the model is or how it was trained lives here.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -116,14 +118,16 @@ class TrainConfig:
             raise ValueError("lr_min_factor must be in (0, 1]")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError("label smoothing must be in [0, 0.5)")
-        if self.disc_noise < 0:
+        if not self.disc_noise >= 0:  # also refuses nan
             raise ValueError("discriminator input noise must be >= 0")
-        if self.gradient_penalty < 0:
+        if not self.gradient_penalty >= 0:
             raise ValueError("gradient penalty must be >= 0")
         if self.disc_steps < 1:
             raise ValueError("discriminator steps per minibatch must be at least 1")
-        if self.code_noise < 0:
+        if not self.code_noise >= 0:
             raise ValueError("code noise must be >= 0")
+        if not all(math.isfinite(v) and v >= 0 for v in (self.lr_recon, self.lr_disc, self.lr_gen)):
+            raise ValueError("learning rates must be finite numbers >= 0")
         if not 0.0 <= self.ema < 1.0:
             raise ValueError("EMA decay must be in [0, 1): 0 turns it off, 0.999 is typical")
 

@@ -119,7 +119,8 @@ def load_folder_dataset(cfg: DataConfig, data_dir: str | None = None, loader: st
     if not root.is_dir():
         raise DataError(f"image folder {root} not found: pass a directory of normal images")
     pre = folder_preprocessing(cfg)
-    files = find_images([root])
+    # hidden files and folders (.ipynb_checkpoints, .git, editors' copies) are not training data, nor classes
+    files = [f for f in find_images([root]) if not any(part.startswith(".") for part in f.relative_to(root).parts)]
     if cfg.limit is not None and cfg.limit < len(files):
         keep = np.sort(np.random.default_rng(cfg.split_seed).choice(len(files), size=cfg.limit, replace=False))
         files = [files[i] for i in keep]

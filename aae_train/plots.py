@@ -104,7 +104,14 @@ def project_2d(z: np.ndarray) -> tuple[np.ndarray, str]:
     centred = z - z.mean(0)
     _, s, vt = np.linalg.svd(centred, full_matrices=False)
     share = float((s[:2] ** 2).sum() / max((s ** 2).sum(), 1e-12))
-    return centred @ vt[:2].T, f"{z.shape[1]}-D codes, PCA to 2-D ({share:.0%} of variance)"
+    return centred @ _two_axes(vt).T, f"{z.shape[1]}-D codes, PCA to 2-D ({share:.0%} of variance)"
+
+
+def _two_axes(vt: np.ndarray) -> np.ndarray:
+    """The first two principal axes (2, D); fewer codes than two give zero rows for the missing ones."""
+    axes = np.zeros((2, vt.shape[1]))
+    axes[: min(2, len(vt))] = vt[:2]
+    return axes
 
 
 def plot_latent(codes: np.ndarray, labels: np.ndarray | None, path: str | Path, prior_samples: np.ndarray | None = None,
@@ -115,8 +122,9 @@ def plot_latent(codes: np.ndarray, labels: np.ndarray | None, path: str | Path, 
         # Project both with the codes' principal axes, so the two clouds are comparable.
         mean = codes.mean(0)
         _, _, vt = np.linalg.svd(codes - mean, full_matrices=False)
-        pts, title = (codes - mean) @ vt[:2].T, project_2d(codes)[1]
-        prior_pts = (np.asarray(prior_samples, dtype=np.float64) - mean) @ vt[:2].T
+        axes = _two_axes(vt)
+        pts, title = (codes - mean) @ axes.T, project_2d(codes)[1]
+        prior_pts = (np.asarray(prior_samples, dtype=np.float64) - mean) @ axes.T
     else:
         pts, title = project_2d(codes)
         prior_pts = project_2d(np.asarray(prior_samples, dtype=np.float64))[0] if prior_samples is not None else None

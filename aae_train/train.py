@@ -8,9 +8,12 @@ the family names), metrics, plots and progress. The family owns the phases of a 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,6 +25,7 @@ import torch
 from aae_runtime import __version__
 from aae_runtime.contract.errors import AAEError
 from aae_runtime.contract.fileio import atomic_write_text, remove_stale_temporaries
+from aae_runtime.contract.modelfolder import LOCK, writer_lock
 from aae_runtime.images import save_grid
 from aae_runtime.contract.priors import sample_prior
 from aae_train import distributed
@@ -42,6 +46,7 @@ CONFIG_NAME = "config.json"
 RUN_FILES = (CONFIG_NAME, METRICS_NAME, CHECKPOINT_NAME, BEST_NAME, LOSS_CURVES_NAME, LATENT_NAME, SAMPLES_NAME,
              RECONSTRUCTIONS_NAME)
 LATENT_PLOT_POINTS = 2000  # held-out codes drawn in latent.png
+REPLACED = ".replaced"  # --overwrite: the old run's files wait here until the new run's first checkpoint
 
 
 def lr_factor(schedule: str, epoch: int, epochs: int, min_factor: float) -> float:
@@ -311,6 +316,8 @@ class Trainer:
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         self.epoch = int(state["epoch"])
+        if self.epoch < 0 or len(state["history"]) != self.epoch:
+            raise ValueError(f"epoch {self.epoch} with {len(state['history'])} epochs of metrics")
         self.history = list(state["history"])
         self.best = state.get("best")
 
@@ -336,10 +343,12 @@ def check_run_folder(run_dir: Path, resume: str | Path | None, overwrite: bool) 
 
     A folder holding another run (a checkpoint) is refused unless ``overwrite``: resuming a run in
     its own folder is the only way to write into a run without it. A folder with a config but no
-    checkpoint (a start killed before its first epoch ended) holds nothing to lose."""
-    if not any((run_dir / name).exists() for name in (CHECKPOINT_NAME, BEST_NAME)):
+    checkpoint (a start killed before its first epoch ended) holds nothing to lose; the run an
+    ``--overwrite`` set aside and has not yet replaced counts as held."""
+    aside = run_dir / REPLACED
+    if not any((folder / name).exists() for folder in (run_dir, aside) for name in (CHECKPOINT_NAME, BEST_NAME)):
         return []
-    held = [name for name in RUN_FILES if (run_dir / name).exists()]
+    held = [name for name in RUN_FILES if (run_dir / name).exists() or (aside / name).exists()]
     if overwrite:
         return held
     if resume is not None:
@@ -443,7 +452,13 @@ def train(cfg: RunConfig, run_dir: str | Path, data_dir: str | None = None, resu
                             f"{getattr(cfg.options, 'classes', None)}, the data now gives {getattr(configured.options, 'classes', None)}); "
                             "restore the data as it was, or train a new run")
     cfg = configured
-    trainer = Trainer(cfg, data, workers, compile_mode)
+    try:
+        trainer = Trainer(cfg, data, workers, compile_mode)
+    except (RuntimeError, MemoryError) as exc:  # the networks' weights cannot be allocated
+        if not isinstance(exc, MemoryError) and "alloc" not in str(exc).lower():
+            raise
+        raise TrainingError(f"the model does not fit in this machine's memory ({_first_line(exc)[:120]}): lower --hidden, "
+                            "the image size or --latent-dim") from None
     if adapt_threads and distributed.world_size() == 1:
         policy = ThreadPolicy(torch.set_num_threads, most=torch.get_num_threads())
         trainer.thread_policy = policy if policy.works else None
@@ -452,50 +467,102 @@ def train(cfg: RunConfig, run_dir: str | Path, data_dir: str | None = None, resu
             trainer.load_state(state)
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
             raise TrainingError(f"--resume {resume}: its weights or optimiser states do not fit its config "
-                                f"({str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__}): "
+                                f"({_first_line(exc)[:160]}): "
                                 "the checkpoint is damaged; use another one or train again") from None
     created = not run_dir.exists()
     checkpoint = run_dir / CHECKPOINT_NAME
-    try:
+    locked = False  # only the process holding the folder's lock may tidy it up after a failure
+    with contextlib.ExitStack() as held:
+        try:
+            if main:
+                _create_run_folder(run_dir)
+                held.enter_context(writer_lock(run_dir, 0, busy=f"run folder {run_dir} is in use by another training: "
+                                                               "wait for it to end, or choose another --out"))
+                locked = True
+                _prepare_run_folder(run_dir, cfg, trainer, replaced if overwrite else [])
+            if on_start and main:
+                on_start(trainer, len(trainer.crops) if trainer.crops is not None else len(data.train), len(data.val))
+            _train_epochs(trainer, cfg, run_dir, on_step if main else None, on_epoch if main else None, write=main)
+        except KeyboardInterrupt:
+            raise _interrupted(run_dir, checkpoint, trainer, created and main, locked) from None
+        except BaseException:
+            if locked and not checkpoint.exists():  # failed before its first checkpoint: the replaced run comes back
+                _restore_replaced(run_dir)
+                if created:
+                    _remove_run_folder(run_dir)
+            raise
         if main:
-            _prepare_run_folder(run_dir, cfg, trainer, replaced if overwrite else [])
-        if on_start and main:
-            on_start(trainer, len(trainer.crops) if trainer.crops is not None else len(data.train), len(data.val))
-        _train_epochs(trainer, cfg, run_dir, on_step if main else None, on_epoch if main else None, write=main)
-    except KeyboardInterrupt:
-        raise _interrupted(run_dir, checkpoint, trainer, created and main) from None
-    if main:
-        if not checkpoint.exists():  # resumed at or past the requested epochs: still leave a checkpoint
-            save_checkpoint(trainer.state(), checkpoint)
-        trainer.write_plots(run_dir)
+            if not checkpoint.exists():  # resumed at or past the requested epochs: still leave a checkpoint
+                save_checkpoint(trainer.state(), checkpoint)
+            trainer.write_plots(run_dir)
     distributed.finish()
     return TrainResult(run_dir, checkpoint, trainer.history, str(trainer.device))
 
 
+def _create_run_folder(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise TrainingError(f"--out {run_dir}: a file is in the way of this run folder; choose another --out") from None
+    except OSError as exc:
+        raise TrainingError(f"--out {run_dir}: cannot create the run folder ({exc.strerror or exc}); choose another --out") from None
+
+
 def _prepare_run_folder(run_dir: Path, cfg: RunConfig, trainer: "Trainer", replaced: list[str]) -> None:
-    """Create ``run_dir``, remove the ``replaced`` files of the run it held (``--overwrite``) and
-    write the config and the metrics so far."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for name in replaced:
-        (run_dir / name).unlink(missing_ok=True)
+    """Set the ``replaced`` files of the run ``run_dir`` held (``--overwrite``) aside until this
+    run's first checkpoint (`_train_epochs` then deletes them; a failure before it puts them
+    back) and write the config and the metrics so far."""
+    if not (run_dir / CHECKPOINT_NAME).exists():
+        _restore_replaced(run_dir)  # an --overwrite killed before its first checkpoint: its old run is the run held
+    if replaced:
+        aside = run_dir / REPLACED
+        shutil.rmtree(aside, ignore_errors=True)
+        aside.mkdir()
+        for name in replaced:
+            if (run_dir / name).exists():
+                os.replace(run_dir / name, aside / name)
     remove_stale_temporaries([run_dir / name for name in RUN_FILES])  # left by a run killed mid-write
     atomic_write_text(run_dir / CONFIG_NAME, json.dumps(cfg.to_dict(), indent=1) + "\n")
     _rewrite_metrics(run_dir / METRICS_NAME, trainer.history)  # a resumed run drops epochs after its checkpoint
 
 
-def _interrupted(run_dir: Path, checkpoint: Path, trainer: "Trainer", created: bool) -> TrainingInterrupted:
+def _interrupted(run_dir: Path, checkpoint: Path, trainer: "Trainer", created: bool, locked: bool) -> TrainingInterrupted:
+    if not locked:  # stopped before it held the folder: another run may be writing there
+        return TrainingInterrupted(f"interrupted before training began: nothing written to {run_dir}")
     if checkpoint.exists():
         return TrainingInterrupted(f"interrupted in epoch {trainer.epoch + 1}: {checkpoint} holds epoch {trainer.epoch}; "
                                    f"go on with --resume {checkpoint}")
+    if _restore_replaced(run_dir):
+        return TrainingInterrupted(f"interrupted before the first epoch ended: {run_dir} holds the run it held before")
     if created:  # nothing worth keeping: no half-made run folder
-        for name in RUN_FILES:
-            (run_dir / name).unlink(missing_ok=True)
-        try:
-            run_dir.rmdir()
-        except OSError:  # not empty: files of someone else's
-            pass
+        _remove_run_folder(run_dir)
         return TrainingInterrupted(f"interrupted before the first epoch ended: nothing saved ({run_dir} removed)")
     return TrainingInterrupted(f"interrupted before the first epoch ended: no checkpoint saved in {run_dir}")
+
+
+def _restore_replaced(run_dir: Path) -> bool:
+    """Put back the run an ``--overwrite`` set aside (no checkpoint of the new run exists); whether there was one."""
+    aside = run_dir / REPLACED
+    if not aside.is_dir():
+        return False
+    for path in aside.iterdir():
+        with contextlib.suppress(FileNotFoundError):  # another rank of the same run put it back first
+            os.replace(path, run_dir / path.name)
+    with contextlib.suppress(OSError):
+        aside.rmdir()
+    return True
+
+
+def _remove_run_folder(run_dir: Path) -> None:
+    """Remove a run folder this run created, that holds no checkpoint (files of others stay)."""
+    if not run_dir.is_dir():  # never made (a file in the way)
+        return
+    for name in (*RUN_FILES, LOCK):
+        (run_dir / name).unlink(missing_ok=True)
+    try:
+        run_dir.rmdir()
+    except OSError:  # not empty: files of someone else's
+        pass
 
 
 def _train_epochs(trainer: "Trainer", cfg: RunConfig, run_dir: Path, on_step, on_epoch, write: bool = True) -> None:
@@ -514,9 +581,15 @@ def _train_epochs(trainer: "Trainer", cfg: RunConfig, run_dir: Path, on_step, on
         if state is not None:
             save_checkpoint(state, run_dir / BEST_NAME)
         save_checkpoint(state or trainer.state(), checkpoint)
+        shutil.rmtree(run_dir / REPLACED, ignore_errors=True)  # --overwrite: the new run has a checkpoint now
         trainer.write_plots(run_dir)  # refreshed every epoch, so a run can be watched
         if on_epoch:
             on_epoch(metrics)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _frozen_copy(net: torch.nn.Module) -> torch.nn.Module:

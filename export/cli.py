@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -49,12 +51,20 @@ def export(
 
     try:
         check_training("aae-export", export=True)
+        from aae_train.data import DataWarning
         from export.onnx_export import export_checkpoint  # torch loads only once arguments are valid
 
-        result = export_checkpoint(checkpoint, out, data_dir=str(data_dir) if data_dir else None, score=score,
-                                   percentile=percentile, log=lambda s: err.print(s, highlight=False),
-                                   variant=quantize or precision, fused=fused, anomalies=anomalies,
-                                   map_sigma=map_sigma, tile_stride=tile_stride, overwrite=overwrite)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", DataWarning)  # e.g. unreadable files skipped: one line each, not Python's form
+            result = export_checkpoint(checkpoint, out, data_dir=str(data_dir) if data_dir else None, score=score,
+                                       percentile=percentile, log=lambda s: err.print(s, highlight=False),
+                                       variant=quantize or precision, fused=fused, anomalies=anomalies,
+                                       map_sigma=map_sigma, tile_stride=tile_stride, overwrite=overwrite)
+        for w in caught:
+            if issubclass(w.category, DataWarning):
+                err.print(f"[yellow]warning:[/yellow] {w.message}", highlight=False)
+            else:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     except AAEError as exc:
         print_error(str(exc), err)  # literal text: paths may hold "[/]"
         raise typer.Exit(2)

@@ -84,6 +84,10 @@ def test_nproc_wraps_torchrun_and_an_uneven_batch_is_refused(mnist_dir, tmp_path
     args[args.index("--batch-size") + 1] = "41"
     r = subprocess.run(["aae-train", *args, "--out", str(tmp_path / "odd"), "--nproc", "2"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "does not split evenly over 2 processes" in r.stderr and r.stderr.count("\n") == 1
+    r = subprocess.run(["aae-train", *common(mnist_dir, "aae"), "--out", str(tmp_path / "w"), "--nproc", "2"],
+                       capture_output=True, text=True, timeout=300)  # the ranks refuse a folder holding a run
+    assert r.returncode == 2 and "already holds a run" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "ChildFailedError" not in r.stderr
     r = torchrun("--standalone", "--nproc-per-node", "2", "-m", "aae_train", *args, "--out", str(tmp_path / "odd"))
     ours = [line for line in r.stderr.splitlines() if line.startswith("error: --batch-size 41")]
     assert r.returncode != 0 and ours and not (tmp_path / "odd").exists()  # torchrun adds its own report after our line

@@ -258,9 +258,10 @@ def test_folder_training_takes_classes_from_sub_folders_and_unlabelled_images_fr
         kind = {0: "round", 1: "straight"}.get(int(labels[i]) % 2)
         write_png(root / ("unsorted" if i % 3 == 0 else kind) / f"{i}.png", images[i])
     write_png(root / "loose.png", images[200])  # at the top level: unlabelled
+    write_png(root / ".ipynb_checkpoints" / "0.png", images[0])  # hidden: neither data nor a class
     common = ["aae-train", "folder", str(root), "--size", "28", "--arch", "mlp", "--hidden", "16", "--latent-dim", "2",
               "--epochs", "1", "--batch-size", "10", "--threads", "1"]
-    r = _cli(*common, "--family", "semi", "--labels", "20", "--unlabelled-dir", "unsorted", "--out", str(tmp_path / "semi"))
+    r = _cli(*common, "--family", "semi", "--labels", "20", "--unlabelled-dir", "unsorted/", "--out", str(tmp_path / "semi"))
     assert r.returncode == 0, r.stderr
     cfg = RunConfig.from_dict(load_checkpoint(tmp_path / "semi" / "checkpoint.pt")["config"])
     assert cfg.options.classes == ("round", "straight") and cfg.data.unlabelled_dir == "unsorted"

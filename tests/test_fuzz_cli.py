@@ -176,6 +176,14 @@ def test_usage_errors_name_the_argument_and_exit_2(runner, args, option):
     (["mnist", "--val-fraction", "0.95"], "--val-fraction"),
     (["mnist", "--resume", "/no/such/checkpoint.pt"], "--resume"),
     (["mnist", "--batch-size", "1"], "--batch-size"),
+    (["mnist", "--lr-recon", "nan"], "--lr-recon"),
+    (["mnist", "--val-fraction", "nan"], "--val-fraction"),
+    (["mnist", "--code-noise", "nan"], "--code-noise"),
+    (["mnist", "--gradient-penalty", "nan"], "--gradient-penalty"),
+    (["mnist", "--disc-noise", "inf"], "--disc-noise"),
+    (["mnist", "--out", ""], "--out"),
+    (["mnist", "--prior", "uniform", "--uniform-low", "5", "--uniform-high", "1"], "--prior"),
+    (["folder", ".", "--family", "semi", "--labels", "2", "--unlabelled-dir", "../x"], "--unlabelled-dir"),
 ])
 def test_aae_train_usage_errors_name_the_argument(runner, args, option):
     from aae_train.cli import app

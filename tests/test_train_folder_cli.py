@@ -125,3 +125,12 @@ def test_latent_projection_is_the_identity_in_2d_and_pca_beyond():
     pts, title = project_2d(z)
     assert pts.shape == (400, 2) and "PCA" in title
     assert np.var(pts[:, 0]) == pytest.approx(np.var(z[:, 0]), rel=0.2)  # the largest-variance axis comes first
+
+
+def test_the_latent_plot_of_a_single_held_out_code_is_drawn(tmp_path):
+    """A validation split of one image (a tiny folder) has one code: one principal axis, not two."""
+    from aae_train.plots import plot_latent
+
+    assert project_2d(np.ones((1, 8)))[0].shape == (1, 2)
+    prior = np.random.default_rng(0).normal(size=(50, 8))
+    assert plot_latent(np.ones((1, 8)), np.array([0]), tmp_path / "latent.png", prior_samples=prior).is_file()

@@ -109,9 +109,10 @@ def holds_model(model_dir: str | Path) -> bool:
 
 
 @contextlib.contextmanager
-def writer_lock(model_dir: Path, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+def writer_lock(model_dir: Path, timeout_s: float = LOCK_TIMEOUT_S, busy: str | None = None) -> Iterator[None]:
     """Hold the folder's writer lock (an exclusive flock on ``.lock``, released by the OS when
-    the process dies). Waits up to ``timeout_s`` for another writer, then raises ModelError."""
+    the process dies). Waits up to ``timeout_s`` for another writer, then raises ModelError
+    (``busy``: its message)."""
     try:
         import fcntl
     except ImportError:  # Windows: no flock; writers are not serialised there
@@ -128,8 +129,8 @@ def writer_lock(model_dir: Path, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise ModelError(f"another process has been writing to {model_dir} for over {timeout_s:.0f} s "
+                if time.monotonic() >= deadline:
+                    raise ModelError(busy or f"another process has been writing to {model_dir} for over {timeout_s:.0f} s "
                                      "(an export or calibration): wait for it to end, then run this again") from None
                 time.sleep(0.05)
         yield

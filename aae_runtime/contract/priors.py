@@ -84,6 +84,8 @@ def validate_prior(spec: object) -> None:
         value = spec.get(key, PRIOR_DEFAULTS[spec["name"]][key])
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ModelError(f"prior parameter {key!r} must be a finite number, got {value!r}")
+    if spec["name"] == "uniform" and not spec.get("low", -1.0) < spec.get("high", 1.0):
+        raise ModelError(f"the uniform prior needs low < high, got low {spec.get('low')!r} and high {spec.get('high')!r}")
 
 
 def sample_prior(spec: dict, n: int, rng: np.random.Generator) -> np.ndarray:

@@ -1,0 +1,71 @@
+"""A run folder is one run's: two trainings never write into one at once, --overwrite keeps the
+old run until the new one has a checkpoint, and a stop before the first checkpoint (Ctrl-C,
+SIGTERM) leaves what was there before, through the real `aae-train` command."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+SLOW = ["--hidden", "1000", "--limit", "30000", "--epochs", "1"]  # an epoch of many seconds on one thread
+
+
+def train(mnist_dir: Path, out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(["aae-train", "mnist", "--data-dir", str(mnist_dir), "--threads", "1", "--out", str(out), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def until_training(run: subprocess.Popen) -> None:
+    """Read the run's stderr up to its 'training on' line (the folder is locked and prepared by then)."""
+    for line in run.stderr:
+        if line.startswith("training on"):
+            return
+    raise AssertionError("the run ended before training began")
+
+
+@pytest.fixture(scope="module")
+def old_run(tmp_path_factory, mnist_dir) -> Path:
+    out = tmp_path_factory.mktemp("old") / "run"
+    r = train(mnist_dir, out, "--hidden", "32", "--limit", "500", "--epochs", "1")
+    assert r.wait(timeout=300) == 0, r.stderr.read()
+    return out
+
+
+def test_a_second_training_into_a_folder_in_use_is_refused_in_one_line(mnist_dir, tmp_path):
+    first = train(mnist_dir, tmp_path / "run", *SLOW)
+    until_training(first)
+    second = subprocess.run(["aae-train", "mnist", "--data-dir", str(mnist_dir), "--threads", "1", "--out",
+                             str(tmp_path / "run"), "--hidden", "32", "--limit", "500", "--epochs", "1", "--overwrite"],
+                            capture_output=True, text=True, timeout=300)
+    assert second.returncode == 2 and "in use by another training" in second.stderr, second.stderr
+    assert second.stderr.count("error:") == 1 and "Traceback" not in second.stderr
+    first.send_signal(signal.SIGINT)
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 130 and "nothing saved" in err and not (tmp_path / "run").exists(), err
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_overwrite_stopped_before_its_first_checkpoint_leaves_the_old_run(mnist_dir, tmp_path, old_run, sig, code):
+    run_dir = tmp_path / "run"
+    shutil.copytree(old_run, run_dir)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != ".lock"}
+    r = train(mnist_dir, run_dir, *SLOW, "--overwrite")
+    until_training(r)
+    r.send_signal(sig)
+    _, err = r.communicate(timeout=120)
+    assert r.returncode == code and "holds the run it held before" in err, err
+    after = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != ".lock"}
+    assert after == before and not (run_dir / ".replaced").exists()
+
+
+def test_an_out_that_is_a_file_or_under_one_is_one_line(mnist_dir, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        r = subprocess.run(["aae-train", "mnist", "--data-dir", str(mnist_dir), "--threads", "1", "--out", str(out),
+                            "--hidden", "32", "--limit", "500", "--epochs", "1"], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and "a file is in the way" in r.stderr and "internal" not in r.stderr, r.stderr
+    assert (tmp_path / "afile").read_text() == "x"
