@@ -168,8 +168,9 @@ def load_folder_dataset(cfg: DataConfig, data_dir: str | None = None, loader: st
                      f"(first: {skipped[0]}); fix or remove them to use them")
         warnings.warn(notes[-1], DataWarning, stacklevel=3)
     if (len(train_x) == 0 and "train" in splits) or (len(val_x) == 0 and "val" in splits):
-        raise DataError(f"too few readable images under {root} ({len(train_x)} train, {len(val_x)} validation): "
-                        "add images or lower --val-fraction")
+        unread = f"; {len(skipped)} of its {len(files)} files could not be read (first: {skipped[0]})" if skipped else ""
+        fix = "add readable images" if len(skipped) * 2 >= len(files) else "add images or change --val-fraction"
+        raise DataError(f"too few readable images under {root} ({len(train_x)} train, {len(val_x)} validation{unread}): {fix}")
     has_labels = bool(subdirs)
     return Dataset(
         train=train_x, val=val_x,
@@ -220,7 +221,7 @@ def class_labels(data: Dataset) -> tuple[tuple[str, ...] | None, np.ndarray | No
 
 
 def balanced_subset(labels: np.ndarray, n: int, n_classes: int, seed: int, option: str, where: str,
-                    strict: bool = True) -> np.ndarray:
+                    strict: bool = True, names: tuple[str, ...] | None = None) -> np.ndarray:
     """Sorted indices of ``n`` labelled items (labels >= 0), as equal per class as ``n`` allows
     (the first ``n % n_classes`` classes get one more), drawn by ``seed``. Not ``strict``: at
     most ``n``, a class short of its share giving what it has (a validation subset)."""
@@ -234,7 +235,8 @@ def balanced_subset(labels: np.ndarray, n: int, n_classes: int, seed: int, optio
         if not strict:
             want = min(want, len(have))
         if len(have) < want:
-            raise DataError(f"{option} {n}: {where} has only {len(have)} images of class {c} but a balanced draw needs "
+            raise DataError(f"{option} {n}: {where} has only {len(have)} images of class "
+                            f"{repr(names[c]) if names else c} but a balanced draw needs "
                             f"{want}; give at most {n_classes * min(int((labels == k).sum()) for k in range(n_classes))} or all")
         picked.append(rng.choice(have, size=want, replace=False))
     return np.sort(np.concatenate(picked))

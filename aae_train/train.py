@@ -103,7 +103,7 @@ class Trainer:
         self.n_train, self.n_val = len(data.train), len(data.val)
         self.val_labels = data.val_labels  # latent plot colours
         self.class_names = data.class_names
-        self.notes = data.notes  # one-line messages for the user (e.g. skipped files)
+        self.notes = list(data.notes)  # one-line messages for the user (e.g. skipped files)
         # --crop: fresh crops every epoch, from a stream of the training seed (the hold-out depends on split_seed alone)
         self.crops = replace(data.crops, seed=t.seed) if data.crops is not None else None
         self.held_out = data.held_out
@@ -469,6 +469,9 @@ def train(cfg: RunConfig, run_dir: str | Path, data_dir: str | None = None, resu
             raise TrainingError(f"--resume {resume}: its weights or optimiser states do not fit its config "
                                 f"({_first_line(exc)[:160]}): "
                                 "the checkpoint is damaged; use another one or train again") from None
+        if trainer.epoch >= cfg.train.epochs:
+            trainer.notes.append(f"--resume {resume} holds {trainer.epoch} epochs already, and --epochs is "
+                                 f"{cfg.train.epochs}: nothing to train (give --epochs above {trainer.epoch} to go on)")
     created = not run_dir.exists()
     checkpoint = run_dir / CHECKPOINT_NAME
     locked = False  # only the process holding the folder's lock may tidy it up after a failure

@@ -54,7 +54,7 @@ def labelled_split(cfg: RunConfig, data) -> tuple[np.ndarray, np.ndarray]:
     k, n, seed = len(classes), cfg.options.labels, cfg.options.label_seed
     if n is None:
         return np.flatnonzero(train_y >= 0), np.flatnonzero(val_y >= 0)
-    train = balanced_subset(train_y, n, k, seed, "--labels", "the training split")
+    train = balanced_subset(train_y, n, k, seed, "--labels", "the training split", names=tuple(map(str, classes)))
     val = balanced_subset(val_y, n, k, seed + 1, "--labels", "the validation split", strict=False)
     return train, val
 
