@@ -117,7 +117,8 @@ def load_folder_dataset(cfg: DataConfig, data_dir: str | None = None, loader: st
     """
     root = Path(data_dir if data_dir is not None else cfg.path or "")
     if not root.is_dir():
-        raise DataError(f"image folder {root} not found: pass a directory of normal images")
+        raise DataError(f"image folder {root} not found: pass the folder of images (aae-export: --data-dir DIR, when it "
+                        "has moved since training)")
     pre = folder_preprocessing(cfg)
     # hidden files and folders (.ipynb_checkpoints, .git, editors' copies) are not training data, nor classes
     files = [f for f in find_images([root]) if not any(part.startswith(".") for part in f.relative_to(root).parts)]
@@ -235,9 +236,10 @@ def balanced_subset(labels: np.ndarray, n: int, n_classes: int, seed: int, optio
         if not strict:
             want = min(want, len(have))
         if len(have) < want:
+            most = n_classes * min(int((labels == k).sum()) for k in range(n_classes))
+            fix = f"give at most {most} or all" if most else "put more images of every class in its folder"
             raise DataError(f"{option} {n}: {where} has only {len(have)} images of class "
-                            f"{repr(names[c]) if names else c} but a balanced draw needs "
-                            f"{want}; give at most {n_classes * min(int((labels == k).sum()) for k in range(n_classes))} or all")
+                            f"{repr(names[c]) if names else c} but a balanced draw needs {want}; {fix}")
         picked.append(rng.choice(have, size=want, replace=False))
     return np.sort(np.concatenate(picked))
 

@@ -436,6 +436,9 @@ def train(cfg: RunConfig, run_dir: str | Path, data_dir: str | None = None, resu
     if resume is not None:
         state = load_checkpoint(resume)
         saved = config_of(state, resume)
+        if saved.data.source != cfg.data.source:
+            raise TrainingError(f"--resume {resume} is a run of aae-train {saved.data.source}, not {cfg.data.source}: "
+                                f"resume it with aae-train {saved.data.source}")
         conflicts = resume_conflicts(saved, cfg, given or {})
         if conflicts:
             raise TrainingError(f"--resume {resume} keeps the checkpoint's config, and these options differ from it: "

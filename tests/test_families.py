@@ -323,3 +323,9 @@ def test_semi_step_sees_only_its_labelled_subset_and_resume_refuses_changed_clas
     (root / "a").rename(root / "c")
     r = _cli(*common, "--epochs", "2", "--resume", str(tmp_path / "run" / "checkpoint.pt"), "--out", str(tmp_path / "run"))
     assert r.returncode == 2 and "no longer matches the checkpoint" in r.stderr
+
+
+def test_a_supervised_run_on_one_class_names_the_class_it_found(mnist_dir, tmp_path):
+    r = _cli("aae-train", "mnist", "--data-dir", str(mnist_dir), "--classes", "3", "--family", "supervised", "--limit", "300",
+             "--epochs", "1", "--threads", "1", "--out", str(tmp_path / "one"))
+    assert r.returncode == 2 and "at least two classes" in r.stderr and "only '3'" in r.stderr, r.stderr

@@ -39,6 +39,16 @@ def test_resume_with_a_changed_architecture_is_refused_in_one_line(tiny_run, tmp
     assert not (tmp_path / "r").exists()
 
 
+def test_resume_with_the_other_data_command_is_refused_in_one_line(tiny_run, tmp_path, mnist_test):
+    from tests.conftest import write_png
+
+    for i in range(4):
+        write_png(tmp_path / "photos" / f"{i}.png", mnist_test[0][i])
+    r = subprocess.run(["aae-train", "folder", str(tmp_path / "photos"), "--resume", str(tiny_run.checkpoint), "--out",
+                        str(tmp_path / "r"), "--epochs", "5", "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "is a run of aae-train mnist, not folder" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize("suffix", [".npy", ".png"])
 def test_sample_replaces_its_output_by_a_rename_never_writing_into_the_old_file(tiny_model_dir, tmp_path, suffix):
     out = tmp_path / f"s{suffix}"

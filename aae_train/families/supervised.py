@@ -40,7 +40,7 @@ class SupervisedFamily(AAEFamily):
         classes, train_y, val_y = class_labels(data)
         if classes is None or len(classes) < 2:
             raise DataError(f"--family {cls.name} needs images of at least two classes (MNIST digits, or one "
-                            "sub-folder per class); this data has none")
+                            f"sub-folder per class); this data has {'only ' + repr(str(classes[0])) if classes else 'none'}")
         unlabelled = int((train_y < 0).sum() + (val_y < 0).sum())
         if not cls.allows_unlabelled and unlabelled:
             raise DataError(f"--family {cls.name} needs a label for every image: {unlabelled} images are outside the "
