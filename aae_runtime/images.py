@@ -303,19 +303,21 @@ _CONTROL_ESCAPES = {c: (f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}")
                     for c in (*range(0x20), *range(0x7F, 0xA0), *range(0x202A, 0x202F), *range(0x2066, 0x206A))}
 
 
-def find_images(paths: list[str | Path]) -> list[Path]:
+def find_images(paths: list[str | Path], follow_links: bool = True) -> list[Path]:
     """Expand files and folders (recursively, image suffixes only) into a sorted, de-duplicated list.
 
     A path given explicitly is kept whatever its suffix, so that it gets a row of its own.
     Folder walks follow symlinked folders but enter each folder once (by device and inode), so
-    a symlink loop cannot trap them and a folder linked twice is not listed twice.
+    a symlink loop cannot trap them and a folder linked twice is not listed twice; without
+    ``follow_links`` they skip symlinked folders (training's listing, on which the hold-out
+    splits of existing checkpoints were drawn).
     """
     found: list[Path] = []
     seen: set[str] = set()
     for entry in paths:
         p = Path(entry)
         if _is_dir(p):
-            files = sorted(_walk(p))
+            files = sorted(_walk(p, follow_links))
         else:
             files = [p]
         for f in files:
@@ -335,7 +337,7 @@ def _is_dir(path: Path) -> bool:
         return False
 
 
-def _walk(root: Path):
+def _walk(root: Path, follow_links: bool = True):
     """Image files under ``root``, depth first with an explicit stack (a folder tree thousands of
     levels deep must not exhaust Python's recursion limit)."""
     stack, entered = [root], set()
@@ -353,6 +355,8 @@ def _walk(root: Path):
         subfolders = []
         for e in entries:
             try:
+                if e.is_symlink() and e.is_dir() and not follow_links:
+                    continue
                 if e.is_dir():
                     subfolders.append(e)
                 elif e.suffix.lower() in IMAGE_SUFFIXES:

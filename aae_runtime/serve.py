@@ -421,8 +421,8 @@ def _decode_all(images: list[tuple[str, bytes]], model: AAEModel, native: bool, 
 
 
 def _decode(data: bytes, model: AAEModel, native: bool, max_pixels: int):
-    try:
-        x = decode_image(data, model.metadata.preprocessing, native=native, max_pixels=max_pixels)
+    try:  # the pixel limit bounds a tiled model's work; a resized model's images only pass Pillow's bomb limits
+        x = decode_image(data, model.metadata.preprocessing, native=native, max_pixels=max_pixels if native else None)
         if native:
             model.tiling.check(x.shape[1], x.shape[2])
         return x
@@ -456,7 +456,7 @@ def serve(model_dir: Path, cfg: ServeConfig, session_config: SessionConfig, log=
                          f"${TOKEN_ENV}), or keep --host 127.0.0.1")
     app = create_app(model_dir, session_config, cfg)
     m = app.state.holder.model
-    sock = _listening_socket(cfg.host, cfg.port)  # bound here, so a port in use is one line, before "serving"
+    socks = _listening_sockets(cfg.host, cfg.port)  # bound here, so a port in use is one line, before "serving"
     log(f"serving {model_dir} ({m.metadata.family}, threshold {m.threshold:.6g}) on http://{cfg.host}:{cfg.port} "
         f"(max batch {cfg.max_batch}, max wait {cfg.max_wait_ms:g} ms{', token required' if cfg.token else ''})")
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
@@ -469,31 +469,40 @@ def serve(model_dir: Path, cfg: ServeConfig, session_config: SessionConfig, log=
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     try:
-        server.run(sockets=[sock])
+        server.run(sockets=socks)
     except SystemExit:  # uvicorn's own exit on a failure to start
         pass
     finally:
-        sock.close()
+        for sock in socks:
+            sock.close()
     if not server.started:
         raise InputError(f"could not listen on {cfg.host}:{cfg.port} (in use, or not an address of this machine)")
 
 
-def _listening_socket(host: str, port: int):
-    """A TCP socket bound to (host, port), as uvicorn binds its own; InputError in one line when it cannot be."""
+def _listening_sockets(host: str, port: int) -> list:
+    """TCP sockets bound to every address ``host`` resolves to (``localhost``: 127.0.0.1 and ::1),
+    as asyncio binds a server's; InputError in one line when one cannot be bound."""
     import socket
 
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-        sock = socket.socket(family, kind, proto)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (OSError, UnicodeError) as exc:
         raise InputError(f"--host {host}: not an address of this machine ({getattr(exc, 'strerror', None) or exc}): "
                          "give an IP address or name that resolves here, e.g. 127.0.0.1") from None
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-    except OSError as exc:
-        sock.close()
-        fix = "choose another --port" if exc.errno == errno.EADDRINUSE else "give an address of this machine to --host"
-        raise InputError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): {fix}") from None
-    sock.set_inheritable(True)
-    return sock
+    socks = []
+    for family, kind, proto, _, address in dict.fromkeys((i[0], i[1], i[2], "", i[4]) for i in infos):
+        sock = socket.socket(family, kind, proto)
+        socks.append(sock)
+        try:
+            if os.name == "posix":  # elsewhere (Windows) it would let a second server share a port in use
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+        except OSError as exc:
+            for s in socks:
+                s.close()
+            fix = "choose another --port" if exc.errno == errno.EADDRINUSE else "give an address of this machine to --host"
+            raise InputError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): {fix}") from None
+        sock.set_inheritable(True)
+    return socks

@@ -83,7 +83,7 @@ class Ledger:
             raise InputError(f"--output {output}: use a file name ending in {' or '.join(WATCH_FORMATS)} (rows are appended)")
         self.seen_path = output.with_name(output.name + ".seen")
         self.state_path = output.with_name(output.name + ".state.json")
-        self.seen: dict[Seen, bool | None] = {}  # file handled -> whether it failed (None: a line written by an earlier version)
+        self.seen: dict[Seen, bool | None] = {}  # file handled -> whether it failed (None: a line of version 0.2.0)
         self.dropped_rows = 0
 
     def open(self) -> None:
@@ -113,7 +113,8 @@ class Ledger:
             for number, line in enumerate(f, 1):
                 try:
                     d = json.loads(line)
-                    self.seen[Seen(str(d["path"]), int(d["size"]), int(d["mtime_ns"]), int(d["inode"]))] = d.get("failed")
+                    path = str(d["path"]) if "failed" in d else _resolved(str(d["path"]))  # before 0.2.1: as spelled
+                    self.seen[Seen(path, int(d["size"]), int(d["mtime_ns"]), int(d["inode"]))] = d.get("failed")
                 except (ValueError, KeyError, TypeError, OverflowError) as exc:
                     raise self._damaged(self.seen_path, f"line {number}: {exc}") from None
         if state["results_bytes"] == 0 and self.suffix == ".csv":
@@ -147,6 +148,12 @@ class Ledger:
         state = {"results_bytes": self.output.stat().st_size, "seen_bytes": self.seen_path.stat().st_size}
         data = (json.dumps(state) + "\n").encode()
         atomic_write(self.state_path, lambda f: f.write(data), fsync=True)
+
+
+def _resolved(path: str) -> str:
+    """A file's path with its folder resolved (how the ledger names files; the file itself may be gone)."""
+    p = Path(os.path.abspath(path))
+    return str(p.parent.resolve() / p.name)
 
 
 def _csv_text(rows: list[dict], header: bool = False) -> str:

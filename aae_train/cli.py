@@ -422,7 +422,7 @@ def folder(
                                                segment_input=segment_input, lr_segment=lr_segment))
     if unlabelled_dir is not None:  # a direct sub-folder, by its name: "unsorted", "unsorted/" and "./unsorted" alike
         parts = [part for part in Path(unlabelled_dir).parts if part != "."]
-        if len(parts) != 1 or parts[0] in ("..", "/") or Path(unlabelled_dir).is_absolute():
+        if len(parts) != 1 or parts[0] in ("..", "/") or parts[0].startswith(".") or Path(unlabelled_dir).is_absolute():
             raise typer.BadParameter(f"{unlabelled_dir!r}: name a sub-folder of DIRECTORY (e.g. unsorted), not a path",
                                      param_hint="--unlabelled-dir")
         unlabelled_dir = parts[0]
@@ -512,15 +512,12 @@ def _torchrun(nproc: int, batch_size: int) -> None:
             skip = True
         elif not a.startswith("--nproc="):
             args.append(a)
-    import logging
-
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run as torchrun
 
     # The ranks say what went wrong, each in one line; torchrun's own report of a failed rank
-    # (a traceback of the launcher and a summary table) would only bury it.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    # (a traceback of the launcher and a summary table) would only bury it: it is caught here.
     try:
         torchrun(parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "aae_train", *args]))
     except ChildFailedError as exc:  # the first failed rank's exit code (2: bad input, 130/143: stopped)
@@ -542,10 +539,6 @@ def run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, t
         compile_mode: str = "off") -> None:
     """Train with a live progress bar; one-line errors, never a traceback."""
     _require_training()
-    from aae_train.data import DataWarning
-    from aae_train.plots import PLOT_NAMES
-    from aae_train.train import TrainingInterrupted, train  # the training loop, once arguments are valid
-
     if threads is not None:
         import torch
 
@@ -556,8 +549,26 @@ def run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, t
         terminated.append(signum)
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+        installed = True
+    except ValueError:  # not the main thread (an embedding application): its handlers stay
+        installed = False
     stopped = lambda: 143 if terminated else 130  # noqa: E731
+    try:
+        _run(cfg, out, data_dir, resume, threads, overwrite, given, loader, workers, compile_mode, stopped)
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, threads: int | None, overwrite: bool,
+         given: dict | None, loader: str, workers: int | None, compile_mode: str, stopped) -> None:
+    """`run` within its signal handler."""
+    from aae_train.data import DataWarning
+    from aae_train.plots import PLOT_NAMES
+    from aae_train.train import TrainingInterrupted, train  # the training loop, once arguments are valid
+
     if os.environ.get("RANK", "0") != "0":  # another rank of a torchrun run: rank 0 reports, it fails in one line
         try:
             train(cfg, out, data_dir=str(data_dir) if data_dir else None, resume=resume, overwrite=overwrite, given=given,

@@ -120,8 +120,7 @@ def load_folder_dataset(cfg: DataConfig, data_dir: str | None = None, loader: st
         raise DataError(f"image folder {root} not found: pass the folder of images (aae-export: --data-dir DIR, when it "
                         "has moved since training)")
     pre = folder_preprocessing(cfg)
-    # hidden files and folders (.ipynb_checkpoints, .git, editors' copies) are not training data, nor classes
-    files = [f for f in find_images([root]) if not any(part.startswith(".") for part in f.relative_to(root).parts)]
+    files = find_images([root], follow_links=False)  # the listing the hold-out split has always been drawn over
     if cfg.limit is not None and cfg.limit < len(files):
         keep = np.sort(np.random.default_rng(cfg.split_seed).choice(len(files), size=cfg.limit, replace=False))
         files = [files[i] for i in keep]
@@ -132,8 +131,13 @@ def load_folder_dataset(cfg: DataConfig, data_dir: str | None = None, loader: st
     if len(files) < 2:
         raise DataError(f"found {len(files)} image file(s) under {root}; need at least 2 (suffixes: png, jpg, bmp, tif, ...)")
     tr, va = split_indices(len(files), cfg.val_fraction, cfg.split_seed)
+    # hidden files and folders (.ipynb_checkpoints, .git, editors' copies) are neither data nor classes;
+    # dropped after the split, so that a checkpoint's held-out images stay where they were
+    hidden = np.array([any(part.startswith(".") for part in f.relative_to(root).parts) for f in files], dtype=bool)
+    tr, va = tr[~hidden[tr]], va[~hidden[va]]
+    files_seen = [f for f, h in zip(files, hidden) if not h]
     tr, va = (ix if split in splits else ix[:0] for ix, split in ((tr, "train"), (va, "val")))
-    subdirs = sorted({f.relative_to(root).parts[0] for f in files if len(f.relative_to(root).parts) > 1} - {cfg.unlabelled_dir})
+    subdirs = sorted({f.relative_to(root).parts[0] for f in files_seen if len(f.relative_to(root).parts) > 1} - {cfg.unlabelled_dir})
     label_of = {name: i for i, name in enumerate(subdirs)}
     skipped: list[str] = []
 

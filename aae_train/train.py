@@ -346,6 +346,12 @@ def check_run_folder(run_dir: Path, resume: str | Path | None, overwrite: bool) 
     checkpoint (a start killed before its first epoch ended) holds nothing to lose; the run an
     ``--overwrite`` set aside and has not yet replaced counts as held."""
     aside = run_dir / REPLACED
+    if aside.is_dir() and not (run_dir / CHECKPOINT_NAME).exists():
+        try:  # an --overwrite killed (SIGKILL) before its first checkpoint: its old run comes back, unless that start still runs
+            with writer_lock(run_dir, 0):
+                _restore_replaced(run_dir)
+        except AAEError:
+            pass
     if not any((folder / name).exists() for folder in (run_dir, aside) for name in (CHECKPOINT_NAME, BEST_NAME)):
         return []
     held = [name for name in RUN_FILES if (run_dir / name).exists() or (aside / name).exists()]
@@ -500,6 +506,7 @@ def train(cfg: RunConfig, run_dir: str | Path, data_dir: str | None = None, resu
         if main:
             if not checkpoint.exists():  # resumed at or past the requested epochs: still leave a checkpoint
                 save_checkpoint(trainer.state(), checkpoint)
+            shutil.rmtree(run_dir / REPLACED, ignore_errors=True)  # --overwrite: the run it replaced is gone for good
             trainer.write_plots(run_dir)
     distributed.finish()
     return TrainResult(run_dir, checkpoint, trainer.history, str(trainer.device))

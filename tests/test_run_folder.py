@@ -69,3 +69,31 @@ def test_an_out_that_is_a_file_or_under_one_is_one_line(mnist_dir, tmp_path):
                             "--hidden", "32", "--limit", "500", "--epochs", "1"], capture_output=True, text=True, timeout=300)
         assert r.returncode == 2 and "a file is in the way" in r.stderr and "internal" not in r.stderr, r.stderr
     assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_an_overwrite_killed_outright_gives_the_old_run_back_to_the_next_start(mnist_dir, tmp_path, old_run):
+    run_dir = tmp_path / "run"
+    shutil.copytree(old_run, run_dir)
+    before = (run_dir / "checkpoint.pt").read_bytes()
+    r = train(mnist_dir, run_dir, *SLOW, "--overwrite")
+    until_training(r)
+    r.kill()  # SIGKILL: no handler runs; the old run waits in .replaced/
+    r.wait(timeout=60)
+    again = subprocess.run(["aae-train", "mnist", "--data-dir", str(mnist_dir), "--threads", "1", "--out", str(run_dir),
+                            "--hidden", "32", "--limit", "500", "--epochs", "1"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "already holds a run" in again.stderr, again.stderr
+    assert (run_dir / "checkpoint.pt").read_bytes() == before and not (run_dir / ".replaced").exists()
+
+
+def test_a_file_system_without_locks_trains_unlocked(monkeypatch, tmp_path):
+    import errno
+    import fcntl
+
+    from aae_runtime.contract.modelfolder import writer_lock
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with writer_lock(tmp_path, 0):  # as on Windows: writers are not serialised, nothing fails
+        pass

@@ -319,3 +319,26 @@ def test_regions_and_evaluate_refuse_paths_that_do_not_exist(tiled_model, grass,
     r = runner.invoke(app, ["evaluate", str(tmp_path / "p"), "--anomalies", str(tmp_path / "missing"), "--model",
                             str(tiled_model[0])])
     assert r.exit_code == 2 and "missing does not exist" in " ".join(r.output.split())
+
+
+def test_the_server_bounds_the_photo_a_tiled_model_tiles(tiled_model, grass, tmp_path):
+    """--max-megapixels: a photo larger than the service takes gets its error row before decoding."""
+    import io
+
+    from PIL import Image
+
+    from tests.test_serve import Server
+
+    def png(pixels) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="PNG")
+        return buf.getvalue()
+
+    s = Server(tiled_model[0], "--max-megapixels", "0.01")  # 10,000 pixels
+    try:
+        status, small, _ = s.score(png(grass[:64, :96]))
+        assert status == 200 and small["results"][0]["score"] is not None
+        status, big, _ = s.score(png(grass[:200, :200]))
+        assert status == 422 and "too large for this service" in big["results"][0]["error"], big
+    finally:
+        assert s.stop() == 0

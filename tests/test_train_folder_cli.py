@@ -134,3 +134,29 @@ def test_the_latent_plot_of_a_single_held_out_code_is_drawn(tmp_path):
     assert project_2d(np.ones((1, 8)))[0].shape == (1, 2)
     prior = np.random.default_rng(0).normal(size=(50, 8))
     assert plot_latent(np.ones((1, 8)), np.array([0]), tmp_path / "latent.png", prior_samples=prior).is_file()
+
+
+def test_hidden_files_are_dropped_after_the_split_that_existing_checkpoints_were_drawn_on(tmp_path, mnist_test):
+    """A checkpoint's held-out images were chosen over the folder's whole listing, hidden files
+    (a notebook's checkpoints) included; they are dropped after that choice, so an old run's
+    validation images stay its validation images, and the hidden copies are not data."""
+    from aae_runtime.images import find_images
+    from aae_train.config import DataConfig
+    from aae_train.data import load_dataset, split_indices
+    from tests.conftest import write_png
+
+    for i in range(40):
+        write_png(tmp_path / "f" / f"{i:02d}.png", mnist_test[0][i])
+    for i in range(3):
+        write_png(tmp_path / "f" / ".ipynb_checkpoints" / f"{i}.png", mnist_test[0][100 + i])
+    cfg = DataConfig(source="folder", image_size=(28, 28), color_mode="L", val_fraction=0.2)
+    data = load_dataset(cfg, str(tmp_path / "f"))
+    files = find_images([tmp_path / "f"], follow_links=False)
+    _, va = split_indices(len(files), cfg.val_fraction, cfg.split_seed)  # the split as drawn before hidden files were dropped
+    expected = [files[i] for i in va if ".ipynb_checkpoints" not in str(files[i])]
+    assert len(data.train) + len(data.val) == 40 and len(data.val) == len(expected)
+    from aae_runtime.images import load_image
+    from aae_train.data import folder_preprocessing
+
+    pre = folder_preprocessing(cfg)
+    assert {x.tobytes() for x in data.val} == {load_image(f, pre).tobytes() for f in expected}

@@ -223,3 +223,27 @@ def test_a_damaged_ledger_and_a_destination_that_cannot_be_one_are_refused_in_on
         r = watch()
         errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
         assert r.returncode == 2 and len(errors) == 1 and "is damaged" in errors[0] and "internal" not in r.stderr, r.stderr
+
+
+def test_a_ledger_of_version_0_2_0_is_honoured_after_the_upgrade(tiny_model_dir, tmp_path, digits):
+    """Lines written before the ledger resolved paths name files as INBOX was spelled (here
+    relative to the service's folder): a restart must not score them again."""
+    inbox, out = tmp_path / "inbox", tmp_path / "rows.jsonl"
+    write_png(inbox / "a.png", digits[0])
+    run = start(inbox, tiny_model_dir, out)
+    wait_until(lambda: len(rows_of(out)) == 1)
+    stop(run)
+    seen = tmp_path / "rows.jsonl.seen"
+    old = [dict(json.loads(line), path="inbox/a.png") for line in seen.read_text().splitlines()]
+    text = "".join(json.dumps({k: v for k, v in d.items() if k != "failed"}) + "\n" for d in old)
+    seen.write_text(text)
+    state = json.loads((tmp_path / "rows.jsonl.state.json").read_text())
+    (tmp_path / "rows.jsonl.state.json").write_text(json.dumps(dict(state, seen_bytes=len(text.encode()))))
+    run = subprocess.Popen(["aae-run", "watch", "inbox", "--model", str(tiny_model_dir), "--output", "rows.jsonl",
+                            "--device", "cpu", "--settle", "0.2"], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    for line in run.stderr:
+        if line.startswith("watching"):
+            break
+    time.sleep(1.5)
+    stop(run)
+    assert len(rows_of(out)) == 1

@@ -29,6 +29,7 @@ graphs after the pointer names the new version.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -48,6 +49,7 @@ STAGING_PREFIX = ".staging-"
 LAYOUT, LAYOUT_VERSION = "aae-model-folder", 1
 KEEP_VERSIONS = 2  # the current version and the one before it (readers may still hold it open)
 MAX_POINTER_BYTES = 4096
+_NO_LOCKS = {getattr(errno, name) for name in ("ENOLCK", "ENOSYS", "EOPNOTSUPP", "ENOTSUP", "EINVAL") if hasattr(errno, name)}
 LOCK_TIMEOUT_S = 120.0  # a writer waits this long for another one to finish, then fails cleanly
 GRAPH_NAMES = ("encoder.onnx", "decoder.onnx", "scorer.onnx")  # the graphs a version may hold
 METADATA_JSON = "metadata.json"  # the graphs' metadata as a file too, for clients that cannot read it from a graph
@@ -128,7 +130,11 @@ def writer_lock(model_dir: Path, timeout_s: float = LOCK_TIMEOUT_S, busy: str | 
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
-            except BlockingIOError:
+            except OSError as exc:
+                if not isinstance(exc, BlockingIOError):
+                    if exc.errno in _NO_LOCKS:  # a file system without flock (some NFS, Lustre, FUSE): as on Windows
+                        break
+                    raise ModelError(f"cannot lock {model_dir / LOCK} ({exc.strerror or exc})") from None
                 if time.monotonic() >= deadline:
                     raise ModelError(busy or f"another process has been writing to {model_dir} for over {timeout_s:.0f} s "
                                      "(an export or calibration): wait for it to end, then run this again") from None
