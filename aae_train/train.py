@@ -504,10 +504,14 @@ def train(cfg: RunConfig, run_dir: str | Path, data_dir: str | None = None, resu
                     _remove_run_folder(run_dir)
             raise
         if main:
-            if not checkpoint.exists():  # resumed at or past the requested epochs: still leave a checkpoint
-                save_checkpoint(trainer.state(), checkpoint)
-            shutil.rmtree(run_dir / REPLACED, ignore_errors=True)  # --overwrite: the run it replaced is gone for good
-            trainer.write_plots(run_dir)
+            try:
+                if not checkpoint.exists():  # resumed at or past the requested epochs: still leave a checkpoint
+                    save_checkpoint(trainer.state(), checkpoint)
+                shutil.rmtree(run_dir / REPLACED, ignore_errors=True)  # --overwrite: the run it replaced is gone for good
+                trainer.write_plots(run_dir)
+            except KeyboardInterrupt:  # the training itself is complete
+                held = f"{checkpoint} holds all {trainer.epoch} epochs" if checkpoint.exists() else "no checkpoint saved"
+                raise TrainingInterrupted(f"interrupted at the end of the run: {held}") from None
     distributed.finish()
     return TrainResult(run_dir, checkpoint, trainer.history, str(trainer.device))
 
