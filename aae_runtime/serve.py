@@ -312,6 +312,9 @@ def create_app(model_dir: str | Path, session_config: SessionConfig | None = Non
                 if hasattr(value, "read"):
                     parts.append((value.filename or key, await value.read()))
             if not parts:
+                boundary = ctype.partition("boundary=")[2].split(";")[0].strip().strip('"')
+                if boundary and f"--{boundary}--".encode() not in body:
+                    raise _HTTPError(400, "the multipart body ends before its closing boundary: it was cut off; send it whole")
                 raise _HTTPError(400, "the multipart body holds no file parts: send one part per image")
             return parts
         if not body:
