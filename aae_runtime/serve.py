@@ -334,16 +334,17 @@ def create_app(model_dir: str | Path, session_config: SessionConfig | None = Non
                                       f"(--max-queue {cfg.max_queue}): send at most {cfg.max_queue} a request")
             model = holder.model
             native = model.tiling is not None
+            limit = cfg.max_pixels if native else None  # bounds a tiled model's work; resized images: Pillow's bomb limits
             batcher = state["batcher"]
             batcher.arriving += len(images)
             try:
                 if len(images) == 1 and len(images[0][1]) <= INLINE_DECODE_BYTES and not native:
-                    decoded = [_decode(images[0][1], model, native, cfg.max_pixels)]  # a small image: quicker than a thread hop
+                    decoded = [_decode(images[0][1], model, native, limit)]  # a small image: quicker than a thread hop
                 else:  # on decoding threads, a few images per call (a call per image costs more than a small decode)
                     loop = asyncio.get_running_loop()
                     step = max(1, -(-len(images) // DECODE_CALLS))
                     chunks = await asyncio.gather(*(loop.run_in_executor(None, _decode_all, images[i : i + step], model, native,
-                                                                         cfg.max_pixels)
+                                                                         limit)
                                                     for i in range(0, len(images), step)))
                     decoded = [d for chunk in chunks for d in chunk]
             finally:
@@ -419,13 +420,13 @@ def _authorized(request, token: str) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
 
 
-def _decode_all(images: list[tuple[str, bytes]], model: AAEModel, native: bool, max_pixels: int) -> list:
+def _decode_all(images: list[tuple[str, bytes]], model: AAEModel, native: bool, max_pixels: int | None) -> list:
     return [_decode(data, model, native, max_pixels) for _, data in images]
 
 
-def _decode(data: bytes, model: AAEModel, native: bool, max_pixels: int):
-    try:  # the pixel limit bounds a tiled model's work; a resized model's images only pass Pillow's bomb limits
-        x = decode_image(data, model.metadata.preprocessing, native=native, max_pixels=max_pixels if native else None)
+def _decode(data: bytes, model: AAEModel, native: bool, max_pixels: int | None):
+    try:
+        x = decode_image(data, model.metadata.preprocessing, native=native, max_pixels=max_pixels)
         if native:
             model.tiling.check(x.shape[1], x.shape[2])
         return x
@@ -493,7 +494,7 @@ def _listening_sockets(host: str, port: int) -> list:
         raise InputError(f"--host {host}: not an address of this machine ({getattr(exc, 'strerror', None) or exc}): "
                          "give an IP address or name that resolves here, e.g. 127.0.0.1") from None
     socks = []
-    for family, kind, proto, _, address in dict.fromkeys((i[0], i[1], i[2], "", i[4]) for i in infos):
+    for family, kind, proto, address in dict.fromkeys((f, k, p, a) for f, k, p, _, a in infos):  # once each
         sock = socket.socket(family, kind, proto)
         socks.append(sock)
         try:

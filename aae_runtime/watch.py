@@ -83,7 +83,7 @@ class Ledger:
             raise InputError(f"--output {output}: use a file name ending in {' or '.join(WATCH_FORMATS)} (rows are appended)")
         self.seen_path = output.with_name(output.name + ".seen")
         self.state_path = output.with_name(output.name + ".state.json")
-        self.seen: dict[Seen, bool | None] = {}  # file handled -> whether it failed (None: a line of version 0.2.0)
+        self.seen: dict[Seen, bool | None] = {}  # file handled -> whether it failed (None: a line from before the ledger kept that)
         self.dropped_rows = 0
 
     def open(self) -> None:
@@ -113,7 +113,7 @@ class Ledger:
             for number, line in enumerate(f, 1):
                 try:
                     d = json.loads(line)
-                    path = str(d["path"]) if "failed" in d else _resolved(str(d["path"]))  # before 0.2.1: as spelled
+                    path = str(d["path"]) if "failed" in d else _resolved(str(d["path"]))  # older lines: as spelled
                     self.seen[Seen(path, int(d["size"]), int(d["mtime_ns"]), int(d["inode"]))] = d.get("failed")
                 except (ValueError, KeyError, TypeError, OverflowError) as exc:
                     raise self._damaged(self.seen_path, f"line {number}: {exc}") from None

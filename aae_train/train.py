@@ -562,11 +562,9 @@ def _restore_replaced(run_dir: Path) -> bool:
     aside = run_dir / REPLACED
     if not aside.is_dir():
         return False
-    for path in aside.iterdir():
-        with contextlib.suppress(FileNotFoundError):  # another rank of the same run put it back first
-            os.replace(path, run_dir / path.name)
-    with contextlib.suppress(OSError):
-        aside.rmdir()
+    for path in aside.iterdir():  # callers hold the folder's lock
+        os.replace(path, run_dir / path.name)
+    aside.rmdir()
     return True
 
 

@@ -90,6 +90,15 @@ def pngs(tmp_path_factory, mnist_test) -> list[Path]:
     return [write_png(folder / f"{i:02d}.png", mnist_test[0][i]) for i in range(16)]
 
 
+def model_and_normal_images(tiny_model_dir: Path, tmp_path: Path, mnist_test) -> tuple[Path, Path]:
+    """A copy of the model folder (for `aae-run calibrate` to write to) and 20 normal images to calibrate on."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    for i in range(20):
+        write_png(tmp_path / "normal" / f"{i}.png", mnist_test[0][20 + i])
+    return model, tmp_path / "normal"
+
+
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
     s = Server(tiny_model_dir, "--max-wait-ms", "20", "--read-timeout", "1.5", "--max-body-mb", "4", "--noop-endpoint")
@@ -224,11 +233,7 @@ def test_sigterm_lets_requests_in_flight_finish(tiny_model_dir, pngs):
 
 
 def test_a_recalibration_is_picked_up_without_dropping_a_request(tiny_model_dir, pngs, tmp_path, mnist_test):
-    model = tmp_path / "model"
-    shutil.copytree(tiny_model_dir, model)
-    normal = tmp_path / "normal"
-    for i in range(20):
-        write_png(normal / f"{i}.png", mnist_test[0][20 + i])
+    model, normal = model_and_normal_images(tiny_model_dir, tmp_path, mnist_test)
     s = Server(model)
     before = s.score(pngs[0].read_bytes())[1]["threshold"]
     errors, thresholds, stop = [], set(), threading.Event()
@@ -274,11 +279,7 @@ def test_a_port_in_use_is_one_line_and_a_request_larger_than_the_queue_is_413_no
 
 def test_a_damaged_pointer_is_reported_by_readyz_and_the_next_good_version_is_still_picked_up(tiny_model_dir, pngs, tmp_path,
                                                                                              mnist_test):
-    model = tmp_path / "model"
-    shutil.copytree(tiny_model_dir, model)
-    normal = tmp_path / "normal"
-    for i in range(20):
-        write_png(normal / f"{i}.png", mnist_test[0][20 + i])
+    model, normal = model_and_normal_images(tiny_model_dir, tmp_path, mnist_test)
     s = Server(model)
     try:
         before = s.score(pngs[0].read_bytes())[1]["threshold"]

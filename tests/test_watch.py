@@ -19,12 +19,12 @@ import pytest
 from tests.conftest import write_png
 
 
-def start(inbox: Path, model: Path, output: Path, *extra: str, ready: bool = False) -> subprocess.Popen:
-    """The watcher as a process; with ``ready``, once it says it is watching (its signal
-    handlers are in place)."""
+def start(inbox: Path, model: Path, output: Path, *extra: str, ready: bool = False, cwd: Path | None = None) -> subprocess.Popen:
+    """The watcher as a process (run in ``cwd``); with ``ready``, once it says it is watching
+    (its signal handlers are in place)."""
     run = subprocess.Popen(["aae-run", "watch", str(inbox), "--model", str(model), "--output", str(output),
                             "--device", "cpu", "--settle", "0.2", *extra],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
     if ready:
         for line in run.stderr:
             if line.startswith("watching"):
@@ -192,11 +192,7 @@ def test_files_that_stay_are_scored_once_with_failed_only_and_with_the_inbox_nam
     assert sorted(Path(r["path"]).name for r in rows_of(out)) == ["broken.png", "good.png"]
     assert (inbox / "good.png").is_file() and (tmp_path / "failed" / "broken.png").is_file()
     # the same inbox by a relative name from another folder: the ledger knows it by its resolved path
-    run = subprocess.Popen(["aae-run", "watch", "inbox", "--model", str(tiny_model_dir), "--output", "rows.jsonl",
-                            "--device", "cpu", "--settle", "0.2"], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
-    for line in run.stderr:
-        if line.startswith("watching"):
-            break
+    run = start(Path("inbox"), tiny_model_dir, Path("rows.jsonl"), ready=True, cwd=tmp_path)
     time.sleep(1.5)
     stop(run)
     assert len(rows_of(out)) == 2
@@ -239,11 +235,7 @@ def test_a_ledger_of_version_0_2_0_is_honoured_after_the_upgrade(tiny_model_dir,
     seen.write_text(text)
     state = json.loads((tmp_path / "rows.jsonl.state.json").read_text())
     (tmp_path / "rows.jsonl.state.json").write_text(json.dumps(dict(state, seen_bytes=len(text.encode()))))
-    run = subprocess.Popen(["aae-run", "watch", "inbox", "--model", str(tiny_model_dir), "--output", "rows.jsonl",
-                            "--device", "cpu", "--settle", "0.2"], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
-    for line in run.stderr:
-        if line.startswith("watching"):
-            break
+    run = start(Path("inbox"), tiny_model_dir, Path("rows.jsonl"), ready=True, cwd=tmp_path)
     time.sleep(1.5)
     stop(run)
     assert len(rows_of(out)) == 1
