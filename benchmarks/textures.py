@@ -59,6 +59,7 @@ RECIPES = {
     # segmenter's maps are smooth already (chosen on the validation band: benchmarks/textures_sigma.py)
     "draem": (DRAEM_TRAIN + ["--batch-size", "32"], ["--map-sigma", "2"]),
     "draem-b16": (DRAEM_TRAIN + ["--batch-size", "16"], ["--map-sigma", "2"]),  # ... batches of 16 (screened, not kept)
+    "draem-w32": (DRAEM_TRAIN + ["--batch-size", "32", "--segment-width", "32"], ["--map-sigma", "2"]),  # ... a twice wider segmenter (screened, not kept)
     "draem-image": (["--family", "draem", "--segment-input", "image", "--recon-loss", "mse", "--batch-size", "32",
                      "--ema", "0.995"], ["--map-sigma", "2"]),  # ... the segmenter sees the crop alone
 }
