@@ -24,7 +24,7 @@ from aae_train.config import (
     ARCHS, COMPILE_MODES, CUDA_GRAPH, DEVICES, LOADERS, LR_SCHEDULES, POSTERIORS, PRECISIONS, RECON_LOSSES, DataConfig, ModelConfig,
     RunConfig, TrainConfig,
 )
-from aae_train.crops import parse_augment
+from aae_train.crops import SCALE_RANGE, parse_augment
 from aae_train.process import set_openmp_waiting
 from aae_train.families import DEFAULT_FAMILY, FAMILY_MODULES, FAMILY_NAMES, get_family
 
@@ -339,7 +339,8 @@ def folder(
         "With --crop: crops drawn from each training photo per epoch (default: about 8192 an epoch in all)."))] = None,
     augment: Annotated[Optional[str], typer.Option(help=(
         "With --crop: random transforms the part allows, comma-separated: flip (mirror left-right and up-down), "
-        "rot90 (quarter turns). Default: none."))] = None,
+        f"rot90 (quarter turns), scale (each crop cut from a square {1 / SCALE_RANGE:g} to {SCALE_RANGE:g} times its side and resized: parts nearer "
+        "to or farther from the camera). Default: none."))] = None,
     color: Annotated[str, typer.Option(help="L (grayscale) or RGB.")] = "L",
     resample: Annotated[str, typer.Option(help=f"Resize filter: {'|'.join(RESAMPLE)}.")] = DataConfig.resample,
     out: Out = None,

@@ -66,7 +66,7 @@ class DataConfig:
     unlabelled_dir: str | None = None  # folder: the sub-folder of unlabelled images (semi-supervised family)
     crop: int | None = None  # folder: train on random crop x crop crops of whole photos (none: resize to image_size)
     crops_per_image: int | None = None  # crops per training photo per epoch (None: aae_train.crops.EPOCH_CROPS in all)
-    augment: tuple[str, ...] = ()  # crop augmentations the part allows: "flip", "rot90" (aae_train.crops)
+    augment: tuple[str, ...] = ()  # crop augmentations the part allows: "flip", "rot90", "scale" (aae_train.crops)
 
     def __post_init__(self) -> None:
         if self.source not in DATA_SOURCES:

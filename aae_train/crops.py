@@ -29,7 +29,8 @@ import numpy as np
 from aae_runtime.contract.tiling import tile_starts
 from aae_train.mnist import DataError
 
-AUGMENTATIONS = ("flip", "rot90")
+AUGMENTATIONS = ("flip", "rot90", "scale")
+SCALE_RANGE = 1.25  # "scale": each crop cut from a square 1/1.25 to 1.25 times its side, resized to it
 EPOCH_CROPS = 8192  # default crops per epoch, over all training photos (at least one per photo)
 MAX_VAL_CROPS = 4096  # validation crops kept (a fixed subset of the grid beyond this)
 MAX_WINDOWS = 64  # calibration windows cut from a single photo's held-out band
@@ -55,6 +56,9 @@ class CropSampler:
         out = []
         for photo in self.photos:
             _, h, w = photo.shape
+            if "scale" in self.augment:
+                out.extend(_scaled_crops(photo, self.crop, self.per_photo, rng))
+                continue
             rows = rng.integers(0, h - self.crop + 1, self.per_photo)
             cols = rng.integers(0, w - self.crop + 1, self.per_photo)
             out.extend(photo[:, r : r + self.crop, c : c + self.crop] for r, c in zip(rows, cols))
@@ -63,8 +67,30 @@ class CropSampler:
         return _to_input(crops, self.scale, self.offset)
 
 
+def _scaled_crops(photo: np.ndarray, crop: int, n: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """``n`` crops of a (C, H, W) photo, each cut from a random square whose side is ``crop`` times a
+    factor drawn log-uniformly from [1 / SCALE_RANGE, SCALE_RANGE] (at most the photo's shorter
+    side) and resized to ``crop`` x ``crop``: the part nearer to or farther from the camera. Bicubic,
+    antialiased when shrinking (Pillow's resize), each channel alike."""
+    from PIL import Image
+
+    _, h, w = photo.shape
+    factors = np.exp(rng.uniform(-np.log(SCALE_RANGE), np.log(SCALE_RANGE), n))
+    sides = np.clip(np.rint(crop * factors).astype(int), 1, min(h, w))
+    rows, cols = rng.integers(0, h - sides + 1), rng.integers(0, w - sides + 1)
+    out = []
+    for side, r, c in zip(sides, rows, cols):
+        square = photo[:, r : r + side, c : c + side]
+        if side != crop:
+            square = np.stack([np.asarray(Image.fromarray(channel).resize((crop, crop), Image.Resampling.BICUBIC))
+                               for channel in square])
+        out.append(square)
+    return out
+
+
 def augment(crops: np.ndarray, kinds: tuple[str, ...], rng: np.random.Generator) -> np.ndarray:
-    """Random flips (horizontal and vertical) and quarter turns of (N, C, s, s) crops, as asked."""
+    """Random flips (horizontal and vertical) and quarter turns of (N, C, s, s) crops, as asked
+    ("scale" is applied where the crops are cut: `_scaled_crops`)."""
     if "flip" in kinds:
         h = rng.random(len(crops)) < 0.5
         crops[h] = crops[h][..., ::-1]

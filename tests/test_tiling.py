@@ -20,7 +20,7 @@ from aae_runtime.contract.errors import InputError, ModelError
 from aae_runtime.contract.metadata import ModelMetadata
 from aae_runtime.contract.scores import pixel_error, ssim_map
 from aae_runtime.contract.tiling import Tiling, gaussian_smooth
-from aae_train.crops import CropSampler, augment, split_photos
+from aae_train.crops import SCALE_RANGE, CropSampler, augment, split_photos
 from tests.conftest import calibrate_copy, write_png
 
 runner = CliRunner()
@@ -120,6 +120,18 @@ def test_augmentations_only_move_pixels():
     out = augment(crops.copy(), ("flip", "rot90"), rng)
     assert not np.array_equal(out, crops)
     np.testing.assert_array_equal(np.sort(out.reshape(64, -1), axis=1), np.sort(crops.reshape(64, -1), axis=1))
+
+
+def test_scale_cuts_each_crop_from_a_square_zoomed_within_the_range():
+    # a ramp, one level a pixel to the right: a crop cut from a square of side `crop * f` and
+    # resized to `crop` climbs 1 / f a pixel, so its slope shows the zoom it was drawn with
+    ramp = np.tile(np.arange(240, dtype=np.uint8), (240, 1))[None]
+    crops = CropSampler((ramp,), 32, 400, ("scale",), 1.0, 0.0, seed=3).draw(0)
+    assert crops.shape == (400, 1, 32, 32)
+    slopes = (crops[:, 0, 16, 26] - crops[:, 0, 16, 6]) / 20
+    assert slopes.min() >= 1 / SCALE_RANGE - 0.02 and slopes.max() <= SCALE_RANGE + 0.02
+    assert (slopes <= 0.9).mean() > 0.15 and (slopes >= 1.1).mean() > 0.15  # zoomed in and out, not only near 1
+    np.testing.assert_array_equal(crops[:, :, 5], crops[:, :, 20])  # every row alike: resized, not sheared or turned
 
 
 # -- the real pipeline --------------------------------------------------------------------------------------------------
@@ -240,7 +252,7 @@ def test_a_runtime_refuses_features_it_does_not_know_and_tiling_it_is_not_told_t
 @pytest.mark.parametrize("args, message", [
     (["--crop", "32", "--size", "64"], "--crop and --size exclude each other"),
     (["--crops-per-image", "5"], "needs --crop"),
-    (["--crop", "32", "--augment", "flip,shear"], "unknown shear; choose from flip, rot90"),
+    (["--crop", "32", "--augment", "flip,shear"], "unknown shear; choose from flip, rot90, scale"),
     (["--crop", "32", "--family", "semi", "--labels", "all"], "--family semi needs whole labelled images"),
 ])
 def test_crop_options_that_do_not_fit_are_one_line_errors(tmp_path, grass, args, message):
@@ -268,7 +280,7 @@ def test_a_resumed_crop_run_draws_the_same_crops_and_reaches_the_same_weights(gr
 
     write_png(tmp_path / "p" / "g.png", grass[:128, :160])
     common = ["folder", str(tmp_path / "p"), "--crop", str(CROP), "--crops-per-image", "64", "--batch-size", "32",
-              "--hidden", "32", "--augment", "flip,rot90", "--val-fraction", "0.3", "--threads", "1"]
+              "--hidden", "32", "--augment", "flip,rot90,scale", "--val-fraction", "0.3", "--threads", "1"]
     assert runner.invoke(train_app, [*common, "--epochs", "2", "--out", str(tmp_path / "straight")]).exit_code == 0
     assert runner.invoke(train_app, [*common, "--epochs", "1", "--out", str(tmp_path / "split")]).exit_code == 0
     r = runner.invoke(train_app, ["folder", str(tmp_path / "p"), "--resume", str(tmp_path / "split" / "checkpoint.pt"),
