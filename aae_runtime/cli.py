@@ -26,12 +26,10 @@ from typing import Annotated, Literal, Optional
 
 import numpy as np
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 from aae_runtime import __version__
 from aae_runtime.clierrors import EXIT_CANNOT_RUN, OneLineErrorsTyper
+from aae_runtime.console import Console, Table, escape
 from aae_runtime.contract.errors import AAEError
 from aae_runtime.images import display_path, save_grid
 from aae_runtime.contract.metadata import ENCODER_FILE, METADATA_KEY
@@ -52,8 +50,8 @@ EXIT_CODES_HELP = (
 
 app = OneLineErrorsTyper(add_completion=False, no_args_is_help=True,
                         help=f"Score images and sample from an exported AAE (no torch needed). {EXIT_CODES_HELP}")
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+out = Console()
+err = Console(stderr=True)
 
 ModelOpt = Annotated[Path, typer.Option("--model", "-m", help="Folder written by aae-export (encoder.onnx, decoder.onnx).")]
 DeviceOpt = Annotated[Literal[DEVICES], typer.Option(help="Execution device. auto falls back to the CPU with a notice.")]
@@ -73,7 +71,7 @@ def _fail(exc: AAEError) -> typer.Exit:
 
 
 def _printable(text: str) -> str:
-    """File names and messages as literal text: no Rich markup, no control characters."""
+    """File names and messages as literal text: no markup, no control characters."""
     return escape(display_path(text, controls=True))
 
 
@@ -336,20 +334,6 @@ def _write_regions(found: list[tuple], path: Path) -> None:
     err.print(f"wrote {len(found)} regions above the map threshold to {_printable(str(path))}", highlight=False)
 
 
-def _print_table(table: Table) -> None:
-    """Into a file or a pipe (no terminal: Rich would assume 80 columns), every row on one line,
-    as wide as the table needs; in a terminal, long paths fold at its width."""
-    if out.is_terminal:
-        out.print(table)
-        return
-    width = out.width
-    out.width = max(width, out.measure(table, options=out.options.update(width=10_000)).maximum)
-    try:
-        out.print(table)
-    finally:
-        out.width = width
-
-
 def _print_scores(results: list[ImageScore], m: AAEModel, show: int) -> None:
     # the columns are named as in the CSV and JSON rows (aae_runtime.report.FIELDS)
     table = Table(title=f"{m.score_name} score, threshold {m.threshold:.6g} ({m.threshold_source})")
@@ -363,7 +347,7 @@ def _print_scores(results: list[ImageScore], m: AAEModel, show: int) -> None:
         flag = "" if r.anomaly is None else ("[red]yes[/red]" if r.anomaly else "no")
         table.add_row(_printable(r.path), "" if r.score is None else f"{r.score:.6f}",
                       "" if r.normalized is None else f"{r.normalized:.3f}", flag, _printable(r.error or ""))
-    _print_table(table)
+    out.print_table(table)
     if len(shown) < len(results):
         out.print(f"... {len(results) - len(shown)} more rows (use --output FILE for all, or --show 0)")
     failed = sum(not r.ok for r in results)
@@ -586,7 +570,7 @@ def evaluate(
     for kind, k in sorted(result.per_kind.items()):
         if len(result.per_kind) > 1:
             table.add_row(f"  detected: {kind}", f"{k['detected']} of {k['images']} ({k['detected'] / k['images']:.1%})")
-    out.print(table)
+    out.print_table(table)
     if output is not None:
         err.print(f"wrote {output}", highlight=False)
     if result.failed:
@@ -626,8 +610,8 @@ def _print_classes(results: list[ImageScore], m: AAEModel, show: int) -> None:
     table = Table(title=f"classes {', '.join(m.classes)}; {m.score_name} score, threshold {m.threshold:.6g}")
     for name, justify in (("path", "left"), ("label", "center"), ("confidence", "right"), ("score", "right"),
                           ("anomaly", "center"), ("error", "left")):
-        table.add_column(name, justify=justify, overflow="fold" if name in ("image", "error") else None,
-                         no_wrap=name not in ("image", "error"))
+        table.add_column(name, justify=justify, overflow="fold" if name in ("path", "error") else None,
+                         no_wrap=name not in ("path", "error"))
     shown = results if show == 0 else results[:show]
     for r in shown:
         p = r.probabilities
@@ -635,7 +619,7 @@ def _print_classes(results: list[ImageScore], m: AAEModel, show: int) -> None:
         table.add_row(_printable(r.path), "" if p is None else m.classes[best], "" if p is None else f"{p[best]:.3f}",
                       "" if r.score is None else f"{r.score:.6f}",
                       "" if r.anomaly is None else ("[red]yes[/red]" if r.anomaly else "no"), _printable(r.error or ""))
-    _print_table(table)
+    out.print_table(table)
     if len(shown) < len(results):
         out.print(f"... {len(results) - len(shown)} more rows (use --output FILE for all, or --show 0)")
     failed = sum(not r.ok for r in results)

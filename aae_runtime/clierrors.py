@@ -17,21 +17,22 @@ from typing import Any
 
 import typer
 import typer.core
-from rich.console import Console
 
 try:  # Typer >= 0.29 vendors Click, whose UsageError is then another class than click's
     from typer._click.exceptions import UsageError
 except ImportError:  # pragma: no cover - older Typer on real Click
     from click.exceptions import UsageError
-from rich.markup import escape
+
+from aae_runtime.console import Console, escape
 
 EXIT_CANNOT_RUN = 2
 DEBUG_ENV = "AAE_DEBUG"
 
 
-def print_error(message: str, console: Console | None = None) -> None:
-    """``error: message`` on stderr; the message is printed literally (no Rich markup)."""
-    (console or Console(stderr=True, soft_wrap=True)).print(f"[red]error:[/red] {escape(message)}", highlight=False)
+def print_error(message: str, console: Any = None) -> None:
+    """``error: message`` on stderr (or ``console``: this package's or a Rich one); the message
+    is printed literally (no markup)."""
+    (console or Console(stderr=True)).print(f"[red]error:[/red] {escape(message)}", highlight=False)
 
 
 class _OneLineUsageError(UsageError):

@@ -1,0 +1,203 @@
+"""What `aae-run` prints, with the standard library only: lines with a little colour, JSON and tables.
+
+`aae-run` starts on inspection devices, where the cold start of one `score` is a target
+(README, "Installed size and cold start"). Rich, which the training commands use for their
+progress bars, took some 25 ms of it to import and to lay out one table; the runtime needs only
+this much of it:
+
+- lines with Rich's markup for a few styles (``[red]error:[/red] ...``; `escape` is Rich's own
+  escaping, so a string escaped here prints the same through a Rich console, as the training
+  commands' errors do);
+- colour only where the stream is a terminal and ``NO_COLOR`` is unset (https://no-color.org);
+- tables drawn as Rich draws them (a heavy-lined header), every row on one line in a file or a
+  pipe, and in a terminal the folding columns (paths, errors) broken to fit its width.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass, field
+from typing import TextIO
+
+_STYLES = {"bold": "1", "italic": "3", "red": "31", "yellow": "33"}  # SGR codes of the styles the runtime uses
+_TAG = re.compile(r"((\\*)\[([a-z#/@][^[]*?)])")  # Rich's markup tag, after any backslashes
+_ESCAPE = re.compile(r"(\\*)(\[[a-z#/@][^[]*?])")
+MIN_FOLD_WIDTH = 8  # a folding column is never made narrower than this to fit a terminal
+
+
+def escape(text: str) -> str:
+    """``text`` to print literally, whatever brackets it holds (a file named ``x[red]y.png``):
+    Rich's escaping of tags (so a Rich console prints it alike), without its doubling of a final
+    backslash (which protects a tag that follows; here escaped text is never followed by one)."""
+    return _ESCAPE.sub(lambda m: f"{m.group(1)}{m.group(1)}\\{m.group(2)}", text)
+
+
+def render(markup: str, color: bool) -> str:
+    """Markup -> text: known style tags become ANSI colour codes (``color``) or nothing, escaped
+    tags literal ones, and anything else stays as written (unlike Rich, a backslash before a
+    bracket that starts no tag is kept: ``render(escape(t)) == t`` for every text)."""
+    out: list[str] = []
+    active: list[str] = []  # SGR codes open, innermost last
+    position = 0
+    for match in _TAG.finditer(markup):
+        full, escapes, tag = match.groups()
+        out.append(markup[position : match.start()])
+        position = match.end()
+        if escapes:
+            backslashes, escaped = divmod(len(escapes), 2)
+            out.append("\\" * backslashes)
+            if escaped:
+                out.append(full[len(escapes) :])
+                continue
+        closing = tag.startswith("/")
+        name = tag[1:] if closing else tag
+        code = _STYLES.get(name)
+        if closing and active and (code in active or not name):  # [/red], or [/]: the innermost
+            if name:
+                active.remove(code)
+            else:
+                active.pop()
+            if color:
+                out.append("\x1b[0m" + "".join(f"\x1b[{c}m" for c in active))
+        elif not closing and code is not None:
+            active.append(code)
+            if color:
+                out.append(f"\x1b[{code}m")
+        else:
+            out.append(full[len(escapes) :])
+    out.append(markup[position:])
+    if color and active:
+        out.append("\x1b[0m")
+    return "".join(out)
+
+
+@dataclass
+class Console:
+    """One output stream (stdout, or stderr with ``stderr=True``), looked up at each print, so a
+    test harness that swaps ``sys.stdout`` sees the output."""
+
+    stderr: bool = False
+
+    @property
+    def file(self) -> TextIO:
+        return sys.stderr if self.stderr else sys.stdout
+
+    @property
+    def is_terminal(self) -> bool:
+        try:
+            return bool(self.file.isatty())
+        except (AttributeError, ValueError):  # no isatty, or closed
+            return False
+
+    @property
+    def color(self) -> bool:
+        return self.is_terminal and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
+
+    @property
+    def width(self) -> int:
+        """Columns of the terminal (COLUMNS when set), 80 when unknown."""
+        return shutil.get_terminal_size((80, 24)).columns
+
+    def print(self, text: str = "", *, markup: bool = True, highlight: bool = False) -> None:
+        """One line (``highlight`` is accepted for Rich's signature and ignored: nothing is highlighted)."""
+        self._write(render(text, self.color) if markup else text)
+
+    def print_json(self, text: str) -> None:
+        self._write(json.dumps(json.loads(text), indent=2, ensure_ascii=False))
+
+    def print_table(self, table: "Table") -> None:
+        """The table; in a terminal its folding columns are broken to fit its width, elsewhere
+        (a file, a pipe) every row stays on one line."""
+        self._write("\n".join(table.lines(self.color, self.width if self.is_terminal else None, _fits_box(self.file))))
+
+    def _write(self, text: str) -> None:
+        file = self.file
+        file.write(text + "\n")
+        file.flush()
+
+
+@dataclass
+class _Column:
+    header: str
+    justify: str = "left"  # left | right | center
+    fold: bool = False  # may be broken over several lines to fit a terminal
+
+
+@dataclass
+class Table:
+    """A table of markup cells, drawn as Rich draws one (title above, a heavy-lined header)."""
+
+    title: str | None = None
+    columns: list[_Column] = field(default_factory=list)
+    rows: list[tuple[str, ...]] = field(default_factory=list)
+
+    def add_column(self, header: str, justify: str = "left", overflow: str | None = None, no_wrap: bool = False) -> None:
+        """A column; ``overflow="fold"`` lets it break its cells to fit a terminal (Rich's arguments)."""
+        self.columns.append(_Column(header, justify, overflow == "fold" and not no_wrap))
+
+    def add_row(self, *cells: str) -> None:
+        self.rows.append(tuple(cells) + ("",) * (len(self.columns) - len(cells)))
+
+    def lines(self, color: bool, width: int | None = None, unicode: bool = True) -> list[str]:
+        """The table's lines; with ``width``, folding columns are narrowed (the widest first) until
+        it fits, down to MIN_FOLD_WIDTH."""
+        heavy, light = ("━┏┳┓┃┡╇┩", "─│└┴┘") if unicode else ("-+++|+++", "-|+++")
+        plain = [[render(c, False) for c in row] for row in self.rows]
+        widths = [max([len(c.header)] + [len(row[i]) for row in plain]) for i, c in enumerate(self.columns)]
+        if width is not None:
+            excess = sum(widths) + 3 * len(widths) + 1 - width
+            while excess > 0:
+                folding = [i for i, c in enumerate(self.columns) if c.fold and widths[i] > MIN_FOLD_WIDTH]
+                if not folding:
+                    break
+                i = max(folding, key=widths.__getitem__)
+                widths[i] -= 1
+                excess -= 1
+
+        def cell(text: str, shown: str, i: int) -> str:  # ``shown``: ``text`` with its colour codes
+            room = widths[i] - len(text)
+            left = {"left": 0, "right": room, "center": room // 2}[self.columns[i].justify]
+            return " " * left + shown + " " * (room - left)
+
+        def rule(ends: str, line: str) -> str:
+            return ends[0] + ends[1].join(line * (w + 2) for w in widths) + ends[2]
+
+        total = sum(widths) + 3 * len(widths) + 1
+        lines = []
+        if self.title:
+            title = render(self.title, False)
+            pad = " " * max(0, (total - len(title)) // 2)
+            lines.append(pad + (f"\x1b[3m{title}\x1b[0m" if color else title))
+        lines.append(rule(heavy[1:4], heavy[0]))
+        bold = (lambda t: f"\x1b[1m{t}\x1b[0m") if color else (lambda t: t)
+        lines.append(heavy[4] + heavy[4].join(f" {cell(c.header, bold(c.header), i)} " for i, c in enumerate(self.columns))
+                     + heavy[4])
+        lines.append(rule(heavy[5:8], heavy[0]))
+        for row, text in zip(self.rows, plain):
+            pieces = [_fold(t, widths[i]) if len(t) > widths[i] else [t] for i, t in enumerate(text)]
+            for k in range(max(len(p) for p in pieces)):
+                cells = []
+                for i, p in enumerate(pieces):
+                    part = p[k] if k < len(p) else ""
+                    shown = render(row[i], color) if len(p) == 1 and k == 0 else part  # a folded cell loses its colour
+                    cells.append(f" {cell(part, shown, i)} ")
+                lines.append(light[1] + light[1].join(cells) + light[1])
+        lines.append(light[2] + light[3].join(light[0] * (w + 2) for w in widths) + light[4])
+        return lines
+
+
+def _fold(text: str, width: int) -> list[str]:
+    return [text[i : i + width] for i in range(0, len(text), width)] or [""]
+
+
+def _fits_box(file: TextIO) -> bool:
+    """Whether the stream can encode the box-drawing characters (else tables are drawn in ASCII)."""
+    try:
+        "━┃│".encode(getattr(file, "encoding", None) or "utf-8")
+        return True
+    except (UnicodeEncodeError, LookupError):
+        return False

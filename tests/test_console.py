@@ -1,0 +1,69 @@
+"""The runtime's own terminal output (aae_runtime.console): Rich's markup and escaping, tables."""
+
+from __future__ import annotations
+
+import io
+
+from hypothesis import given, strategies as st
+from rich.markup import escape as rich_escape, render as rich_render
+
+from aae_runtime.console import MIN_FOLD_WIDTH, Console, Table, escape, render
+
+# text with what markup is made of: brackets, slashes, backslashes, style names
+MARKUPISH = st.lists(st.sampled_from(list("[]/\\=#@ ab") + ["red", "bold", "yellow"]), max_size=30).map("".join)
+
+
+@given(MARKUPISH)
+def test_escaped_text_prints_as_it_is_here_and_through_rich(text):
+    assert render(escape(text), color=False) == text
+    if "\\[" not in text and not text.endswith("\\"):  # what Rich itself cannot print literally
+        assert rich_render(escape(text)).plain == text  # the training commands' errors go through Rich
+    if not text.endswith("\\"):
+        assert escape(text) == rich_escape(text)
+
+
+def test_styles_are_colour_codes_only_when_asked():
+    assert render("[red]error:[/red] x [bold]y[/] z", color=False) == "error: x y z"
+    assert render("[red]error:[/red] x", color=True) == "\x1b[31merror:\x1b[0m x"
+    assert render("[unknown]a[/unknown]", color=True) == "[unknown]a[/unknown]"  # not a style: literal
+
+
+def test_a_console_in_a_pipe_prints_no_colour(monkeypatch):
+    buf = io.StringIO()
+    monkeypatch.setattr("sys.stdout", buf)
+    Console().print("[red]yes[/red] " + escape("x[red]y.png"))
+    assert buf.getvalue() == "yes x[red]y.png\n"
+
+
+def _table() -> Table:
+    t = Table(title="a title")
+    t.add_column("path", overflow="fold")
+    t.add_column("score", justify="right", no_wrap=True)
+    t.add_column("anomaly", justify="center", no_wrap=True)
+    t.add_row("runs/demo/images/digits/test00165_digit5.png", "-0.291060", "no")
+    t.add_row(escape("odd[red]name.png"), "3.4", "[red]yes[/red]")
+    return t
+
+
+def test_a_table_keeps_every_row_on_one_line_without_a_width():
+    lines = _table().lines(color=False)
+    assert len(lines) == 1 + 3 + 2 + 1 and len({len(line) for line in lines[1:]}) == 1  # title, header, rows, bottom
+    assert "│ runs/demo/images/digits/test00165_digit5.png │ -0.291060 │   no    │" == lines[4]
+    assert "│ odd[red]name.png" in lines[5] and "│       3.4 │   yes   │" in lines[5]
+
+
+def test_a_table_folds_its_paths_to_fit_a_terminal():
+    lines = _table().lines(color=True, width=40)
+    rows = [line for line in lines if line.startswith("│")]
+    assert all(len(render(line, False).replace("\x1b[0m", "")) <= 40 for line in rows)
+    assert len(rows) > 2  # the long path went over several lines
+    text = "".join(line.split("│")[1].strip() for line in rows)
+    assert "runs/demo/images/digits/test00165_digit5.png" in text
+    assert "\x1b[31myes\x1b[0m" in "".join(rows)
+    narrow = _table().lines(color=False, width=10)  # too narrow for anything: folding columns stop at their minimum
+    assert len(narrow[4].split("│")[1]) == MIN_FOLD_WIDTH + 2
+
+
+def test_ascii_boxes_where_the_stream_cannot_encode_box_drawing():
+    lines = _table().lines(color=False, unicode=False)
+    assert all(set(line) <= set("".join(chr(i) for i in range(32, 127))) for line in lines)
