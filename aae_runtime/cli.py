@@ -90,12 +90,12 @@ def _check_output(output: Path | None) -> None:
 def _check_apart(model: Path, **files: Path | None) -> None:
     """Refuse result files (option name -> path) that would overwrite each other, the maps'
     index, or a file of the model folder being read: the run's results would be lost."""
-    from aae_runtime.maps import INDEX_NAME
-
     maps = files.pop("maps", None)
     home = os.path.realpath(model)
     seen: dict[str, str] = {}
     if maps is not None:
+        from aae_runtime.maps import INDEX_NAME
+
         seen[os.path.realpath(maps / INDEX_NAME)] = "--maps (its index, maps.csv)"
     for option, path in files.items():
         if path is None:

@@ -19,7 +19,6 @@ equal names in different folders cannot collide; ``maps.csv`` lists input -> map
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import os
 from pathlib import Path
@@ -126,6 +125,8 @@ def _short(stem: str) -> str:
     raw = stem.encode("utf-8", "surrogateescape")
     if len(raw) <= MAX_STEM_BYTES:
         return stem
+    import hashlib  # only for names this long: it loads OpenSSL, some 5 ms of a cold start
+
     digest = hashlib.sha256(raw).hexdigest()[:16]
     head = raw[: MAX_STEM_BYTES - len(digest) - 1].decode("utf-8", "ignore")  # never half a character
     return f"{head}~{digest}"
