@@ -60,10 +60,17 @@ RECIPES = {
     "draem": (DRAEM_TRAIN + ["--batch-size", "32"], ["--map-sigma", "2"]),
     "draem-b16": (DRAEM_TRAIN + ["--batch-size", "16"], ["--map-sigma", "2"]),  # ... batches of 16 (screened, not kept)
     "draem-w32": (DRAEM_TRAIN + ["--batch-size", "32", "--segment-width", "32"], ["--map-sigma", "2"]),  # ... a twice wider segmenter (screened, not kept)
+    # ... crops cut at 0.8 to 1.25 times their side and resized (--augment scale): a part nearer to or
+    # farther from the camera, as brick's perspective photo is from its top rows to its bottom ones
+    "draem-scale": (DRAEM_TRAIN + ["--batch-size", "32", "--augment", "scale"], ["--map-sigma", "2"]),
     "draem-image": (["--family", "draem", "--segment-input", "image", "--recon-loss", "mse", "--batch-size", "32",
                      "--ema", "0.995"], ["--map-sigma", "2"]),  # ... the segmenter sees the crop alone
 }
 SHARED_TRAIN = {"aae-ssim-score": "aae"}  # recipe -> recipe whose checkpoint it re-exports
+# recipe -> (candidate recipes, validation figure): per texture, the candidate whose run reached the
+# lowest figure on its held-out band (the one best.pt is chosen by) is scored, the way a user picks
+# among trainings of their part without looking at defects they have not seen yet
+CHOSEN = {"draem-chosen": (("draem", "draem-b16", "draem-scale"), "val_segment_loss")}
 PUBLISHED = ["MVTec AD textures, mean pixel AUROC (another data set; context only): AE with SSIM loss about 0.78 "
              "(Bergmann et al. 2019), RIAD about 0.94, DRAEM about 0.97."]
 TARGETS = {"image_auroc": 0.95, "pixel_auroc": 0.95, "false_alarm_rate": 0.02}
@@ -108,6 +115,22 @@ def train_and_export(args, texture: str, recipe: str, data: Path) -> tuple[Path,
         print("$", shlex.join(cmd), flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=REPO)
     return model, float(timing.read_text())
+
+
+def choose(args, texture: str, recipe: str, data: Path) -> tuple[str, Path, float]:
+    """(the candidate of a CHOSEN recipe with the lowest validation figure, its model folder, the
+    training seconds of all candidates): every candidate is trained, then one is kept."""
+    candidates, figure = CHOSEN[recipe]
+    trained = {c: train_and_export(args, texture, c, data) for c in candidates}
+    best = {c: best_figure(args.work_dir / texture / c / "metrics.jsonl", figure) for c in candidates}
+    pick = min(candidates, key=best.__getitem__)
+    print(f"{recipe} {texture}: " + ", ".join(f"{c} {figure} {best[c]:.4f}" for c in candidates) + f": {pick}", flush=True)
+    return pick, trained[pick][0], sum(secs for _, secs in trained.values())
+
+
+def best_figure(metrics: Path, figure: str) -> float:
+    """The lowest ``figure`` a run's metrics.jsonl records."""
+    return min(json.loads(line)[figure] for line in metrics.read_text().splitlines() if line.strip())
 
 
 def epoch_seconds(metrics: Path) -> float:
@@ -191,7 +214,12 @@ def markdown(report: dict) -> str:
             cells = [_cell(f["image_auroc"]), _cell(f["pixel_auroc"]), _cell(f["false_alarm_rate"], pct=True),
                      _cell(f["detection_rate"], pct=True)] + [f"{f[f'detected_{k}']['value']:.0%}" for k in KINDS]
             secs = r["train_seconds"].get(tex, "")
-            lines.append(f"| {name} | {tex} | " + " | ".join(cells) + f" | {secs} |")
+            label = f"{name}: {r['chosen'][tex]}" if tex in r.get("chosen", {}) else name
+            lines.append(f"| {label} | {tex} | " + " | ".join(cells) + f" | {secs} |")
+    for name, r in report["recipes"].items():
+        if "chosen" in r:
+            lines += ["", f"{name}: per texture, the one of {', '.join(r['candidates'])} whose run reached the lowest "
+                      f"{r['chosen_by']} (synthetic defects on the held-out band; no test window seen); its train s: all candidates'."]
     lines += ["", f"Targets: image AUROC >= {TARGETS['image_auroc']}, pixel AUROC >= {TARGETS['pixel_auroc']}, "
               f"false alarms <= {TARGETS['false_alarm_rate']:.0%}.", ""] + [f"- {p}" for p in PUBLISHED]
     lines += ["", "Commands:", "", "```", *report["commands"], "```", ""]
@@ -227,7 +255,7 @@ def write_example(texture: str, out: Path, seed: int = 1) -> Path:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--textures", default=",".join(TEXTURES))
-    p.add_argument("--recipes", default=",".join(RECIPES))
+    p.add_argument("--recipes", default=",".join([*RECIPES, *CHOSEN]))
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--crops", type=int, default=2048, help="crops per epoch (the one training photo)")
     p.add_argument("--test-images", type=int, default=240)
@@ -250,16 +278,22 @@ def main(argv=None) -> None:
                                           + (f" --work-dir {os.path.relpath(args.work_dir, REPO)}" if args.work_dir != REPO / "runs" / "textures" else "")
                                           + (f" --name {args.name}" if args.name != "textures" else "")]}
     for recipe in recipes:
-        per_texture, seconds = [], {}
+        per_texture, seconds, chosen = [], {}, {}
         for texture in textures:
             data = build_data(texture, args.work_dir / texture / "data", args.test_images, args.seed)
-            model, secs = train_and_export(args, texture, recipe, data)
+            if recipe in CHOSEN:
+                chosen[texture], model, secs = choose(args, texture, recipe, data)
+            else:
+                model, secs = train_and_export(args, texture, recipe, data)
             seconds[texture] = f"{secs:.0f}"
             per_texture.append(score_test_set(model, data / "test"))
             print(f"{recipe} {texture}: " + ", ".join(f"{k} {v:.3f}" for k, v in figures(per_texture[-1], np.arange(args.test_images)).items()
                                                     if k in TARGETS or k == "detection_rate"), flush=True)
-        report["recipes"][recipe] = {**bootstrap(per_texture, args.bootstrap, args.seed), "train_seconds": seconds,
-                                     "train_options": RECIPES[SHARED_TRAIN.get(recipe, recipe)][0], "export_options": RECIPES[recipe][1]}
+        if recipe in CHOSEN:
+            options = {"chosen": chosen, "candidates": list(CHOSEN[recipe][0]), "chosen_by": CHOSEN[recipe][1]}
+        else:
+            options = {"train_options": RECIPES[SHARED_TRAIN.get(recipe, recipe)][0], "export_options": RECIPES[recipe][1]}
+        report["recipes"][recipe] = {**bootstrap(per_texture, args.bootstrap, args.seed), "train_seconds": seconds, **options}
         args.results_dir.mkdir(parents=True, exist_ok=True)
         (args.results_dir / f"{args.name}.json").write_text(json.dumps(report, indent=2))
         (args.results_dir / f"{args.name}.md").write_text(markdown(report))
