@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import sys
+import unicodedata
 from dataclasses import dataclass, field
 from typing import TextIO
 
@@ -147,7 +148,7 @@ class Table:
         it fits, down to MIN_FOLD_WIDTH."""
         heavy, light = ("━┏┳┓┃┡╇┩", "─│└┴┘") if unicode else ("-+++|+++", "-|+++")
         plain = [[render(c, False) for c in row] for row in self.rows]
-        widths = [max([len(c.header)] + [len(row[i]) for row in plain]) for i, c in enumerate(self.columns)]
+        widths = [max([cells(c.header)] + [cells(row[i]) for row in plain]) for i, c in enumerate(self.columns)]
         if width is not None:
             excess = sum(widths) + 3 * len(widths) + 1 - width
             while excess > 0:
@@ -159,7 +160,7 @@ class Table:
                 excess -= 1
 
         def cell(text: str, shown: str, i: int) -> str:  # ``shown``: ``text`` with its colour codes
-            room = widths[i] - len(text)
+            room = widths[i] - cells(text)
             left = {"left": 0, "right": room, "center": room // 2}[self.columns[i].justify]
             return " " * left + shown + " " * (room - left)
 
@@ -170,7 +171,7 @@ class Table:
         lines = []
         if self.title:
             title = render(self.title, False)
-            pad = " " * max(0, (total - len(title)) // 2)
+            pad = " " * max(0, (total - cells(title)) // 2)
             lines.append(pad + (f"\x1b[3m{title}\x1b[0m" if color else title))
         lines.append(rule(heavy[1:4], heavy[0]))
         bold = (lambda t: f"\x1b[1m{t}\x1b[0m") if color else (lambda t: t)
@@ -178,20 +179,33 @@ class Table:
                      + heavy[4])
         lines.append(rule(heavy[5:8], heavy[0]))
         for row, text in zip(self.rows, plain):
-            pieces = [_fold(t, widths[i]) if len(t) > widths[i] else [t] for i, t in enumerate(text)]
+            pieces = [_fold(t, widths[i]) if cells(t) > widths[i] else [t] for i, t in enumerate(text)]
             for k in range(max(len(p) for p in pieces)):
-                cells = []
+                shown_cells = []
                 for i, p in enumerate(pieces):
                     part = p[k] if k < len(p) else ""
                     shown = render(row[i], color) if len(p) == 1 and k == 0 else part  # a folded cell loses its colour
-                    cells.append(f" {cell(part, shown, i)} ")
-                lines.append(light[1] + light[1].join(cells) + light[1])
+                    shown_cells.append(f" {cell(part, shown, i)} ")
+                lines.append(light[1] + light[1].join(shown_cells) + light[1])
         lines.append(light[2] + light[3].join(light[0] * (w + 2) for w in widths) + light[4])
         return lines
 
 
+def cells(text: str) -> int:
+    """Terminal columns ``text`` takes: two for a wide character (CJK), none for a combining mark."""
+    return sum(0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+
+
 def _fold(text: str, width: int) -> list[str]:
-    return [text[i : i + width] for i in range(0, len(text), width)] or [""]
+    """``text`` in pieces of at most ``width`` columns (at least one character each)."""
+    pieces, piece, used = [], "", 0
+    for ch in text:
+        w = cells(ch)
+        if piece and used + w > width:
+            pieces.append(piece)
+            piece, used = "", 0
+        piece, used = piece + ch, used + w
+    return pieces + [piece] if piece or not pieces else pieces
 
 
 def _fits_box(file: TextIO) -> bool:

@@ -7,7 +7,7 @@ import io
 from hypothesis import given, strategies as st
 from rich.markup import escape as rich_escape, render as rich_render
 
-from aae_runtime.console import MIN_FOLD_WIDTH, Console, Table, escape, render
+from aae_runtime.console import MIN_FOLD_WIDTH, Console, Table, cells, escape, render
 
 # text with what markup is made of: brackets, slashes, backslashes, style names
 MARKUPISH = st.lists(st.sampled_from(list("[]/\\=#@ ab") + ["red", "bold", "yellow"]), max_size=30).map("".join)
@@ -67,3 +67,15 @@ def test_a_table_folds_its_paths_to_fit_a_terminal():
 def test_ascii_boxes_where_the_stream_cannot_encode_box_drawing():
     lines = _table().lines(color=False, unicode=False)
     assert all(set(line) <= set("".join(chr(i) for i in range(32, 127))) for line in lines)
+
+
+def test_wide_characters_take_two_columns_and_the_rows_line_up():
+    t = Table()
+    t.add_column("path", overflow="fold")
+    t.add_column("score", justify="right")
+    t.add_row("部品写真_0001.png", "1.0")
+    t.add_row("e\u0301te.png", "2.0")  # a combining accent takes no column
+    for width in (None, 14):
+        lines = t.lines(color=False, width=width)
+        assert len({cells(line) for line in lines}) == 1, lines
+    assert cells("部品") == 4 and cells("e\u0301") == 1
