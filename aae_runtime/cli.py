@@ -515,7 +515,7 @@ def sample(
     except OSError as exc:
         raise _fail(AAEError(f"--out {out_path}: cannot write ({exc.strerror or exc}); the previous file, if any, is unchanged"))
     what = f"{len(images)} samples" + (f" of class {label}" if label is not None else "") + (" (rows: style codes, columns: classes)" if grid else "")
-    err.print(f"wrote {what} from the {m.metadata.prior['name']} prior to {out_path}", highlight=False)
+    err.print(f"wrote {what} from the {m.metadata.prior['name']} prior to {_printable(str(out_path))}", highlight=False)
 
 
 @app.command(epilog=EXIT_CODES_HELP)
@@ -569,10 +569,10 @@ def evaluate(
     table.add_row("detections at threshold", f"{result.detections} of {result.anomalous} ({result.detection_rate:.1%})")
     for kind, k in sorted(result.per_kind.items()):
         if len(result.per_kind) > 1:
-            table.add_row(f"  detected: {kind}", f"{k['detected']} of {k['images']} ({k['detected'] / k['images']:.1%})")
+            table.add_row(f"  detected: {_printable(kind)}", f"{k['detected']} of {k['images']} ({k['detected'] / k['images']:.1%})")
     out.print_table(table)
     if output is not None:
-        err.print(f"wrote {output}", highlight=False)
+        err.print(f"wrote {_printable(str(output))}", highlight=False)
     if result.failed:
         raise typer.Exit(EXIT_SOME_FAILED)
 
@@ -646,8 +646,9 @@ def info(
         for name, value in describe(m.metadata.raw):
             out.print(f"{name + ':':<11}{_printable(value)}", highlight=False)
         out.print(f"{'':<11}(all metadata: aae-run info --model {_printable(str(model))} --json)", highlight=False)
-    out.print(f"providers usable here: {', '.join(usable)}", highlight=False)
-    out.print(f"providers running:   {', '.join(m.providers)}", highlight=False)
+    to = err if as_json else out  # --json: stdout is the JSON alone, for a program to read
+    to.print(f"providers usable here: {', '.join(usable)}", highlight=False)
+    to.print(f"providers running:   {', '.join(m.providers)}", highlight=False)
 
 
 def describe(meta: dict) -> list[tuple[str, str]]:
@@ -718,7 +719,7 @@ def bench(
         paths = b.write_report(report, out_dir)
     except OSError as exc:
         raise _fail(AAEError(f"--out-dir {out_dir}: cannot write the report ({exc.strerror or exc})"))
-    err.print(f"wrote {', '.join(str(p) for p in paths.values())}", highlight=False)
+    err.print(f"wrote {', '.join(_printable(str(p)) for p in paths.values())}", highlight=False)
 
 
 @app.callback(invoke_without_command=True)

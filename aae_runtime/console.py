@@ -96,7 +96,13 @@ class Console:
 
     @property
     def color(self) -> bool:
-        return self.is_terminal and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
+        """Colour on a terminal, or wherever FORCE_COLOR is set (CI logs); never with NO_COLOR set
+        (non-empty, https://no-color.org) or a terminal that says it has none."""
+        if os.environ.get("NO_COLOR"):
+            return False
+        if os.environ.get("FORCE_COLOR"):
+            return True
+        return self.is_terminal and os.environ.get("TERM") not in ("dumb", "unknown")
 
     @property
     def width(self) -> int:
@@ -117,6 +123,9 @@ class Console:
 
     def _write(self, text: str) -> None:
         file = self.file
+        encoding = getattr(file, "encoding", None)
+        if encoding:  # a stream that cannot show a character gets its escape (\u90e8), not an error
+            text = text.encode(encoding, "backslashreplace").decode(encoding, "replace")
         file.write(text + "\n")
         file.flush()
 
@@ -144,63 +153,87 @@ class Table:
         self.rows.append(tuple(cells) + ("",) * (len(self.columns) - len(cells)))
 
     def lines(self, color: bool, width: int | None = None, unicode: bool = True) -> list[str]:
-        """The table's lines; with ``width``, folding columns are narrowed (the widest first) until
-        it fits, down to MIN_FOLD_WIDTH."""
+        """The table's lines; with ``width`` (a terminal's), columns are narrowed, widest first,
+        until it fits: the folding ones (paths, errors) down to MIN_FOLD_WIDTH, then headers wider
+        than their column's values, then the folding ones down to one character, then any column
+        (a terminal too narrow for the table still gets lines that do not wrap)."""
         heavy, light = ("━┏┳┓┃┡╇┩", "─│└┴┘") if unicode else ("-+++|+++", "-|+++")
-        plain = [[render(c, False) for c in row] for row in self.rows]
-        widths = [max([cells(c.header)] + [cells(row[i]) for row in plain]) for i, c in enumerate(self.columns)]
+        rows = [row + ("",) * (len(self.columns) - len(row)) for row in self.rows]  # columns added after rows
+        plain = [[render(c, False) for c in row] for row in rows]
+        values = [max([cells(row[i]) for row in plain], default=0) for i in range(len(self.columns))]
+        widths = [max(cells(c.header), values[i]) for i, c in enumerate(self.columns)]
         if width is not None:
             excess = sum(widths) + 3 * len(widths) + 1 - width
-            while excess > 0:
-                folding = [i for i, c in enumerate(self.columns) if c.fold and widths[i] > MIN_FOLD_WIDTH]
-                if not folding:
-                    break
-                i = max(folding, key=widths.__getitem__)
-                widths[i] -= 1
-                excess -= 1
+            fold = [c.fold for c in self.columns]
+            floors = ([MIN_FOLD_WIDTH if f else w for f, w in zip(fold, widths)],  # each pass: the least width of each column
+                      [MIN_FOLD_WIDTH if f else max(1, v) for f, v in zip(fold, values)],
+                      [1 if f else max(1, v) for f, v in zip(fold, values)],
+                      [1] * len(widths))
+            for floor in floors:
+                while excess > 0:
+                    narrower = [i for i in range(len(widths)) if widths[i] > floor[i]]
+                    if not narrower:
+                        break
+                    widths[max(narrower, key=widths.__getitem__)] -= 1
+                    excess -= 1
+        total = sum(widths) + 3 * len(widths) + 1
 
         def cell(text: str, shown: str, i: int) -> str:  # ``shown``: ``text`` with its colour codes
             room = widths[i] - cells(text)
             left = {"left": 0, "right": room, "center": room // 2}[self.columns[i].justify]
             return " " * left + shown + " " * (room - left)
 
+        def row_lines(texts: list[str], styled: list[str], edge: str) -> list[str]:
+            """One row, its cells broken over as many lines as the widest needs (a broken cell loses its colour)."""
+            pieces = [_fold(t, widths[i]) if cells(t) > widths[i] else [t] for i, t in enumerate(texts)]
+            out = []
+            for k in range(max(len(p) for p in pieces)):
+                parts = []
+                for i, p in enumerate(pieces):
+                    part = p[k] if k < len(p) else ""
+                    parts.append(f" {cell(part, styled[i] if len(p) == 1 and k == 0 else part, i)} ")
+                out.append(edge + edge.join(parts) + edge)
+            return out
+
         def rule(ends: str, line: str) -> str:
             return ends[0] + ends[1].join(line * (w + 2) for w in widths) + ends[2]
 
-        total = sum(widths) + 3 * len(widths) + 1
         lines = []
         if self.title:
             title = render(self.title, False)
-            pad = " " * max(0, (total - cells(title)) // 2)
-            lines.append(pad + (f"\x1b[3m{title}\x1b[0m" if color else title))
+            for piece in _fold(title, total) if width is not None and cells(title) > total else [title]:
+                pad = " " * max(0, (total - cells(piece)) // 2)
+                lines.append(pad + (f"\x1b[3m{piece}\x1b[0m" if color else piece))
         lines.append(rule(heavy[1:4], heavy[0]))
-        bold = (lambda t: f"\x1b[1m{t}\x1b[0m") if color else (lambda t: t)
-        lines.append(heavy[4] + heavy[4].join(f" {cell(c.header, bold(c.header), i)} " for i, c in enumerate(self.columns))
-                     + heavy[4])
+        headers = [c.header for c in self.columns]
+        lines += row_lines(headers, [f"\x1b[1m{h}\x1b[0m" if color else h for h in headers], heavy[4])
         lines.append(rule(heavy[5:8], heavy[0]))
-        for row, text in zip(self.rows, plain):
-            pieces = [_fold(t, widths[i]) if cells(t) > widths[i] else [t] for i, t in enumerate(text)]
-            for k in range(max(len(p) for p in pieces)):
-                shown_cells = []
-                for i, p in enumerate(pieces):
-                    part = p[k] if k < len(p) else ""
-                    shown = render(row[i], color) if len(p) == 1 and k == 0 else part  # a folded cell loses its colour
-                    shown_cells.append(f" {cell(part, shown, i)} ")
-                lines.append(light[1] + light[1].join(shown_cells) + light[1])
+        for row, texts in zip(rows, plain):
+            lines += row_lines(texts, [render(c, color) for c in row], light[1])
         lines.append(light[2] + light[3].join(light[0] * (w + 2) for w in widths) + light[4])
         return lines
 
 
 def cells(text: str) -> int:
-    """Terminal columns ``text`` takes: two for a wide character (CJK), none for a combining mark."""
-    return sum(0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+    """Terminal columns ``text`` takes: two for a wide character (CJK, most emoji), none for a
+    mark that joins the one before it, an invisible format character (a zero-width space), a
+    Hangul vowel or final of a composed syllable or an emoji's skin tone."""
+    return sum(_char_cells(ch) for ch in text)
+
+
+def _char_cells(ch: str) -> int:
+    code = ord(ch)
+    if ch != "\xad" and (unicodedata.category(ch) in ("Mn", "Me", "Cf") or 0x1160 <= code <= 0x11FF
+                         or 0x1F3FB <= code <= 0x1F3FF):
+        return 0
+    return 2 if unicodedata.east_asian_width(ch) in "WF" else 1
 
 
 def _fold(text: str, width: int) -> list[str]:
     """``text`` in pieces of at most ``width`` columns (at least one character each)."""
     pieces, piece, used = [], "", 0
     for ch in text:
-        w = cells(ch)
+        w = _char_cells(ch)
         if piece and used + w > width:
             pieces.append(piece)
             piece, used = "", 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 from hypothesis import given, strategies as st
 from rich.markup import escape as rich_escape, render as rich_render
@@ -60,8 +61,9 @@ def test_a_table_folds_its_paths_to_fit_a_terminal():
     text = "".join(line.split("│")[1].strip() for line in rows)
     assert "runs/demo/images/digits/test00165_digit5.png" in text
     assert "\x1b[31myes\x1b[0m" in "".join(rows)
-    narrow = _table().lines(color=False, width=10)  # too narrow for anything: folding columns stop at their minimum
-    assert len(narrow[4].split("│")[1]) == MIN_FOLD_WIDTH + 2
+    assert {cells(re.sub("\x1b\\[[0-9;]*m", "", line)) for line in lines[1:]} == {40}  # as wide as the terminal
+    first_row = next(line for line in _table().lines(color=False, width=34) if line.startswith("│ runs"))
+    assert len(first_row.split("│")[1]) == MIN_FOLD_WIDTH + 2  # paths give way first, to their minimum
 
 
 def test_ascii_boxes_where_the_stream_cannot_encode_box_drawing():
@@ -79,3 +81,34 @@ def test_wide_characters_take_two_columns_and_the_rows_line_up():
         lines = t.lines(color=False, width=width)
         assert len({cells(line) for line in lines}) == 1, lines
     assert cells("部品") == 4 and cells("e\u0301") == 1
+
+
+def test_a_terminal_too_narrow_for_the_table_still_gets_lines_that_do_not_wrap():
+    t = _table()
+    t.add_column("normalized_score", justify="right", no_wrap=True)
+    for width in (60, 40, 25):
+        lines = t.lines(color=False, width=width)
+        assert max(cells(line) for line in lines) <= width, (width, lines)
+    assert "-0.291060" in "".join(t.lines(color=False, width=40))  # paths and headers give way before figures
+
+
+def test_colour_follows_no_color_force_color_and_the_terminal(monkeypatch):
+    for name in ("NO_COLOR", "FORCE_COLOR", "TERM"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr("sys.stdout", io.StringIO())
+    assert not Console().color  # a pipe
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    assert Console().color  # CI logs
+    monkeypatch.setenv("NO_COLOR", "")
+    assert Console().color  # NO_COLOR counts only when not empty (no-color.org)
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert not Console().color
+
+
+def test_a_stream_that_cannot_encode_a_name_gets_its_escape_not_an_error(monkeypatch):
+    buf = io.BytesIO()
+    stream = io.TextIOWrapper(buf, encoding="ascii")
+    monkeypatch.setattr("sys.stdout", stream)
+    Console().print("部品.png")
+    stream.flush()
+    assert buf.getvalue() == b"\\u90e8\\u54c1.png\n"
