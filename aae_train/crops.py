@@ -69,13 +69,14 @@ class CropSampler:
 
 def _scaled_crops(photo: np.ndarray, crop: int, n: int, rng: np.random.Generator) -> list[np.ndarray]:
     """``n`` crops of a (C, H, W) photo, each cut from a random square whose side is ``crop`` times a
-    factor drawn log-uniformly from [1 / SCALE_RANGE, SCALE_RANGE] (at most the photo's shorter
-    side) and resized to ``crop`` x ``crop``: the part nearer to or farther from the camera. Bicubic,
+    factor drawn log-uniformly from [1 / SCALE_RANGE, SCALE_RANGE] (the upper end lowered to fit
+    the photo's shorter side) and resized to ``crop`` x ``crop``: the part nearer to or farther from the camera. Bicubic,
     antialiased when shrinking (Pillow's resize), each channel alike."""
     from PIL import Image
 
     _, h, w = photo.shape
-    factors = np.exp(rng.uniform(-np.log(SCALE_RANGE), np.log(SCALE_RANGE), n))
+    top = min(SCALE_RANGE, min(h, w) / crop)  # a photo less than 1.25 crops high zooms out only as far as it can
+    factors = np.exp(rng.uniform(-np.log(SCALE_RANGE), np.log(top), n))
     sides = np.clip(np.rint(crop * factors).astype(int), 1, min(h, w))
     rows, cols = rng.integers(0, h - sides + 1), rng.integers(0, w - sides + 1)
     out = []
