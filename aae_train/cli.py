@@ -513,20 +513,60 @@ def _torchrun(nproc: int, batch_size: int) -> None:
             skip = True
         elif not a.startswith("--nproc="):
             args.append(a)
+    import logging
+    import tempfile
+
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run as torchrun
 
-    # The ranks say what went wrong, each in one line; torchrun's own report of a failed rank
-    # (a traceback of the launcher and a summary table) would only bury it: it is caught here.
-    try:
-        torchrun(parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "aae_train", *args]))
-    except ChildFailedError as exc:  # the first failed rank's exit code (2: bad input, 130/143: stopped)
-        codes = [f.exitcode for f in sorted(exc.failures.values(), key=lambda f: f.timestamp)]
-        raise typer.Exit(next((c for c in codes if c > 0), 128 - codes[0] if codes and codes[0] < 0 else 1)) from None
-    except SignalException as exc:  # Ctrl-C or SIGTERM to this launcher: the ranks were stopped with it
-        raise typer.Exit(128 + int(exc.sigval)) from None
+    # Rank 0 says what went wrong in one line; the other ranks, which mostly fail the same way
+    # (the same data, the same checkpoint), leave their lines in RANK_ERRORS, and those that
+    # differ from rank 0's are printed here. torchrun's own report of a failed rank (its log
+    # lines, a traceback of the launcher, a summary table) would only bury them: it is silenced
+    # and caught. OMP_NUM_THREADS=1 is what torchrun sets for several processes anyway (each
+    # rank then takes --threads), set here so that it does not warn about it.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    for name in ("torch.distributed.run", "torch.distributed.elastic"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    with tempfile.TemporaryDirectory(prefix="aae-ranks-") as errors:
+        os.environ[RANK_ERRORS] = errors
+        try:
+            torchrun(parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "aae_train", *args]))
+        except ChildFailedError as exc:  # the first failed rank's exit code (2: bad input, 130/143: stopped)
+            _print_other_ranks_errors(Path(errors))
+            codes = [f.exitcode for f in sorted(exc.failures.values(), key=lambda f: f.timestamp)]
+            raise typer.Exit(next((c for c in codes if c > 0), 128 - codes[0] if codes and codes[0] < 0 else 1)) from None
+        except SignalException as exc:  # Ctrl-C or SIGTERM to this launcher: the ranks were stopped with it
+            raise typer.Exit(128 + int(exc.sigval)) from None
+        finally:
+            os.environ.pop(RANK_ERRORS, None)
     raise typer.Exit(0)
+
+
+RANK_ERRORS = "AAE_RANK_ERRORS"  # set by --nproc: the folder where each rank leaves its error line (rank<N>.txt)
+
+
+def _leave_rank_error(message: str) -> bool:
+    """Under --nproc, this rank's error line into RANK_ERRORS for the launcher; whether it went there."""
+    folder = os.environ.get(RANK_ERRORS)
+    if not folder:
+        return False
+    try:
+        Path(folder, f"rank{os.environ.get('RANK', '0')}.txt").write_text(message)
+    except OSError:
+        return False
+    return True
+
+
+def _print_other_ranks_errors(folder: Path) -> None:
+    """The error lines of ranks other than 0 that say something rank 0's does not (each once)."""
+    lines = {int(p.stem[4:]): p.read_text() for p in folder.glob("rank*.txt") if p.stem[4:].isdigit()}
+    seen = {lines.get(0)}
+    for rank in sorted(r for r in lines if r != 0):
+        if lines[rank] not in seen:
+            print_error(f"rank {rank}: {lines[rank]}", err)
+            seen.add(lines[rank])
 
 
 def given_options(ctx: typer.Context) -> dict:
@@ -575,7 +615,8 @@ def _run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, 
             train(cfg, out, data_dir=str(data_dir) if data_dir else None, resume=resume, overwrite=overwrite, given=given,
                   loader=loader, workers=workers, adapt_threads=threads is None, compile_mode=compile_mode)
         except AAEError as exc:
-            print_error(f"rank {os.environ['RANK']}: {exc}", err)
+            if not _leave_rank_error(str(exc)):  # under --nproc the launcher prints it, unless rank 0 said the same
+                print_error(f"rank {os.environ['RANK']}: {exc}", err)
             raise typer.Exit(2)
         except KeyboardInterrupt:
             raise typer.Exit(stopped())
@@ -624,6 +665,7 @@ def _run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, 
         except AAEError as exc:
             progress.stop()
             print_error(str(exc), err)  # literal text: paths may hold "[/]"
+            _leave_rank_error(str(exc))  # under --nproc: the other ranks' lines are compared with it
             raise typer.Exit(2)
         except TrainingInterrupted as exc:
             progress.stop()

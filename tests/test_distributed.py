@@ -87,7 +87,17 @@ def test_nproc_wraps_torchrun_and_an_uneven_batch_is_refused(mnist_dir, tmp_path
     r = subprocess.run(["aae-train", *common(mnist_dir, "aae"), "--out", str(tmp_path / "w"), "--nproc", "2"],
                        capture_output=True, text=True, timeout=300)  # the ranks refuse a folder holding a run
     assert r.returncode == 2 and "already holds a run" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert "ChildFailedError" not in r.stderr
+    assert "ChildFailedError" not in r.stderr and "torch/distributed" not in r.stderr  # nor torchrun's log lines
+    assert r.stderr.count("already holds a run") == 1, r.stderr  # both ranks refuse it; the user reads it once
     r = torchrun("--standalone", "--nproc-per-node", "2", "-m", "aae_train", *args, "--out", str(tmp_path / "odd"))
     ours = [line for line in r.stderr.splitlines() if line.startswith("error: --batch-size 41")]
     assert r.returncode != 0 and ours and not (tmp_path / "odd").exists()  # torchrun adds its own report after our line
+
+
+def test_the_launcher_prints_only_the_rank_errors_that_say_something_new(tmp_path, capsys):
+    from aae_train.cli import _print_other_ranks_errors
+
+    for rank, line in ((0, "no images under x"), (1, "no images under x"), (2, "cuda:2 is not available"), (3, "cuda:2 is not available")):
+        (tmp_path / f"rank{rank}.txt").write_text(line)
+    _print_other_ranks_errors(tmp_path)
+    assert capsys.readouterr().err.splitlines() == ["error: rank 2: cuda:2 is not available"]
