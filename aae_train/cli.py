@@ -625,6 +625,7 @@ def _run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, 
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[losses]}"),
         RunElapsedColumn(), console=err, transient=True,  # the bar goes at the end; the epoch lines stay
+        disable=not err.is_terminal,  # in a log file a bar is noise (and its end left an empty line)
     ) as progress:
         task = progress.add_task("starting", total=None, losses="")
         download = {}
