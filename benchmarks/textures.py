@@ -117,15 +117,16 @@ def train_and_export(args, texture: str, recipe: str, data: Path) -> tuple[Path,
     return model, float(timing.read_text())
 
 
-def choose(args, texture: str, recipe: str, data: Path) -> tuple[str, Path, float]:
-    """(the candidate of a CHOSEN recipe with the lowest validation figure, its model folder, the
-    training seconds of all candidates): every candidate is trained, then one is kept."""
+def choose(args, texture: str, recipe: str, data: Path) -> tuple[str, dict[str, float], Path, float]:
+    """(the candidate of a CHOSEN recipe with the lowest validation figure, every candidate's
+    figure, the chosen one's model folder, the training seconds of all candidates): every
+    candidate is trained, then one is kept."""
     candidates, figure = CHOSEN[recipe]
     trained = {c: train_and_export(args, texture, c, data) for c in candidates}
-    best = {c: best_figure(args.work_dir / texture / c / "metrics.jsonl", figure) for c in candidates}
+    best = {c: best_figure(args.work_dir / texture / SHARED_TRAIN.get(c, c) / "metrics.jsonl", figure) for c in candidates}
     pick = min(candidates, key=best.__getitem__)
     print(f"{recipe} {texture}: " + ", ".join(f"{c} {figure} {best[c]:.4f}" for c in candidates) + f": {pick}", flush=True)
-    return pick, trained[pick][0], sum(secs for _, secs in trained.values())
+    return pick, best, trained[pick][0], sum(secs for _, secs in trained.values())
 
 
 def best_figure(metrics: Path, figure: str) -> float:
@@ -219,7 +220,9 @@ def markdown(report: dict) -> str:
     for name, r in report["recipes"].items():
         if "chosen" in r:
             lines += ["", f"{name}: per texture, the one of {', '.join(r['candidates'])} whose run reached the lowest "
-                      f"{r['chosen_by']} (synthetic defects on the held-out band; no test window seen); its train s: all candidates'."]
+                      f"{r['chosen_by']} (synthetic defects on the held-out band; no test window seen); its train s: all candidates'. "
+                      "Their figures: " + "; ".join(f"{tex} " + ", ".join(f"{c} {v:.4f}" for c, v in r["validation"][tex].items())
+                                                    for tex in r["chosen"]) + "."]
     lines += ["", f"Targets: image AUROC >= {TARGETS['image_auroc']}, pixel AUROC >= {TARGETS['pixel_auroc']}, "
               f"false alarms <= {TARGETS['false_alarm_rate']:.0%}.", ""] + [f"- {p}" for p in PUBLISHED]
     lines += ["", "Commands:", "", "```", *report["commands"], "```", ""]
@@ -278,11 +281,11 @@ def main(argv=None) -> None:
                                           + (f" --work-dir {os.path.relpath(args.work_dir, REPO)}" if args.work_dir != REPO / "runs" / "textures" else "")
                                           + (f" --name {args.name}" if args.name != "textures" else "")]}
     for recipe in recipes:
-        per_texture, seconds, chosen = [], {}, {}
+        per_texture, seconds, chosen, validation = [], {}, {}, {}
         for texture in textures:
             data = build_data(texture, args.work_dir / texture / "data", args.test_images, args.seed)
             if recipe in CHOSEN:
-                chosen[texture], model, secs = choose(args, texture, recipe, data)
+                chosen[texture], validation[texture], model, secs = choose(args, texture, recipe, data)
             else:
                 model, secs = train_and_export(args, texture, recipe, data)
             seconds[texture] = f"{secs:.0f}"
@@ -290,7 +293,8 @@ def main(argv=None) -> None:
             print(f"{recipe} {texture}: " + ", ".join(f"{k} {v:.3f}" for k, v in figures(per_texture[-1], np.arange(args.test_images)).items()
                                                     if k in TARGETS or k == "detection_rate"), flush=True)
         if recipe in CHOSEN:
-            options = {"chosen": chosen, "candidates": list(CHOSEN[recipe][0]), "chosen_by": CHOSEN[recipe][1]}
+            options = {"chosen": chosen, "candidates": list(CHOSEN[recipe][0]), "chosen_by": CHOSEN[recipe][1],
+                       "validation": validation}
         else:
             options = {"train_options": RECIPES[SHARED_TRAIN.get(recipe, recipe)][0], "export_options": RECIPES[recipe][1]}
         report["recipes"][recipe] = {**bootstrap(per_texture, args.bootstrap, args.seed), "train_seconds": seconds, **options}
