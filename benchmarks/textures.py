@@ -70,7 +70,8 @@ SHARED_TRAIN = {"aae-ssim-score": "aae"}  # recipe -> recipe whose checkpoint it
 # recipe -> (candidate recipes, validation figure): per texture, the candidate whose run reached the
 # lowest figure on its held-out band (the one best.pt is chosen by) is scored, the way a user picks
 # among trainings of their part without looking at defects they have not seen yet
-CHOSEN = {"draem-chosen": (("draem", "draem-b16", "draem-scale"), "val_segment_loss")}
+CHOSEN = {"draem-chosen": (("draem", "draem-b16", "draem-scale"), "val_segment_loss"),
+          "draem-chosen-zoom": (("draem", "draem-scale"), "val_segment_loss")}  # with or without zoomed crops
 PUBLISHED = ["MVTec AD textures, mean pixel AUROC (another data set; context only): AE with SSIM loss about 0.78 "
              "(Bergmann et al. 2019), RIAD about 0.94, DRAEM about 0.97."]
 TARGETS = {"image_auroc": 0.95, "pixel_auroc": 0.95, "false_alarm_rate": 0.02}
