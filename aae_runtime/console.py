@@ -150,7 +150,7 @@ class Table:
         self.columns.append(_Column(header, justify, overflow == "fold" and not no_wrap))
 
     def add_row(self, *cells: str) -> None:
-        self.rows.append(tuple(cells) + ("",) * (len(self.columns) - len(cells)))
+        self.rows.append(tuple(cells))  # short rows are filled out when drawn (`lines`)
 
     def lines(self, color: bool, width: int | None = None, unicode: bool = True) -> list[str]:
         """The table's lines; with ``width`` (a terminal's), columns are narrowed, widest first,
