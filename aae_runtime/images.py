@@ -131,7 +131,7 @@ def _open_image(f, max_pixels: int | None = None) -> tuple[Image.Image, int]:
         size = _size_or_none(f)
         if size == 0:
             raise InputError("empty file (0 bytes)") from None
-        raise InputError(f"not an image, or not one of the accepted formats ({', '.join(FORMATS)})") from None
+        raise InputError(_unidentified(f)) from None
     except Exception as exc:  # Pillow's header parsers raise a zoo of types on hostile bytes
         raise InputError(_decode_failure(exc, "image header")) from None
     try:
@@ -154,6 +154,31 @@ def _open_image(f, max_pixels: int | None = None) -> tuple[Image.Image, int]:
     except Exception as exc:
         img.close()
         raise InputError(_decode_failure(exc, "image header")) from None
+
+
+# File signatures of the accepted formats: a file that starts like one but that Pillow cannot
+# identify is a variant it does not decode, or a damaged header, not "not an image"
+_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
+               (b"II+\x00", "BigTIFF"), (b"MM\x00+", "BigTIFF"), (b"GIF8", "GIF"), (b"BM", "BMP"))
+
+
+def _unidentified(f) -> str:
+    """Why Pillow could not identify the open file ``f``, from its first bytes."""
+    try:
+        f.seek(0)
+        head = f.read(12)
+    except (OSError, ValueError):
+        head = b""
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        kind = "WEBP"
+    else:
+        kind = next((name for sig, name in _SIGNATURES if head.startswith(sig)), None)
+    if kind in ("TIFF", "BigTIFF"):
+        return (f"a {kind} file whose pixel format cannot be decoded (e.g. 64-bit float or complex samples) or whose "
+                "header is damaged: save it with 8- or 16-bit integer or 32-bit float samples")
+    if kind is not None:
+        return f"a {kind} file whose header cannot be decoded (damaged, or a variant of {kind} that is not supported)"
+    return f"not an image, or not one of the accepted formats ({', '.join(FORMATS)})"
 
 
 def _load(img: Image.Image) -> None:

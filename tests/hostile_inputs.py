@@ -56,6 +56,20 @@ def tiff_with_a_bad_tag() -> bytes:
     return bytes(data)
 
 
+def raw_tiff(pixels: np.ndarray, sample_format: int) -> bytes:
+    """An uncompressed one-strip grayscale TIFF of ``pixels`` (little-endian) with any sample
+    format (1 unsigned, 2 signed, 3 IEEE float, 6 complex float): for the formats Pillow cannot
+    write, such as the 64-bit floats and complex samples of scientific cameras."""
+    h, w = pixels.shape
+    data = pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
+    tags = [(256, w), (257, h), (258, pixels.dtype.itemsize * 8), (259, 1), (262, 1), (273, 8), (277, 1), (278, h),
+            (279, len(data)), (339, sample_format)]
+    out = b"II*\x00" + struct.pack("<I", 8 + len(data)) + data + struct.pack("<H", len(tags))
+    for tag, value in tags:  # LONG for the offsets and byte counts, SHORT for the others
+        out += struct.pack("<HHII", tag, 4, 1, value) if tag in (273, 279) else struct.pack("<HHIHH", tag, 3, 1, value, 0)
+    return out + struct.pack("<I", 0)
+
+
 def encode(pixels: np.ndarray | Image.Image, fmt: str, **kw) -> bytes:
     img = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels)
     buf = io.BytesIO()
@@ -151,6 +165,10 @@ def make_hostile_folder(root: Path, digits: np.ndarray) -> dict[str, str]:
     put("jpeg_magic_only.jpg", b"\xff\xd8\xff\xe0", ERROR)
     put("zero_width.png", png_bomb(0, 28), ERROR)
     put("tiff_bad_tag.tif", tiff_with_a_bad_tag(), ANY)  # Pillow warns about it; the CLI stays quiet
+    # Sample formats Pillow does not decode (a camera's float64 or complex TIFF), and one it does.
+    put("float64.tif", raw_tiff(digits[2].astype(np.float64) / 255, 3), ERROR)
+    put("complex64.tif", raw_tiff(digits[2].astype(np.complex64), 6), ERROR)
+    put("raw_float32.tif", raw_tiff(digits[2].astype(np.float32) / 255, 3), OK)
     put("random_bytes.png", np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes(), ERROR)
     # Decompression bombs: tiny files declaring images far larger than any camera.
     put("bomb_png_100kx100k.png", png_bomb(100_000, 100_000), ERROR)

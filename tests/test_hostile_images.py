@@ -105,6 +105,9 @@ def test_valid_files_are_scored_and_invalid_ones_say_why(hostile, cli_rows):
     ("io_error.png", "cannot read the file"),
     ("postscript.png", "not one of the accepted formats"),
     ("icon.png", "not one of the accepted formats"),
+    ("float64.tif", "TIFF file whose pixel format cannot be decoded"),
+    ("complex64.tif", "save it with 8- or 16-bit integer or 32-bit float samples"),
+    ("png_magic_only.png", "a PNG file whose header cannot be decoded"),
 ])
 def test_reasons_name_the_problem(cli_rows, name, words):
     _, rows = cli_rows
