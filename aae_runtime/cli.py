@@ -29,9 +29,9 @@ import typer
 
 from aae_runtime import __version__
 from aae_runtime.clierrors import EXIT_CANNOT_RUN, OneLineErrorsTyper
-from aae_runtime.console import Console, Table, escape
+from aae_runtime.console import Console, Table, display_path, literal
 from aae_runtime.contract.errors import AAEError
-from aae_runtime.images import display_path, save_grid
+from aae_runtime.images import save_grid
 from aae_runtime.contract.metadata import ENCODER_FILE, METADATA_KEY
 from aae_runtime.model import DEFAULT_BATCH_SIZE, AAEModel, ImageScore, file_scoring_threads
 from aae_runtime.report import FORMATS as RESULT_FORMATS, ResultStream
@@ -66,13 +66,14 @@ LowLatencyOpt = Annotated[bool, typer.Option(
 
 def _fail(exc: AAEError) -> typer.Exit:
     # escape: messages carry file names, and a name like "x[/]y" must not be read as markup
-    err.print(f"[red]error:[/red] {_printable(str(exc))}", highlight=False, markup=True)
+    err.print(f"[red]error:[/red] {literal(str(exc))}", highlight=False, markup=True)
     return typer.Exit(EXIT_CANNOT_RUN)
 
 
-def _printable(text: str) -> str:
-    """File names and messages as literal text: no markup, no control characters."""
-    return escape(display_path(text, controls=True))
+def _named(text: str) -> str:
+    """A file name in a usage error's message: control characters escaped (the message is
+    printed by `print_error`, which escapes markup itself)."""
+    return display_path(text, controls=True)
 
 
 def _check_finite(value: float | None, name: str) -> None:
@@ -83,7 +84,7 @@ def _check_finite(value: float | None, name: str) -> None:
 
 def _check_output(output: Path | None) -> None:
     if output is not None and output.suffix.lower() not in RESULT_FORMATS:
-        raise typer.BadParameter(f"{_printable(str(output))}: use a file name ending in {' or '.join(RESULT_FORMATS)}",
+        raise typer.BadParameter(f"{_named(str(output))}: use a file name ending in {' or '.join(RESULT_FORMATS)}",
                                  param_hint="--output")
 
 
@@ -102,10 +103,10 @@ def _check_apart(model: Path, **files: Path | None) -> None:
             continue
         real = os.path.realpath(path)
         if real == home or real.startswith(home + os.sep):
-            raise typer.BadParameter(f"{_printable(str(path))} is inside the model folder {_printable(str(model))}: "
+            raise typer.BadParameter(f"{_named(str(path))} is inside the model folder {_named(str(model))}: "
                                      "write the results elsewhere", param_hint=option)
         if real in seen:
-            raise typer.BadParameter(f"{_printable(str(path))} is also the file of {seen[real]}: give each its own file",
+            raise typer.BadParameter(f"{_named(str(path))} is also the file of {seen[real]}: give each its own file",
                                      param_hint=option)
         seen[real] = option
 
@@ -166,7 +167,7 @@ def score(
     if maps_raw and maps is None:
         raise typer.BadParameter("--maps-raw needs --maps DIR", param_hint="--maps-raw")
     if regions is not None and regions.suffix.lower() != ".csv":
-        raise typer.BadParameter(f"{_printable(str(regions))}: use a file name ending in .csv", param_hint="--regions")
+        raise typer.BadParameter(f"{_named(str(regions))}: use a file name ending in .csv", param_hint="--regions")
     if regions is not None:
         _check_parent_exists(regions, "--regions")
     _check_finite(threshold, "--threshold")
@@ -238,14 +239,14 @@ def _finish(results: list[ImageScore], output: Path | None, stream, stopped: str
     folders); 1 when some image files could not be scored."""
     if stream is not None and stream.error is None:
         where = stream.close(complete=stopped is None)
-        err.print(f"wrote {len(results)} rows to {_printable(str(where))}", highlight=False)
+        err.print(f"wrote {len(results)} rows to {literal(str(where))}", highlight=False)
     if stopped is not None:
         err.print(f"[red]error:[/red] interrupted ({stopped}) after {len(results)} images"
-                  + (f"; their rows are in {_printable(str(stream.target))}" if stream is not None and stream.error is None else ""),
+                  + (f"; their rows are in {literal(str(stream.target))}" if stream is not None and stream.error is None else ""),
                   highlight=False)
         raise typer.Exit(EXIT_TERMINATED if stopped == "SIGTERM" else EXIT_INTERRUPTED)
     if stream is not None and stream.error is not None:
-        err.print(f"[red]error:[/red] {_printable(stream.error)}: the table above has the rows; free space or "
+        err.print(f"[red]error:[/red] {literal(stream.error)}: the table above has the rows; free space or "
                   "choose another --output", highlight=False)
         raise typer.Exit(EXIT_CANNOT_RUN)
     if not results:
@@ -253,8 +254,8 @@ def _finish(results: list[ImageScore], output: Path | None, stream, stopped: str
         raise typer.Exit(EXIT_CANNOT_RUN)
     if not any(r.ok or os.path.isfile(r.path) for r in results):
         first = results[0]
-        err.print(f"[red]error:[/red] no image file among the given paths ({_printable(first.path)}: "
-                  f"{_printable(first.error or '')}{', ...' if len(results) > 1 else ''}): check the paths", highlight=False)
+        err.print(f"[red]error:[/red] no image file among the given paths ({literal(first.path)}: "
+                  f"{literal(first.error or '')}{', ...' if len(results) > 1 else ''}): check the paths", highlight=False)
         raise typer.Exit(EXIT_CANNOT_RUN)
     if any(not r.ok for r in results):
         raise typer.Exit(EXIT_SOME_FAILED)
@@ -269,13 +270,13 @@ def _create_parent(path: Path, option: str) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise typer.BadParameter(f"cannot create folder {_printable(str(folder))} ({exc.strerror or exc})", param_hint=option)
-    err.print(f"created folder {_printable(str(folder))} for {option}", highlight=False)
+        raise typer.BadParameter(f"cannot create folder {_named(str(folder))} ({exc.strerror or exc})", param_hint=option)
+    err.print(f"created folder {literal(str(folder))} for {option}", highlight=False)
 
 
 def _check_parent_exists(path: Path, option: str) -> None:
     if not path.parent.is_dir():
-        raise typer.BadParameter(f"folder {_printable(str(path.parent))} does not exist: create it, or write "
+        raise typer.BadParameter(f"folder {_named(str(path.parent))} does not exist: create it, or write "
                                  "elsewhere", param_hint=option)
 
 
@@ -307,9 +308,9 @@ def _rows_with_maps(m: AAEModel, paths: list[Path], batch_size: int, maps: Path 
         if writer is not None:  # the index of the maps written, even when the run was stopped
             try:
                 writer.close()
-                err.print(f"wrote {len(writer.rows)} anomaly maps to {_printable(str(maps))} (index: maps.csv)", highlight=False)
+                err.print(f"wrote {len(writer.rows)} anomaly maps to {literal(str(maps))} (index: maps.csv)", highlight=False)
             except OSError as exc:
-                err.print(f"[red]error:[/red] --maps {_printable(str(maps))}: cannot write maps.csv ({exc.strerror or exc})",
+                err.print(f"[red]error:[/red] --maps {literal(str(maps))}: cannot write maps.csv ({exc.strerror or exc})",
                           highlight=False)
 
 
@@ -331,7 +332,7 @@ def _write_regions(found: list[tuple], path: Path) -> None:
         atomic_write_text(path, buf.getvalue())
     except OSError as exc:
         raise AAEError(f"--regions {path}: cannot write ({exc.strerror or exc})") from None
-    err.print(f"wrote {len(found)} regions above the map threshold to {_printable(str(path))}", highlight=False)
+    err.print(f"wrote {len(found)} regions above the map threshold to {literal(str(path))}", highlight=False)
 
 
 def _print_scores(results: list[ImageScore], m: AAEModel, show: int) -> None:
@@ -345,8 +346,8 @@ def _print_scores(results: list[ImageScore], m: AAEModel, show: int) -> None:
     shown = results if show == 0 else results[:show]
     for r in shown:
         flag = "" if r.anomaly is None else ("[red]yes[/red]" if r.anomaly else "no")
-        table.add_row(_printable(r.path), "" if r.score is None else f"{r.score:.6f}",
-                      "" if r.normalized is None else f"{r.normalized:.3f}", flag, _printable(r.error or ""))
+        table.add_row(literal(r.path), "" if r.score is None else f"{r.score:.6f}",
+                      "" if r.normalized is None else f"{r.normalized:.3f}", flag, literal(r.error or ""))
     out.print_table(table)
     if len(shown) < len(results):
         out.print(f"... {len(results) - len(shown)} more rows (use --output FILE for all, or --show 0)")
@@ -377,21 +378,21 @@ def watch(
     from aae_runtime.watch import WATCH_FORMATS, Watcher
 
     if not inbox.is_dir():
-        raise typer.BadParameter(f"folder {_printable(str(inbox))} does not exist", param_hint="INBOX")
+        raise typer.BadParameter(f"folder {_named(str(inbox))} does not exist", param_hint="INBOX")
     if output.suffix.lower() not in WATCH_FORMATS:
-        raise typer.BadParameter(f"{_printable(str(output))}: use a file name ending in {' or '.join(WATCH_FORMATS)}",
+        raise typer.BadParameter(f"{_named(str(output))}: use a file name ending in {' or '.join(WATCH_FORMATS)}",
                                  param_hint="--output")
     _check_apart(model, **{"--output": output})
     _create_parent(output, "--output")
     try:
         m = _load(model, device, threads=threads)
         watcher = Watcher(m, inbox, output, done=done, failed=failed, batch_size=batch_size, settle_s=settle, poll=poll,
-                          log=lambda line: err.print(f"[yellow]note:[/yellow] {_printable(line)}", highlight=False))
+                          log=lambda line: err.print(f"[yellow]note:[/yellow] {literal(line)}", highlight=False))
     except AAEError as exc:
         raise _fail(exc)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: watcher.stop())
-    err.print(f"watching {_printable(str(inbox))}; rows to {_printable(str(output))}", highlight=False)
+    err.print(f"watching {literal(str(inbox))}; rows to {literal(str(output))}", highlight=False)
     try:
         stats = watcher.run()
     except AAEError as exc:
@@ -430,7 +431,7 @@ def serve(
                                   max_pixels=int(max_megapixels * 1e6),
                                   token=service.read_token(token_file), noop_endpoint=noop_endpoint)
         service.serve(model, cfg, SessionConfig(device=device, threads=threads),
-                      log=lambda line: err.print(_printable(line), highlight=False))
+                      log=lambda line: err.print(literal(line), highlight=False))
     except AAEError as exc:
         raise _fail(exc)
 
@@ -453,7 +454,7 @@ def calibrate(
     _check_finite(percentile, "--percentile")
     both = {os.path.realpath(p) for p in normal} & {os.path.realpath(p) for p in anomalies or []}
     if both:
-        raise typer.BadParameter(f"{_printable(sorted(both)[0])} is given as normal and as anomalous: an F1 threshold "
+        raise typer.BadParameter(f"{_named(sorted(both)[0])} is given as normal and as anomalous: an F1 threshold "
                                  "needs two different sets of images", param_hint="--anomalies")
     try:
         m = _load(model, "cpu")
@@ -469,10 +470,10 @@ def calibrate(
     except AAEError as exc:
         raise _fail(exc)
     for path, reason in failed + failed_anomalies:
-        err.print(f"[yellow]skipped[/yellow] {_printable(path)}: {_printable(reason)}", highlight=False)
+        err.print(f"[yellow]skipped[/yellow] {literal(path)}: {literal(reason)}", highlight=False)
     t = meta["threshold"]
     how = f"F1-optimal (F1 {t['f1']:.3f})" if t["method"] == "f1" else f"{t['percentile']:g}th percentile"
-    out.print(f"recalibrated {_printable(str(model))}: score {meta['score']['name']}, threshold {t['value']:.6g} = {how} "
+    out.print(f"recalibrated {literal(str(model))}: score {meta['score']['name']}, threshold {t['value']:.6g} = {how} "
               f"of {t['stats']['count']} normal images", highlight=False)
     if failed or failed_anomalies:
         raise typer.Exit(EXIT_SOME_FAILED)
@@ -515,7 +516,7 @@ def sample(
     except OSError as exc:
         raise _fail(AAEError(f"--out {out_path}: cannot write ({exc.strerror or exc}); the previous file, if any, is unchanged"))
     what = f"{len(images)} samples" + (f" of class {label}" if label is not None else "") + (" (rows: style codes, columns: classes)" if grid else "")
-    err.print(f"wrote {what} from the {m.metadata.prior['name']} prior to {_printable(str(out_path))}", highlight=False)
+    err.print(f"wrote {what} from the {m.metadata.prior['name']} prior to {literal(str(out_path))}", highlight=False)
 
 
 @app.command(epilog=EXIT_CODES_HELP)
@@ -540,7 +541,7 @@ def evaluate(
 
     _check_finite(threshold, "--threshold")
     if output is not None and output.suffix.lower() != ".json":
-        raise typer.BadParameter(f"{_printable(str(output))}: use a file name ending in .json", param_hint="--output")
+        raise typer.BadParameter(f"{_named(str(output))}: use a file name ending in .json", param_hint="--output")
     if output is not None:
         _create_parent(output, "--output")
     try:
@@ -555,9 +556,9 @@ def evaluate(
     except OSError as exc:
         raise _fail(AAEError(f"--output {output}: cannot write ({exc.strerror or exc})"))
     for path, reason in result.failed:
-        err.print(f"[yellow]skipped[/yellow] {_printable(path)}: {_printable(reason)}", highlight=False)
+        err.print(f"[yellow]skipped[/yellow] {literal(path)}: {literal(reason)}", highlight=False)
     for note in result.notes:
-        err.print(f"[yellow]note:[/yellow] {_printable(note)}", highlight=False)
+        err.print(f"[yellow]note:[/yellow] {literal(note)}", highlight=False)
     table = Table(title=f"{m.score_name} score, threshold {m.threshold:.6g} ({m.threshold_source})")
     table.add_column("figure")
     table.add_column("value", justify="right")
@@ -569,10 +570,10 @@ def evaluate(
     table.add_row("detections at threshold", f"{result.detections} of {result.anomalous} ({result.detection_rate:.1%})")
     for kind, k in sorted(result.per_kind.items()):
         if len(result.per_kind) > 1:
-            table.add_row(f"  detected: {_printable(kind)}", f"{k['detected']} of {k['images']} ({k['detected'] / k['images']:.1%})")
+            table.add_row(f"  detected: {literal(kind)}", f"{k['detected']} of {k['images']} ({k['detected'] / k['images']:.1%})")
     out.print_table(table)
     if output is not None:
-        err.print(f"wrote {_printable(str(output))}", highlight=False)
+        err.print(f"wrote {literal(str(output))}", highlight=False)
     if result.failed:
         raise typer.Exit(EXIT_SOME_FAILED)
 
@@ -607,7 +608,7 @@ def classify(
 
 
 def _print_classes(results: list[ImageScore], m: AAEModel, show: int) -> None:
-    table = Table(title=f"classes {', '.join(m.classes)}; {m.score_name} score, threshold {m.threshold:.6g}")
+    table = Table(title=f"classes {', '.join(map(literal, m.classes))}; {m.score_name} score, threshold {m.threshold:.6g}")
     for name, justify in (("path", "left"), ("label", "center"), ("confidence", "right"), ("score", "right"),
                           ("anomaly", "center"), ("error", "left")):
         table.add_column(name, justify=justify, overflow="fold" if name in ("path", "error") else None,
@@ -616,9 +617,9 @@ def _print_classes(results: list[ImageScore], m: AAEModel, show: int) -> None:
     for r in shown:
         p = r.probabilities
         best = int(p.argmax()) if p is not None else None
-        table.add_row(_printable(r.path), "" if p is None else m.classes[best], "" if p is None else f"{p[best]:.3f}",
+        table.add_row(literal(r.path), "" if p is None else literal(m.classes[best]), "" if p is None else f"{p[best]:.3f}",
                       "" if r.score is None else f"{r.score:.6f}",
-                      "" if r.anomaly is None else ("[red]yes[/red]" if r.anomaly else "no"), _printable(r.error or ""))
+                      "" if r.anomaly is None else ("[red]yes[/red]" if r.anomaly else "no"), literal(r.error or ""))
     out.print_table(table)
     if len(shown) < len(results):
         out.print(f"... {len(results) - len(shown)} more rows (use --output FILE for all, or --show 0)")
@@ -644,8 +645,8 @@ def info(
         out.print_json(json.dumps(m.metadata.raw))
     else:
         for name, value in describe(m.metadata.raw):
-            out.print(f"{name + ':':<11}{_printable(value)}", highlight=False)
-        out.print(f"{'':<11}(all metadata: aae-run info --model {_printable(str(model))} --json)", highlight=False)
+            out.print(f"{name + ':':<11}{literal(value)}", highlight=False)
+        out.print(f"{'':<11}(all metadata: aae-run info --model {literal(str(model))} --json)", highlight=False)
     to = err if as_json else out  # --json: stdout is the JSON alone, for a program to read
     to.print(f"providers usable here: {', '.join(usable)}", highlight=False)
     to.print(f"providers running:   {', '.join(m.providers)}", highlight=False)
@@ -701,7 +702,7 @@ def bench(
         raise typer.BadParameter(f"{batch_sizes!r}: give positive integers separated by commas, e.g. 1,8,64", param_hint="--batch-sizes")
     _check_parent_exists(out_dir, "--out-dir")
     if out_dir.exists() and not out_dir.is_dir():
-        raise typer.BadParameter(f"{_printable(str(out_dir))} is a file, not a folder: name a folder for the report",
+        raise typer.BadParameter(f"{_named(str(out_dir))} is a file, not a folder: name a folder for the report",
                                  param_hint="--out-dir")
     from aae_runtime import bench as b  # only this command pays for the benchmark code
 
@@ -719,7 +720,7 @@ def bench(
         paths = b.write_report(report, out_dir)
     except OSError as exc:
         raise _fail(AAEError(f"--out-dir {out_dir}: cannot write the report ({exc.strerror or exc})"))
-    err.print(f"wrote {', '.join(_printable(str(p)) for p in paths.values())}", highlight=False)
+    err.print(f"wrote {', '.join(literal(str(p)) for p in paths.values())}", highlight=False)
 
 
 @app.callback(invoke_without_command=True)

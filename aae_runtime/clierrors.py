@@ -23,7 +23,7 @@ try:  # Typer >= 0.29 vendors Click, whose UsageError is then another class than
 except ImportError:  # pragma: no cover - older Typer on real Click
     from click.exceptions import UsageError
 
-from aae_runtime.console import Console, escape
+from aae_runtime.console import Console, display_path, escape
 
 EXIT_CANNOT_RUN = 2
 DEBUG_ENV = "AAE_DEBUG"
@@ -31,8 +31,10 @@ DEBUG_ENV = "AAE_DEBUG"
 
 def print_error(message: str, console: Any = None) -> None:
     """``error: message`` on stderr (or ``console``: this package's or a Rich one); the message
-    is printed literally (no markup)."""
-    (console or Console(stderr=True)).print(f"[red]error:[/red] {escape(message)}", highlight=False)
+    is printed literally (no markup; control characters escaped, so a file name cannot drive the
+    terminal)."""
+    (console or Console(stderr=True)).print(f"[red]error:[/red] {escape(display_path(message, controls=True))}",
+                                            highlight=False)
 
 
 class _OneLineUsageError(UsageError):

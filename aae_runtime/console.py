@@ -30,6 +30,32 @@ _ESCAPE = re.compile(r"(\\*)(\[[a-z#/@][^[]*?])")
 MIN_FOLD_WIDTH = 8  # a folding column is never made narrower than this to fit a terminal
 
 
+def display_path(path: "str | os.PathLike[str]", controls: bool = False) -> str:
+    """``path`` as UTF-8 text: bytes of a non-UTF-8 file name (which Python keeps as lone
+    surrogates) become ``\\xff`` escapes instead of breaking the CSV writer or the console.
+
+    ``controls=True`` (for terminals) also escapes control characters, so that a file named
+    with a newline or an ANSI escape sequence cannot fake table rows or drive the terminal.
+    Idempotent: escaping twice gives what escaping once does.
+    """
+    text = str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return text.translate(_CONTROL_ESCAPES) if controls else text
+
+
+# C0 and C1 controls, the line and paragraph separators (U+2028-2029), and the bidirectional
+# overrides and isolates (U+202A-202E, U+2066-2069), with which a name could show itself
+# reversed in a terminal
+_CONTROL_ESCAPES = {c: (f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}")
+                    for c in (*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029, *range(0x202A, 0x202F),
+                              *range(0x2066, 0x206A))}
+
+
+def literal(text: "str | os.PathLike[str]") -> str:
+    """A file name or message to print through markup exactly as it is: control characters and
+    undecodable bytes escaped (`display_path`), markup escaped (`escape`)."""
+    return escape(display_path(text, controls=True))
+
+
 def escape(text: str) -> str:
     """``text`` to print literally, whatever brackets it holds (a file named ``x[red]y.png``):
     Rich's escaping of tags (so a Rich console prints it alike), without its doubling of a final
@@ -114,19 +140,33 @@ class Console:
         self._write(render(text, self.color) if markup else text)
 
     def print_json(self, text: str) -> None:
-        self._write(json.dumps(json.loads(text), indent=2, ensure_ascii=False))
+        """JSON, indented; characters the stream cannot encode as JSON's own escapes (``\\u00e9``),
+        so the output stays valid JSON."""
+        value = json.loads(text)
+        shown = json.dumps(value, indent=2, ensure_ascii=False)
+        if self._encoded(shown) != shown:
+            shown = json.dumps(value, indent=2, ensure_ascii=True)
+        self._write(shown)
 
     def print_table(self, table: "Table") -> None:
         """The table; in a terminal its folding columns are broken to fit its width, elsewhere
         (a file, a pipe) every row stays on one line."""
-        self._write("\n".join(table.lines(self.color, self.width if self.is_terminal else None, _fits_box(self.file))))
+        self._write("\n".join(table.lines(self.color, self.width if self.is_terminal else None, _fits_box(self.file),
+                                          self._encoded)))
+
+    def _encoded(self, text: str) -> str:
+        """``text`` as the stream shows it: a character it cannot encode becomes its escape (\\u90e8)."""
+        encoding = getattr(self.file, "encoding", None)
+        if not encoding:
+            return text
+        try:
+            return text.encode(encoding, "backslashreplace").decode(encoding, "replace")
+        except LookupError:  # an encoding Python does not know: leave it to the stream
+            return text
 
     def _write(self, text: str) -> None:
         file = self.file
-        encoding = getattr(file, "encoding", None)
-        if encoding:  # a stream that cannot show a character gets its escape (\u90e8), not an error
-            text = text.encode(encoding, "backslashreplace").decode(encoding, "replace")
-        file.write(text + "\n")
+        file.write(self._encoded(text) + "\n")  # never an encoding error, whatever the stream
         file.flush()
 
 
@@ -152,23 +192,29 @@ class Table:
     def add_row(self, *cells: str) -> None:
         self.rows.append(tuple(cells))  # short rows are filled out when drawn (`lines`)
 
-    def lines(self, color: bool, width: int | None = None, unicode: bool = True) -> list[str]:
+    def lines(self, color: bool, width: int | None = None, unicode: bool = True, shown=None) -> list[str]:
         """The table's lines; with ``width`` (a terminal's), columns are narrowed, widest first,
         until it fits: the folding ones (paths, errors) down to MIN_FOLD_WIDTH, then headers wider
-        than their column's values, then the folding ones down to one character, then any column
-        (a terminal too narrow for the table still gets lines that do not wrap)."""
+        than their column's values, then the folding ones down to two columns, then any column
+        (a terminal too narrow for the table still gets lines that do not wrap; a cell of a
+        column that does not fold, a number, is then cut short with an ellipsis, never broken).
+        ``shown``: how the stream shows a text (escapes for what it cannot encode), applied
+        before anything is measured."""
         heavy, light = ("━┏┳┓┃┡╇┩", "─│└┴┘") if unicode else ("-+++|+++", "-|+++")
+        shown = shown or (lambda text: text)
         rows = [row + ("",) * (len(self.columns) - len(row)) for row in self.rows]  # columns added after rows
-        plain = [[render(c, False) for c in row] for row in rows]
+        plain = [[shown(render(c, False)) for c in row] for row in rows]
+        headers = [shown(c.header) for c in self.columns]
         values = [max([cells(row[i]) for row in plain], default=0) for i in range(len(self.columns))]
-        widths = [max(cells(c.header), values[i]) for i, c in enumerate(self.columns)]
+        widths = [max(cells(h), values[i]) for i, h in enumerate(headers)]
         if width is not None:
             excess = sum(widths) + 3 * len(widths) + 1 - width
             fold = [c.fold for c in self.columns]
+            least = [min(w, 2) for w in widths]  # two: room for one wide character
             floors = ([MIN_FOLD_WIDTH if f else w for f, w in zip(fold, widths)],  # each pass: the least width of each column
                       [MIN_FOLD_WIDTH if f else max(1, v) for f, v in zip(fold, values)],
-                      [1 if f else max(1, v) for f, v in zip(fold, values)],
-                      [1] * len(widths))
+                      [m if f else max(m, v) for f, v, m in zip(fold, values, least)],
+                      least)
             for floor in floors:
                 while excess > 0:
                     narrower = [i for i in range(len(widths)) if widths[i] > floor[i]]
@@ -184,14 +230,17 @@ class Table:
             return " " * left + shown + " " * (room - left)
 
         def row_lines(texts: list[str], styled: list[str], edge: str) -> list[str]:
-            """One row, its cells broken over as many lines as the widest needs (a broken cell loses its colour)."""
-            pieces = [_fold(t, widths[i]) if cells(t) > widths[i] else [t] for i, t in enumerate(texts)]
+            """One row, its cells broken over as many lines as the widest needs (a broken or cut
+            cell loses its colour)."""
+            pieces = [[t] if cells(t) <= widths[i] else _fold(t, widths[i]) if self.columns[i].fold
+                      else [_cut(t, widths[i], unicode)] for i, t in enumerate(texts)]
             out = []
             for k in range(max(len(p) for p in pieces)):
                 parts = []
                 for i, p in enumerate(pieces):
                     part = p[k] if k < len(p) else ""
-                    parts.append(f" {cell(part, styled[i] if len(p) == 1 and k == 0 else part, i)} ")
+                    whole = len(p) == 1 and k == 0 and part == texts[i]
+                    parts.append(f" {cell(part, styled[i] if whole else part, i)} ")
                 out.append(edge + edge.join(parts) + edge)
             return out
 
@@ -200,25 +249,45 @@ class Table:
 
         lines = []
         if self.title:
-            title = render(self.title, False)
+            title = shown(render(self.title, False))
             for piece in _fold(title, total) if width is not None and cells(title) > total else [title]:
                 pad = " " * max(0, (total - cells(piece)) // 2)
                 lines.append(pad + (f"\x1b[3m{piece}\x1b[0m" if color else piece))
         lines.append(rule(heavy[1:4], heavy[0]))
-        headers = [c.header for c in self.columns]
         lines += row_lines(headers, [f"\x1b[1m{h}\x1b[0m" if color else h for h in headers], heavy[4])
         lines.append(rule(heavy[5:8], heavy[0]))
         for row, texts in zip(rows, plain):
-            lines += row_lines(texts, [render(c, color) for c in row], light[1])
+            lines += row_lines(texts, [shown(render(c, color)) for c in row], light[1])
         lines.append(light[2] + light[3].join(light[0] * (w + 2) for w in widths) + light[4])
         return lines
 
 
 def cells(text: str) -> int:
-    """Terminal columns ``text`` takes: two for a wide character (CJK, most emoji), none for a
-    mark that joins the one before it, an invisible format character (a zero-width space), a
-    Hangul vowel or final of a composed syllable or an emoji's skin tone."""
-    return sum(_char_cells(ch) for ch in text)
+    """Terminal columns ``text`` takes: two for a wide character (CJK, most emoji, a character
+    made an emoji by U+FE0F), none for a mark that joins the one before it, an invisible format
+    character (a zero-width space), a Hangul vowel or final of a composed syllable, an emoji's
+    skin tone or a character joined to the one before by a zero-width joiner (U+200D: the
+    family emoji is one picture)."""
+    return sum(w for _, w in _clusters(text))
+
+
+def _clusters(text: str):
+    """(cluster, columns) for each piece of ``text`` that a terminal draws as one: a character
+    with the zero-width ones that follow it, and whatever a zero-width joiner joins to it."""
+    cluster, width, joined = "", 0, False
+    for ch in text:
+        w = _char_cells(ch)
+        if cluster and (w == 0 or joined):
+            cluster += ch
+            if ch == "\ufe0f" and width == 1:  # emoji presentation: a text symbol drawn as a (wide) emoji
+                width = 2
+        else:
+            if cluster:
+                yield cluster, width
+            cluster, width = ch, w
+        joined = ch == "\u200d"
+    if cluster:
+        yield cluster, width
 
 
 def _char_cells(ch: str) -> int:
@@ -230,15 +299,26 @@ def _char_cells(ch: str) -> int:
 
 
 def _fold(text: str, width: int) -> list[str]:
-    """``text`` in pieces of at most ``width`` columns (at least one character each)."""
+    """``text`` in pieces of at most ``width`` columns (at least one character cluster each)."""
     pieces, piece, used = [], "", 0
-    for ch in text:
-        w = _char_cells(ch)
+    for chunk, w in _clusters(text):
         if piece and used + w > width:
             pieces.append(piece)
             piece, used = "", 0
-        piece, used = piece + ch, used + w
+        piece, used = piece + chunk, used + w
     return pieces + [piece] if piece or not pieces else pieces
+
+
+def _cut(text: str, width: int, unicode: bool = True) -> str:
+    """``text`` cut to ``width`` columns, its end replaced by an ellipsis (as Rich shortens a
+    cell that may not wrap)."""
+    mark = "…" if unicode else "."
+    kept, used = "", 0
+    for chunk, w in _clusters(text):
+        if used + w > width - 1:
+            break
+        kept, used = kept + chunk, used + w
+    return kept + mark if width >= 1 else ""
 
 
 def _fits_box(file: TextIO) -> bool:

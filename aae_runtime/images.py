@@ -14,6 +14,7 @@ import math
 import os
 import stat
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".t
 # (JPEG includes the multi-picture MPO files some cameras write.)
 FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
 RESAMPLE = {name: Image.Resampling[name.upper()] for name in RESAMPLE_FILTERS}  # metadata name -> PIL filter
+EXIF_ORIENTATION = 0x0112  # the EXIF tag of how the stored pixels are turned
 _BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "La": 2, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
 
 _PILLOW_READY = False
@@ -81,6 +83,8 @@ def _decode(f, pre: Preprocessing, native: bool, max_pixels: int | None = None) 
     with _LARGE_DECODE if decoded_bytes > LARGE_IMAGE_BYTES else contextlib.nullcontext():
         _load(img)
         try:
+            if pre.orientation == "exif":
+                img = _upright(img)
             return image_to_array(img, pre, resize=not native)
         except (ValueError, OSError) as exc:  # e.g. a colour mode Pillow cannot convert
             raise InputError(f"cannot convert a {img.mode} image to {pre.color_mode} ({_first_line(exc)})") from None
@@ -231,6 +235,24 @@ def _file_kind(mode: int) -> str:
     return "special file"
 
 
+def _upright(img: Image.Image) -> Image.Image:
+    """``img`` turned as its EXIF orientation tag says (2-8: mirrored and/or turned), as photo
+    viewers show it; untouched (no copy) without a tag or with 1 (upright)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow warns of a damaged EXIF block; the pixels are still fine
+            orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # a damaged EXIF block says nothing about how to turn the photo
+        return img
+    if orientation not in range(2, 9):
+        return img
+    from PIL import ImageOps  # only for a photo that needs turning (a cold start does not pay for it)
+
+    turned = ImageOps.exif_transpose(img)
+    img.close()
+    return turned
+
+
 def image_to_array(img: Image.Image, pre: Preprocessing, resize: bool = True) -> np.ndarray:
     """Convert a decoded PIL image to one model input, (C, H, W) float32 (resized to ``pre``'s size unless not ``resize``)."""
     img = _to_8bit(img)
@@ -245,20 +267,34 @@ def image_to_array(img: Image.Image, pre: Preprocessing, resize: bool = True) ->
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
-    """16-bit and float images are scaled to 8 bits over their full range, not clipped.
+    """16-bit, 32-bit integer and float images to 8 bits, scaled from the range their values
+    say they use, never clipped at the top: integers up to 255 as they are, up to 65535 as 16-bit
+    (a 16-bit camera's full range); floats up to 1.0 as [0, 1], up to 255 as [0, 255]. Values
+    beyond (a float photo in other units, a 32-bit count) and NaN or infinite values are an
+    `InputError` naming them, never a silently white or black image; negative values read as 0.
 
     Works in bands of rows, so a large 16-bit image costs ~1 extra byte per pixel, not the
     8-byte float copy per pixel a one-shot conversion would.
     """
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         wide = np.asarray(img)
-        top = 65535 if img.mode.startswith("I;16") or wide.max(initial=0) > 255 else 255
+        highest = int(wide.max(initial=0))
+        if highest > 65535:
+            raise InputError(f"a 32-bit integer image with values up to {highest}: this reader takes integer samples of "
+                             "at most 16 bits (0-65535); save it as 8- or 16-bit")
+        top = 65535 if img.mode.startswith("I;16") or highest > 255 else 255
         return Image.fromarray(_rescale_rows(wide, lambda a: (np.clip(a, 0, top).astype(np.int64) * 255 + top // 2) // top),
                                mode="L")
     if img.mode == "F":
         wide = np.asarray(img)
-        top = 1.0 if np.nanmax(wide, initial=0) <= 1.0 else 255.0
-        return Image.fromarray(_rescale_rows(wide, lambda a: np.clip(np.rint(np.nan_to_num(a.astype(np.float64)) * (255.0 / top)), 0, 255)),
+        if not np.isfinite(wide).all():
+            raise InputError("a float image holding NaN or infinite values: replace them (e.g. by 0) before scoring")
+        highest = float(wide.max(initial=0))
+        if highest > 255.0:
+            raise InputError(f"a float image with values up to {highest:.6g}: this reader takes float samples in [0, 1] "
+                             "or [0, 255]; scale them into one of these ranges")
+        top = 1.0 if highest <= 1.0 else 255.0
+        return Image.fromarray(_rescale_rows(wide, lambda a: np.clip(np.rint(a.astype(np.float64) * (255.0 / top)), 0, 255)),
                                mode="L")
     return img
 
@@ -309,23 +345,6 @@ def save_png(img: Image.Image, path: str | Path) -> Path:
 def save_image(image: np.ndarray, path: str | Path) -> Path:
     """Write one image (C, H, W) in [0, 1] as an 8-bit PNG (grayscale or RGB)."""
     return save_grid(image[None], path, ncols=1, pad=0)
-
-
-def display_path(path: str | Path, controls: bool = False) -> str:
-    """``path`` as UTF-8 text: bytes of a non-UTF-8 file name (which Python keeps as lone
-    surrogates) become ``\\xff`` escapes instead of breaking the CSV writer or the console.
-
-    ``controls=True`` (for terminals) also escapes control characters, so that a file named
-    with a newline or an ANSI escape sequence cannot fake table rows or drive the terminal.
-    """
-    text = str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    return text.translate(_CONTROL_ESCAPES) if controls else text
-
-
-# C0 and C1 controls, and the bidirectional overrides and isolates (U+202A-202E, U+2066-2069),
-# with which a name could show itself reversed in a terminal
-_CONTROL_ESCAPES = {c: (f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}")
-                    for c in (*range(0x20), *range(0x7F, 0xA0), *range(0x202A, 0x202F), *range(0x2066, 0x206A))}
 
 
 def find_images(paths: list[str | Path], follow_links: bool = True) -> list[Path]:

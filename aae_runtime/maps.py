@@ -28,7 +28,7 @@ from PIL import Image
 
 from aae_runtime.contract.errors import InputError
 from aae_runtime.contract.fileio import atomic_write_bytes, atomic_write_text
-from aae_runtime.images import display_path
+from aae_runtime.console import display_path
 
 MIN_PANEL = 112  # pixels: smaller inputs are enlarged to at least this
 OVERLAY_ALPHA = 0.55

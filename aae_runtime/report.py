@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from aae_runtime.contract.errors import InputError
-from aae_runtime.images import display_path
+from aae_runtime.console import display_path
 from aae_runtime.model import ImageScore
 
 FIELDS = ("path", "score", "normalized_score", "threshold", "anomaly", "error")

@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.text import Text
 
 from aae_runtime.clierrors import OneLineErrorsTyper, print_error
+from aae_runtime.console import literal
 from aae_runtime.contract.errors import AAEError
 from aae_runtime.images import RESAMPLE
 from aae_runtime.contract.priors import PRIOR_NAMES, make_prior_spec
@@ -408,7 +409,7 @@ def folder(
     if crop is not None and size is not None:
         raise typer.BadParameter("--crop and --size exclude each other: crops keep the photo's resolution, --size resizes",
                                  param_hint="--crop")
-    if crop is None and (crops_per_image is not None or augment is not None):
+    if crop is None and resume is None and (crops_per_image is not None or augment is not None):  # resumed: the checkpoint's crop
         raise typer.BadParameter("needs --crop (crops of whole photos)", param_hint="--crops-per-image" if crops_per_image else "--augment")
     if crop is not None and family in ("supervised", "semi"):
         raise typer.BadParameter(f"--crop trains on unlabelled crops; --family {family} needs whole labelled images (use --size)",
@@ -560,13 +561,35 @@ def _leave_rank_error(message: str) -> bool:
 
 
 def _print_other_ranks_errors(folder: Path) -> None:
-    """The error lines of ranks other than 0 that say something rank 0's does not (each once)."""
+    """The error lines of ranks other than 0 that say something rank 0's does not (each once);
+    a rank that only lost contact with the others is left out when another rank said why."""
     lines = {int(p.stem[4:]): p.read_text() for p in folder.glob("rank*.txt") if p.stem[4:].isdigit()}
     seen = {lines.get(0)}
+    causes = [line for line in lines.values() if not line.startswith(PEER_LOST)]
     for rank in sorted(r for r in lines if r != 0):
-        if lines[rank] not in seen:
+        if lines[rank] not in seen and not (causes and lines[rank].startswith(PEER_LOST)):
             print_error(f"rank {rank}: {lines[rank]}", err)
             seen.add(lines[rank])
+
+
+PEER_LOST = "stopped: another process of this run stopped or cannot be reached"
+
+
+def _lost_peer(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective operation failing because another process is gone
+    (gloo's "Connection closed by peer", NCCL's errors, torch.distributed's own)."""
+    import torch.distributed as dist
+
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(word in text for word in ("gloo", "nccl", "by peer", "connection reset",
+                                                                         "broken pipe", "timed out"))
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:160]
 
 
 def given_options(ctx: typer.Context) -> dict:
@@ -620,6 +643,13 @@ def _run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, 
             raise typer.Exit(2)
         except KeyboardInterrupt:
             raise typer.Exit(stopped())
+        except Exception as exc:  # another process stopped (its own error, a signal): not a bug of this one
+            if not _lost_peer(exc):
+                raise
+            message = f"{PEER_LOST} ({_first_line(exc)})"
+            if not _leave_rank_error(message):
+                print_error(f"rank {os.environ['RANK']}: {message}", err)
+            raise typer.Exit(2)
         return
 
     with Progress(
@@ -637,13 +667,14 @@ def _run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, 
 
         def on_start(trainer, n_train: int, n_val: int) -> None:
             for note in trainer.notes:
-                err.print(f"[yellow]warning:[/yellow] {note}", highlight=False)
+                err.print(f"[yellow]warning:[/yellow] {literal(note)}", highlight=False)
             if trainer.crops is not None:
                 err.print(f"training on {trainer.device}: {n_train} random {trainer.crops.crop} x {trainer.crops.crop} crops an "
-                          f"epoch from {len(trainer.crops.photos)} photo(s); {trainer.held_out}; run folder {out}", highlight=False)
+                          f"epoch from {len(trainer.crops.photos)} photo(s); {literal(trainer.held_out)}; "
+                          f"run folder {literal(out)}", highlight=False)
             else:
                 streamed = f" ({trainer.streamed})" if trainer.streamed else ""
-                err.print(f"training on {trainer.device}: {n_train} images, {n_val} held out{streamed}; run folder {out}",
+                err.print(f"training on {trainer.device}: {n_train} images, {n_val} held out{streamed}; run folder {literal(out)}",
                           highlight=False)
 
         def on_step(step: int, steps: int, losses: dict) -> None:
@@ -676,7 +707,16 @@ def _run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, 
             progress.stop()
             print_error("interrupted while loading the data: nothing written", err)
             raise typer.Exit(stopped())
-    err.print(f"checkpoint: {result.checkpoint}\nplots: {', '.join(str(out / name) for name in PLOT_NAMES)}", highlight=False)
+        except Exception as exc:  # with several processes: another one stopped (its error is its own line)
+            if os.environ.get("WORLD_SIZE", "1") == "1" or not _lost_peer(exc):
+                raise
+            progress.stop()
+            message = f"{PEER_LOST} ({_first_line(exc)})"
+            print_error(message, err)
+            _leave_rank_error(message)
+            raise typer.Exit(2)
+    err.print(f"checkpoint: {literal(result.checkpoint)}\nplots: {', '.join(literal(out / name) for name in PLOT_NAMES)}",
+              highlight=False)
 
 
 @app.command("demo-images")
@@ -694,7 +734,7 @@ def demo_images(
     except AAEError as exc:
         print_error(str(exc), err)  # literal text: paths may hold "[/]"
         raise typer.Exit(2)
-    err.print(f"wrote {len(paths)} images under {out}", highlight=False)
+    err.print(f"wrote {len(paths)} images under {literal(out)}", highlight=False)
 
 
 @app.callback()

@@ -11,6 +11,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from aae_runtime.contract.preprocessing import ORIENTATIONS
 from aae_runtime.contract.priors import make_prior_spec
 
 ARCHS = ("mlp", "conv")
@@ -67,6 +68,7 @@ class DataConfig:
     crop: int | None = None  # folder: train on random crop x crop crops of whole photos (none: resize to image_size)
     crops_per_image: int | None = None  # crops per training photo per epoch (None: aae_train.crops.EPOCH_CROPS in all)
     augment: tuple[str, ...] = ()  # crop augmentations the part allows: "flip", "rot90", "scale" (aae_train.crops)
+    orientation: str = "exif"  # folder: photos turned upright by their EXIF tag ("stored": as stored; runs from before)
 
     def __post_init__(self) -> None:
         if self.source not in DATA_SOURCES:
@@ -79,6 +81,8 @@ class DataConfig:
             raise ValueError("crop must be at least 8 pixels, and excludes image_size (--crop and --size exclude each other)")
         if self.crops_per_image is not None and self.crops_per_image < 1:
             raise ValueError("crops per image must be at least 1")
+        if self.orientation not in ORIENTATIONS:
+            raise ValueError(f"unknown orientation {self.orientation!r}; choose one of {', '.join(ORIENTATIONS)}")
         if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) < 1):
             raise ValueError(f"image size must be two positive integers (height, width), got {self.image_size!r}")
 
@@ -157,9 +161,10 @@ class RunConfig:
         from aae_train.families import get_family
 
         family = d.get("family", "aae")
+        data = {"orientation": "stored", **d.get("data", {})}  # a run from before EXIF tags were read took pixels as stored
         return cls(
             model=_build(ModelConfig, d.get("model", {})),
-            data=_build(DataConfig, d.get("data", {})),
+            data=_build(DataConfig, data),
             train=_build(TrainConfig, d.get("train", {})),
             family=family,
             options=_build(get_family(family).options_class, d.get("options", {})),

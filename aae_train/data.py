@@ -93,12 +93,12 @@ def folder_preprocessing(cfg: DataConfig) -> Preprocessing:
     """Preprocessing of a folder run: the configured colour mode and size (a crop's, with --crop), pixels / 255."""
     if cfg.crop is not None and cfg.color_mode is not None:
         return Preprocessing(color_mode=cfg.color_mode, height=cfg.crop, width=cfg.crop, resample=cfg.resample,
-                             scale=1 / 255, offset=0.0)
+                             scale=1 / 255, offset=0.0, orientation=cfg.orientation)
     if cfg.image_size is None or cfg.color_mode is None:
         raise DataError("a folder data set needs image_size and color_mode (aae-train folder --size 64 --color L)")
     height, width = cfg.image_size
     return Preprocessing(color_mode=cfg.color_mode, height=int(height), width=int(width), resample=cfg.resample,
-                         scale=1 / 255, offset=0.0)
+                         scale=1 / 255, offset=0.0, orientation=cfg.orientation)
 
 
 def load_folder_dataset(cfg: DataConfig, data_dir: str | None = None, loader: str = "memory",

@@ -387,7 +387,8 @@ def resume_conflicts(saved: RunConfig, built: RunConfig, given: dict) -> list[st
             continue
         field = _OPTION_FIELDS.get(name, name)
         kept, wanted = _field(saved, field), _field(built, field)
-        if kept is not _MISSING and kept == wanted:
+        unordered = field in UNORDERED_FIELDS and kept is not _MISSING  # "rot90,flip" is "flip,rot90"
+        if kept is not _MISSING and (set(kept) == set(wanted) if unordered else kept == wanted):
             continue
         shown = "" if kept is _MISSING else f" (checkpoint: {_shown(kept)})"
         conflicts.append(f"--{name.replace('_', '-')} {value}{shown}")
@@ -395,6 +396,7 @@ def resume_conflicts(saved: RunConfig, built: RunConfig, given: dict) -> list[st
 
 
 _MISSING = object()
+UNORDERED_FIELDS = frozenset({"augment"})  # config tuples whose order has no effect (aae_train.crops.augment)
 
 
 def _field(cfg: RunConfig, name: str):
@@ -468,6 +470,10 @@ def train(cfg: RunConfig, run_dir: str | Path, data_dir: str | None = None, resu
             raise
         raise TrainingError(f"the model does not fit in this machine's memory ({_first_line(exc)[:120]}): lower --hidden, "
                             "the image size or --latent-dim") from None
+    images = len(trainer.crops) if trainer.crops is not None else trainer.n_train
+    if distributed.world_size() > 1 and min(cfg.train.batch_size, images) < distributed.world_size():
+        raise TrainingError(f"{images} training image{'s' * (images != 1)} a minibatch cannot be shared by "
+                            f"{distributed.world_size()} processes (each needs at least one): use fewer processes, or more images")
     if adapt_threads and distributed.world_size() == 1:
         policy = ThreadPolicy(torch.set_num_threads, most=torch.get_num_threads())
         trainer.thread_policy = policy if policy.works else None

@@ -12,6 +12,7 @@ from rich.console import Console
 
 from aae_runtime.calibration import DEFAULT_PERCENTILE
 from aae_runtime.clierrors import OneLineErrorsTyper, print_error
+from aae_runtime.console import literal
 from aae_runtime.contract.errors import AAEError
 from aae_runtime.contract.scores import DEFAULT_SCORE, SCORES
 from aae_runtime.contract.tiling import DEFAULT_SMOOTH_SIGMA, MAX_SIGMA
@@ -57,16 +58,17 @@ def export(
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", DataWarning)  # e.g. unreadable files skipped: one line each, not Python's form
             result = export_checkpoint(checkpoint, out, data_dir=str(data_dir) if data_dir else None, score=score,
-                                       percentile=percentile, log=lambda s: err.print(s, highlight=False),
+                                       percentile=percentile, log=lambda s: err.print(literal(s), highlight=False),
                                        variant=quantize or precision, fused=fused, anomalies=anomalies,
                                        map_sigma=map_sigma, tile_stride=tile_stride, overwrite=overwrite)
         for w in caught:
             if issubclass(w.category, DataWarning):
-                err.print(f"[yellow]warning:[/yellow] {w.message}", highlight=False)
+                err.print(f"[yellow]warning:[/yellow] {literal(str(w.message))}", highlight=False)
             else:
                 warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     except AAEError as exc:
         print_error(str(exc), err)  # literal text: paths may hold "[/]"
         raise typer.Exit(2)
     written = [result.encoder, result.decoder] + ([result.scorer] if result.scorer else [])
-    err.print(f"wrote {result.out_dir}: {', '.join(p.name for p in written)} (version {written[0].parent.name})", highlight=False)
+    err.print(f"wrote {literal(result.out_dir)}: {', '.join(p.name for p in written)} (version {written[0].parent.name})",
+              highlight=False)

@@ -112,3 +112,73 @@ def test_a_stream_that_cannot_encode_a_name_gets_its_escape_not_an_error(monkeyp
     Console().print("部品.png")
     stream.flush()
     assert buf.getvalue() == b"\\u90e8\\u54c1.png\n"
+
+
+def test_a_too_narrow_terminal_cuts_figures_with_an_ellipsis_and_never_breaks_them():
+    t = _table()
+    for width in (30, 20, 10):
+        lines = t.lines(color=False, width=width)
+        body = [line for line in lines[1:] if line.startswith("│")]
+        figures = re.findall(r"-?\d\.\d+…?", "".join(body))  # what the score column shows: whole, or cut and marked
+        assert all(f in ("-0.291060", "3.4") or f.endswith("…") for f in figures), (width, figures)
+        assert len({cells(line) for line in lines[1:]}) == 1, (width, lines)  # the borders line up
+
+
+def test_a_wide_character_in_a_narrowed_column_keeps_the_borders_in_line():
+    t = Table()
+    t.add_column("path", overflow="fold")
+    t.add_column("score", justify="right", no_wrap=True)
+    t.add_row("部品部品部品部品部品部品部品部品.png", "1.000000")
+    for width in (40, 20, 14, 8):
+        lines = t.lines(color=False, width=width)
+        assert len({cells(line) for line in lines}) == 1, (width, lines)
+
+
+def test_emoji_sequences_take_the_columns_a_terminal_draws():
+    assert cells("\u2764\ufe0f") == 2  # a heart made an emoji by VS16
+    assert cells("\U0001f468\u200d\U0001f469\u200d\U0001f467") == 2  # a family: three joined by ZWJs, one picture
+    assert cells("\U0001f44d\U0001f3fd") == 2  # a skin tone joins the thumb
+
+
+def test_tables_line_up_on_a_stream_that_cannot_encode_the_names(monkeypatch):
+    buf = io.BytesIO()
+    stream = io.TextIOWrapper(buf, encoding="ascii")
+    monkeypatch.setattr("sys.stdout", stream)
+    t = Table()
+    t.add_column("path", overflow="fold")
+    t.add_column("score", justify="right", no_wrap=True)
+    t.add_row("emoji\U0001f600\U0001f44d\U0001f3fd.png", "1.000000")
+    t.add_row("plain.png", "2.000000")
+    Console().print_table(t)
+    stream.flush()
+    lines = buf.getvalue().decode("ascii").splitlines()
+    assert "emoji\\U0001f600\\U0001f44d\\U0001f3fd.png" in lines[3]
+    assert len({len(line) for line in lines}) == 1, lines
+
+
+def test_json_stays_json_on_a_stream_that_cannot_encode_it(monkeypatch):
+    import json
+
+    for encoding in ("ascii", "latin-1", "utf-8"):
+        buf = io.BytesIO()
+        stream = io.TextIOWrapper(buf, encoding=encoding)
+        monkeypatch.setattr("sys.stdout", stream)
+        value = {"classes": ["café", "猫😀", "[red]x"], "n": 1}
+        Console().print_json(json.dumps(value))
+        stream.flush()
+        assert json.loads(buf.getvalue().decode(encoding)) == value, encoding
+
+
+def test_names_escape_line_separators_and_escaping_twice_changes_nothing():
+    from aae_runtime.console import display_path
+
+    name = "a\u2028b\nc\x1b[31md\u202ee"
+    once = display_path(name, controls=True)
+    assert once == "a\\u2028b\\x0ac\\x1b[31md\\u202ee" and display_path(once, controls=True) == once
+
+
+def test_error_lines_escape_control_characters_and_markup_once(capsys):
+    from aae_runtime.clierrors import print_error
+
+    print_error("--out o[red]x\x1b[2J.txt: bad")
+    assert capsys.readouterr().err == "error: --out o[red]x\\x1b[2J.txt: bad\n"

@@ -94,6 +94,25 @@ def test_nproc_wraps_torchrun_and_an_uneven_batch_is_refused(mnist_dir, tmp_path
     assert r.returncode != 0 and ours and not (tmp_path / "odd").exists()  # torchrun adds its own report after our line
 
 
+def test_nproc_an_error_of_rank_0_alone_is_one_line_and_too_few_images_are_refused(mnist_dir, tmp_path):
+    # rank 0 alone creates the run folder: the other rank only sees its peer go, which is no bug of its own
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    r = subprocess.run(["aae-train", *common(mnist_dir, "aae"), "--out", str(blocker / "run"), "--nproc", "2"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "a file is in the way" in lines[0], r.stderr[-2000:]
+    args = common(mnist_dir, "aae")
+    args[args.index("--limit") + 1] = "2"  # one training image, one held out
+    r = subprocess.run(["aae-train", *args, "--out", str(tmp_path / "few"), "--nproc", "2"], capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: 1 training image a minibatch cannot be shared by 2 processes (each needs at least one): use fewer processes, "
+        "or more images"], r.stderr[-2000:]
+    assert not (tmp_path / "few").exists()
+
+
 def test_the_launcher_prints_only_the_rank_errors_that_say_something_new(tmp_path, capsys):
     from aae_train.cli import _print_other_ranks_errors
 
@@ -101,3 +120,13 @@ def test_the_launcher_prints_only_the_rank_errors_that_say_something_new(tmp_pat
         (tmp_path / f"rank{rank}.txt").write_text(line)
     _print_other_ranks_errors(tmp_path)
     assert capsys.readouterr().err.splitlines() == ["error: rank 2: cuda:2 is not available"]
+    # a rank that only lost its peers is not news when another rank said why; alone, it is
+    from aae_train.cli import PEER_LOST
+
+    (tmp_path / "rank4.txt").write_text(f"{PEER_LOST} (Connection closed by peer)")
+    _print_other_ranks_errors(tmp_path)
+    assert capsys.readouterr().err.splitlines() == ["error: rank 2: cuda:2 is not available"]
+    for rank in (0, 1, 2, 3):
+        (tmp_path / f"rank{rank}.txt").unlink()
+    _print_other_ranks_errors(tmp_path)
+    assert capsys.readouterr().err.splitlines() == [f"error: rank 4: {PEER_LOST} (Connection closed by peer)"]

@@ -24,8 +24,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from aae_runtime import AAEModel, InputError
+from aae_runtime.contract.errors import ModelError
 from aae_runtime.cli import app
-from aae_runtime.images import display_path, find_images, load_image
+from aae_runtime.console import display_path
+from aae_runtime.images import find_images, load_image
 from aae_runtime.contract.preprocessing import Preprocessing
 from tests.conftest import write_png
 from tests.hostile_inputs import ANY, ERROR, OK, make_hostile_folder, non_utf8_name, unreadable_file
@@ -170,6 +172,43 @@ def test_conversions_follow_the_metadata(hostile, mnist_test):
         for pre in (gray, rgb):
             x = load_image(root / name, pre)
             assert x.shape == pre.shape and x.dtype == np.float32 and 0 <= x.min() and x.max() <= 1, name
+
+
+def test_wide_samples_are_scaled_from_their_range_or_refused_never_clipped(tmp_path, mnist_test):
+    digit = mnist_test[0][0]
+    gray = Preprocessing("L", 28, 28, "bilinear", 1 / 255, 0.0)
+    ref = digit.astype(np.float32) / 255
+    for name, pixels in (("unit.tif", digit.astype(np.float32) / 255), ("bytes.tif", digit.astype(np.float32)),
+                         ("counts16.tif", digit.astype(np.int32) * 257)):
+        Image.fromarray(pixels).save(tmp_path / name)
+        np.testing.assert_allclose(load_image(tmp_path / name, gray)[0], ref, atol=1 / 255 + 1e-6)
+    bad = {"above255.tif": (digit.astype(np.float32) * 4, "float image with values up to 1020"),
+           "nan.tif": (np.where(digit > 0, np.nan, 0).astype(np.float32), "NaN or infinite"),
+           "counts32.tif": (digit.astype(np.int32) * 1000, "32-bit integer image with values up to 255000")}
+    for name, (pixels, words) in bad.items():
+        Image.fromarray(pixels).save(tmp_path / name)
+        with pytest.raises(InputError, match=words):
+            load_image(tmp_path / name, gray)
+
+
+def test_exif_orientation_turns_photos_upright_for_models_that_record_it(tmp_path):
+    stored = np.zeros((20, 30), np.uint8)
+    stored[:, :5] = 255  # a bright band along the stored image's left edge
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "turn 90 degrees clockwise to view": what a phone held upright writes
+    Image.fromarray(stored).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    Image.fromarray(stored).save(tmp_path / "plain.png")
+    upright = Preprocessing("L", 8, 8, "bilinear", 1 / 255, 0.0, orientation="exif")
+    as_stored = Preprocessing("L", 8, 8, "bilinear", 1 / 255, 0.0)  # models exported before the field
+    x = load_image(tmp_path / "phone.jpg", upright, native=True)[0]
+    assert x.shape == (30, 20) and x[:5].mean() > 0.9 and x[-5:].mean() < 0.1  # the band is now along the top
+    assert load_image(tmp_path / "phone.jpg", as_stored, native=True)[0].shape == (20, 30)
+    assert load_image(tmp_path / "plain.png", upright, native=True)[0].shape == (20, 30)  # no tag: as stored
+    old_metadata = {k: v for k, v in upright.to_dict().items() if k != "orientation"}
+    assert Preprocessing.from_dict(old_metadata).orientation == "stored"
+    assert Preprocessing.from_dict(upright.to_dict()) == upright
+    with pytest.raises(ModelError, match="unsupported preprocessing"):
+        Preprocessing.from_dict({**upright.to_dict(), "orientation": "sideways"})
 
 
 def test_exit_codes_all_scored_and_could_not_run(tmp_path, tiny_model_dir, mnist_test):

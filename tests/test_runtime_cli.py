@@ -123,3 +123,21 @@ def test_low_latency_and_threads_change_speed_settings_not_scores(folder, tiny_m
 def test_negative_threads_are_refused_in_one_line(folder, tiny_model_dir):
     r = run("score", folder, "--model", tiny_model_dir, "--device", "cpu", "--threads", "-1")
     assert r.returncode == 2 and "Traceback" not in r.stderr and "--threads" in r.stderr
+
+
+def test_classify_prints_class_names_as_they_are(capsys):
+    """Class values are folder names: markup, escape sequences and bidi overrides print literally."""
+    from types import SimpleNamespace
+
+    from aae_runtime.cli import _print_classes
+    from aae_runtime.model import ImageScore
+
+    m = SimpleNamespace(classes=("[red]cat", "esc\x1b[31mX", "rtl\u202edog"), score_name="mse", threshold=1.0)
+    rows = [ImageScore("a.png", score=0.5, anomaly=False, probabilities=np.array([0.9, 0.05, 0.05], np.float32)),
+            ImageScore("b.png", score=0.7, anomaly=False, probabilities=np.array([0.1, 0.1, 0.8], np.float32))]
+    _print_classes(rows, m, 0)
+    out = capsys.readouterr().out
+    assert "classes [red]cat, esc\\x1b[31mX, rtl\\u202edog;" in out
+    lines = out.splitlines()
+    assert lines[4].startswith("│ a.png │   [red]cat   │") and lines[5].startswith("│ b.png │ rtl\\u202edog │")
+    assert "\x1b" not in out and "\u202e" not in out

@@ -291,6 +291,13 @@ def test_a_resumed_crop_run_draws_the_same_crops_and_reaches_the_same_weights(gr
     for net in ("encoder", "decoder", "discriminator"):
         for name, tensor in a[net].items():
             assert torch.equal(tensor, b[net][name]), f"{net}.{name}"
+    # --augment on --resume without --crop: the checkpoint's crop; in another order it is the same
+    resume = ["folder", str(tmp_path / "p"), "--resume", str(tmp_path / "split" / "checkpoint.pt"), "--epochs", "2",
+              "--threads", "1", "--out", str(tmp_path / "split")]
+    r = runner.invoke(train_app, [*resume, "--augment", "scale,rot90,flip"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(train_app, [*resume, "--augment", "flip"])
+    assert r.exit_code == 2 and "--augment flip (checkpoint: flip,rot90,scale)" in r.output, r.output
 
 
 def test_export_with_defective_photos_sets_an_f1_threshold_on_whole_photos(tiled_model, grass, tmp_path):

@@ -61,6 +61,19 @@ def test_folder_images_are_decoded_exactly_as_the_runtime_decodes_them(parts):
     assert len(data.notes) == 1 and ("broken.png" in data.notes[0] or "empty.jpg" in data.notes[0])
 
 
+def test_new_folder_runs_read_exif_orientation_and_runs_from_before_keep_the_stored_pixels(parts):
+    from aae_train.config import RunConfig
+
+    assert folder_preprocessing(_cfg(parts)).orientation == "exif"
+    cfg = RunConfig(data=_cfg(parts))
+    assert RunConfig.from_dict(cfg.to_dict()).data.orientation == "exif"
+    before = cfg.to_dict()
+    del before["data"]["orientation"]  # a checkpoint written before the field: resumed and exported as it trained
+    assert RunConfig.from_dict(before).data.orientation == "stored"
+    with pytest.raises(ValueError, match="orientation"):
+        DataConfig(source="folder", orientation="sideways")
+
+
 def test_split_is_stable_and_rebuilt_from_the_config_alone(parts):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DataWarning)
@@ -79,11 +92,12 @@ def test_rgb_folder_gives_three_channels(parts):
 
 
 def test_cli_folder_trains_and_warns_once_about_skipped_files(parts, tmp_path):
-    out = tmp_path / "run"
+    out = tmp_path / "run [red]x[/]\x1b[2J"  # printed as it is: neither markup nor a terminal command
     result = runner.invoke(app, ["folder", str(parts), "--size", "24x20", "--epochs", "1", "--hidden", "16",
                                  "--latent-dim", "3", "--batch-size", "8", "--device", "cpu", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert result.output.count("skipped 2 of 32 files") == 1
+    assert f"run folder {tmp_path}/run [red]x[/]\\x1b[2J" in result.output and "\x1b" not in result.output
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model"]["arch"] == "conv" and cfg["model"]["image_shape"] == [1, 20, 24]
     assert cfg["data"]["preprocessing"]["size"] == [20, 24] and cfg["data"]["source"] == "folder"

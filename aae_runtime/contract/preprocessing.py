@@ -15,6 +15,10 @@ from aae_runtime.contract.errors import ModelError
 
 COLOR_MODES = {"L": 1, "RGB": 3}  # PIL mode -> channels
 RESAMPLE_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos", "box")  # PIL filters by name (images.RESAMPLE)
+# How a photo's EXIF orientation tag is taken: "exif" turns the image upright as viewers show it
+# (a phone's portrait photo stored sideways); "stored" takes the pixels as stored (models
+# exported before the field existed, and MNIST arrays, which have no tag)
+ORIENTATIONS = ("stored", "exif")
 MAX_INPUT_SIDE = 16384  # a model input side beyond this is a damaged block, not a model
 
 
@@ -28,6 +32,7 @@ class Preprocessing:
     resample: str  # PIL resampling filter name used when the size differs, e.g. "bilinear"
     scale: float  # input = pixel * scale + offset; pixels are 0..255
     offset: float
+    orientation: str = "stored"  # one of ORIENTATIONS
 
     @property
     def channels(self) -> int:
@@ -50,6 +55,7 @@ class Preprocessing:
             "resample": self.resample,
             "scale": self.scale,
             "offset": self.offset,
+            "orientation": self.orientation,
             "layout": "NCHW",
             "dtype": "float32",
         }
@@ -58,11 +64,13 @@ class Preprocessing:
     def from_dict(cls, d: dict) -> "Preprocessing":
         try:
             height, width = (int(v) for v in d["size"])
-            pre = cls(str(d["color_mode"]), height, width, str(d["resample"]), float(d["scale"]), float(d["offset"]))
+            pre = cls(str(d["color_mode"]), height, width, str(d["resample"]), float(d["scale"]), float(d["offset"]),
+                      str(d.get("orientation", "stored")))
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"model metadata has a malformed 'preprocessing' block ({exc!r}): re-export the model") from None
         if (pre.color_mode not in COLOR_MODES or not 1 <= pre.height <= MAX_INPUT_SIDE or not 1 <= pre.width <= MAX_INPUT_SIDE
-                or pre.resample not in RESAMPLE_FILTERS or not math.isfinite(pre.scale) or not math.isfinite(pre.offset)):
+                or pre.resample not in RESAMPLE_FILTERS or not math.isfinite(pre.scale) or not math.isfinite(pre.offset)
+                or pre.orientation not in ORIENTATIONS):
             raise ModelError(f"model metadata has unsupported preprocessing {str(d)[:300]}: re-export the model")
         if not 1e-6 <= abs(pre.scale) <= 1e6 or abs(pre.offset) > 1e6:  # scale 0 would give every image one score
             raise ModelError(f"model metadata has preprocessing scale {pre.scale:g} and offset {pre.offset:g}: pixels "
