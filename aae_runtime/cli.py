@@ -663,7 +663,8 @@ def describe(meta: dict) -> list[tuple[str, str]]:
         ("graphs", ", ".join(g.get("file", name) for name, g in meta.get("graphs", {}).items())),
         ("input", f"{' x '.join(map(str, shape[1:]))} ({pre.get('color_mode')}, " + (
             "tiles of each photo at its own resolution)" if meta.get("tiling") else
-            f"images resized to {'x'.join(map(str, pre.get('size', [])))} {pre.get('resample')})")),
+            f"images resized to {'x'.join(map(str, pre.get('size', [])))} {pre.get('resample')})")
+            + ("; photos turned upright by their EXIF tag" if pre.get("orientation") == "exif" else "")),
         ("latent", f"{meta.get('latent_dim')}-D, prior {prior.get('name')}" + (f" ({params})" if params else "")),
     ]
     if meta.get("tiling"):

@@ -23,7 +23,7 @@ try:  # Typer >= 0.29 vendors Click, whose UsageError is then another class than
 except ImportError:  # pragma: no cover - older Typer on real Click
     from click.exceptions import UsageError
 
-from aae_runtime.console import Console, display_path, escape
+from aae_runtime.console import Console, literal
 
 EXIT_CANNOT_RUN = 2
 DEBUG_ENV = "AAE_DEBUG"
@@ -33,8 +33,7 @@ def print_error(message: str, console: Any = None) -> None:
     """``error: message`` on stderr (or ``console``: this package's or a Rich one); the message
     is printed literally (no markup; control characters escaped, so a file name cannot drive the
     terminal)."""
-    (console or Console(stderr=True)).print(f"[red]error:[/red] {escape(display_path(message, controls=True))}",
-                                            highlight=False)
+    (console or Console(stderr=True)).print(f"[red]error:[/red] {literal(message)}", highlight=False)
 
 
 class _OneLineUsageError(UsageError):

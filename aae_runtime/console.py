@@ -277,17 +277,21 @@ def _clusters(text: str):
     cluster, width, joined = "", 0, False
     for ch in text:
         w = _char_cells(ch)
-        if cluster and (w == 0 or joined):
+        if cluster and (w == 0 or (joined and _pictograph(ch))):
             cluster += ch
-            if ch == "\ufe0f" and width == 1:  # emoji presentation: a text symbol drawn as a (wide) emoji
+            if ch == "\ufe0f" and width == 1 and _pictograph(cluster[0]):  # a symbol drawn as a (wide) emoji
                 width = 2
         else:
             if cluster:
                 yield cluster, width
             cluster, width = ch, w
-        joined = ch == "\u200d"
+        joined = ch == "\u200d" and _pictograph(cluster[0])  # a ZWJ joins pictures, not letters (Devanagari)
     if cluster:
         yield cluster, width
+
+
+def _pictograph(ch: str) -> bool:
+    return unicodedata.category(ch) == "So"
 
 
 def _char_cells(ch: str) -> int:
@@ -312,7 +316,7 @@ def _fold(text: str, width: int) -> list[str]:
 def _cut(text: str, width: int, unicode: bool = True) -> str:
     """``text`` cut to ``width`` columns, its end replaced by an ellipsis (as Rich shortens a
     cell that may not wrap)."""
-    mark = "…" if unicode else "."
+    mark = "…" if unicode else "~"  # not ".": "1234." would read as a number
     kept, used = "", 0
     for chunk, w in _clusters(text):
         if used + w > width - 1:

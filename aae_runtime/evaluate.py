@@ -85,7 +85,8 @@ def evaluate(model, normal: list[str | Path], anomalies: list[str | Path], masks
             labels.append(positive)
             _count(result, row, positive, _kind(Path(row.path), roots) if positive else None)
             if pixels is not None:
-                truth = (_mask_for(Path(row.path), roots, Path(masks), mask_files, row.pixel_error.shape, model.tiling is not None)
+                truth = (_mask_for(Path(row.path), roots, Path(masks), mask_files, row.pixel_error.shape, model.tiling is not None,
+                                   model.metadata.preprocessing.orientation == "exif")
                          if positive else None)
                 if positive and truth is None:
                     continue  # no mask: the photo counts for the image figures only
@@ -138,10 +139,14 @@ def _kind(path: Path, roots: list[Path]) -> str:
 
 
 def _mask_for(path: Path, roots: list[Path], masks: Path, by_stem: dict[str, list[Path]], shape: tuple[int, int],
-              exact: bool) -> np.ndarray | None:
+              exact: bool, upright_photos: bool) -> np.ndarray | None:
     """The defect mask (bool, ``shape``) of a defective photo, or None when it has none. By file
-    name only when exactly one mask has it (two sub-folders may both hold an ``a.png``)."""
+    name only when exactly one mask has it (two sub-folders may both hold an ``a.png``). A model
+    that turns photos upright (``upright_photos``) takes masks as viewers show them too: turned
+    by their own EXIF tag, if they have one."""
     from PIL import Image
+
+    from aae_runtime.images import orientation_of, upright
 
     rel = _relative(path, roots)
     by_name = [found[0] for s in MASK_SUFFIXES if len(found := by_stem.get(path.stem + s, [])) == 1]
@@ -150,7 +155,7 @@ def _mask_for(path: Path, roots: list[Path], masks: Path, by_stem: dict[str, lis
         if candidate.is_file():
             try:
                 with Image.open(candidate) as img:
-                    m = img.convert("L")
+                    m = upright(img.convert("L"), orientation_of(img) if upright_photos else 1)
                     if exact and m.size != (shape[1], shape[0]):
                         raise InputError(f"mask {candidate} is {m.size[0]} x {m.size[1]} pixels but its photo {path} is "
                                          f"{shape[1]} x {shape[0]}: give masks of the photos' own size")

@@ -14,13 +14,12 @@ import math
 import os
 import stat
 import threading
-import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from aae_runtime.contract.errors import InputError
+from aae_runtime.contract.errors import InputError, first_line
 from aae_runtime.contract.fileio import atomic_write
 from aae_runtime.contract.preprocessing import RESAMPLE_FILTERS, Preprocessing, pixels_to_input
 
@@ -38,6 +37,10 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".t
 FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
 RESAMPLE = {name: Image.Resampling[name.upper()] for name in RESAMPLE_FILTERS}  # metadata name -> PIL filter
 EXIF_ORIENTATION = 0x0112  # the EXIF tag of how the stored pixels are turned
+# EXIF orientation -> the transpose that shows the stored pixels as viewers do (as PIL.ImageOps.exif_transpose)
+TURNS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+         5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+         8: Image.Transpose.ROTATE_90}
 _BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "La": 2, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
 
 _PILLOW_READY = False
@@ -83,11 +86,9 @@ def _decode(f, pre: Preprocessing, native: bool, max_pixels: int | None = None) 
     with _LARGE_DECODE if decoded_bytes > LARGE_IMAGE_BYTES else contextlib.nullcontext():
         _load(img)
         try:
-            if pre.orientation == "exif":
-                img = _upright(img)
-            return image_to_array(img, pre, resize=not native)
+            return image_to_array(img, pre, resize=not native, turn=orientation_of(img) if pre.orientation == "exif" else 1)
         except (ValueError, OSError) as exc:  # e.g. a colour mode Pillow cannot convert
-            raise InputError(f"cannot convert a {img.mode} image to {pre.color_mode} ({_first_line(exc)})") from None
+            raise InputError(f"cannot convert a {img.mode} image to {pre.color_mode} ({first_line(exc)})") from None
         except MemoryError:
             raise InputError("out of memory converting the image") from None
         finally:
@@ -201,7 +202,7 @@ def _decode_failure(exc: BaseException, part: str = "image data") -> str:
         return f"image too large (more than {MAX_IMAGE_PIXELS:,} pixels; a decompression bomb?): cut it into parts"
     if isinstance(exc, MemoryError):
         return "out of memory decoding the image"
-    text = _first_line(exc)
+    text = first_line(exc)
     if isinstance(exc, OSError) and exc.errno is not None:
         return f"cannot read the file ({exc.strerror or text})"
     if "truncated" in text.lower() or isinstance(exc, EOFError):
@@ -210,13 +211,8 @@ def _decode_failure(exc: BaseException, part: str = "image data") -> str:
 
 
 def _describe(exc: BaseException) -> str:
-    text = _first_line(exc)
+    text = first_line(exc)
     return text if text == type(exc).__name__ else f"{type(exc).__name__}: {text}"
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else type(exc).__name__
 
 
 def _directory_problem(path: Path) -> str:
@@ -235,31 +231,31 @@ def _file_kind(mode: int) -> str:
     return "special file"
 
 
-def _upright(img: Image.Image) -> Image.Image:
-    """``img`` turned as its EXIF orientation tag says (2-8: mirrored and/or turned), as photo
-    viewers show it; untouched (no copy) without a tag or with 1 (upright)."""
+def orientation_of(img: Image.Image) -> int:
+    """The EXIF orientation tag of ``img`` (1: upright; 2-8: mirrored and/or turned, as
+    `TURNS`); 1 when it has none or its EXIF block is damaged (which says nothing about turning)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Pillow warns of a damaged EXIF block; the pixels are still fine
-            orientation = img.getexif().get(EXIF_ORIENTATION, 1)
-    except Exception:  # a damaged EXIF block says nothing about how to turn the photo
-        return img
-    if orientation not in range(2, 9):
-        return img
-    from PIL import ImageOps  # only for a photo that needs turning (a cold start does not pay for it)
-
-    turned = ImageOps.exif_transpose(img)
-    img.close()
-    return turned
+        value = img.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # Pillow's EXIF parser raises a zoo of types on damaged blocks
+        return 1
+    return value if isinstance(value, int) and value in TURNS else 1
 
 
-def image_to_array(img: Image.Image, pre: Preprocessing, resize: bool = True) -> np.ndarray:
-    """Convert a decoded PIL image to one model input, (C, H, W) float32 (resized to ``pre``'s size unless not ``resize``)."""
+def upright(img: Image.Image, turn: int) -> Image.Image:
+    """``img`` turned as EXIF orientation ``turn`` says viewers show it (the same image for 1)."""
+    return img.transpose(TURNS[turn]) if turn in TURNS else img
+
+
+def image_to_array(img: Image.Image, pre: Preprocessing, resize: bool = True, turn: int = 1) -> np.ndarray:
+    """Convert a decoded PIL image to one model input, (C, H, W) float32 (resized to ``pre``'s
+    size unless not ``resize``), turned upright as EXIF orientation ``turn`` says (after the
+    conversion to 8 bits and the model's colour mode: the copy a turn makes is the smallest one)."""
     img = _to_8bit(img)
     if img.mode != pre.color_mode:
         if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
             img = _flatten_alpha(img)
         img = img.convert(pre.color_mode)
+    img = upright(img, turn)
     if resize and img.size != (pre.width, pre.height):
         img = img.resize((pre.width, pre.height), resample=RESAMPLE[pre.resample])
     pixels = np.asarray(img, dtype=np.uint8)
@@ -269,8 +265,8 @@ def image_to_array(img: Image.Image, pre: Preprocessing, resize: bool = True) ->
 def _to_8bit(img: Image.Image) -> Image.Image:
     """16-bit, 32-bit integer and float images to 8 bits, scaled from the range their values
     say they use, never clipped at the top: integers up to 255 as they are, up to 65535 as 16-bit
-    (a 16-bit camera's full range); floats up to 1.0 as [0, 1], up to 255 as [0, 255]. Values
-    beyond (a float photo in other units, a 32-bit count) and NaN or infinite values are an
+    (a 16-bit camera's full range); floats up to 1.0 as [0, 1], up to 255 as [0, 255], up to
+    65535 as 16-bit. Values beyond (a 32-bit count) and NaN or infinite values are an
     `InputError` naming them, never a silently white or black image; negative values read as 0.
 
     Works in bands of rows, so a large 16-bit image costs ~1 extra byte per pixel, not the
@@ -278,22 +274,25 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     """
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         wide = np.asarray(img)
-        highest = int(wide.max(initial=0))
-        if highest > 65535:
-            raise InputError(f"a 32-bit integer image with values up to {highest}: this reader takes integer samples of "
-                             "at most 16 bits (0-65535); save it as 8- or 16-bit")
-        top = 65535 if img.mode.startswith("I;16") or highest > 255 else 255
+        if img.mode.startswith("I;16"):
+            top = 65535
+        else:  # 32-bit integers: the range their values use
+            highest = int(wide.max(initial=0))
+            if highest > 65535:
+                raise InputError(f"a 32-bit integer image with values up to {highest}: this reader takes integer samples "
+                                 "of at most 16 bits (0-65535); save it as 8- or 16-bit")
+            top = 65535 if highest > 255 else 255
         return Image.fromarray(_rescale_rows(wide, lambda a: (np.clip(a, 0, top).astype(np.int64) * 255 + top // 2) // top),
                                mode="L")
     if img.mode == "F":
         wide = np.asarray(img)
-        if not np.isfinite(wide).all():
+        highest = float(wide.max(initial=0))  # NaN when any value is (max propagates it): no full-size mask
+        if not (math.isfinite(highest) and math.isfinite(float(wide.min(initial=0)))):
             raise InputError("a float image holding NaN or infinite values: replace them (e.g. by 0) before scoring")
-        highest = float(wide.max(initial=0))
-        if highest > 255.0:
-            raise InputError(f"a float image with values up to {highest:.6g}: this reader takes float samples in [0, 1] "
-                             "or [0, 255]; scale them into one of these ranges")
-        top = 1.0 if highest <= 1.0 else 255.0
+        if highest > 65535.0:
+            raise InputError(f"a float image with values up to {highest:.6g}: this reader takes float samples in [0, 1], "
+                             "[0, 255] or [0, 65535]; scale them into one of these ranges")
+        top = 1.0 if highest <= 1.0 else 255.0 if highest <= 255.0 else 65535.0
         return Image.fromarray(_rescale_rows(wide, lambda a: np.clip(np.rint(a.astype(np.float64) * (255.0 / top)), 0, 255)),
                                mode="L")
     return img

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from aae_runtime.contract.errors import DeviceError, ModelError
+from aae_runtime.contract.errors import DeviceError, ModelError, first_line
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -182,7 +182,7 @@ class GuardedSession:
             if token[2]:
                 raise ModelError(f"{self._name}: one inference call ran over {self._limit_s:g} s and was stopped: the "
                                  "graph does not behave like an exported model; export it again") from None
-            raise ModelError(f"{self._name}: inference failed ({_first_line(exc)}): export the model again, or use a "
+            raise ModelError(f"{self._name}: inference failed ({first_line(exc)}): export the model again, or use a "
                              "smaller --batch-size if memory ran out") from None
         finally:
             _WATCHDOG.disarm(token)
@@ -221,7 +221,7 @@ def create_session(model: bytes | str | Path, cfg: SessionConfig) -> tuple["Guar
         session = ort.InferenceSession(source, _session_options(cfg), providers=providers)
     except Exception as exc:  # ORT raises its own exception types for invalid files
         name = "model" if isinstance(model, bytes) else Path(model).name
-        raise ModelError(f"cannot load {name} as an ONNX model ({_first_line(exc)}): re-export it") from None
+        raise ModelError(f"cannot load {name} as an ONNX model ({first_line(exc)}): re-export it") from None
     session = GuardedSession(session, "model" if isinstance(model, bytes) else Path(model).name, cfg.call_time_limit_s)
     running = session.get_providers()
     notice = None
@@ -253,6 +253,3 @@ def _preload_cuda_libraries() -> None:
         pass
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__

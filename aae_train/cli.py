@@ -18,7 +18,8 @@ from rich.text import Text
 
 from aae_runtime.clierrors import OneLineErrorsTyper, print_error
 from aae_runtime.console import literal
-from aae_runtime.contract.errors import AAEError
+from aae_runtime.contract.errors import AAEError, first_line
+from aae_runtime.contract.preprocessing import ORIENTATIONS
 from aae_runtime.images import RESAMPLE
 from aae_runtime.contract.priors import PRIOR_NAMES, make_prior_spec
 from aae_train.config import (
@@ -344,6 +345,9 @@ def folder(
         "to or farther from the camera). Default: none."))] = None,
     color: Annotated[str, typer.Option(help="L (grayscale) or RGB.")] = "L",
     resample: Annotated[str, typer.Option(help=f"Resize filter: {'|'.join(RESAMPLE)}.")] = DataConfig.resample,
+    orientation: Annotated[str, typer.Option(help=(
+        "exif: turn each photo upright as its EXIF orientation tag says, as viewers show it (a phone's portrait photo "
+        "is stored sideways); stored: take the pixels as stored (a camera that writes wrong tags). Scoring does the same."))] = DataConfig.orientation,
     out: Out = None,
     epochs: Epochs = 50,
     batch_size: BatchSize = 64,
@@ -406,6 +410,7 @@ def folder(
     _choice(color, ("L", "RGB"), "--color")
     _choice(loader, LOADERS, "--loader")
     _choice(resample, tuple(RESAMPLE), "--resample")
+    _choice(orientation, ORIENTATIONS, "--orientation")
     if crop is not None and size is not None:
         raise typer.BadParameter("--crop and --size exclude each other: crops keep the photo's resolution, --size resizes",
                                  param_hint="--crop")
@@ -432,7 +437,8 @@ def folder(
         raise typer.BadParameter(f"{directory / unlabelled_dir} is not a folder: name a sub-folder of DIRECTORY",
                                  param_hint="--unlabelled-dir")
     data = DataConfig(source="folder", path=str(directory), image_size=None if crop else (height, width), color_mode=color,
-                      resample=resample, limit=limit, val_fraction=val_fraction, unlabelled_dir=unlabelled_dir,
+                      resample=resample, orientation=orientation, limit=limit, val_fraction=val_fraction,
+                      unlabelled_dir=unlabelled_dir,
                       crop=crop, crops_per_image=crops_per_image, augment=augment_kinds)
     cfg = build_config(family=family, options=options,
         data=data, image_shape=(3 if color == "RGB" else 1, height, width), latent_dim=latent_dim, default_latent=FOLDER_LATENT,
@@ -576,20 +582,15 @@ PEER_LOST = "stopped: another process of this run stopped or cannot be reached"
 
 
 def _lost_peer(exc: BaseException) -> bool:
-    """Whether ``exc`` is a collective operation failing because another process is gone
-    (gloo's "Connection closed by peer", NCCL's errors, torch.distributed's own)."""
-    import torch.distributed as dist
-
-    if isinstance(exc, getattr(dist, "DistError", ())):
-        return True
+    """Whether ``exc`` is a collective operation failing because another process is gone (gloo's
+    "Connection closed by peer", a reset or broken connection, NCCL's abort of a communicator a
+    peer left), and not a failure of this process's own (a rendezvous that cannot start, ranks
+    disagreeing, which AAE_DEBUG=1 shows with its traceback as any bug)."""
+    if os.environ.get("AAE_DEBUG") or not isinstance(exc, RuntimeError):
+        return False
     text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and any(word in text for word in ("gloo", "nccl", "by peer", "connection reset",
-                                                                         "broken pipe", "timed out"))
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return (lines[0] if lines else type(exc).__name__)[:160]
+    return any(phrase in text for phrase in ("closed by peer", "reset by peer", "broken pipe", "connection reset",
+                                             "remote process exited", "communicator was aborted"))
 
 
 def given_options(ctx: typer.Context) -> dict:
@@ -646,7 +647,7 @@ def _run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, 
         except Exception as exc:  # another process stopped (its own error, a signal): not a bug of this one
             if not _lost_peer(exc):
                 raise
-            message = f"{PEER_LOST} ({_first_line(exc)})"
+            message = f"{PEER_LOST} ({first_line(exc, 160)})"
             if not _leave_rank_error(message):
                 print_error(f"rank {os.environ['RANK']}: {message}", err)
             raise typer.Exit(2)
@@ -711,7 +712,7 @@ def _run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, 
             if os.environ.get("WORLD_SIZE", "1") == "1" or not _lost_peer(exc):
                 raise
             progress.stop()
-            message = f"{PEER_LOST} ({_first_line(exc)})"
+            message = f"{PEER_LOST} ({first_line(exc, 160)})"
             print_error(message, err)
             _leave_rank_error(message)
             raise typer.Exit(2)

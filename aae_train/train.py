@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from aae_runtime import __version__
-from aae_runtime.contract.errors import AAEError
+from aae_runtime.contract.errors import AAEError, first_line
 from aae_runtime.contract.fileio import atomic_write_text, remove_stale_temporaries
 from aae_runtime.contract.modelfolder import LOCK, writer_lock
 from aae_runtime.images import save_grid
@@ -468,11 +468,11 @@ def train(cfg: RunConfig, run_dir: str | Path, data_dir: str | None = None, resu
     except (RuntimeError, MemoryError) as exc:  # the networks' weights cannot be allocated
         if not isinstance(exc, MemoryError) and "alloc" not in str(exc).lower():
             raise
-        raise TrainingError(f"the model does not fit in this machine's memory ({_first_line(exc)[:120]}): lower --hidden, "
+        raise TrainingError(f"the model does not fit in this machine's memory ({first_line(exc)[:120]}): lower --hidden, "
                             "the image size or --latent-dim") from None
     images = len(trainer.crops) if trainer.crops is not None else trainer.n_train
     if distributed.world_size() > 1 and min(cfg.train.batch_size, images) < distributed.world_size():
-        raise TrainingError(f"{images} training image{'s' * (images != 1)} a minibatch cannot be shared by "
+        raise TrainingError(f"a minibatch of {images} training image{'s' * (images != 1)} cannot be shared by "
                             f"{distributed.world_size()} processes (each needs at least one): use fewer processes, or more images")
     if adapt_threads and distributed.world_size() == 1:
         policy = ThreadPolicy(torch.set_num_threads, most=torch.get_num_threads())
@@ -482,7 +482,7 @@ def train(cfg: RunConfig, run_dir: str | Path, data_dir: str | None = None, resu
             trainer.load_state(state)
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
             raise TrainingError(f"--resume {resume}: its weights or optimiser states do not fit its config "
-                                f"({_first_line(exc)[:160]}): "
+                                f"({first_line(exc)[:160]}): "
                                 "the checkpoint is damaged; use another one or train again") from None
         if trainer.epoch >= cfg.train.epochs:
             trainer.notes.append(f"--resume {resume} holds {trainer.epoch} epochs already, and --epochs is "
@@ -606,11 +606,6 @@ def _train_epochs(trainer: "Trainer", cfg: RunConfig, run_dir: Path, on_step, on
         trainer.write_plots(run_dir)  # refreshed every epoch, so a run can be watched
         if on_epoch:
             on_epoch(metrics)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _frozen_copy(net: torch.nn.Module) -> torch.nn.Module:

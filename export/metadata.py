@@ -10,7 +10,7 @@ import onnx
 import torch
 
 from aae_runtime import __version__
-from aae_runtime.contract.preprocessing import Preprocessing
+from aae_runtime.contract.preprocessing import EXIF_ORIENTATION, Preprocessing
 from aae_runtime.contract.metadata import GRAPH_FILES, IMAGE_INPUT, METADATA_KEY, SCHEMA_VERSION, SCHEMA_WITHOUT_REQUIREMENTS
 from aae_runtime.contract.tiling import TILING, Tiling
 from aae_runtime.contract.scores import SCORE_DEFINITIONS, SEGMENT, SEGMENTATION
@@ -36,6 +36,8 @@ def build_metadata(cfg: RunConfig, family, pre: Preprocessing, prior: dict, scor
     requires = [TILING] if tiling is not None else []
     if score.get("pixel_error", score["name"]) == SEGMENT:  # maps that only the scorer graph computes
         requires.append(SEGMENTATION)
+    if pre.orientation == "exif":  # photos turned upright by their EXIF tag, as training read them
+        requires.append(EXIF_ORIENTATION)
     block = {
         "schema_version": SCHEMA_VERSION if requires else SCHEMA_WITHOUT_REQUIREMENTS,
         "export_id": provenance["export_id"],
@@ -56,8 +58,10 @@ def build_metadata(cfg: RunConfig, family, pre: Preprocessing, prior: dict, scor
         "provenance": provenance,
         **family.metadata(cfg),
     }
+    if requires:
+        block["requires"] = requires
     if tiling is not None:
-        block["requires"], block["tiling"] = requires, tiling.to_dict()
+        block["tiling"] = tiling.to_dict()
     return block
 
 

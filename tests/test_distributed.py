@@ -108,8 +108,8 @@ def test_nproc_an_error_of_rank_0_alone_is_one_line_and_too_few_images_are_refus
     r = subprocess.run(["aae-train", *args, "--out", str(tmp_path / "few"), "--nproc", "2"], capture_output=True, text=True,
                        timeout=300, env=env)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        "error: 1 training image a minibatch cannot be shared by 2 processes (each needs at least one): use fewer processes, "
-        "or more images"], r.stderr[-2000:]
+        "error: a minibatch of 1 training image cannot be shared by 2 processes (each needs at least one): use fewer "
+        "processes, or more images"], r.stderr[-2000:]
     assert not (tmp_path / "few").exists()
 
 
@@ -130,3 +130,17 @@ def test_the_launcher_prints_only_the_rank_errors_that_say_something_new(tmp_pat
         (tmp_path / f"rank{rank}.txt").unlink()
     _print_other_ranks_errors(tmp_path)
     assert capsys.readouterr().err.splitlines() == [f"error: rank 4: {PEER_LOST} (Connection closed by peer)"]
+
+
+def test_only_a_peer_that_went_away_counts_as_a_lost_peer(monkeypatch):
+    from aae_train.cli import _lost_peer
+
+    monkeypatch.delenv("AAE_DEBUG", raising=False)
+    assert _lost_peer(RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:46476"))
+    assert _lost_peer(RuntimeError("[gloo/transport/tcp/pair.cc:598] Connection reset by peer"))
+    # this process's own failures stay bugs (or their own errors): a rendezvous, a timeout, another type
+    assert not _lost_peer(RuntimeError("The server socket has failed to listen on any local network address (port in use)"))
+    assert not _lost_peer(RuntimeError("[gloo] Timed out waiting 1800000ms for recv operation to complete"))
+    assert not _lost_peer(ValueError("Connection closed by peer"))
+    monkeypatch.setenv("AAE_DEBUG", "1")  # the traceback of anything, as asked
+    assert not _lost_peer(RuntimeError("Connection closed by peer"))

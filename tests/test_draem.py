@@ -89,7 +89,7 @@ def test_a_draem_model_maps_whole_photos_from_its_scorer_graph(draem_model, gras
     model_dir, _, _ = draem_model
     m = AAEModel.load(model_dir, device="cpu")
     meta = m.metadata.raw
-    assert meta["family"] == "draem" and meta["requires"] == ["tiling", "segmentation"]
+    assert meta["family"] == "draem" and meta["requires"] == ["tiling", "segmentation", "exif_orientation"]
     assert meta["score"]["name"] == "segment" and meta["graphs"]["scorer"]["pixel_error"] == "segment"
     photo = grass[None, 200:333, 100:290].astype(np.float32) / 255
     score, smoothed = m.score_photo(photo, batch_size=5)

@@ -182,7 +182,9 @@ def test_wide_samples_are_scaled_from_their_range_or_refused_never_clipped(tmp_p
                          ("counts16.tif", digit.astype(np.int32) * 257)):
         Image.fromarray(pixels).save(tmp_path / name)
         np.testing.assert_allclose(load_image(tmp_path / name, gray)[0], ref, atol=1 / 255 + 1e-6)
-    bad = {"above255.tif": (digit.astype(np.float32) * 4, "float image with values up to 1020"),
+    Image.fromarray(digit.astype(np.float32) * 257).save(tmp_path / "float16bit.tif")  # a 16-bit range in floats
+    np.testing.assert_allclose(load_image(tmp_path / "float16bit.tif", gray)[0], ref, atol=1 / 255 + 1e-6)
+    bad = {"above65535.tif": (digit.astype(np.float32) * 1000, "float image with values up to 255000"),
            "nan.tif": (np.where(digit > 0, np.nan, 0).astype(np.float32), "NaN or infinite"),
            "counts32.tif": (digit.astype(np.int32) * 1000, "32-bit integer image with values up to 255000")}
     for name, (pixels, words) in bad.items():
@@ -197,12 +199,20 @@ def test_exif_orientation_turns_photos_upright_for_models_that_record_it(tmp_pat
     exif = Image.Exif()
     exif[0x0112] = 6  # "turn 90 degrees clockwise to view": what a phone held upright writes
     Image.fromarray(stored).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    Image.fromarray(stored).save(tmp_path / "phone.png", exif=exif)
+    Image.fromarray(stored).save(tmp_path / "phone.webp", exif=exif, lossless=True)
+    Image.fromarray(np.dstack([stored] * 3)).save(tmp_path / "phone_rgb.jpg", exif=exif, quality=95)
     Image.fromarray(stored).save(tmp_path / "plain.png")
     upright = Preprocessing("L", 8, 8, "bilinear", 1 / 255, 0.0, orientation="exif")
     as_stored = Preprocessing("L", 8, 8, "bilinear", 1 / 255, 0.0)  # models exported before the field
-    x = load_image(tmp_path / "phone.jpg", upright, native=True)[0]
-    assert x.shape == (30, 20) and x[:5].mean() > 0.9 and x[-5:].mean() < 0.1  # the band is now along the top
-    assert load_image(tmp_path / "phone.jpg", as_stored, native=True)[0].shape == (20, 30)
+    # (TIFF is left out: Pillow's TIFF reader applies the orientation tag itself as it loads)
+    for name in ("phone.jpg", "phone.png", "phone.webp", "phone_rgb.jpg"):
+        x = load_image(tmp_path / name, upright, native=True)[0]
+        assert x.shape == (30, 20) and x[:5].mean() > 0.9 and x[-5:].mean() < 0.1, name  # the band is now along the top
+        assert load_image(tmp_path / name, as_stored, native=True)[0].shape == (20, 30), name
+    # resized to the model's input after turning, not before (8 x 8 here: the band is the top rows)
+    small = load_image(tmp_path / "phone.png", upright)[0]
+    assert small[0].mean() > 0.9 and small[-1].mean() < 0.1
     assert load_image(tmp_path / "plain.png", upright, native=True)[0].shape == (20, 30)  # no tag: as stored
     old_metadata = {k: v for k, v in upright.to_dict().items() if k != "orientation"}
     assert Preprocessing.from_dict(old_metadata).orientation == "stored"

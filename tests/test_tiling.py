@@ -158,7 +158,8 @@ def test_a_tiled_model_requires_tiling_and_scores_photos_at_their_own_resolution
     model_dir, root = tiled_model
     m = AAEModel.load(model_dir, device="cpu")
     meta = m.metadata.raw
-    assert meta["schema_version"] == 3 and meta["requires"] == ["tiling"] and meta["tiling"]["tile"] == [CROP, CROP]
+    assert meta["schema_version"] == 3 and meta["requires"] == ["tiling", "exif_orientation"]
+    assert meta["tiling"]["tile"] == [CROP, CROP] and meta["preprocessing"]["orientation"] == "exif"
     assert meta["score"]["name"] == "mse" and "held out" in meta["threshold"]["split"]
     photo = grass[None, 200:333, 100:290].astype(np.float32) / 255  # not a multiple of the tile or stride
     score, smoothed = m.score_photo(photo, batch_size=7)

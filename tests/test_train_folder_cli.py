@@ -101,6 +101,7 @@ def test_cli_folder_trains_and_warns_once_about_skipped_files(parts, tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model"]["arch"] == "conv" and cfg["model"]["image_shape"] == [1, 20, 24]
     assert cfg["data"]["preprocessing"]["size"] == [20, 24] and cfg["data"]["source"] == "folder"
+    assert cfg["data"]["preprocessing"]["orientation"] == "exif" and cfg["data"]["orientation"] == "exif"
     assert (out / "latent.png").exists() and (out / "loss_curves.png").exists()
 
 

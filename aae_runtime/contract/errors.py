@@ -15,3 +15,10 @@ class InputError(AAEError):
 
 class DeviceError(AAEError):
     """The requested execution device cannot run here."""
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type's name when it has none), at most
+    ``limit`` characters: what a one-line error quotes of a library's multi-line message."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:limit]

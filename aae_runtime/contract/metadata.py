@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 
 from aae_runtime.contract.errors import ModelError
-from aae_runtime.contract.preprocessing import Preprocessing
+from aae_runtime.contract.preprocessing import EXIF_ORIENTATION, Preprocessing
 from aae_runtime.contract.priors import validate_prior
 from aae_runtime.contract.scores import PIXEL_ERRORS, SEGMENT, SEGMENTATION, validate_score_block
 from aae_runtime.contract.tiling import TILING, Tiling
@@ -28,7 +28,7 @@ METADATA_KEY = "aae"
 SCHEMA_VERSION = 3
 SCHEMA_WITHOUT_REQUIREMENTS = 2  # what export writes for a model that requires nothing
 # 3 also: "segmentation", maps that only the scorer graph computes (the draem family's segmenter).
-KNOWN_FEATURES = (TILING, SEGMENTATION)
+KNOWN_FEATURES = (TILING, SEGMENTATION, EXIF_ORIENTATION)
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
 # Graph input and output names, fixed by export and relied on by the runtime.
@@ -182,6 +182,9 @@ class ModelMetadata:
         pre = Preprocessing.from_dict(d["preprocessing"]) if isinstance(d["preprocessing"], dict) else Preprocessing.from_dict({})
         tiling = _tiling(d, requires, pre, source)
         _segmentation(d, requires, graphs, source)
+        if pre.orientation == "exif" and EXIF_ORIENTATION not in requires:  # a reader that ignored it would score sideways
+            raise ModelError(f"{source} metadata: its preprocessing turns photos upright by their EXIF tag, but it does "
+                             f"not list '{EXIF_ORIENTATION}' in 'requires': re-export the model")
         return cls(
             requires=requires,
             tiling=tiling,

@@ -19,6 +19,7 @@ RESAMPLE_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos", "box")  # PIL f
 # (a phone's portrait photo stored sideways); "stored" takes the pixels as stored (models
 # exported before the field existed, and MNIST arrays, which have no tag)
 ORIENTATIONS = ("stored", "exif")
+EXIF_ORIENTATION = "exif_orientation"  # the feature name in the metadata's "requires" list of an "exif" model
 MAX_INPUT_SIDE = 16384  # a model input side beyond this is a damaged block, not a model
 
 
