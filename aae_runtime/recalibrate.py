@@ -102,14 +102,17 @@ def recalibrate_dir(model_dir: str | Path, normal: np.ndarray, anomalies: np.nda
     """
     from aae_runtime.model import AAEModel  # here, not at import: model.py imports this package's modules
 
+    from aae_runtime.contract.modelfolder import current_version
+
     model_dir = Path(model_dir)
-    model = AAEModel.load(model_dir, device="cpu", use_scorer=True)
+    loaded = current_version(model_dir)  # the version calibrated: the new metadata is written onto it alone
+    model = AAEModel.load(loaded, device="cpu", use_scorer=True)
     block, threshold = calibrate_model(model, normal, anomalies, score, percentile)
     threshold["source"] = source or threshold["source"]
     threshold["calibrated_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     metadata = dict(model.metadata.raw, score=block, threshold=threshold)
     ModelMetadata.from_dict(metadata, "the new calibration")  # never write what the loader would refuse
-    rewrite_metadata(model_dir, metadata)
+    rewrite_metadata(model_dir, metadata, expected=loaded)
     return metadata
 
 
@@ -135,16 +138,21 @@ def load_folder(model, paths: list[str | Path]) -> tuple[np.ndarray | list[np.nd
     return (np.stack(good) if good else np.empty((0, *model.input_shape), np.float32)), failed
 
 
-def rewrite_metadata(model_dir: Path, metadata: dict) -> list[Path]:
+def rewrite_metadata(model_dir: Path, metadata: dict, expected: Path | None = None) -> list[Path]:
     """A new version of the model in ``model_dir`` whose graphs carry ``metadata``: each graph
     of the current version rewritten, read back through ONNX Runtime, and the set switched to
-    atomically (aae_runtime.contract.modelfolder). Returns the new files."""
+    atomically (aae_runtime.contract.modelfolder). ``expected``: the version the metadata was
+    made from; when another writer (an export, a calibration) switched the folder since, nothing
+    is written (the new weights must not get the old model's statistics). Returns the new files."""
     from aae_runtime.contract.modelfolder import current_version, write_metadata_json, write_version
 
     model_dir = Path(model_dir)
     text = json.dumps(metadata, sort_keys=True)
     with write_version(model_dir, str(metadata.get("export_id", ""))) as staging:
         source = current_version(model_dir)  # read under the lock: no other writer is switching it
+        if expected is not None and source.resolve() != Path(expected).resolve() and _export_id(source) != metadata.get("export_id"):
+            raise ModelError(f"{model_dir} got a new export while this calibration ran on the one before: nothing was "
+                             "written (its statistics belong to the old weights); calibrate again")
         for name in (n for n in (ENCODER_FILE, DECODER_FILE, SCORER_FILE) if (source / n).is_file()):
             data = set_metadata_prop((source / name).read_bytes(), METADATA_KEY, text)
             if name == SCORER_FILE and "score_head" in (metadata.get("graphs", {}).get("scorer") or {}):
@@ -154,6 +162,18 @@ def rewrite_metadata(model_dir: Path, metadata: dict) -> list[Path]:
         write_metadata_json(staging, metadata)
     version = current_version(model_dir)
     return sorted(version.iterdir())
+
+
+def _export_id(version: Path) -> str | None:
+    """The export id of the graphs in a version folder (another calibration keeps it; an export
+    makes a new one)."""
+    from aae_runtime.contract.onnxwire import read_graph_file
+
+    try:
+        raw = read_graph_file(version / ENCODER_FILE).custom_metadata_map.get(METADATA_KEY)
+        return json.loads(raw).get("export_id") if raw else None
+    except (OSError, ValueError, AttributeError, ModelError):
+        return None
 
 
 def _rewrite_score_head(data: bytes, metadata: dict) -> bytes:

@@ -157,3 +157,21 @@ def test_a_reader_never_writes(model):
     finally:
         os.chmod(model, 0o755)
     assert {p: p.stat().st_mtime_ns for p in model.rglob("*")} == before
+
+
+def test_a_calibration_overtaken_by_a_new_export_writes_nothing(model):
+    """An export switched the folder while a calibration computed its statistics on the model
+    before: those statistics must not be stamped onto the new weights."""
+    from aae_runtime.recalibrate import rewrite_metadata
+
+    loaded = current_version(model)
+    meta = AAEModel.load(loaded, device="cpu").metadata.raw
+    rewrite_metadata(model, dict(meta, export_id="f" * 32))  # what an export does: new graphs, a new export id
+    exported = current_version(model)
+    calibrated = dict(meta, threshold=dict(meta["threshold"], value=123.0))
+    with pytest.raises(ModelError, match="got a new export while this calibration ran"):
+        rewrite_metadata(model, calibrated, expected=loaded)
+    assert current_version(model) == exported and loads_and_scores(model)["export_id"] == "f" * 32
+    assert not list(model.glob(STAGING_PREFIX + "*"))
+    rewrite_metadata(model, dict(calibrated, export_id="f" * 32), expected=loaded)  # the same export: last writer wins
+    assert loads_and_scores(model)["threshold"]["value"] == 123.0
