@@ -411,6 +411,9 @@ def serve(
     max_body_mb: Annotated[float, typer.Option(min=0.001, max=4096.0, help="Largest request body.")] = 32.0,
     max_megapixels: Annotated[float, typer.Option(min=0.001, max=200.0, help="Largest image, in millions of pixels (a small "
                                                   "compressed upload can decode to a huge photo).")] = 16.8,
+    max_request_megapixels: Annotated[float, typer.Option(min=0.001, max=10_000.0, help=(
+        "Most pixels of all the photos of one request, for a model that tiles them (its work grows with the pixels: "
+        "a few small uploads can claim minutes of it); beyond: 413."))] = 33.6,
     read_timeout: Annotated[float, typer.Option(min=0.1, max=3600.0, help="Seconds to receive a whole body (else 408).")] = 10.0,
     token_file: Annotated[Optional[Path], typer.Option(help=f"File whose first line is the bearer token (else $AAE_TOKEN).")] = None,
     noop_endpoint: Annotated[bool, typer.Option("--noop-endpoint", help="Also POST /noop: reads the body, answers fixed JSON "
@@ -428,7 +431,7 @@ def serve(
     try:
         cfg = service.ServeConfig(host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                                   max_body_bytes=int(max_body_mb * 2**20), read_timeout_s=read_timeout,
-                                  max_pixels=int(max_megapixels * 1e6),
+                                  max_pixels=int(max_megapixels * 1e6), max_request_pixels=int(max_request_megapixels * 1e6),
                                   token=service.read_token(token_file), noop_endpoint=noop_endpoint)
         service.serve(model, cfg, SessionConfig(device=device, threads=threads),
                       log=lambda line: err.print(literal(line), highlight=False))

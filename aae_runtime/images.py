@@ -79,6 +79,18 @@ def decode_image(data: bytes, pre: Preprocessing, native: bool = False, max_pixe
     return _decode(io.BytesIO(data), pre, native, max_pixels)
 
 
+def header_pixels(data: bytes) -> int:
+    """The pixels an image in memory declares in its header (nothing is decoded); 0 when it has
+    no readable header (decoding it then says why)."""
+    _configure_pillow()
+    try:
+        img, _ = _open_image(io.BytesIO(data))
+    except InputError:
+        return 0
+    with img:
+        return img.size[0] * img.size[1]
+
+
 def _decode(f, pre: Preprocessing, native: bool, max_pixels: int | None = None) -> np.ndarray:
     img, decoded_bytes = _open_image(f, max_pixels)
     # Files are decoded on several threads (model.py); one large image at a time keeps the

@@ -38,7 +38,7 @@ import numpy as np
 
 from aae_runtime.contract.errors import AAEError, InputError
 from aae_runtime.contract.modelfolder import POINTER
-from aae_runtime.images import decode_image
+from aae_runtime.images import decode_image, header_pixels
 from aae_runtime.model import AAEModel
 from aae_runtime.session import SessionConfig
 
@@ -59,6 +59,7 @@ class ServeConfig:
     max_body_bytes: int = 32 << 20  # one request's body
     max_images: int = 256  # images in one request
     max_pixels: int = 16_800_000  # one image's pixels (about a 4096 x 4096 photo): what a small upload may make us decode and tile
+    max_request_pixels: int = 33_600_000  # all images of one request, for a tiled model (two such photos): a request's work
     read_timeout_s: float = 10.0  # to receive a whole body
     reload_poll_s: float = 1.0  # how often the model folder's pointer is looked at
     token: str | None = None
@@ -115,7 +116,9 @@ class Batcher:
         self.arriving = 0  # images of requests received and still decoding: a batch waits for them
         self.inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aae-inference")
 
-    async def score(self, arrays: list[np.ndarray], maps: bool) -> list[dict]:
+    async def score(self, arrays: list[np.ndarray], maps: bool, model: AAEModel) -> list[dict]:
+        """The rows of ``arrays``, scored by ``model`` (the one the request decoded them for and
+        reports the threshold of: a reload meanwhile never mixes two models in one answer)."""
         if self.waiting + len(arrays) > self.cfg.max_queue:
             raise Overloaded()
         loop = asyncio.get_running_loop()
@@ -123,7 +126,7 @@ class Batcher:
         self.waiting += len(arrays)
         self.metrics["queue"].set(self.waiting)
         for x, f in zip(arrays, futures):
-            self.queue.put_nowait((x, maps, f))
+            self.queue.put_nowait((x, maps, f, model))
         return list(await asyncio.gather(*futures))
 
     async def run(self) -> None:
@@ -147,28 +150,30 @@ class Batcher:
                     break
             self.waiting -= len(batch)
             self.metrics["queue"].set(self.waiting)
-            model = self.holder.model  # this batch's model, whatever a reload does meanwhile
-            try:
-                results = await loop.run_in_executor(self.inference, _score_batch, model, batch)
-            except Exception as exc:  # an inference failure fails this batch's images, not the server
-                results = [{"error": str(exc) if isinstance(exc, AAEError) else f"inference failed ({type(exc).__name__})"}
-                           for _ in batch]
-            self.metrics["batch"].observe(len(batch))
-            for (_, _, future), result in zip(batch, results):
-                if not future.done():  # the client may be gone
-                    future.set_result(result)
+            # each image is scored by its request's model: around a reload, a batch runs once per model
+            for model in dict.fromkeys(item[3] for item in batch):
+                group = [item for item in batch if item[3] is model]
+                try:
+                    results = await loop.run_in_executor(self.inference, _score_batch, model, group)
+                except Exception as exc:  # an inference failure fails this batch's images, not the server
+                    results = [{"error": str(exc) if isinstance(exc, AAEError) else f"inference failed ({type(exc).__name__})"}
+                               for _ in group]
+                self.metrics["batch"].observe(len(group))
+                for (_, _, future, _), result in zip(group, results):
+                    if not future.done():  # the client may be gone
+                        future.set_result(result)
 
 
 def _score_batch(model: AAEModel, batch: list) -> list[dict]:
     """One batch on the inference thread: same shapes stacked (an untiled model: always)."""
     if model.tiling is not None:
-        return [_score_photo(model, x, maps) for x, maps, _ in batch]
+        return [_score_photo(model, x, maps) for x, maps, _, _ in batch]
     x = np.stack([item[0] for item in batch])
     parts = model.score_parts(x)
     scores = model.score_from_parts(parts)
     normalized = model.normalise(scores)
     out = []
-    for k, (image, maps, _) in enumerate(batch):
+    for k, (image, maps, _, _) in enumerate(batch):
         s = float(scores[k])
         row = {"score": s, "normalized_score": float(normalized[k]), "anomaly": bool(s > model.threshold), "error": None}
         if maps:
@@ -332,9 +337,15 @@ def create_app(model_dir: str | Path, session_config: SessionConfig | None = Non
             if len(images) > cfg.max_queue:  # would never fit the queue: not a reason to retry
                 raise _HTTPError(413, f"{len(images)} images in one request, more than the server's queue holds "
                                       f"(--max-queue {cfg.max_queue}): send at most {cfg.max_queue} a request")
-            model = holder.model
+            model = holder.model  # this request's model, from decoding to the threshold it reports
             native = model.tiling is not None
             limit = cfg.max_pixels if native else None  # bounds a tiled model's work; resized images: Pillow's bomb limits
+            if native:  # a tiled model's work grows with the pixels: bounded per request, from the headers alone
+                pixels = sum(header_pixels(data) for _, data in images)
+                if pixels > cfg.max_request_pixels:
+                    raise _HTTPError(413, f"{pixels / 1e6:.1f} million pixels in one request; at most "
+                                          f"{cfg.max_request_pixels / 1e6:g} (--max-request-megapixels): send fewer or "
+                                          "smaller photos a request")
             batcher = state["batcher"]
             batcher.arriving += len(images)
             try:
@@ -351,7 +362,7 @@ def create_app(model_dir: str | Path, session_config: SessionConfig | None = Non
                 batcher.arriving -= len(images)
             metrics["images"].inc(len(images))
             good = [k for k, d in enumerate(decoded) if isinstance(d, np.ndarray)]
-            scored = await batcher.score([decoded[k] for k in good], maps) if good else []
+            scored = await batcher.score([decoded[k] for k in good], maps, model) if good else []
         except _HTTPError as exc:
             return JSONResponse({"error": exc.message}, status_code=exc.status)
         except Overloaded:

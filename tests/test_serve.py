@@ -304,3 +304,53 @@ def test_a_damaged_pointer_is_reported_by_readyz_and_the_next_good_version_is_st
         assert s.score(pngs[0].read_bytes())[1]["threshold"] != before and "reload_error" not in ready()
     finally:
         assert s.stop() == 0
+
+
+def test_a_batch_scores_each_image_with_the_model_of_its_request(tiny_model_dir, pngs):
+    """Around a reload one batch may hold images of requests made before and after it: each is
+    scored by the model its request reports the threshold of, never by the other."""
+    import asyncio
+
+    from aae_runtime.images import load_image
+    from aae_runtime.serve import Batcher, ServeConfig, _metrics
+
+    every = AAEModel.load(tiny_model_dir, device="cpu", threshold=-1e30)  # flags every image
+    none = AAEModel.load(tiny_model_dir, device="cpu", threshold=1e30)  # flags none
+    x = load_image(pngs[0], every.metadata.preprocessing)
+    _, metrics = _metrics()
+
+    async def requests():
+        batcher = Batcher(holder=None, cfg=ServeConfig(max_wait_ms=200), metrics=metrics)
+        loop = asyncio.create_task(batcher.run())
+        try:
+            return await asyncio.gather(batcher.score([x, x], False, every), batcher.score([x, x, x], False, none))
+        finally:
+            loop.cancel()
+
+    flagged, passed = asyncio.run(requests())
+    assert [r["anomaly"] for r in flagged] == [True, True] and [r["anomaly"] for r in passed] == [False] * 3
+
+
+def test_a_tiled_model_bounds_the_pixels_of_one_request(tmp_path):
+    """A tiled model's work grows with the pixels: a few small uploads claiming large photos are a 413."""
+    from typer.testing import CliRunner
+
+    from aae_train.cli import app as train_app
+    from export.onnx_export import export_checkpoint
+
+    rng = np.random.default_rng(0)
+    write_png(tmp_path / "train" / "noise.png", rng.integers(0, 256, (96, 96), dtype=np.uint8))
+    r = CliRunner().invoke(train_app, ["folder", str(tmp_path / "train"), "--crop", "16", "--crops-per-image", "64",
+                                       "--epochs", "1", "--batch-size", "32", "--val-fraction", "0.3", "--hidden", "16",
+                                       "--threads", "1", "--out", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    export_checkpoint(tmp_path / "run" / "checkpoint.pt", tmp_path / "model", log=lambda s: None)
+    photo = write_png(tmp_path / "photo.png", rng.integers(0, 256, (200, 200), dtype=np.uint8)).read_bytes()
+    s = Server(tmp_path / "model", "--max-request-megapixels", "0.05", "--threads", "1")
+    try:
+        status, answer, _ = s.score(photo)  # 0.04 million pixels
+        assert status == 200 and answer["results"][0]["error"] is None, answer
+        status, answer, _ = s.score(*multipart({"a.png": photo, "b.png": photo}))
+        assert status == 413 and "0.1 million pixels in one request; at most 0.05" in answer["error"], answer
+    finally:
+        assert s.stop() == 0
