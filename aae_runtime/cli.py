@@ -388,6 +388,7 @@ def watch(
         m = _load(model, device, threads=threads)
         watcher = Watcher(m, inbox, output, done=done, failed=failed, batch_size=batch_size, settle_s=settle, poll=poll,
                           log=lambda line: err.print(f"[yellow]note:[/yellow] {literal(line)}", highlight=False))
+        watcher.claim()  # one watcher a folder: refused before it says it is watching
     except AAEError as exc:
         raise _fail(exc)
     for sig in (signal.SIGTERM, signal.SIGINT):

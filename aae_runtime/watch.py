@@ -32,6 +32,7 @@ import io
 import json
 import os
 import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -172,6 +173,9 @@ def _count_lines(path: Path, after: int) -> int:
         return f.read().count(b"\n")
 
 
+WATCH_LOCK = ".aae-watch.lock"  # in INBOX: held by the one watcher of it (a dot file: never a candidate)
+
+
 def _candidate(path: Path) -> bool:
     name = path.name
     return (not name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
@@ -198,7 +202,9 @@ class Watcher:
         self.changed = threading.Event()
         self.stopping = threading.Event()
         self.pending: dict[Path, tuple[int, int, float]] = {}  # path -> (size, mtime_ns, since when unchanged)
-        self.observer = None if poll else self._start_events()
+        self.poll = poll
+        self.observer = None
+        self._claim: int | None = None  # the descriptor holding the inbox's lock while watching
 
     def _start_events(self):
         try:
@@ -223,12 +229,54 @@ class Watcher:
             return None
         return observer
 
+    def claim(self) -> None:
+        """Take the inbox: one watcher a folder (an exclusive flock on INBOX/.aae-watch.lock, let go
+        when the watcher ends or its process dies); two would score the same files twice. Raises
+        InputError when another watcher holds it; a folder that cannot hold the lock file (read-only)
+        is watched without it, with a note."""
+        if self._claim is not None:
+            return
+        for name, folder in (("--done", self.done), ("--failed", self.failed)):  # checked once, not failed per file
+            if folder is not None:
+                existing = next(p for p in (folder, *folder.parents) if p.exists())  # made on the first move
+                try:
+                    tempfile.TemporaryFile(dir=existing).close()
+                except OSError as exc:
+                    raise InputError(f"{name} {folder} cannot be written ({exc.strerror or exc}): name a folder this "
+                                     "user can write, or leave the images in place (without it)") from None
+        try:
+            import fcntl
+        except ImportError:  # Windows: no flock
+            return
+        try:
+            fd = os.open(self.inbox / WATCH_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            self.log(f"cannot lock {self.inbox} ({exc.strerror or exc}): a second watcher of it would not be refused")
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise InputError(f"another aae-run watch is watching {self.inbox}: stop it first, or watch another folder "
+                             "(two would score the same files twice)") from None
+        except OSError:  # a file system without flock: as on Windows
+            os.close(fd)
+            return
+        self._claim = fd
+
+    def release(self) -> None:
+        if self._claim is not None:
+            os.close(self._claim)
+            self._claim = None
+
     def run(self, until: Callable[[], bool] | None = None) -> WatchStats:
         """Watch until ``stop()`` (or ``until()`` is true); returns the counts."""
-        self.ledger.open()
-        self.stats.dropped_rows = self.ledger.dropped_rows
-        self._recover()
+        self.claim()
         try:
+            self.ledger.open()
+            self.stats.dropped_rows = self.ledger.dropped_rows
+            self._recover()
+            self.observer = None if self.poll else self._start_events()
             while not self.stopping.is_set() and not (until and until()):
                 batch = self._ready()
                 if batch:
@@ -240,6 +288,7 @@ class Watcher:
             if self.observer is not None:
                 self.observer.stop()
                 self.observer.join(timeout=5)
+            self.release()
         return self.stats
 
     def stop(self) -> None:

@@ -239,3 +239,21 @@ def test_a_ledger_of_version_0_2_0_is_honoured_after_the_upgrade(tiny_model_dir,
     time.sleep(1.5)
     stop(run)
     assert len(rows_of(out)) == 1
+
+
+def test_a_second_watcher_of_the_same_inbox_is_refused_in_one_line(tiny_model_dir, tmp_path, digits):
+    inbox, out = tmp_path / "inbox", tmp_path / "rows.jsonl"
+    write_png(inbox / "a.png", digits[0])
+    first = start(inbox, tiny_model_dir, out, ready=True)
+    try:
+        wait_until(lambda: len(rows_of(out)) == 1)
+        second = subprocess.run(["aae-run", "watch", str(inbox), "--model", str(tiny_model_dir), "--output",
+                                 str(tmp_path / "other.jsonl"), "--device", "cpu"], capture_output=True, text=True, timeout=60)
+        lines = [line for line in second.stderr.splitlines() if not line.startswith("execution provider")]
+        assert second.returncode == 2 and len(lines) == 1 and "another aae-run watch is watching" in lines[0], second.stderr
+        assert not (tmp_path / "other.jsonl").exists()
+    finally:
+        stop(first)
+    later = start(inbox, tiny_model_dir, out, ready=True)  # the first one's end let the folder go
+    stop(later)
+    assert [Path(r["path"]).name for r in rows_of(out)] == ["a.png"]  # scored once, by the first
