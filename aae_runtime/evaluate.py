@@ -68,6 +68,9 @@ def evaluate(model, normal: list[str | Path], anomalies: list[str | Path], masks
             raise InputError(f"{option}: {missing[0]} does not exist; pass existing files or folders")
     if masks is not None and not Path(masks).is_dir():
         raise InputError(f"--masks {masks}: not a folder; pass the folder of defect masks")
+    both = {str(p.resolve()) for p in find_images(list(normal))} & {str(p.resolve()) for p in find_images(list(anomalies))}
+    if both:
+        raise InputError(f"{sorted(both)[0]} is given as normal and as defective: each photo is one or the other")
     result = Evaluation(threshold=model.threshold)
     pixels = PixelAUROC() if masks is not None else None
     mask_files: dict[str, list[Path]] = {}
@@ -140,29 +143,36 @@ def _kind(path: Path, roots: list[Path]) -> str:
 
 def _mask_for(path: Path, roots: list[Path], masks: Path, by_stem: dict[str, list[Path]], shape: tuple[int, int],
               exact: bool, upright_photos: bool) -> np.ndarray | None:
-    """The defect mask (bool, ``shape``) of a defective photo, or None when it has none. By file
-    name only when exactly one mask has it (two sub-folders may both hold an ``a.png``). A model
-    that turns photos upright (``upright_photos``) takes masks as viewers show them too: turned
-    by their own EXIF tag, if they have one."""
+    """The defect mask (bool, ``shape``) of a defective photo, or None when it has none: at the
+    photo's relative path under ``masks``, else by file name when exactly one mask has it in the
+    photo's own sub-folder (its defect kind) or at the top of ``masks`` (never another kind's
+    ``a.png``). A model that turns photos upright (``upright_photos``) takes masks as viewers show
+    them too: turned by their own EXIF tag, if they have one. Masks are read as the photos are
+    (the same formats and size limits)."""
     from PIL import Image
 
-    from aae_runtime.images import orientation_of, upright
+    from aae_runtime.images import load_gray
 
     rel = _relative(path, roots)
-    by_name = [found[0] for s in MASK_SUFFIXES if len(found := by_stem.get(path.stem + s, [])) == 1]
-    candidates = [masks / rel, masks / rel.with_suffix(".png")] + by_name
-    for candidate in candidates:
+    kind = rel.parent.parts
+
+    def beside(mask: Path) -> bool:  # in the photo's sub-folder (or one ending like it), or at the top
+        parts = mask.parent.relative_to(masks).parts
+        return not parts or not kind or parts[-len(kind):] == kind
+
+    by_name = [found[0] for s in MASK_SUFFIXES
+               if len(found := [m for m in by_stem.get(path.stem + s, []) if beside(m)]) == 1]
+    for candidate in [masks / rel, masks / rel.with_suffix(".png")] + by_name:
         if candidate.is_file():
             try:
-                with Image.open(candidate) as img:
-                    m = upright(img.convert("L"), orientation_of(img) if upright_photos else 1)
-                    if exact and m.size != (shape[1], shape[0]):
-                        raise InputError(f"mask {candidate} is {m.size[0]} x {m.size[1]} pixels but its photo {path} is "
-                                         f"{shape[1]} x {shape[0]}: give masks of the photos' own size")
-                    if m.size != (shape[1], shape[0]):
-                        m = m.resize((shape[1], shape[0]), Image.Resampling.NEAREST)
-                    return np.asarray(m) > 127
-            except OSError as exc:
-                raise InputError(f"mask {candidate}: cannot read it ({exc}); fix or remove it") from None
+                m = load_gray(candidate, turn_by_tag=upright_photos)
+            except InputError as exc:
+                raise InputError(f"mask {candidate}: {exc}; fix or remove it") from None
+            if exact and m.shape != shape:
+                raise InputError(f"mask {candidate} is {m.shape[1]} x {m.shape[0]} pixels but its photo {path} is "
+                                 f"{shape[1]} x {shape[0]}: give masks of the photos' own size")
+            if m.shape != shape:
+                m = np.asarray(Image.fromarray(m).resize((shape[1], shape[0]), Image.Resampling.NEAREST))
+            return m > 127
     return None
 

@@ -91,6 +91,23 @@ def header_pixels(data: bytes) -> int:
         return img.size[0] * img.size[1]
 
 
+def load_gray(path: str | Path, turn_by_tag: bool = False) -> np.ndarray:
+    """An image file as 8-bit grayscale (H, W) uint8 (a defect mask), read with `load_image`'s
+    formats, size limits and errors (`InputError`); ``turn_by_tag``: turned upright by its own
+    EXIF orientation tag, as viewers show it."""
+    _configure_pillow()
+    with _open_regular_file(Path(path)) as f:
+        img, _ = _open_image(f)
+        _load(img)
+        try:
+            gray = _to_8bit(img).convert("L")
+            return np.asarray(upright(gray, orientation_of(img) if turn_by_tag else 1))
+        except (ValueError, OSError) as exc:
+            raise InputError(f"cannot convert a {img.mode} image to grayscale ({first_line(exc)})") from None
+        finally:
+            img.close()
+
+
 def _decode(f, pre: Preprocessing, native: bool, max_pixels: int | None = None) -> np.ndarray:
     img, decoded_bytes = _open_image(f, max_pixels)
     # Files are decoded on several threads (model.py); one large image at a time keeps the

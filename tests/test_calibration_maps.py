@@ -163,3 +163,14 @@ def test_maps_map_back_to_inputs_even_with_equal_names(tiny_model_dir, folders, 
     assert "b__noise.png.map.png" in names and len(names) < 7
     r = runner.invoke(app, ["score", str(folders / "lines"), "--model", str(tiny_model_dir), "--maps-only-flagged"])
     assert r.exit_code == 2
+
+
+def test_calibrating_on_copies_of_one_image_is_refused_and_changes_nothing(tiny_model_dir, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    before = AAEModel.load(model, device="cpu").threshold
+    for i in range(12):
+        write_png(tmp_path / "same" / f"{i}.png", np.zeros((28, 28), np.uint8))
+    r = CliRunner().invoke(app, ["calibrate", str(tmp_path / "same"), "--model", str(model)])
+    assert r.exit_code == 2 and "all score alike" in " ".join(r.output.split()), r.output
+    assert AAEModel.load(model, device="cpu").threshold == before

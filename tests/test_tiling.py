@@ -327,6 +327,35 @@ def test_evaluate_refuses_masks_of_another_size_and_masks_without_defects(tiled_
     assert r.exit_code == 2 and "give masks of the photos' own size" in " ".join(r.output.split())
     r = runner.invoke(app, [*args, "--masks", str(tmp_path / "black")])
     assert r.exit_code == 2 and "mark no defect pixel" in " ".join(r.output.split())
+    # a mask declaring a photo far beyond the limits, and one in a format photos are never read in: one line each
+    from tests.hostile_inputs import png_bomb
+
+    (tmp_path / "hostile").mkdir()
+    (tmp_path / "hostile" / "d0.png").write_bytes(png_bomb(30_000, 30_000))
+    r = runner.invoke(app, [*args, "--masks", str(tmp_path / "hostile")])
+    assert r.exit_code == 2 and "too large" in r.output and "internal" not in r.output, r.output
+    (tmp_path / "hostile" / "d0.png").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 80 80\n")
+    r = runner.invoke(app, [*args, "--masks", str(tmp_path / "hostile")])
+    assert r.exit_code == 2 and "not one of the accepted formats" in r.output, r.output
+    # the same photos as normal and as defective
+    r = runner.invoke(app, ["evaluate", str(tmp_path / "normal"), "--anomalies", str(tmp_path / "normal" / "n0.png"),
+                            "--model", str(tiled_model[0])])
+    assert r.exit_code == 2 and "is given as normal and as defective" in " ".join(r.output.split()), r.output
+
+
+def test_evaluate_never_takes_another_kinds_mask_of_the_same_name(tiled_model, grass, tmp_path):
+    from aae_runtime.cli import app
+
+    for i, kind in enumerate(("scratch", "stain")):
+        write_png(tmp_path / "normal" / f"n{i}.png", grass[300:380, 80 * i : 80 * i + 80])
+        write_png(tmp_path / "defects" / kind / "d1.png", grass[400:480, 80 * i : 80 * i + 80])
+    mask = np.zeros((80, 80), np.uint8)
+    mask[10:20, 10:20] = 255
+    write_png(tmp_path / "masks" / "scratch" / "d1.png", mask)  # stain's d1 has none
+    r = runner.invoke(app, ["evaluate", str(tmp_path / "normal"), "--anomalies", str(tmp_path / "defects"), "--model",
+                            str(tiled_model[0]), "--masks", str(tmp_path / "masks"), "--output", str(tmp_path / "e.json")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "e.json").read_text())["masked_images"] == 1  # scratch's own; stain's is not borrowed
 
 
 def test_regions_and_evaluate_refuse_paths_that_do_not_exist(tiled_model, grass, tmp_path):
