@@ -416,6 +416,8 @@ def serve(
         "Most pixels of all the photos of one request, for a model that tiles them (its work grows with the pixels: "
         "a few small uploads can claim minutes of it); beyond: 413."))] = 33.6,
     read_timeout: Annotated[float, typer.Option(min=0.1, max=3600.0, help="Seconds to receive a whole body (else 408).")] = 10.0,
+    max_connections: Annotated[int, typer.Option(min=1, max=1_000_000, help=(
+        "Open connections and requests in flight at most; beyond: 503 (clients that hold sockets open)."))] = 1024,
     token_file: Annotated[Optional[Path], typer.Option(help=f"File whose first line is the bearer token (else $AAE_TOKEN).")] = None,
     noop_endpoint: Annotated[bool, typer.Option("--noop-endpoint", help="Also POST /noop: reads the body, answers fixed JSON "
                                                 "(the HTTP floor, for benchmarks).")] = False,
@@ -432,6 +434,7 @@ def serve(
     try:
         cfg = service.ServeConfig(host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                                   max_body_bytes=int(max_body_mb * 2**20), read_timeout_s=read_timeout,
+                                  max_connections=max_connections,
                                   max_pixels=int(max_megapixels * 1e6), max_request_pixels=int(max_request_megapixels * 1e6),
                                   token=service.read_token(token_file), noop_endpoint=noop_endpoint)
         service.serve(model, cfg, SessionConfig(device=device, threads=threads),

@@ -343,9 +343,11 @@ def _flatten_alpha(img: Image.Image) -> Image.Image:
 
 
 def _size_or_none(f) -> int | None:
+    if isinstance(f, io.BytesIO):  # an upload
+        return f.getbuffer().nbytes
     try:
         return os.fstat(f.fileno()).st_size
-    except (OSError, ValueError):
+    except (OSError, ValueError, io.UnsupportedOperation):
         return None
 
 

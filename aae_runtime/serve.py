@@ -61,6 +61,7 @@ class ServeConfig:
     max_pixels: int = 16_800_000  # one image's pixels (about a 4096 x 4096 photo): what a small upload may make us decode and tile
     max_request_pixels: int = 33_600_000  # all images of one request, for a tiled model (two such photos): a request's work
     read_timeout_s: float = 10.0  # to receive a whole body
+    max_connections: int = 1024  # open connections and requests in flight; beyond: 503 (a client holding sockets open)
     reload_poll_s: float = 1.0  # how often the model folder's pointer is looked at
     token: str | None = None
     noop_endpoint: bool = False  # POST /noop: reads the body, returns fixed JSON (the HTTP floor, for benchmarks)
@@ -304,13 +305,15 @@ def create_app(model_dir: str | Path, session_config: SessionConfig | None = Non
 
     async def images_of(request: Request, body: bytes) -> list[tuple[str, bytes]]:
         ctype = request.headers.get("content-type", "")
-        if ctype.startswith("multipart/form-data"):
+        if ctype.lower().startswith("multipart/form-data"):  # media types are case-insensitive
             async def replay():
                 return {"type": "http.request", "body": body, "more_body": False}
 
             try:
                 form = await StarletteRequest(request.scope, replay).form(max_files=cfg.max_images, max_fields=cfg.max_images)
             except Exception as exc:  # malformed multipart: Starlette's parser errors
+                if "maximum number of" in str(exc).lower():  # more parts than --max-images allows: too large, not malformed
+                    raise _HTTPError(413, f"more than {cfg.max_images} parts in one request; at most {cfg.max_images}") from None
                 raise _HTTPError(400, f"malformed multipart body ({str(exc)[:120] or type(exc).__name__})") from None
             parts = []
             for key, value in form.multi_items():
@@ -475,7 +478,8 @@ def serve(model_dir: Path, cfg: ServeConfig, session_config: SessionConfig, log=
     log(f"serving {model_dir} ({m.metadata.family}, threshold {m.threshold:.6g}) on http://{cfg.host}:{cfg.port} "
         f"(max batch {cfg.max_batch}, max wait {cfg.max_wait_ms:g} ms{', token required' if cfg.token else ''})")
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=30, lifespan="on")
+                            timeout_graceful_shutdown=30, lifespan="on",
+                            limit_concurrency=cfg.max_connections)  # beyond: 503 (clients that never finish a request)
     server = uvicorn.Server(config)
     # uvicorn drains on SIGTERM/SIGINT, then raises the signal again under the handlers it found:
     # with these, a drained stop ends the process normally (exit 0) instead of by the signal.

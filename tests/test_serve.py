@@ -169,6 +169,12 @@ def test_bad_requests_get_their_status_and_the_server_stays_up(server, pngs):
     assert b" 413 " in sock.recv(4096).split(b"\r\n")[0]
     sock.close()
     assert server.score(pngs[0].read_bytes())[0] == 200
+    # media types are case-insensitive; an empty part says so; more parts than --max-images is too large, not malformed
+    body, head = multipart({"a.png": pngs[0].read_bytes(), "empty.png": b""})
+    status, answer, _ = server.score(body, {"Content-Type": head["Content-Type"].replace("multipart/form-data", "Multipart/Form-Data")})
+    assert status == 200 and answer["results"][0]["error"] is None and "empty file (0 bytes)" in answer["results"][1]["error"]
+    status, answer, _ = server.score(*multipart({f"{i}.png": b"x" for i in range(300)}))
+    assert status == 413 and "more than 256 parts" in answer["error"], answer
 
 
 def test_a_client_sending_a_byte_a_second_gets_408(server, pngs):
