@@ -298,26 +298,40 @@ class Watcher:
     # -- the steps ---------------------------------------------------------------------------------
     def _files(self) -> list[tuple[Path, os.stat_result]]:
         out = []
-        for root, dirs, files in os.walk(self.inbox):
+
+        def unreadable(exc: OSError) -> None:  # a sub-folder os.walk cannot list
+            self._note_once(Path(exc.filename or self.inbox), f"{exc.filename} cannot be listed ({exc.strerror or exc}): "
+                                                                "its images are not scored")
+
+        for root, dirs, files in os.walk(self.inbox, onerror=unreadable):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             here = Path(root)
             if self._is_destination(here):
                 dirs[:] = []
                 continue
+            for d in dirs:  # os.walk does not enter links (a loop would never end): say so once
+                if (here / d).is_symlink():
+                    self._note_once(here / d, f"{here / d} is a link to a folder: not watched (watch its target itself)")
             for name in sorted(files):
                 path = here / name
                 if not _candidate(path):
                     continue
                 try:
                     st = path.stat()
-                except OSError:  # gone between the listing and now
+                except OSError:  # gone between the listing and now, or a link to nothing
+                    if path.is_symlink():
+                        self._note_once(path, f"{path} is a dangling link: not scored")
                     continue
                 if os.path.isfile(path):
                     out.append((path, st))
-                elif path not in self.noted:
-                    self.noted.add(path)
-                    self.log(f"{path} is not a regular file (a FIFO, a device, a dangling link): not scored")
+                else:
+                    self._note_once(path, f"{path} is not a regular file (a FIFO, a device): not scored")
         return out
+
+    def _note_once(self, path: Path, line: str) -> None:
+        if path not in self.noted:
+            self.noted.add(path)
+            self.log(line)
 
     def _seen(self, path: Path, st: os.stat_result) -> Seen:
         """A file under INBOX as the ledger names it (by its resolved path)."""

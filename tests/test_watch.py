@@ -257,3 +257,18 @@ def test_a_second_watcher_of_the_same_inbox_is_refused_in_one_line(tiny_model_di
     later = start(inbox, tiny_model_dir, out, ready=True)  # the first one's end let the folder go
     stop(later)
     assert [Path(r["path"]).name for r in rows_of(out)] == ["a.png"]  # scored once, by the first
+
+
+def test_links_the_watcher_does_not_follow_are_named_once(tiny_model_dir, tmp_path, digits):
+    inbox, out = tmp_path / "inbox", tmp_path / "rows.jsonl"
+    write_png(inbox / "a.png", digits[0])
+    write_png(tmp_path / "elsewhere" / "b.png", digits[1])
+    (inbox / "gone.png").symlink_to(tmp_path / "nothing.png")
+    (inbox / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    run = start(inbox, tiny_model_dir, out, ready=True)
+    wait_until(lambda: len(rows_of(out)) == 1)
+    time.sleep(1.5)  # a few more scans of the folder
+    err = stop(run)
+    assert err.count("gone.png is a dangling link: not scored") == 1, err
+    assert err.count("linked is a link to a folder: not watched") == 1, err
+    assert [Path(r["path"]).name for r in rows_of(out)] == ["a.png"]
