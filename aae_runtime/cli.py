@@ -415,7 +415,8 @@ def serve(
     max_request_megapixels: Annotated[float, typer.Option(min=0.001, max=10_000.0, help=(
         "Most pixels of all the photos of one request, for a model that tiles them (its work grows with the pixels: "
         "a few small uploads can claim minutes of it); beyond: 413."))] = 33.6,
-    read_timeout: Annotated[float, typer.Option(min=0.1, max=3600.0, help="Seconds to receive a whole body (else 408).")] = 10.0,
+    read_timeout: Annotated[float, typer.Option(min=0.1, max=3600.0, help=(
+        "Seconds to receive a whole body (else 408), and a request's headers (else the connection is closed)."))] = 10.0,
     max_connections: Annotated[int, typer.Option(min=1, max=1_000_000, help=(
         "Open connections and requests in flight at most; beyond: 503 (clients that hold sockets open)."))] = 1024,
     token_file: Annotated[Optional[Path], typer.Option(help=f"File whose first line is the bearer token (else $AAE_TOKEN).")] = None,

@@ -465,6 +465,31 @@ def read_token(token_file: Path | None) -> str | None:
     return token
 
 
+def _header_deadline(seconds: float):
+    """uvicorn's HTTP protocol with a deadline for a request's headers: a connection that has not
+    sent a whole request line and header block ``seconds`` after it opened (or after its last
+    answer) is closed. uvicorn times out only idle keep-alive connections, so a client sending
+    a header a byte at a time could hold a connection open for ever."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadline(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self.loop.call_later(seconds, self._headers_late)
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self.loop.call_later(seconds, self._headers_late)
+
+        def _headers_late(self) -> None:
+            # still no whole request (h11 leaves IDLE once the headers are in) and none being answered
+            if self.conn.their_state is h11.IDLE and self.conn.our_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderDeadline
+
+
 def serve(model_dir: Path, cfg: ServeConfig, session_config: SessionConfig, log=print) -> None:
     """Run the service until SIGTERM or Ctrl-C (in-flight requests finish first)."""
     import uvicorn
@@ -478,7 +503,7 @@ def serve(model_dir: Path, cfg: ServeConfig, session_config: SessionConfig, log=
     log(f"serving {model_dir} ({m.metadata.family}, threshold {m.threshold:.6g}) on http://{cfg.host}:{cfg.port} "
         f"(max batch {cfg.max_batch}, max wait {cfg.max_wait_ms:g} ms{', token required' if cfg.token else ''})")
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=30, lifespan="on",
+                            timeout_graceful_shutdown=30, lifespan="on", http=_header_deadline(cfg.read_timeout_s),
                             limit_concurrency=cfg.max_connections)  # beyond: 503 (clients that never finish a request)
     server = uvicorn.Server(config)
     # uvicorn drains on SIGTERM/SIGINT, then raises the signal again under the handlers it found:

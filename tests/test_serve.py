@@ -177,6 +177,26 @@ def test_bad_requests_get_their_status_and_the_server_stays_up(server, pngs):
     assert status == 413 and "more than 256 parts" in answer["error"], answer
 
 
+def test_a_client_that_never_finishes_its_headers_is_disconnected(server, pngs):
+    sock = socket.create_connection(("127.0.0.1", server.port))  # --read-timeout 1.5
+    sock.settimeout(10)
+    start = time.monotonic()
+    sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\n")
+    for _ in range(8):  # a header line a little at a time, never the blank line that ends them
+        try:
+            sock.sendall(b"X-Slow: y\r\n")
+        except OSError:
+            break
+        time.sleep(0.5)
+    try:
+        closed = sock.recv(4096) == b""
+    except ConnectionResetError:
+        closed = True
+    sock.close()
+    assert closed and time.monotonic() - start < 6
+    assert server.score(pngs[0].read_bytes())[0] == 200  # others are served as before
+
+
 def test_a_client_sending_a_byte_a_second_gets_408(server, pngs):
     sock = socket.create_connection(("127.0.0.1", server.port))
     sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
