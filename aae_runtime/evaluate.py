@@ -135,6 +135,17 @@ def _relative(path: Path, roots: list[Path]) -> Path:
     return Path(path.name)
 
 
+def _kind_folder(path: Path, roots: list[Path]) -> str | None:
+    """The folder name that says the photo's defect kind: its first sub-folder under its root,
+    or, for a photo directly in a root folder given by itself (``--anomalies defects/scratch``),
+    that folder's name; None for a photo given as a file."""
+    rel = _relative(path, roots)
+    if len(rel.parts) > 1:
+        return rel.parts[0]
+    folder = next((r for r in roots if r.is_dir() and path.parent == r), None)
+    return folder.resolve().name if folder is not None else None
+
+
 def _kind(path: Path, roots: list[Path]) -> str:
     """The first sub-folder of the photo under its root (the defect kind), or "all"."""
     rel = _relative(path, roots)
@@ -154,11 +165,11 @@ def _mask_for(path: Path, roots: list[Path], masks: Path, by_stem: dict[str, lis
     from aae_runtime.images import load_gray
 
     rel = _relative(path, roots)
-    kind = rel.parent.parts
+    kind = _kind_folder(path, roots)
 
-    def beside(mask: Path) -> bool:  # in the photo's sub-folder (or one ending like it), or at the top
+    def beside(mask: Path) -> bool:  # at the top of masks/, or under its sub-folder of the photo's kind
         parts = mask.parent.relative_to(masks).parts
-        return not parts or not kind or parts[-len(kind):] == kind
+        return not parts or (kind is not None and parts[0] == kind)
 
     by_name = [found[0] for s in MASK_SUFFIXES
                if len(found := [m for m in by_stem.get(path.stem + s, []) if beside(m)]) == 1]

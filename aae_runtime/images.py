@@ -100,7 +100,10 @@ def load_gray(path: str | Path, turn_by_tag: bool = False) -> np.ndarray:
         img, _ = _open_image(f)
         _load(img)
         try:
-            gray = _to_8bit(img).convert("L")
+            if img.mode.startswith("I;16") and int(np.asarray(img).max(initial=0)) <= 255:  # 0/255 saved as 16-bit
+                gray = Image.fromarray(np.asarray(img).astype(np.uint8), mode="L")
+            else:
+                gray = _to_8bit(img).convert("L")
             return np.asarray(upright(gray, orientation_of(img) if turn_by_tag else 1))
         except (ValueError, OSError) as exc:
             raise InputError(f"cannot convert a {img.mode} image to grayscale ({first_line(exc)})") from None

@@ -108,6 +108,10 @@ def recalibrate_dir(model_dir: str | Path, normal: np.ndarray, anomalies: np.nda
     loaded = current_version(model_dir)  # the version calibrated: the new metadata is written onto it alone
     model = AAEModel.load(loaded, device="cpu", use_scorer=True)
     block, threshold = calibrate_model(model, normal, anomalies, score, percentile)
+    stats = threshold.get("stats", {})
+    if stats.get("count", 0) >= 3 and stats["max"] - stats["min"] <= 1e-9 * max(1.0, abs(stats["max"])):
+        raise InputError(f"the {stats['count']} normal images all score alike ({stats['max']:.6g}), so no threshold "
+                         "can be fitted on them: calibrate on varied normal images, not copies of one")
     threshold["source"] = source or threshold["source"]
     threshold["calibrated_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     metadata = dict(model.metadata.raw, score=block, threshold=threshold)

@@ -344,7 +344,7 @@ def create_app(model_dir: str | Path, session_config: SessionConfig | None = Non
             native = model.tiling is not None
             limit = cfg.max_pixels if native else None  # bounds a tiled model's work; resized images: Pillow's bomb limits
             if native:  # a tiled model's work grows with the pixels: bounded per request, from the headers alone
-                pixels = sum(header_pixels(data) for _, data in images)
+                pixels = sum(n for _, data in images if (n := header_pixels(data)) <= cfg.max_pixels)  # larger: own 422 row
                 if pixels > cfg.max_request_pixels:
                     raise _HTTPError(413, f"{pixels / 1e6:.1f} million pixels in one request; at most "
                                           f"{cfg.max_request_pixels / 1e6:g} (--max-request-megapixels): send fewer or "
@@ -367,7 +367,7 @@ def create_app(model_dir: str | Path, session_config: SessionConfig | None = Non
             good = [k for k, d in enumerate(decoded) if isinstance(d, np.ndarray)]
             scored = await batcher.score([decoded[k] for k in good], maps, model) if good else []
         except _HTTPError as exc:
-            return JSONResponse({"error": exc.message}, status_code=exc.status)
+            return _error_response(exc)
         except Overloaded:
             return JSONResponse({"error": "busy: the queue is full; retry shortly"}, status_code=503,
                                 headers={"Retry-After": "1"})
@@ -406,7 +406,7 @@ def create_app(model_dir: str | Path, session_config: SessionConfig | None = Non
             try:
                 await read_body(request)
             except _HTTPError as exc:
-                return JSONResponse({"error": exc.message}, status_code=exc.status)
+                return _error_response(exc)
             return {"results": [{"score": 0.0, "normalized_score": 0.0, "anomaly": False, "error": None}]}
 
     app.state.holder = holder
@@ -465,6 +465,16 @@ def read_token(token_file: Path | None) -> str | None:
     return token
 
 
+def _error_response(exc: "_HTTPError"):
+    """The JSON answer to a refused request; a body that came too slowly (408) also closes the
+    connection, or the client could go on sending it a byte at a time for ever. (A 413 does not:
+    a client sending a large body whole would see the connection reset instead of the answer.)"""
+    from fastapi.responses import JSONResponse
+
+    close = {"Connection": "close"} if exc.status == 408 else None
+    return JSONResponse({"error": exc.message}, status_code=exc.status, headers=close)
+
+
 def _header_deadline(seconds: float):
     """uvicorn's HTTP protocol with a deadline for a request's headers: a connection that has not
     sent a whole request line and header block ``seconds`` after it opened (or after its last
@@ -473,14 +483,26 @@ def _header_deadline(seconds: float):
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    class HeaderDeadline(H11Protocol):
+    class HeaderDeadline(H11Protocol):  # (a class, not "auto": uvicorn then runs h11 even where httptools is installed)
+        deadline = None  # the timer of the request awaited now
+
+        def _await_headers(self) -> None:
+            if self.deadline is not None:
+                self.deadline.cancel()
+            self.deadline = self.loop.call_later(seconds, self._headers_late)
+
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
-            self.loop.call_later(seconds, self._headers_late)
+            self._await_headers()
 
-        def on_response_complete(self) -> None:
+        def on_response_complete(self) -> None:  # the next request's headers: counted from this answer
             super().on_response_complete()
-            self.loop.call_later(seconds, self._headers_late)
+            self._await_headers()
+
+        def connection_lost(self, exc) -> None:
+            if self.deadline is not None:
+                self.deadline.cancel()
+            super().connection_lost(exc)
 
         def _headers_late(self) -> None:
             # still no whole request (h11 leaves IDLE once the headers are in) and none being answered

@@ -205,6 +205,7 @@ class Watcher:
         self.poll = poll
         self.observer = None
         self._claim: int | None = None  # the descriptor holding the inbox's lock while watching
+        self._claimed = False
 
     def _start_events(self):
         try:
@@ -234,8 +235,16 @@ class Watcher:
         when the watcher ends or its process dies); two would score the same files twice. Raises
         InputError when another watcher holds it; a folder that cannot hold the lock file (read-only)
         is watched without it, with a note."""
-        if self._claim is not None:
+        if self._claimed:
             return
+        try:
+            self._take_inbox()
+        except BaseException:
+            self.release()
+            raise
+        self._claimed = True  # once: its checks and notes are not repeated by run()
+
+    def _take_inbox(self) -> None:
         for name, folder in (("--done", self.done), ("--failed", self.failed)):  # checked once, not failed per file
             if folder is not None:
                 existing = next(p for p in (folder, *folder.parents) if p.exists())  # made on the first move
@@ -268,6 +277,7 @@ class Watcher:
         if self._claim is not None:
             os.close(self._claim)
             self._claim = None
+        self._claimed = False
 
     def run(self, until: Callable[[], bool] | None = None) -> WatchStats:
         """Watch until ``stop()`` (or ``until()`` is true); returns the counts."""

@@ -56,6 +56,17 @@ def test_every_score_fits_on_normal_data_and_ranks_shifted_data_higher(name):
         assert abs(np.mean(s_normal)) < 1.5
 
 
+@pytest.mark.parametrize("name", sorted(SCORES))
+@pytest.mark.parametrize("n", [1, 2])
+def test_every_score_fits_on_the_one_or_two_images_a_small_hold_out_gives(name, n):
+    """Export fits the score on the held-out images, which may be one or two: a term without a
+    spread (or one of rounding) is not standardised, never divided by ~0 and never an error."""
+    block = fit_score(name, _parts(np.random.default_rng(3), n), make_prior_spec("gaussian", 4))
+    assert all(t["std"] > 1e-6 for t in block["terms"])
+    scores = evaluate_score(block, _parts(np.random.default_rng(4), 50, shift=1.0), {"name": "gaussian", "dim": 4})
+    assert np.isfinite(scores).all() and np.abs(scores).max() < 1e6
+
+
 def test_auroc_matches_pair_counting_with_ties():
     rng = np.random.default_rng(2)
     s = rng.integers(0, 5, 60).astype(float)  # many ties

@@ -204,9 +204,31 @@ def test_a_client_sending_a_byte_a_second_gets_408(server, pngs):
         sock.sendall(b"x")
         time.sleep(1)
     answer = sock.recv(4096).decode(errors="replace")
+    assert " 408 " in answer.splitlines()[0] and "connection: close" in answer.lower()
+    sock.settimeout(10)
+    try:  # and the connection goes: the client cannot hold it by sending the rest a byte at a time
+        for _ in range(8):
+            sock.sendall(b"x")
+            time.sleep(0.25)
+        ended = sock.recv(4096) == b""
+    except OSError:
+        ended = True
     sock.close()
-    assert " 408 " in answer.splitlines()[0]
+    assert ended
     assert server.score(pngs[0].read_bytes())[0] == 200
+
+
+def test_a_kept_alive_connection_gets_its_next_request_answered_whenever_the_first_came(server, pngs):
+    """The headers' deadline counts from the last answer, not from the connection's opening."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)  # --read-timeout 1.5
+    try:
+        for pause in (1.0, 1.0, 1.0):  # past 1.5 s since the connection opened, within it since each answer
+            conn.request("POST", "/score", body=pngs[0].read_bytes())
+            r = conn.getresponse()
+            assert r.status == 200 and json.loads(r.read())["results"][0]["error"] is None
+            time.sleep(pause)
+    finally:
+        conn.close()
 
 
 def test_a_client_that_disconnects_mid_upload_does_no_harm(server, pngs):

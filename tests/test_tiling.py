@@ -356,6 +356,16 @@ def test_evaluate_never_takes_another_kinds_mask_of_the_same_name(tiled_model, g
                             str(tiled_model[0]), "--masks", str(tmp_path / "masks"), "--output", str(tmp_path / "e.json")])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "e.json").read_text())["masked_images"] == 1  # scratch's own; stain's is not borrowed
+    # the kinds given as root folders themselves, and a 16-bit mask saved with 0 and 255
+    (tmp_path / "masks" / "scratch" / "d1.png").unlink()
+    import PIL.Image
+
+    PIL.Image.fromarray(mask.astype(np.uint16)).save(tmp_path / "masks" / "scratch" / "d1.png")
+    r = runner.invoke(app, ["evaluate", str(tmp_path / "normal"), "--anomalies", str(tmp_path / "defects" / "scratch"),
+                            str(tmp_path / "defects" / "stain"), "--model", str(tiled_model[0]), "--masks",
+                            str(tmp_path / "masks"), "--output", str(tmp_path / "e2.json")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "e2.json").read_text())["masked_images"] == 1
 
 
 def test_regions_and_evaluate_refuse_paths_that_do_not_exist(tiled_model, grass, tmp_path):

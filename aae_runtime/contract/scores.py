@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from aae_runtime.contract.errors import InputError, ModelError
+from aae_runtime.contract.errors import ModelError
 from aae_runtime.contract.priors import FITTED_GAUSSIAN
 
 _EPS = 1e-6
@@ -219,7 +219,7 @@ def score_spec(name: str) -> tuple[str, list]:
     return SCORES[name]
 
 
-DEGENERATE_SPREAD = 1e-7  # a term's std at or below this share of its mean: the images were one image
+DEGENERATE_SPREAD = 1e-7  # a term's std at or below this share of its mean: rounding, not a spread
 
 
 def fit_score(name: str, parts: ScoreParts, prior: dict) -> dict:
@@ -235,13 +235,10 @@ def fit_score(name: str, parts: ScoreParts, prior: dict) -> dict:
     for src, transform, weight in terms:
         raw = _transform(_raw_term(src, parts, prior, block), transform)
         mean, std = (float(raw.mean()), float(raw.std())) if standardise else (0.0, 1.0)
-        if standardise and std <= DEGENERATE_SPREAD * abs(mean):  # a spread of rounding: every other image an outlier
-            raise InputError(f"the {len(raw)} normal images all score alike ({src} term: spread {std:.3g} around "
-                             f"{mean:.6g}), so no threshold can be fitted on them: calibrate on varied normal images, "
-                             "not copies of one")
+        if std <= DEGENERATE_SPREAD * abs(mean):  # no spread, or one of rounding: as none (dividing by it makes 1e15s)
+            std = 1.0
         block["terms"].append({"source": src, "transform": transform, "two_sided": weight == "dev",
-                               "weight": 1.0 if weight == "dev" else float(weight),
-                               "mean": mean, "std": std if std > 0 else 1.0})
+                               "weight": 1.0 if weight == "dev" else float(weight), "mean": mean, "std": std})
     return block
 
 
