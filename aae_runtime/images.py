@@ -180,6 +180,7 @@ def _open_image(f, max_pixels: int | None = None) -> tuple[Image.Image, int]:
         if max_pixels is not None and width * height > max_pixels:
             raise InputError(f"image too large for this service ({width}x{height} pixels, limit {max_pixels:,}): "
                              "send a smaller image, or raise the server's --max-megapixels")
+        _check_tiff_turn(img)
         decoded = width * height * _BYTES_PER_PIXEL.get(img.mode, 4)
         if decoded > MAX_DECODED_BYTES:
             raise InputError(f"image too large ({width}x{height} {img.mode}, {decoded / 1e6:,.0f} MB decoded, "
@@ -216,6 +217,17 @@ def _unidentified(f) -> str:
     if kind is not None:
         return f"a {kind} file whose header cannot be decoded (damaged, or a variant of {kind} that is not supported)"
     return f"not an image, or not one of the accepted formats ({', '.join(FORMATS)})"
+
+
+def _check_tiff_turn(img: Image.Image) -> None:
+    """Pillow (13) turns a TIFF by its orientation tag as it reads it, and for an uncompressed one
+    whose tag swaps width and height (5-8) it gives scrambled pixels: refused, never scored."""
+    if img.format != "TIFF" or not img.tile or img.tile[0][0] != "raw":
+        return
+    turn = getattr(img, "tag_v2", {}).get(EXIF_ORIENTATION)
+    if turn in (5, 6, 7, 8):
+        raise InputError(f"an uncompressed TIFF whose orientation tag ({turn}) turns it sideways, which the image "
+                         "library decodes scrambled: save it upright (orientation 1) or compressed (e.g. LZW)")
 
 
 def _load(img: Image.Image) -> None:

@@ -210,6 +210,13 @@ def test_exif_orientation_turns_photos_upright_for_models_that_record_it(tmp_pat
         x = load_image(tmp_path / name, upright, native=True)[0]
         assert x.shape == (30, 20) and x[:5].mean() > 0.9 and x[-5:].mean() < 0.1, name  # the band is now along the top
         assert load_image(tmp_path / name, as_stored, native=True)[0].shape == (20, 30), name
+    # TIFFs are turned by Pillow itself as it reads them; an uncompressed one turned sideways it scrambles: refused
+    Image.fromarray(stored).save(tmp_path / "lzw.tif", tiffinfo={0x0112: 6}, compression="tiff_lzw")
+    x = load_image(tmp_path / "lzw.tif", upright, native=True)[0]
+    assert x.shape == (30, 20) and x[:5].mean() > 0.9 and x[-5:].mean() < 0.1
+    Image.fromarray(stored).save(tmp_path / "raw.tif", tiffinfo={0x0112: 6})
+    with pytest.raises(InputError, match=r"uncompressed TIFF whose orientation tag \(6\) turns it sideways"):
+        load_image(tmp_path / "raw.tif", upright)
     # resized to the model's input after turning, not before (8 x 8 here: the band is the top rows)
     small = load_image(tmp_path / "phone.png", upright)[0]
     assert small[0].mean() > 0.9 and small[-1].mean() < 0.1
