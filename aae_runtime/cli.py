@@ -28,10 +28,10 @@ import numpy as np
 import typer
 
 from aae_runtime import __version__
-from aae_runtime.clierrors import EXIT_CANNOT_RUN, OneLineErrorsTyper
+from aae_runtime.clierrors import EXIT_CANNOT_RUN, OneLineErrorsTyper, print_error
 from aae_runtime.console import Console, Table, display_path, literal
 from aae_runtime.contract.errors import AAEError
-from aae_runtime.images import save_grid
+from aae_runtime.images import find_images, first_shared, save_grid
 from aae_runtime.contract.metadata import ENCODER_FILE, METADATA_KEY
 from aae_runtime.model import DEFAULT_BATCH_SIZE, AAEModel, ImageScore, file_scoring_threads
 from aae_runtime.report import FORMATS as RESULT_FORMATS, ResultStream
@@ -65,8 +65,7 @@ LowLatencyOpt = Annotated[bool, typer.Option(
 
 
 def _fail(exc: AAEError) -> typer.Exit:
-    # escape: messages carry file names, and a name like "x[/]y" must not be read as markup
-    err.print(f"[red]error:[/red] {literal(str(exc))}", highlight=False, markup=True)
+    print_error(str(exc), err)  # literal: messages carry file names, and "x[/]y" must not be read as markup
     return typer.Exit(EXIT_CANNOT_RUN)
 
 
@@ -460,9 +459,9 @@ def calibrate(
     if score is not None and score not in SCORES:
         raise typer.BadParameter(f"{score!r} is not one of {', '.join(SCORES)}", param_hint="--score")
     _check_finite(percentile, "--percentile")
-    both = {os.path.realpath(p) for p in normal} & {os.path.realpath(p) for p in anomalies or []}
-    if both:
-        raise typer.BadParameter(f"{_named(sorted(both)[0])} is given as normal and as anomalous: an F1 threshold "
+    shared = first_shared(find_images(list(normal)), find_images(list(anomalies or [])))
+    if shared is not None:
+        raise typer.BadParameter(f"{_named(str(shared))} is given as normal and as anomalous: an F1 threshold "
                                  "needs two different sets of images", param_hint="--anomalies")
     try:
         m = _load(model, "cpu")

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from aae_runtime.contract.errors import InputError, ModelError
-from aae_runtime.images import find_images
+from aae_runtime.images import find_images, first_shared
 from aae_runtime.regions import PixelAUROC, auroc
 
 MASK_SUFFIXES = ("", "_mask", ".mask", "_gt")
@@ -68,9 +68,10 @@ def evaluate(model, normal: list[str | Path], anomalies: list[str | Path], masks
             raise InputError(f"{option}: {missing[0]} does not exist; pass existing files or folders")
     if masks is not None and not Path(masks).is_dir():
         raise InputError(f"--masks {masks}: not a folder; pass the folder of defect masks")
-    both = {str(p.resolve()) for p in find_images(list(normal))} & {str(p.resolve()) for p in find_images(list(anomalies))}
-    if both:
-        raise InputError(f"{sorted(both)[0]} is given as normal and as defective: each photo is one or the other")
+    files = {False: find_images(list(normal)), True: find_images(list(anomalies))}  # listed once, scored as listed
+    shared = first_shared(files[False], files[True])
+    if shared is not None:
+        raise InputError(f"{shared} is given as normal and as defective: each photo is one or the other")
     result = Evaluation(threshold=model.threshold)
     pixels = PixelAUROC() if masks is not None else None
     mask_files: dict[str, list[Path]] = {}
@@ -80,7 +81,7 @@ def evaluate(model, normal: list[str | Path], anomalies: list[str | Path], masks
     labels: list[bool] = []
     for positive, paths in ((False, normal), (True, anomalies)):
         roots = [Path(p) for p in paths]
-        for row in model.iter_score_paths(paths, batch_size=batch_size, maps=pixels is not None):
+        for row in model.iter_score_paths(files[positive], batch_size=batch_size, maps=pixels is not None):
             if not row.ok:
                 result.failed.append((row.path, row.error))
                 continue

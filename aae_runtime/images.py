@@ -392,6 +392,13 @@ def save_image(image: np.ndarray, path: str | Path) -> Path:
     return save_grid(image[None], path, ncols=1, pad=0)
 
 
+def first_shared(first: list[Path], second: list[Path]) -> Path | None:
+    """The first file of ``second`` that is also in ``first`` (the same file, however each path
+    spells it), or None: an image given as normal and as anomalous."""
+    seen = {os.path.realpath(p) for p in first}
+    return next((p for p in second if os.path.realpath(p) in seen), None)
+
+
 def find_images(paths: list[str | Path], follow_links: bool = True) -> list[Path]:
     """Expand files and folders (recursively, image suffixes only) into a sorted, de-duplicated list.
 

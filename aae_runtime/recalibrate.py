@@ -21,7 +21,7 @@ from aae_runtime.calibration import DEFAULT_PERCENTILE, f1_threshold, percentile
 from aae_runtime.contract.errors import InputError, ModelError
 from aae_runtime.contract.metadata import DECODER_FILE, ENCODER_FILE, METADATA_KEY, SCORER_FILE, ModelMetadata
 from aae_runtime.contract.onnxwire import set_metadata_prop
-from aae_runtime.contract.scores import HEAD_PARAMS, HEAD_THRESHOLD, PIXEL_DEFINITIONS, PIXEL_ERRORS, SEGMENT, SEGMENTATION, ScoreParts, \
+from aae_runtime.contract.scores import DEGENERATE_SPREAD, HEAD_PARAMS, HEAD_THRESHOLD, PIXEL_DEFINITIONS, PIXEL_ERRORS, SEGMENT, SEGMENTATION, ScoreParts, \
     evaluate_score, fit_score, head_params, score_spec
 
 MIN_NORMAL_IMAGES = 10  # fewer cannot give a meaningful percentile or standardisation
@@ -109,7 +109,7 @@ def recalibrate_dir(model_dir: str | Path, normal: np.ndarray, anomalies: np.nda
     model = AAEModel.load(loaded, device="cpu", use_scorer=True)
     block, threshold = calibrate_model(model, normal, anomalies, score, percentile)
     stats = threshold.get("stats", {})
-    if stats.get("count", 0) >= 3 and stats["max"] - stats["min"] <= 1e-9 * max(1.0, abs(stats["max"])):
+    if stats.get("count", 0) >= 3 and stats["max"] - stats["min"] <= DEGENERATE_SPREAD * max(1.0, abs(stats["max"])):
         raise InputError(f"the {stats['count']} normal images all score alike ({stats['max']:.6g}), so no threshold "
                          "can be fitted on them: calibrate on varied normal images, not copies of one")
     threshold["source"] = source or threshold["source"]

@@ -581,6 +581,14 @@ def _print_other_ranks_errors(folder: Path) -> None:
 PEER_LOST = "stopped: another process of this run stopped or cannot be reached"
 
 
+def _report_lost_peer(exc: BaseException, here: bool) -> None:
+    """PEER_LOST, left for the launcher's comparison; printed ``here`` (rank 0, which reports), or
+    by this rank when there is no launcher to leave it to (a torchrun started by hand)."""
+    message = f"{PEER_LOST} ({first_line(exc, 160)})"
+    if not _leave_rank_error(message) or here:
+        print_error(message if here else f"rank {os.environ['RANK']}: {message}", err)
+
+
 def _lost_peer(exc: BaseException) -> bool:
     """Whether ``exc`` is a collective operation failing because another process is gone (gloo's
     "Connection closed by peer", a reset or broken connection, NCCL's abort of a communicator a
@@ -647,9 +655,7 @@ def _run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, 
         except Exception as exc:  # another process stopped (its own error, a signal): not a bug of this one
             if not _lost_peer(exc):
                 raise
-            message = f"{PEER_LOST} ({first_line(exc, 160)})"
-            if not _leave_rank_error(message):
-                print_error(f"rank {os.environ['RANK']}: {message}", err)
+            _report_lost_peer(exc, here=False)
             raise typer.Exit(2)
         return
 
@@ -712,9 +718,7 @@ def _run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, 
             if os.environ.get("WORLD_SIZE", "1") == "1" or not _lost_peer(exc):
                 raise
             progress.stop()
-            message = f"{PEER_LOST} ({first_line(exc, 160)})"
-            print_error(message, err)
-            _leave_rank_error(message)
+            _report_lost_peer(exc, here=True)
             raise typer.Exit(2)
     err.print(f"checkpoint: {literal(result.checkpoint)}\nplots: {', '.join(literal(out / name) for name in PLOT_NAMES)}",
               highlight=False)

@@ -468,7 +468,7 @@ def train(cfg: RunConfig, run_dir: str | Path, data_dir: str | None = None, resu
     except (RuntimeError, MemoryError) as exc:  # the networks' weights cannot be allocated
         if not isinstance(exc, MemoryError) and "alloc" not in str(exc).lower():
             raise
-        raise TrainingError(f"the model does not fit in this machine's memory ({first_line(exc)[:120]}): lower --hidden, "
+        raise TrainingError(f"the model does not fit in this machine's memory ({first_line(exc, 120)}): lower --hidden, "
                             "the image size or --latent-dim") from None
     images = len(trainer.crops) if trainer.crops is not None else trainer.n_train
     if distributed.world_size() > 1 and min(cfg.train.batch_size, images) < distributed.world_size():
@@ -482,7 +482,7 @@ def train(cfg: RunConfig, run_dir: str | Path, data_dir: str | None = None, resu
             trainer.load_state(state)
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
             raise TrainingError(f"--resume {resume}: its weights or optimiser states do not fit its config "
-                                f"({first_line(exc)[:160]}): "
+                                f"({first_line(exc, 160)}): "
                                 "the checkpoint is damaged; use another one or train again") from None
         if trainer.epoch >= cfg.train.epochs:
             trainer.notes.append(f"--resume {resume} holds {trainer.epoch} epochs already, and --epochs is "

@@ -219,7 +219,7 @@ def score_spec(name: str) -> tuple[str, list]:
     return SCORES[name]
 
 
-DEGENERATE_SPREAD = 1e-7  # a term's std at or below this share of its mean: rounding, not a spread
+DEGENERATE_SPREAD = 1e-7  # a spread at or below this share of the values: rounding, not a spread (no standardising, no threshold)
 
 
 def fit_score(name: str, parts: ScoreParts, prior: dict) -> dict:
