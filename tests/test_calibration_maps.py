@@ -174,3 +174,12 @@ def test_calibrating_on_copies_of_one_image_is_refused_and_changes_nothing(tiny_
     r = CliRunner().invoke(app, ["calibrate", str(tmp_path / "same"), "--model", str(model)])
     assert r.exit_code == 2 and "all score alike" in " ".join(r.output.split()), r.output
     assert AAEModel.load(model, device="cpu").threshold == before
+
+
+def test_an_image_given_as_normal_and_as_anomalous_is_refused_however_it_is_given(tiny_model_dir, tmp_path):
+    for i in range(12):
+        write_png(tmp_path / "normal" / f"{i}.png", (np.arange(28 * 28).reshape(28, 28) * (i + 1) % 256).astype(np.uint8))
+    for anomalies in (tmp_path / "normal", tmp_path / "normal" / "3.png"):  # the folder itself, or a file inside it
+        r = CliRunner().invoke(app, ["calibrate", str(tmp_path / "normal"), "--model", str(tiny_model_dir),
+                                     "--anomalies", str(anomalies)])
+        assert r.exit_code == 2 and "is given as normal and as anomalous" in " ".join(r.output.split()), r.output
