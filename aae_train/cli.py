@@ -532,14 +532,17 @@ def _torchrun(nproc: int, batch_size: int) -> None:
     # differ from rank 0's are printed here. torchrun's own report of a failed rank (its log
     # lines, a traceback of the launcher, a summary table) would only bury them: it is silenced
     # and caught. OMP_NUM_THREADS=1 is what torchrun sets for several processes anyway (each
-    # rank then takes --threads), set here so that it does not warn about it.
+    # rank then takes --threads), set here so that it does not warn about it. torchrun's own log
+    # folder (empty unless it redirects output) goes inside the same temporary folder: by default
+    # it makes one in the system's temporary folder on every run and never removes it.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     for name in ("torch.distributed.run", "torch.distributed.elastic"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     with tempfile.TemporaryDirectory(prefix="aae-ranks-") as errors:
         os.environ[RANK_ERRORS] = errors
         try:
-            torchrun(parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "aae_train", *args]))
+            torchrun(parse_args(["--standalone", f"--nproc-per-node={nproc}", f"--log-dir={Path(errors, 'torchrun')}",
+                                 "-m", "aae_train", *args]))
         except ChildFailedError as exc:  # the first failed rank's exit code (2: bad input, 130/143: stopped)
             _print_other_ranks_errors(Path(errors))
             codes = [f.exitcode for f in sorted(exc.failures.values(), key=lambda f: f.timestamp)]

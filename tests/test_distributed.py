@@ -44,7 +44,7 @@ def close(a: dict, b: dict, keys=("recon_loss", "val_recon_loss")) -> None:
 @pytest.mark.parametrize("family", ["aae", "semi"])
 def test_two_processes_train_like_one_with_the_same_global_batch(mnist_dir, tmp_path, family):
     ref = single(mnist_dir, family, tmp_path / "one")
-    r = torchrun("--standalone", "--nproc-per-node", "2", "-m", "aae_train", *common(mnist_dir, family), "--out", str(tmp_path / "two"))
+    r = torchrun("--standalone", "--nproc-per-node", "2", "--log-dir", str(tmp_path / "logs"), "-m", "aae_train", *common(mnist_dir, family), "--out", str(tmp_path / "two"))
     assert r.returncode == 0, r.stderr[-2000:]
     got = last(tmp_path / "two")
     close(got, ref)
@@ -63,7 +63,7 @@ def test_two_nodes_on_loopback_and_a_checkpoint_of_two_resumes_on_one(mnist_dir,
     port = free_port()
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(k),
                                "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
-                               "--rdzv-id", "aae-test", "-m", "aae_train", *common(mnist_dir, "aae"), "--out", str(tmp_path / "nodes")],
+                               "--rdzv-id", "aae-test", "--log-dir", str(tmp_path / f"logs{k}"), "-m", "aae_train", *common(mnist_dir, "aae"), "--out", str(tmp_path / "nodes")],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
              for k in (0, 1)]
     results = [(n.wait(timeout=300), n.stderr.read()) for n in nodes]
@@ -76,10 +76,14 @@ def test_two_nodes_on_loopback_and_a_checkpoint_of_two_resumes_on_one(mnist_dir,
 
 
 def test_nproc_wraps_torchrun_and_an_uneven_batch_is_refused(mnist_dir, tmp_path):
+    scratch = tmp_path / "tmp"  # the system's temporary folder for this run
+    scratch.mkdir()
     r = subprocess.run(["aae-train", *common(mnist_dir, "aae"), "--out", str(tmp_path / "w"), "--nproc", "2"],
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(scratch)})
     assert r.returncode == 0, r.stderr[-2000:]
     assert last(tmp_path / "w")["epoch"] == 2
+    # torchrun's own log folder (torchelastic_*, one a run) is removed; torch's compile cache (torchinductor_USER) is shared
+    assert [p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_")] == []
     args = common(mnist_dir, "aae")
     args[args.index("--batch-size") + 1] = "41"
     r = subprocess.run(["aae-train", *args, "--out", str(tmp_path / "odd"), "--nproc", "2"], capture_output=True, text=True, timeout=120)
@@ -89,7 +93,7 @@ def test_nproc_wraps_torchrun_and_an_uneven_batch_is_refused(mnist_dir, tmp_path
     assert r.returncode == 2 and "already holds a run" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "ChildFailedError" not in r.stderr and "torch/distributed" not in r.stderr  # nor torchrun's log lines
     assert r.stderr.count("already holds a run") == 1, r.stderr  # both ranks refuse it; the user reads it once
-    r = torchrun("--standalone", "--nproc-per-node", "2", "-m", "aae_train", *args, "--out", str(tmp_path / "odd"))
+    r = torchrun("--standalone", "--nproc-per-node", "2", "--log-dir", str(tmp_path / "logs"), "-m", "aae_train", *args, "--out", str(tmp_path / "odd"))
     ours = [line for line in r.stderr.splitlines() if line.startswith("error: --batch-size 41")]
     assert r.returncode != 0 and ours and not (tmp_path / "odd").exists()  # torchrun adds its own report after our line
 

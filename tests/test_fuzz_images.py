@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 
@@ -33,7 +33,15 @@ pytestmark = pytest.mark.filterwarnings("error::PIL.Image.DecompressionBombWarni
 
 GRAY = Preprocessing("L", 28, 28, "bilinear", 1 / 255, 0.0)
 RGB = Preprocessing("RGB", 16, 12, "nearest", 2 / 255, -1.0)
-_DIR = Path(tempfile.mkdtemp(prefix="aae-fuzz-images-"))
+_DIR: Path  # a folder of this module's own, removed after its tests (see _folder)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _folder(tmp_path_factory):
+    global _DIR
+    _DIR = tmp_path_factory.mktemp("fuzz-images")
+    yield
+    shutil.rmtree(_DIR, ignore_errors=True)
 
 
 def _seeds() -> dict[str, bytes]:
