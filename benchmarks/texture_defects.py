@@ -82,11 +82,22 @@ class TestImage:
 # ---------------------------------------------------------------- photographs and regions
 
 
-def load_texture(name: str) -> np.ndarray:
-    """The scikit-image photograph ``name`` (one of TEXTURES) as (H, W) uint8."""
-    if name not in TEXTURES:
-        raise ValueError(f"unknown texture {name!r}: choose one of {', '.join(TEXTURES)}")
-    return _skimage_photo(name)
+def load_texture(spec: str) -> np.ndarray:
+    """The photograph ``spec`` as (H, W) uint8: one of TEXTURES (scikit-image's), or the path of
+    an image file of one's own (a photo of another material), read by the runtime's decoder,
+    turned upright by its EXIF tag and converted to 8-bit grayscale."""
+    if spec in TEXTURES:
+        return _skimage_photo(spec)
+    if not Path(spec).is_file():
+        raise ValueError(f"unknown texture {spec!r}: choose one of {', '.join(TEXTURES)}, or give the path of a photograph")
+    from aae_runtime.images import load_gray
+
+    return load_gray(spec, turn_by_tag=True)
+
+
+def texture_name(spec: str) -> str:
+    """What a texture is called in run folders and reports: its own name, or its file's stem."""
+    return spec if spec in TEXTURES else Path(spec).stem
 
 
 @functools.lru_cache(maxsize=None)

@@ -4,9 +4,12 @@ aae-export, the runtime's tiled scoring).
 Data (benchmarks/texture_defects.py): each of scikit-image's 512 x 512 photographs (grass,
 gravel, brick) is cut into disjoint bands: the top 384 rows are the one training photo (the
 trainer holds out its bottom 96 rows itself, for validation and the threshold), the bottom 128
-rows give the test windows: ``--test-images`` windows of 96 x 96 at random places (they may
+rows give the test windows: ``--test-images`` windows of 72 x 72 at random places (they may
 overlap each other, never the training or validation rows), half normal, half with one synthetic
-defect each (scratch, hole, foreign material, blur, stain) and its ground-truth mask.
+defect each (scratch, hole, foreign material, blur, stain) and its ground-truth mask. Another
+material: ``--textures`` also takes paths of one's own photographs (any format the runtime reads,
+converted to grayscale, at least 288 rows and 72 columns), cut into the same bands by the same
+fractions of their rows and named by their file's stem.
 
 For each texture and recipe: train (``aae-train folder DIR --crop 64 ...``), export (the
 threshold is the 99th percentile of held-out windows' scores), score every test window with
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shlex
@@ -40,7 +44,7 @@ sys.path.insert(0, str(REPO))
 
 from aae_runtime.contract.modelfolder import holds_model  # noqa: E402
 from benchmarks.texture_defects import KINDS, TEXTURES, load_texture, make_test_set, read_test_set, split_regions, \
-    write_test_set  # noqa: E402
+    texture_name, write_test_set  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 CROP = 64
@@ -77,15 +81,26 @@ PUBLISHED = ["MVTec AD textures, mean pixel AUROC (another data set; context onl
 TARGETS = {"image_auroc": 0.95, "pixel_auroc": 0.95, "false_alarm_rate": 0.02}
 
 
+def shown(path: Path) -> str:
+    """A path as the report's command gives it: from the repository root when inside it."""
+    path = path.resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
 def build_data(texture: str, root: Path, n_test: int, seed: int) -> Path:
-    """The texture's training photo and test windows under ``root`` (skipped when already there)."""
+    """The training photo and test windows of ``texture`` (a name or a photo's path, see
+    `load_texture`) under ``root`` (skipped when already there)."""
     if (root / "test" / "index.csv").exists():
         return root
-    bands = split_regions(load_texture(texture))
+    photo = load_texture(texture)
+    bands = split_regions(photo)
+    if min(bands["test"].shape) < TEST_SIZE:
+        sys.exit(f"{texture}: a {photo.shape[0]} x {photo.shape[1]} photograph is too small: its bottom quarter must hold "
+                 f"{TEST_SIZE} x {TEST_SIZE} test windows (at least {math.ceil(TEST_SIZE / 0.25)} rows and {TEST_SIZE} columns)")
     from PIL import Image
 
     (root / "train").mkdir(parents=True, exist_ok=True)
-    Image.fromarray(bands["trainval"], mode="L").save(root / "train" / f"{texture}.png")
+    Image.fromarray(bands["trainval"], mode="L").save(root / "train" / f"{texture_name(texture)}.png")
     write_test_set(make_test_set(bands["test"], n_test, TEST_SIZE, seed), root / "test")
     return root
 
@@ -187,7 +202,7 @@ def bootstrap(per_texture: list[dict], reps: int, seed: int) -> dict:
     points = [figures(s, np.arange(len(s["score"]))) for s in per_texture]
     draws = []
     for _ in range(reps):
-        draws.append([figures(s, rng.integers(0, len(s["score"]), len(s["score"]))) for s in per_texture])
+        draws.append([figures(s, _resample(s, rng)) for s in per_texture])
     keys = points[0].keys()
     result = {"per_texture": [], "mean": {}}
     for t, p in enumerate(points):
@@ -195,6 +210,16 @@ def bootstrap(per_texture: list[dict], reps: int, seed: int) -> dict:
     for k in keys:
         result["mean"][k] = _interval(float(np.mean([p[k] for p in points])), [float(np.mean([d[t][k] for t in range(len(points))])) for d in draws])
     return result
+
+
+def _resample(s: dict, rng: np.random.Generator) -> np.ndarray:
+    """A bootstrap resample of one texture's windows (indices) holding normal and defective ones
+    alike, which AUROC needs: a resample of a few windows may miss one (of 240, never)."""
+    bad = np.array([k is not None for k in s["kind"]])
+    while True:
+        idx = rng.integers(0, len(bad), len(bad))
+        if bad[idx].any() and not bad[idx].all():
+            return idx
 
 
 def _interval(point: float, samples: list[float]) -> dict:
@@ -258,7 +283,8 @@ def write_example(texture: str, out: Path, seed: int = 1) -> Path:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--textures", default=",".join(TEXTURES))
+    p.add_argument("--textures", default=",".join(TEXTURES),
+                   help="scikit-image's photographs (grass, gravel, brick), or paths of one's own, comma-separated")
     p.add_argument("--recipes", default=",".join([*RECIPES, *CHOSEN]))
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--crops", type=int, default=2048, help="crops per epoch (the one training photo)")
@@ -271,20 +297,25 @@ def main(argv=None) -> None:
     p.add_argument("--results-dir", type=Path, default=RESULTS, help="where NAME.json and NAME.md go")
     p.add_argument("--example", metavar="PNG", type=Path, help="only write the README's example photo (the first texture's) and stop")
     args = p.parse_args(argv)
+    if args.test_images < 2 * len(KINDS):
+        p.error(f"--test-images {args.test_images}: give at least {2 * len(KINDS)} (half normal, and every defect kind)")
     if args.example:
         print(write_example(args.textures.split(",")[0], args.example))
         return
     textures, recipes = args.textures.split(","), args.recipes.split(",")
-    report = {"textures": textures, "epochs": args.epochs, "crops": args.crops, "test_images": args.test_images,
+    names = [texture_name(t) for t in textures]
+    if len(set(names)) < len(names):
+        p.error(f"--textures {args.textures}: two photographs of one name; their runs would share a folder")
+    report = {"textures": names, "epochs": args.epochs, "crops": args.crops, "test_images": args.test_images,
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, load {os.getloadavg()[0]:.1f}",
               "recipes": {}, "commands": [f"python benchmarks/textures.py --epochs {args.epochs} --crops {args.crops} "
                                           f"--recipes {args.recipes} --textures {args.textures}"
-                                          + (f" --work-dir {os.path.relpath(args.work_dir, REPO)}" if args.work_dir != REPO / "runs" / "textures" else "")
+                                          + (f" --work-dir {shown(args.work_dir)}" if args.work_dir != REPO / "runs" / "textures" else "")
                                           + (f" --name {args.name}" if args.name != "textures" else "")]}
     for recipe in recipes:
         per_texture, seconds, chosen, validation = [], {}, {}, {}
-        for texture in textures:
-            data = build_data(texture, args.work_dir / texture / "data", args.test_images, args.seed)
+        for spec, texture in zip(textures, names):
+            data = build_data(spec, args.work_dir / texture / "data", args.test_images, args.seed)
             if recipe in CHOSEN:
                 chosen[texture], validation[texture], model, secs = choose(args, texture, recipe, data)
             else:

@@ -27,7 +27,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.texture_defects import TEXTURES, load_texture, make_test_set, split_regions  # noqa: E402
+from benchmarks.texture_defects import TEXTURES, load_texture, make_test_set, split_regions, texture_name  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 VALIDATION_SEED = 123  # the test windows use another (textures.py --seed, 0)
@@ -57,7 +57,7 @@ def sweep(model_dir: Path, texture: str, n: int, sigmas: list[float]) -> dict[st
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--recipes", default="draem,draem-image")
-    p.add_argument("--textures", default=",".join(TEXTURES))
+    p.add_argument("--textures", default=",".join(TEXTURES), help="as benchmarks/textures.py's")
     p.add_argument("--sigmas", default="0,1,2,4,8")
     p.add_argument("--windows", type=int, default=200)
     p.add_argument("--work-dir", type=Path, default=REPO / "runs" / "textures")
@@ -72,8 +72,9 @@ def main(argv=None) -> None:
              "`--map-sigma`.", "",
              "| recipe | texture | " + " | ".join(f"sigma {s:g}" for s in sigmas) + " |", "|---|---|" + "---|" * len(sigmas)]
     for recipe in args.recipes.split(","):
-        for texture in args.textures.split(","):
-            res = sweep(args.work_dir / texture / recipe / "model", texture, args.windows, sigmas)
+        for spec in args.textures.split(","):
+            texture = texture_name(spec)
+            res = sweep(args.work_dir / texture / recipe / "model", spec, args.windows, sigmas)
             report["results"][f"{recipe}/{texture}"] = res
             lines.append(f"| {recipe} | {texture} | " + " | ".join(f"{r['image_auroc']:.3f} / {r['pixel_auroc']:.3f}"
                                                                  for r in res.values()) + " |")

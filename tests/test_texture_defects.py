@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import subprocess
 import sys
 
 import numpy as np
@@ -220,3 +221,24 @@ def test_preview_grid_has_a_row_per_texture_and_two_panels_per_kind():
     grid = td.preview(seed=0, size=SIZE)
     assert grid.dtype == np.uint8
     assert grid.shape == (3 * SIZE, len(td.KINDS) * (2 * SIZE + 5))
+
+
+def test_a_photograph_of_ones_own_is_a_texture_named_by_its_file(tmp_path):
+    photo = np.random.default_rng(0).integers(0, 256, (300, 90, 3), dtype=np.uint8)
+    Image.fromarray(photo).save(tmp_path / "my wall.png")
+    got = td.load_texture(str(tmp_path / "my wall.png"))
+    assert got.shape == (300, 90) and got.dtype == np.uint8  # grayscale, the runtime's conversion
+    assert np.array_equal(got, np.asarray(Image.fromarray(photo).convert("L")))
+    assert td.texture_name(str(tmp_path / "my wall.png")) == "my wall" and td.texture_name("grass") == "grass"
+    with pytest.raises(ValueError, match="or give the path of a photograph"):
+        td.load_texture(str(tmp_path / "missing.png"))
+
+
+def test_the_benchmark_refuses_a_photograph_too_small_for_its_test_windows(tmp_path):
+    Image.fromarray(np.zeros((200, 512), np.uint8)).save(tmp_path / "short.png")
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "textures.py"), "--textures", str(tmp_path / "short.png"),
+                        "--work-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().endswith("a 200 x 512 photograph is too small: its bottom quarter must hold 72 x 72 test windows "
+                                     "(at least 288 rows and 72 columns)")
+    assert not (tmp_path / "runs" / "short" / "data" / "train").exists()
