@@ -468,7 +468,8 @@ def read_token(token_file: Path | None) -> str | None:
 def _error_response(exc: "_HTTPError"):
     """The JSON answer to a refused request; a body that came too slowly (408) also closes the
     connection, or the client could go on sending it a byte at a time for ever. (A 413 does not:
-    a client sending a large body whole would see the connection reset instead of the answer.)"""
+    a client sending a large body whole would see the connection reset instead of the answer;
+    the rest of its body gets the headers' deadline instead, see `_header_deadline`.)"""
     from fastapi.responses import JSONResponse
 
     close = {"Connection": "close"} if exc.status == 408 else None
@@ -479,7 +480,9 @@ def _header_deadline(seconds: float):
     """uvicorn's HTTP protocol with a deadline for a request's headers: a connection that has not
     sent a whole request line and header block ``seconds`` after it opened (or after its last
     answer) is closed. uvicorn times out only idle keep-alive connections, so a client sending
-    a header a byte at a time could hold a connection open for ever."""
+    a header a byte at a time could hold a connection open for ever. The same deadline ends a
+    body still arriving ``seconds`` after its request was answered (refused as too large before
+    it was read): uvicorn reads and drops such a body to the end, however slowly it comes."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -505,8 +508,11 @@ def _header_deadline(seconds: float):
             super().connection_lost(exc)
 
         def _headers_late(self) -> None:
-            # still no whole request (h11 leaves IDLE once the headers are in) and none being answered
-            if self.conn.their_state is h11.IDLE and self.conn.our_state is h11.IDLE and not self.transport.is_closing():
+            # still no whole request (h11 leaves IDLE once the headers are in) and none being answered,
+            # or the body of a request answered already still coming
+            waiting = self.conn.their_state is h11.IDLE and self.conn.our_state is h11.IDLE
+            unread = self.conn.their_state is h11.SEND_BODY and self.conn.our_state is h11.DONE
+            if (waiting or unread) and not self.transport.is_closing():
                 self.transport.close()
 
     return HeaderDeadline

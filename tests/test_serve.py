@@ -218,6 +218,25 @@ def test_a_client_sending_a_byte_a_second_gets_408(server, pngs):
     assert server.score(pngs[0].read_bytes())[0] == 200
 
 
+def test_a_client_that_goes_on_sending_a_body_refused_as_too_large_is_disconnected(server, pngs):
+    sock = socket.create_connection(("127.0.0.1", server.port))  # --max-body-mb 4, --read-timeout 1.5
+    sock.settimeout(10)
+    sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n")
+    answer = sock.recv(4096).decode(errors="replace")
+    assert " 413 " in answer.splitlines()[0], answer  # answered at once, the connection kept for the body
+    start = time.monotonic()
+    try:  # the rest of the body, a little at a time: it may not hold the connection for ever
+        for _ in range(40):
+            sock.sendall(b"x" * 100)
+            time.sleep(0.2)
+        ended = sock.recv(4096) == b""
+    except OSError:
+        ended = True
+    sock.close()
+    assert ended and time.monotonic() - start < 6
+    assert server.score(pngs[0].read_bytes())[0] == 200
+
+
 def test_a_kept_alive_connection_gets_its_next_request_answered_whenever_the_first_came(server, pngs):
     """The headers' deadline counts from the last answer, not from the connection's opening."""
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)  # --read-timeout 1.5
