@@ -18,7 +18,10 @@ file stays in INBOX and in the ledger, scored once.
 
 **Not early.** A file is read once its size and modification time have stayed the same for
 ``settle`` seconds (a camera writing slowly, a copy in progress); names a camera writes before
-renaming (hidden, ``*.tmp``, ``*.part``) are left alone.
+renaming (hidden, ``*.tmp``, ``*.part``) are left alone. A file that cannot be read gets a second
+look before its error row: a writer that paused longer than ``settle`` leaves a truncated image
+that is whole a moment later. Its row is written when the same file (size, time, inode) fails
+again after ``recheck`` seconds (4 x settle, at least 2 s); a file that changed meanwhile is new.
 
 Events come from the `watchdog` package (inotify on Linux) when it is installed; without it, or
 on file systems without events, the folder is polled. Batches form from what is waiting, so a
@@ -47,6 +50,7 @@ from aae_runtime.report import FIELDS, rows_as_dicts
 WATCH_FORMATS = (".csv", ".jsonl")
 IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp")
 DEFAULT_SETTLE_S = 0.5
+RECHECK_SETTLES, MIN_RECHECK_S = 4, 2.0  # an unreadable file is read again this much later (settles, at least s)
 POLL_S = 0.5  # how often the folder is listed without events (and the longest wait with them)
 
 
@@ -151,6 +155,11 @@ class Ledger:
         atomic_write(self.state_path, lambda f: f.write(data), fsync=True)
 
 
+def _version(st: os.stat_result) -> tuple[int, int, int]:
+    """What tells one file under a name from another: size, modification time, inode."""
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
 def _resolved(path: str) -> str:
     """A file's path with its folder resolved (how the ledger names files; the file itself may be gone)."""
     p = Path(os.path.abspath(path))
@@ -202,6 +211,9 @@ class Watcher:
         self.changed = threading.Event()
         self.stopping = threading.Event()
         self.pending: dict[Path, tuple[int, int, float]] = {}  # path -> (size, mtime_ns, since when unchanged)
+        # path -> ((size, mtime_ns, inode) of the file that could not be read, when): its second look
+        self.unreadable: dict[Path, tuple[tuple[int, int, int], float]] = {}
+        self.recheck_s = max(RECHECK_SETTLES * settle_s, MIN_RECHECK_S)
         self.poll = poll
         self.observer = None
         self._claim: int | None = None  # the descriptor holding the inbox's lock while watching
@@ -389,11 +401,26 @@ class Watcher:
             if before is None or before[:2] != key:
                 self.pending[path] = (*key, now)
                 continue
-            if now - before[2] >= self.settle_s and len(ready) < self.batch_size:
+            if now - before[2] >= self.settle_s and len(ready) < self.batch_size and not self._rechecking(path, st, now):
                 ready.append((path, st))
         for gone in set(self.pending) - seen_now:
             del self.pending[gone]
+            self.unreadable.pop(gone, None)
         return ready
+
+    def _rechecking(self, path: Path, st: os.stat_result, now: float) -> bool:
+        """Whether ``path``, unreadable when last read and unchanged since, waits for its second look."""
+        failed = self.unreadable.get(path)
+        return failed is not None and failed[0] == _version(st) and now - failed[1] < self.recheck_s
+
+    def _second_look(self, path: Path, st: os.stat_result) -> bool:
+        """Whether ``path``, which could not be read, is read again before its error row is written:
+        yes, unless this same file could not be read before either (see the module docstring)."""
+        if self.unreadable.get(path, (None,))[0] == _version(st):
+            del self.unreadable[path]
+            return False
+        self.unreadable[path] = (_version(st), time.monotonic())
+        return True
 
     def _score(self, batch: list[tuple[Path, os.stat_result]]) -> None:
         started = {p: self.pending.get(p, (0, 0, time.monotonic()))[2] for p, _ in batch}
@@ -404,8 +431,11 @@ class Watcher:
                 now = path.stat()
             except OSError:
                 now = None
-            if now is not None and (now.st_size, now.st_mtime_ns, now.st_ino) != (st.st_size, st.st_mtime_ns, st.st_ino):
+            if now is not None and _version(now) != _version(st):
                 continue  # replaced while it was scored: the new file gets its own turn (a deleted one keeps its row)
+            if not row.ok and now is not None and self._second_look(path, st):
+                continue
+            self.unreadable.pop(path, None)
             handled.append((path, self._seen(path, st)))
             kept.append(row)
         try:

@@ -94,6 +94,25 @@ def test_a_file_written_slowly_is_read_only_when_complete(tiny_model_dir, tmp_pa
     assert row["error"] is None and row["score"] is not None
 
 
+def test_a_file_whose_writer_paused_longer_than_settle_gets_a_second_look(tiny_model_dir, tmp_path, digits):
+    inbox, out = tmp_path / "inbox", tmp_path / "rows.jsonl"
+    inbox.mkdir()
+    whole = write_png(tmp_path / "whole.png", digits[3]).read_bytes()
+    run = start(inbox, tiny_model_dir, out, "--failed", str(tmp_path / "failed"), ready=True)  # --settle 0.2: recheck 2 s
+    with open(inbox / "paused.png", "wb") as f:
+        f.write(whole[: len(whole) // 2])
+        f.flush()
+        time.sleep(1.0)  # read meanwhile, truncated: no row yet
+        f.write(whole[len(whole) // 2 :])
+    (inbox / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)  # stays broken: its row after the second look
+    wait_until(lambda: len(rows_of(out)) == 2)
+    time.sleep(1.0)
+    stop(run)
+    rows = {Path(r["path"]).name: r for r in rows_of(out)}
+    assert len(rows_of(out)) == 2 and rows["paused.png"]["error"] is None and rows["paused.png"]["score"] is not None
+    assert rows["broken.png"]["error"] and (tmp_path / "failed" / "broken.png").is_file()
+
+
 def test_sigkill_at_any_moment_loses_no_image_and_scores_none_twice(tiny_model_dir, tmp_path, digits):
     inbox, done, out = tmp_path / "inbox", tmp_path / "done", tmp_path / "rows.jsonl"
     names = [f"img{i:03d}.png" for i in range(120)]
