@@ -451,6 +451,7 @@ def calibrate(
         help="Labelled anomalous images (file or folder; repeatable): the threshold becomes F1-optimal.")] = None,
     percentile: Annotated[float, typer.Option(min=0.001, max=100.0, help="Without --anomalies: threshold = this percentile of the normal scores.")] = 99.0,
     score: Annotated[Optional[str], typer.Option(help="Switch to another score (default: keep the model's).")] = None,
+    threads: ThreadsOpt = 0,
 ) -> None:
     """Refit the score statistics and threshold on new normal images; rewrites the model's metadata (no torch)."""
     from aae_runtime.recalibrate import MIN_NORMAL_IMAGES, load_folder, recalibrate_dir
@@ -464,16 +465,15 @@ def calibrate(
         raise typer.BadParameter(f"{_named(str(shared))} is given as normal and as anomalous: an F1 threshold "
                                  "needs two different sets of images", param_hint="--anomalies")
     try:
-        m = _load(model, "cpu")
-        good, failed = load_folder(m, normal)
+        m = _load(model, "cpu", threads=threads)
+        good, failed = load_folder(m, normal)  # a tiled model's photos: decoded one at a time as they are scored
         bad_ones, failed_anomalies = load_folder(m, anomalies) if anomalies else (None, [])
-        if len(good) < MIN_NORMAL_IMAGES:
+        if m.tiling is None and len(good) < MIN_NORMAL_IMAGES:
             raise AAEError(f"found {len(good)} readable normal images in the given paths; calibration needs at least {MIN_NORMAL_IMAGES}")
-        if anomalies and len(bad_ones) == 0:
+        if m.tiling is None and anomalies and len(bad_ones) == 0:
             raise AAEError("no readable anomalous images in --anomalies: give a folder of images, or leave it out")
-        meta = recalibrate_dir(model, good, bad_ones, score=score, percentile=percentile,
-                               source=f"aae-run calibrate: {len(good)} normal images"
-                               + (f" and {len(bad_ones)} anomalous images" if anomalies else ""))
+        meta = recalibrate_dir(model, good, bad_ones, score=score, percentile=percentile, source=CALIBRATE_SOURCE,
+                               threads=threads)
     except AAEError as exc:
         raise _fail(exc)
     for path, reason in failed + failed_anomalies:
@@ -659,6 +659,10 @@ def info(
     to.print(f"providers running:   {', '.join(m.providers)}", highlight=False)
 
 
+CALIBRATE_SOURCE = "normal images given to aae-run calibrate"  # the threshold's "source": after its count in `info`
+_OLD_CALIBRATE_SOURCE = "aae-run calibrate: "
+
+
 def describe(meta: dict) -> list[tuple[str, str]]:
     """A model's metadata as a few labelled lines (what `aae-run info` prints)."""
     pre, prior, t = meta.get("preprocessing", {}), meta.get("prior", {}), meta.get("threshold", {})
@@ -681,8 +685,12 @@ def describe(meta: dict) -> list[tuple[str, str]]:
     if meta.get("classes"):
         lines.append(("classes", ", ".join(map(str, meta["classes"]))))
     how = f"{t.get('percentile'):g}th percentile" if t.get("method") == "percentile" else t.get("method", "?")
-    lines.append(("score", f"{meta.get('score', {}).get('name')}; threshold {t.get('value', float('nan')):.6g} ({how} of "
-                           f"{t.get('stats', {}).get('count', '?')} {t.get('source', 'images')})"))
+    source = str(t.get("source", "images"))
+    if source.startswith(_OLD_CALIBRATE_SOURCE):  # written by 0.2.0's calibrate, the count inside: "aae-run calibrate: 15 normal images"
+        of = f"{source.removeprefix(_OLD_CALIBRATE_SOURCE)} given to aae-run calibrate"
+    else:
+        of = f"{t.get('stats', {}).get('count', '?')} {source}"
+    lines.append(("score", f"{meta.get('score', {}).get('name')}; threshold {t.get('value', float('nan')):.6g} ({how} of {of})"))
     prov = meta.get("provenance", {})
     lines.append(("trained", f"epoch {prov.get('checkpoint_epoch', '?')}, exported {prov.get('exported_at', '?')}, "
                              f"checkpoint sha256 {str(prov.get('checkpoint_sha256', '?'))[:16]}..."))

@@ -77,14 +77,18 @@ def calibrate_tiled(model, photos, anomalies, name: str, percentile: float, min_
     """(score block, threshold block) of a tiled model from whole normal photos (a sequence of
     (C, H, W) arrays, any sizes): each photo's score is the maximum of its map. ``name``: a plain
     per-pixel error (checked by `calibrate_model`)."""
-    if len(photos) < min_images:
-        raise InputError(f"need at least {min_images} normal photos to calibrate, got {len(photos)}")
-    block = {"name": name, "pixel_error": name, "higher_is_more_anomalous": True, "fitted_on": len(photos),
+    block = {"name": name, "pixel_error": name, "higher_is_more_anomalous": True,
              "definition": f"{model.tiling.to_dict()['definition']}; per-pixel error {PIXEL_DEFINITIONS[name]}"}
     probe = model.with_score(block)
-    normal_scores = np.array([probe.score_photo(p)[0] for p in photos])
-    if anomalies is not None and len(anomalies):
-        threshold = f1_threshold(normal_scores, np.array([probe.score_photo(p)[0] for p in anomalies]))
+    normal_scores = np.array([probe.score_photo(p)[0] for p in photos])  # one photo at a time (see PhotoFiles)
+    if len(normal_scores) < min_images:
+        raise InputError(f"found {len(normal_scores)} readable normal photos in the given paths; calibration needs at least {min_images}")
+    block["fitted_on"] = len(normal_scores)
+    if anomalies is not None:
+        anomaly_scores = np.array([probe.score_photo(p)[0] for p in anomalies])
+        if not len(anomaly_scores):
+            raise InputError("no readable anomalous photos in --anomalies: give a folder of photos, or leave it out")
+        threshold = f1_threshold(normal_scores, anomaly_scores)
     else:
         threshold = percentile_threshold(normal_scores, percentile)
     # Map colours run from 0 to twice the threshold: the threshold sits mid-ramp, where a region begins.
@@ -93,25 +97,29 @@ def calibrate_tiled(model, photos, anomalies, name: str, percentile: float, min_
 
 
 def recalibrate_dir(model_dir: str | Path, normal: np.ndarray, anomalies: np.ndarray | None = None,
-                    score: str | None = None, percentile: float = DEFAULT_PERCENTILE, source: str = "") -> dict:
+                    score: str | None = None, percentile: float = DEFAULT_PERCENTILE, source: str = "", threads: int = 0) -> dict:
     """Refit the score and threshold of the model in ``model_dir`` and rewrite its graphs' metadata.
 
     The export_id is kept (the graphs still belong together). The rewritten graphs become a new
     version of the folder, switched to in one atomic rename: a crash at any point leaves the old
-    model or the new one, and concurrent calibrations are serialised. Returns the new metadata.
+    model or the new one, and concurrent calibrations are serialised. ``threads``: ONNX Runtime's
+    intra-op threads (0: one per physical core). Returns the new metadata.
     """
     from aae_runtime.model import AAEModel  # here, not at import: model.py imports this package's modules
+    from aae_runtime.session import SessionConfig
 
     from aae_runtime.contract.modelfolder import current_version
 
     model_dir = Path(model_dir)
     loaded = current_version(model_dir)  # the version calibrated: the new metadata is written onto it alone
-    model = AAEModel.load(loaded, device="cpu", use_scorer=True)
+    model = AAEModel.load(loaded, session_config=SessionConfig(device="cpu", threads=threads), use_scorer=True)
     block, threshold = calibrate_model(model, normal, anomalies, score, percentile)
     stats = threshold.get("stats", {})
     if stats.get("count", 0) >= 3 and stats["max"] - stats["min"] <= DEGENERATE_SPREAD * max(1.0, abs(stats["max"])):
         raise InputError(f"the {stats['count']} normal images all score alike ({stats['max']:.6g}), so no threshold "
                          "can be fitted on them: calibrate on varied normal images, not copies of one")
+    if source and threshold["method"] == "f1":
+        source += f", with {threshold['anomaly_count']} anomalous ones"
     threshold["source"] = source or threshold["source"]
     threshold["calibrated_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     metadata = dict(model.metadata.raw, score=block, threshold=threshold)
@@ -120,26 +128,42 @@ def recalibrate_dir(model_dir: str | Path, normal: np.ndarray, anomalies: np.nda
     return metadata
 
 
-def load_folder(model, paths: list[str | Path]) -> tuple[np.ndarray | list[np.ndarray], list[tuple[str, str]]]:
-    """Images of files/folders as one array (N, C, H, W) (a tiled model: a list of whole photos),
-    and (path, reason) of those that failed."""
+def load_folder(model, paths: list[str | Path]) -> tuple["np.ndarray | PhotoFiles", list[tuple[str, str]]]:
+    """Images of files/folders as one array (N, C, H, W), and (path, reason) of those that failed;
+    a tiled model: its whole photos as `PhotoFiles` (decoded as they are met, the failures listed
+    then)."""
     from aae_runtime.images import find_images
 
     files = find_images(list(paths))
+    if model.tiling is not None:
+        photos = PhotoFiles(model, files)
+        return photos, photos.failed
     decoded = model.load_images(files)
     good = [d for d in decoded if isinstance(d, np.ndarray)]
     failed = [(str(f), str(d)) for f, d in zip(files, decoded) if not isinstance(d, np.ndarray)]
-    if model.tiling is not None:  # whole photos of any size: a list, never stacked; untileable ones fail
-        photos = []
-        for f, d in zip(files, decoded):
-            if isinstance(d, np.ndarray):
-                try:
-                    model.tiling.check(d.shape[1], d.shape[2])
-                    photos.append(d)
-                except InputError as exc:
-                    failed.append((str(f), str(exc)))
-        return photos, failed
     return (np.stack(good) if good else np.empty((0, *model.input_shape), np.float32)), failed
+
+
+class PhotoFiles:
+    """A tiled model's photos, decoded one at a time as they are iterated: a folder of line photos
+    (several MB each once decoded, and any number of them) need not fit in memory. Those that
+    cannot be read or tiled are listed in ``failed`` (path, reason) as they are met."""
+
+    def __init__(self, model, files: list[Path]):
+        self.model, self.files = model, files
+        self.failed: list[tuple[str, str]] = []
+
+    def __iter__(self):
+        self.failed.clear()  # each pass lists its own (the list object stays the one handed out)
+        for f, decoded in ((f, self.model.load_images([f])[0]) for f in self.files):
+            try:
+                if isinstance(decoded, InputError):
+                    raise decoded
+                self.model.tiling.check(decoded.shape[1], decoded.shape[2])
+            except InputError as exc:
+                self.failed.append((str(f), str(exc)))
+                continue
+            yield decoded
 
 
 def rewrite_metadata(model_dir: Path, metadata: dict, expected: Path | None = None) -> list[Path]:

@@ -212,6 +212,7 @@ def _load_anomalies(paths: list, model: AAEModel) -> np.ndarray | list[np.ndarra
     """Labelled anomalous images (files/folders) as the model reads them (a tiled model: whole
     photos at their own size, a list); any unreadable or untileable one stops export."""
     images, failed = load_folder(model, list(paths))
+    images = images if isinstance(images, np.ndarray) else list(images)  # a tiled model's photos are decoded as they are met
     if failed:
         raise ExportError(f"--anomalies: {failed[0][0]}: {failed[0][1]}")
     if not len(images):

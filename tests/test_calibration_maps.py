@@ -89,11 +89,15 @@ def test_calibrate_rewrites_every_graph_keeps_the_pairing_and_needs_no_torch(tin
     m = AAEModel.load(model, device="cpu")
     rows = m.score_paths([folders / "anomalies"])
     assert all(r.anomaly for r in rows)  # noise is far from digits: F1 puts the threshold between them
+    info = runner.invoke(app, ["info", "--model", str(model)]).output
+    assert "(f1 of 30 normal images given to aae-run calibrate, with 12 anomalous ones)" in info, info
 
     r = runner.invoke(app, ["calibrate", str(folders / "normal"), "--model", str(model), "--percentile", "90"])
     assert r.exit_code == 0, r.output
     t = _meta(current_version(model) / "decoder.onnx")["threshold"]
     assert t["method"] == "percentile" and t["percentile"] == 90 and t["stats"]["count"] == 30
+    info = runner.invoke(app, ["info", "--model", str(model)]).output
+    assert "(90th percentile of 30 normal images given to aae-run calibrate)" in info, info
 
 
 def test_an_interrupted_recalibration_is_refused(tiny_model_dir, tmp_path):

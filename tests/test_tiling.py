@@ -16,6 +16,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from aae_runtime import AAEModel
 from aae_runtime.contract.errors import InputError, ModelError
 from aae_runtime.contract.metadata import ModelMetadata
 from aae_runtime.contract.scores import pixel_error, ssim_map
@@ -153,7 +154,6 @@ def tiled_model(tmp_path_factory, grass):
 
 
 def test_a_tiled_model_requires_tiling_and_scores_photos_at_their_own_resolution(tiled_model, grass):
-    from aae_runtime import AAEModel
 
     model_dir, root = tiled_model
     m = AAEModel.load(model_dir, device="cpu")
@@ -233,7 +233,6 @@ def _csv_rows(path) -> list[dict]:
 
 
 def _meta(model_dir):
-    from aae_runtime import AAEModel
 
     return dict(AAEModel.load(model_dir, device="cpu").metadata.raw)
 
@@ -274,6 +273,19 @@ def test_calibrate_refits_a_tiled_models_threshold_on_whole_photos(tiled_model, 
     assert m.threshold == pytest.approx(float(np.percentile(scores, 90)), rel=1e-5) and m.tiling is not None
     r = runner.invoke(app, ["calibrate", str(tmp_path / "line"), "--model", str(tmp_path / "model"), "--score", "mse_absrel"])
     assert r.exit_code == 2 and "maximum of its per-pixel error map" in r.output
+    # the photos are decoded one at a time as they are scored: those that fail are named after, the rest calibrate
+    (tmp_path / "line" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    write_png(tmp_path / "line" / "tiny.png", grass[:10, :10])  # smaller than a tile
+    write_png(tmp_path / "bad" / "b.png", np.full((80, 100), 255, np.uint8))
+    r = runner.invoke(app, ["calibrate", str(tmp_path / "line"), "--model", str(tmp_path / "model"), "--anomalies", str(tmp_path / "bad"),
+                            "--threads", "1"])
+    assert r.exit_code == 1 and "skipped" in r.output and "broken.png" in r.output and "tiny.png" in r.output, r.output
+    t = AAEModel.load(tmp_path / "model", device="cpu").metadata.threshold
+    assert t["method"] == "f1" and t["stats"]["count"] == 12 and t["anomaly_count"] == 1
+    for name in ("0.png", "1.png", "2.png", "3.png", "4.png", "5.png", "6.png", "7.png"):
+        (tmp_path / "line" / name).unlink()
+    r = runner.invoke(app, ["calibrate", str(tmp_path / "line"), "--model", str(tmp_path / "model")])
+    assert r.exit_code == 2 and "found 4 readable normal photos in the given paths; calibration needs at least 10" in r.output, r.output
 
 
 def test_a_resumed_crop_run_draws_the_same_crops_and_reaches_the_same_weights(grass, tmp_path):
