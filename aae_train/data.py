@@ -137,6 +137,7 @@ def load_folder_dataset(cfg: DataConfig, data_dir: str | None = None, loader: st
     tr, va = tr[~hidden[tr]], va[~hidden[va]]
     files_seen = [f for f, h in zip(files, hidden) if not h]
     tr, va = (ix if split in splits else ix[:0] for ix, split in ((tr, "train"), (va, "val")))
+    tr, linked = _once(files, tr, va)  # after the split too: the held-out images stay where they were
     subdirs = sorted({f.relative_to(root).parts[0] for f in files_seen if len(f.relative_to(root).parts) > 1} - {cfg.unlabelled_dir})
     label_of = {name: i for i, name in enumerate(subdirs)}
     skipped: list[str] = []
@@ -167,7 +168,7 @@ def load_folder_dataset(cfg: DataConfig, data_dir: str | None = None, loader: st
     streamed = choose_loader(loader, decoded) == "stream"
     train_x, train_y = stream(tr) if streamed else read(tr)
     val_x, val_y = stream(va) if streamed else read(va)
-    notes = []
+    notes = _linked_note(linked, root)
     if skipped:
         notes.append(f"skipped {len(skipped)} of {len(files)} files under {root} that could not be read "
                      f"(first: {skipped[0]}); fix or remove them to use them")
@@ -187,6 +188,8 @@ def load_folder_dataset(cfg: DataConfig, data_dir: str | None = None, loader: st
 
 def _load_photo_crops(cfg: DataConfig, root: Path, files: list[Path], pre: Preprocessing) -> Dataset:
     """Whole photos at their own size, split as aae_train.crops says; unreadable files skipped (one warning)."""
+    kept, _ = _once(files, np.arange(len(files)), np.arange(0))
+    linked, files = len(files) - len(kept), [files[i] for i in kept]
     photos, names, skipped = [], [], []
     for f in files:
         try:
@@ -196,7 +199,7 @@ def _load_photo_crops(cfg: DataConfig, root: Path, files: list[Path], pre: Prepr
             continue
         photos.append(np.rint((x - pre.offset) / pre.scale).clip(0, 255).astype(np.uint8))  # 1 byte a pixel in memory
         names.append(str(f.relative_to(root)))
-    notes = []
+    notes = _linked_note(linked, root)
     if skipped:
         notes.append(f"skipped {len(skipped)} of {len(files)} files under {root} that could not be read "
                      f"(first: {skipped[0]}); fix or remove them to use them")
@@ -209,6 +212,41 @@ def _load_photo_crops(cfg: DataConfig, root: Path, files: list[Path], pre: Prepr
     return Dataset(train=empty, val=split.val, train_labels=None, val_labels=None, preprocessing=pre,
                    path=str(root.resolve()), notes=tuple(notes), crops=split.sampler, windows=split.windows,
                    held_out=split.note)
+
+
+def _once(files: list[Path], train: np.ndarray, held_out: np.ndarray) -> tuple[np.ndarray, int]:
+    """``train`` (indices of ``files``) without the files that are another listed one under a
+    second name (a symbolic or hard link): an image held out is never also trained on, and none
+    is trained on twice. Returns the indices kept and how many went."""
+    seen = {key for i in held_out if (key := _identity(files[i])) is not None}
+    kept = []
+    for i in train:
+        key = _identity(files[i])
+        if key is not None and key in seen:
+            continue
+        if key is not None:
+            seen.add(key)
+        kept.append(i)
+    return np.asarray(kept, dtype=train.dtype), len(train) - len(kept)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """The file a path names (device, inode), links followed; None when it cannot be seen (its read says why)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _linked_note(linked: int, root: Path) -> list[str]:
+    """The note (and warning) for files left out as a second name of another, if any."""
+    if not linked:
+        return []
+    note = (f"{linked} file(s) under {root} are another listed image under a second name (a link): each image is used "
+            "once, and one held out is not trained on")
+    warnings.warn(note, DataWarning, stacklevel=4)
+    return [note]
 
 
 def class_labels(data: Dataset) -> tuple[tuple[str, ...] | None, np.ndarray | None, np.ndarray | None]:

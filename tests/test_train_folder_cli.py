@@ -175,3 +175,32 @@ def test_hidden_files_are_dropped_after_the_split_that_existing_checkpoints_were
 
     pre = folder_preprocessing(cfg)
     assert {x.tobytes() for x in data.val} == {load_image(f, pre).tobytes() for f in expected}
+
+
+def test_an_image_linked_under_a_second_name_is_used_once_and_never_both_held_out_and_trained_on(tmp_path, mnist_test):
+    """A link (symbolic or hard) is the same image: held out under one name, it must not be
+    trained on under the other, or the threshold is set on a training image. The held-out
+    images stay those of the listing's split, as for hidden files."""
+    import os
+
+    from PIL import Image
+
+    folder = tmp_path / "f"
+    for i in range(20):
+        write_png(folder / f"{i:02d}.png", mnist_test[0][i])
+        os.symlink(f"{i:02d}.png", folder / f"link to {i:02d}.png")
+    os.link(folder / "00.png", folder / "hard 00.png")
+    cfg = DataConfig(source="folder", image_size=(28, 28), color_mode="L", val_fraction=0.25)
+    with pytest.warns(DataWarning, match=r"are another listed image under a second name \(a link\): each image is used once"):
+        data = load_dataset(cfg, str(folder))
+    train, val = {x.tobytes() for x in data.train}, {x.tobytes() for x in data.val}
+    assert not train & val and len(train) == len(data.train) and len(train | val) == 20
+    # whole photos for crops: a linked photo is one photo, so it cannot be held out and trained on
+    (tmp_path / "p").mkdir()
+    for i in range(3):
+        Image.fromarray(np.tile(mnist_test[0][i], (3, 3))).save(tmp_path / "p" / f"{i}.png")
+        os.symlink(f"{i}.png", tmp_path / "p" / f"copy {i}.png")
+    crops = DataConfig(source="folder", color_mode="L", crop=32, crops_per_image=8, val_fraction=0.34)
+    with pytest.warns(DataWarning, match=r"3 file\(s\) under .* are another listed image"):
+        data = load_dataset(crops, str(tmp_path / "p"))
+    assert len(data.crops.photos) == 2 and data.held_out.startswith("1 whole photos held out"), data.held_out
