@@ -6,11 +6,11 @@ alarms and detections at the model's threshold, per defect kind where the defect
 in one sub-folder per kind (``defects/scratch/*.png``).
 
 Masks are found by the defective photo's path relative to its folder (``masks/scratch/a.png``)
-or, failing that, by its file stem anywhere under the masks folder (``a.png``, ``a_mask.png``);
-a mask is white (> 127) on the defect. A map is compared at its own size: a tiled model's map
-has the photo's size, an untiled model's the model input's, so a mask is resized to it
-(nearest neighbour); a tiled model's map must match its mask's size exactly. Normal photos count
-as all-normal pixels.
+or, failing that, by its file stem in its kind's sub-folder or at the top of the masks folder
+(``a.png``, ``a_mask.png``); a mask is white (> 127) on the defect, or 1 in a mask of 0s and 1s.
+A map is compared at its own size: a tiled model's map has the photo's size, an untiled model's
+the model input's, so a mask is resized to it (nearest neighbour); a tiled model's map must
+match its mask's size exactly. Normal photos count as all-normal pixels.
 """
 
 from __future__ import annotations
@@ -79,6 +79,8 @@ def evaluate(model, normal: list[str | Path], anomalies: list[str | Path], masks
         mask_files.setdefault(p.stem, []).append(p)
     scores: list[float] = []
     labels: list[bool] = []
+    unmasked: list[str] = []  # defective photos without a mask
+    blank: list[str] = []  # defective photos whose mask marks no pixel
     for positive, paths in ((False, normal), (True, anomalies)):
         roots = [Path(p) for p in paths]
         for row in model.iter_score_paths(files[positive], batch_size=batch_size, maps=pixels is not None):
@@ -93,7 +95,10 @@ def evaluate(model, normal: list[str | Path], anomalies: list[str | Path], masks
                                    model.metadata.preprocessing.orientation == "exif")
                          if positive else None)
                 if positive and truth is None:
+                    unmasked.append(row.path)
                     continue  # no mask: the photo counts for the image figures only
+                if positive and not truth.any():
+                    blank.append(row.path)
                 result.masked += positive
                 pixels.add(row.pixel_error, truth if truth is not None else np.zeros(row.pixel_error.shape, bool))
     if not result.normal or not result.anomalous:
@@ -105,6 +110,12 @@ def evaluate(model, normal: list[str | Path], anomalies: list[str | Path], masks
                             f"with {', '.join(repr(s) for s in MASK_SUFFIXES if s)} added): no pixel AUROC")
     if pixels is not None and result.masked and not pixels.has_positives:
         raise InputError(f"the masks under {masks} mark no defect pixel (white, > 127, on the defect): fix the masks")
+    if result.masked and unmasked:
+        result.notes.append(f"{len(unmasked)} defective photo(s) have no mask under {masks} (first: {unmasked[0]}): "
+                            "they count for the image figures only")
+    if blank:
+        result.notes.append(f"{len(blank)} defective photo(s) have a mask that marks no pixel (first: {blank[0]}): their "
+                            "pixels count as defect-free; a mask is white (> 127, or 1 in a 0/1 mask) on the defect")
     try:
         result.image_auroc = auroc(np.asarray(scores), np.asarray(labels))
         if pixels is not None and result.masked:
@@ -185,6 +196,6 @@ def _mask_for(path: Path, roots: list[Path], masks: Path, by_stem: dict[str, lis
                                  f"{shape[1]} x {shape[0]}: give masks of the photos' own size")
             if m.shape != shape:
                 m = np.asarray(Image.fromarray(m).resize((shape[1], shape[0]), Image.Resampling.NEAREST))
-            return m > 127
+            return m > (0 if m.max(initial=0) == 1 else 127)  # a 0/1 mask (a common label format) is read as one
     return None
 

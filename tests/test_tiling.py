@@ -368,6 +368,19 @@ def test_evaluate_never_takes_another_kinds_mask_of_the_same_name(tiled_model, g
                             str(tiled_model[0]), "--masks", str(tmp_path / "masks"), "--output", str(tmp_path / "e.json")])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "e.json").read_text())["masked_images"] == 1  # scratch's own; stain's is not borrowed
+    assert "1 defective photo(s) have no mask under" in " ".join(r.output.split()) and "stain" in r.output, r.output
+    # a mask of 0s and 1s (a common label format) marks its 1s; a mask marking nothing is named
+    write_png(tmp_path / "masks" / "stain" / "d1.png", (mask > 0).astype(np.uint8))
+    write_png(tmp_path / "normal" / "n2.png", grass[300:380, 160:240])
+    write_png(tmp_path / "defects" / "blot" / "d1.png", grass[400:480, 160:240])
+    write_png(tmp_path / "masks" / "blot" / "d1.png", np.zeros((80, 80), np.uint8))
+    r = runner.invoke(app, ["evaluate", str(tmp_path / "normal"), "--anomalies", str(tmp_path / "defects"), "--model",
+                            str(tiled_model[0]), "--masks", str(tmp_path / "masks"), "--output", str(tmp_path / "e01.json")])
+    text = " ".join(r.output.split())
+    assert r.exit_code == 0 and json.loads((tmp_path / "e01.json").read_text())["masked_images"] == 3, r.output
+    assert "1 defective photo(s) have a mask that marks no pixel" in text and "blot" in text and "no mask under" not in text, r.output
+    for gone in ("masks/stain/d1.png", "masks/blot/d1.png", "defects/blot/d1.png", "normal/n2.png"):  # as it was
+        (tmp_path / gone).unlink()
     # the kinds given as root folders themselves, and a 16-bit mask saved with 0 and 255
     (tmp_path / "masks" / "scratch" / "d1.png").unlink()
     import PIL.Image
