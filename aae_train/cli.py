@@ -343,7 +343,7 @@ def folder(
         "With --crop: random transforms the part allows, comma-separated: flip (mirror left-right and up-down), "
         f"rot90 (quarter turns), scale (each crop cut from a square {1 / SCALE_RANGE:g} to {SCALE_RANGE:g} times its side and resized: parts nearer "
         "to or farther from the camera). Default: none."))] = None,
-    color: Annotated[str, typer.Option(help="L (grayscale) or RGB.")] = "L",
+    color: Annotated[str, typer.Option(help="L (grayscale) or RGB (either case).")] = "L",
     resample: Annotated[str, typer.Option(help=f"Resize filter: {'|'.join(RESAMPLE)}.")] = DataConfig.resample,
     orientation: Annotated[str, typer.Option(help=(
         "exif: turn each photo upright as its EXIF orientation tag says, as viewers show it (a phone's portrait photo "
@@ -407,6 +407,7 @@ def folder(
     """Train on your own normal images: every image under DIRECTORY, resized as `aae-run` will resize it."""
     if resume is None and not directory.is_dir():
         raise typer.BadParameter(f"{directory} is not a folder: pass the folder of normal images", param_hint="DIRECTORY")
+    color = {"l": "L", "rgb": "RGB"}.get(color.lower(), color)  # either case: the metadata's spelling
     _choice(color, ("L", "RGB"), "--color")
     _choice(loader, LOADERS, "--loader")
     _choice(resample, tuple(RESAMPLE), "--resample")

@@ -201,8 +201,8 @@ def test_an_rgb_draem_model_with_the_reconstruction_beside_the_crop_exports_and_
     from aae_train.cli import app as train_app
     from export.onnx_export import export_checkpoint
 
-    write_png(tmp_path / "train" / "a.png", astronaut()[:160, :160])  # (H, W, 3): RGB photos, the default segment input
-    r = runner.invoke(train_app, ["folder", str(tmp_path / "train"), "--crop", str(CROP), "--color", "RGB", "--family", "draem",
+    write_png(tmp_path / "train" / "a.png", astronaut()[:160, :160])  # (H, W, 3): RGB photos (--color in either case), the default segment input
+    r = runner.invoke(train_app, ["folder", str(tmp_path / "train"), "--crop", str(CROP), "--color", "rgb", "--family", "draem",
                                   "--arch", "conv", "--crops-per-image", "64", "--epochs", "1", "--batch-size", "16",
                                   "--hidden", "16", "--segment-width", "4", "--threads", "1", "--out", str(tmp_path / "run")])
     assert r.exit_code == 0, r.output

@@ -173,6 +173,8 @@ def test_bad_requests_get_their_status_and_the_server_stays_up(server, pngs):
     body, head = multipart({"a.png": pngs[0].read_bytes(), "empty.png": b""})
     status, answer, _ = server.score(body, {"Content-Type": head["Content-Type"].replace("multipart/form-data", "Multipart/Form-Data")})
     assert status == 200 and answer["results"][0]["error"] is None and "empty file (0 bytes)" in answer["results"][1]["error"]
+    assert answer["results"][1] == {"name": "empty.png", "score": None, "normalized_score": None, "anomaly": None,
+                                    "error": answer["results"][1]["error"]}  # a failed row has a scored row's keys
     status, answer, _ = server.score(*multipart({f"{i}.png": b"x" for i in range(300)}))
     assert status == 413 and "more than 256 parts" in answer["error"], answer
 
