@@ -479,9 +479,10 @@ def calibrate(
     for path, reason in failed + failed_anomalies:
         err.print(f"[yellow]skipped[/yellow] {literal(path)}: {literal(reason)}", highlight=False)
     t = meta["threshold"]
-    how = f"F1-optimal (F1 {t['f1']:.3f})" if t["method"] == "f1" else f"{t['percentile']:g}th percentile"
-    out.print(f"recalibrated {literal(str(model))}: score {meta['score']['name']}, threshold {t['value']:.6g} = {how} "
-              f"of {t['stats']['count']} normal images", highlight=False)
+    n = t["stats"]["count"]
+    how = (f"F1-optimal (F1 {t['f1']:.3f}) on {n} normal and {t['anomaly_count']} anomalous images; it flags "
+           f"{100 - t['percentile']:.3g} % of the normal ones" if t["method"] == "f1" else f"{t['percentile']:g}th percentile of {n} normal images")
+    out.print(f"recalibrated {literal(str(model))}: score {meta['score']['name']}, threshold {t['value']:.6g} = {how}", highlight=False)
     if failed or failed_anomalies:
         raise typer.Exit(EXIT_SOME_FAILED)
 

@@ -153,6 +153,22 @@ def tiled_model(tmp_path_factory, grass):
     return root / "model", root
 
 
+def test_export_says_when_few_held_out_photos_set_the_threshold(grass, tmp_path):
+    from aae_train.cli import app as train_app
+    from export.onnx_export import export_checkpoint
+
+    for i in range(4):
+        write_png(tmp_path / "train" / f"{i}.png", grass[100 * i : 100 * i + 96, :96])
+    r = runner.invoke(train_app, ["folder", str(tmp_path / "train"), "--crop", str(CROP), "--crops-per-image", "16",
+                                  "--epochs", "1", "--val-fraction", "0.5", "--hidden", "16", "--threads", "1", "--out", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    lines = []
+    export_checkpoint(tmp_path / "run" / "checkpoint.pt", tmp_path / "model", log=lines.append)
+    log = "\n".join(lines)
+    assert "99th percentile of the scores of 2 held-out photos" in log, log
+    assert "note: only 2 held-out photos set this threshold" in log and "run aae-run calibrate on 10 or more normal photos" in log, log
+
+
 def test_a_tiled_model_requires_tiling_and_scores_photos_at_their_own_resolution(tiled_model, grass):
 
     model_dir, root = tiled_model
