@@ -677,6 +677,8 @@ def _run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, 
             progress.update(download[name], completed=done)
 
         def on_start(trainer, n_train: int, n_val: int) -> None:
+            if trainer.created_folder is not None:  # said, as --output's and --maps' are: a mistyped --out shows
+                err.print(f"created folder {literal(str(trainer.created_folder))} for --out", highlight=False)
             for note in trainer.notes:
                 err.print(f"[yellow]warning:[/yellow] {literal(note)}", highlight=False)
             if trainer.crops is not None:

@@ -115,6 +115,7 @@ class Trainer:
         train_y = self.family.training_labels(train_y)  # what the step may see: the semi family hides most labels
         self.train_y, self.val_y = (torch.from_numpy(np.asarray(y, dtype=np.int64)).to(self.device) if y is not None else None
                                     for y in (train_y, val_y))
+        self.created_folder: Path | None = None  # the outermost folder made for the run folder, which did not exist
         self.thread_policy = None  # a ThreadPolicy (aae_train.threads) when torch's thread count follows the idle cores
         self.epoch = 0  # epochs completed
         self.history: list[dict] = []
@@ -493,7 +494,7 @@ def train(cfg: RunConfig, run_dir: str | Path, data_dir: str | None = None, resu
     with contextlib.ExitStack() as held:
         try:
             if main:
-                _create_run_folder(run_dir)
+                trainer.created_folder = _create_run_folder(run_dir)
                 held.enter_context(writer_lock(run_dir, 0, busy=f"run folder {run_dir} is in use by another training: "
                                                                "wait for it to end, or choose another --out"))
                 locked = True
@@ -522,9 +523,12 @@ def train(cfg: RunConfig, run_dir: str | Path, data_dir: str | None = None, resu
     return TrainResult(run_dir, checkpoint, trainer.history, str(trainer.device))
 
 
-def _create_run_folder(run_dir: Path) -> None:
+def _create_run_folder(run_dir: Path) -> Path | None:
+    """Create the run folder and whatever folders above it are missing; the outermost of those, if any."""
+    missing = next((p for p in reversed(run_dir.parents) if not p.exists()), None)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+        return missing
     except (FileExistsError, NotADirectoryError):
         raise TrainingError(f"--out {run_dir}: a file is in the way of this run folder; choose another --out") from None
     except OSError as exc:

@@ -69,6 +69,11 @@ def test_an_out_that_is_a_file_or_under_one_is_one_line(mnist_dir, tmp_path):
                             "--hidden", "32", "--limit", "500", "--epochs", "1"], capture_output=True, text=True, timeout=300)
         assert r.returncode == 2 and "a file is in the way" in r.stderr and "internal" not in r.stderr, r.stderr
     assert (tmp_path / "afile").read_text() == "x"
+    out = tmp_path / "not" / "yet" / "run"  # missing folders above the run folder are made, and the user is told
+    r = subprocess.run(["aae-train", "mnist", "--data-dir", str(mnist_dir), "--threads", "1", "--out", str(out),
+                        "--hidden", "32", "--limit", "500", "--epochs", "1"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and f"created folder {tmp_path / 'not'} for --out\n" in r.stderr, r.stderr
+    assert (out / "checkpoint.pt").is_file()
 
 
 def test_an_overwrite_killed_outright_gives_the_old_run_back_to_the_next_start(mnist_dir, tmp_path, old_run):
