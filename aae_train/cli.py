@@ -75,7 +75,8 @@ Ema = Annotated[float, typer.Option(min=0.0, max=0.99999, help="Keep a moving av
 DiscDropout = Annotated[float, typer.Option(min=0.0, max=0.95, help="D stabiliser: dropout in D's hidden layers.")]
 ReconLoss = Annotated[str, typer.Option(help=f"Reconstruction loss: {'|'.join(RECON_LOSSES)}.")]
 Limit = Annotated[Optional[int], typer.Option(min=2, help="Use at most N training images.")]
-ValFraction = Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of the images held out for validation and the threshold.")]
+ValFraction = Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of the images held out for validation and the threshold "
+                                            "(never none: at least one image, or a single photo's band, even at 0).")]
 Seed = Annotated[int, typer.Option(min=0, help="Seeds weights, shuffling, prior and noise draws (identical results on the CPU).")]
 Device = Annotated[Literal[DEVICES], typer.Option(help="Training device; auto: CUDA when PyTorch sees a GPU.")]
 Precision = Annotated[str, typer.Option(help=f"Arithmetic of the step's network passes: {'|'.join(PRECISIONS)} (bf16: "
