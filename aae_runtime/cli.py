@@ -464,6 +464,7 @@ def calibrate(
     if shared is not None:
         raise typer.BadParameter(f"{_named(str(shared))} is given as normal and as anomalous: an F1 threshold "
                                  "needs two different sets of images", param_hint="--anomalies")
+    failed, failed_anomalies = [], []
     try:
         m = _load(model, "cpu", threads=threads)
         good, failed = load_folder(m, normal)  # a tiled model's photos: decoded one at a time as they are scored
@@ -475,9 +476,9 @@ def calibrate(
         meta = recalibrate_dir(model, good, bad_ones, score=score, percentile=percentile, source=CALIBRATE_SOURCE,
                                threads=threads)
     except AAEError as exc:
+        _print_skipped(failed + failed_anomalies)  # also when too few were left: which ones failed, and why
         raise _fail(exc)
-    for path, reason in failed + failed_anomalies:
-        err.print(f"[yellow]skipped[/yellow] {literal(path)}: {literal(reason)}", highlight=False)
+    _print_skipped(failed + failed_anomalies)
     t = meta["threshold"]
     n = t["stats"]["count"]
     how = (f"F1-optimal (F1 {t['f1']:.3f}) on {n} normal and {t['anomaly_count']} anomalous images; it flags "
@@ -485,6 +486,11 @@ def calibrate(
     out.print(f"recalibrated {literal(str(model))}: score {meta['score']['name']}, threshold {t['value']:.6g} = {how}", highlight=False)
     if failed or failed_anomalies:
         raise typer.Exit(EXIT_SOME_FAILED)
+
+
+def _print_skipped(failed: list[tuple[str, str]]) -> None:
+    for path, reason in failed:
+        err.print(f"[yellow]skipped[/yellow] {literal(path)}: {literal(reason)}", highlight=False)
 
 
 @app.command()

@@ -109,7 +109,7 @@ def evaluate(model, normal: list[str | Path], anomalies: list[str | Path], masks
         result.notes.append(f"no defective photo has a mask under {masks} (same relative path, or the same file name "
                             f"with {', '.join(repr(s) for s in MASK_SUFFIXES if s)} added): no pixel AUROC")
     if pixels is not None and result.masked and not pixels.has_positives:
-        raise InputError(f"the masks under {masks} mark no defect pixel (white, > 127, on the defect): fix the masks")
+        raise InputError(f"the masks under {masks} mark no defect pixel (white, > 127, or 1 in a mask of 0s and 1s, on the defect): fix the masks")
     if result.masked and unmasked:
         result.notes.append(f"{len(unmasked)} defective photo(s) have no mask under {masks} (first: {unmasked[0]}): "
                             "they count for the image figures only")

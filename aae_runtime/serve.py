@@ -157,17 +157,17 @@ class Batcher:
                 try:
                     results = await loop.run_in_executor(self.inference, _score_batch, model, group)
                 except Exception as exc:  # an inference failure fails this batch's images, not the server
-                    results = [_failed(str(exc) if isinstance(exc, AAEError) else f"inference failed ({type(exc).__name__})")
-                               for _ in group]
+                    why = str(exc) if isinstance(exc, AAEError) else f"inference failed ({type(exc).__name__})"
+                    results = [_failed(why, item[1]) for item in group]
                 self.metrics["batch"].observe(len(group))
                 for (_, _, future, _), result in zip(group, results):
                     if not future.done():  # the client may be gone
                         future.set_result(result)
 
 
-def _failed(error: str) -> dict:
+def _failed(error: str, maps: bool = False) -> dict:
     """The row of an image that could not be scored: the same keys as a scored one's, empty."""
-    return {"score": None, "normalized_score": None, "anomaly": None, "error": error}
+    return {"score": None, "normalized_score": None, "anomaly": None, "error": error, **({"map_png": None} if maps else {})}
 
 
 def _score_batch(model: AAEModel, batch: list) -> list[dict]:
@@ -192,7 +192,7 @@ def _score_photo(model: AAEModel, photo: np.ndarray, maps: bool) -> dict:
     try:
         s, error_map = model.score_photo(photo)
     except AAEError as exc:
-        return _failed(str(exc))
+        return _failed(str(exc), maps)
     s = float(s)
     row = {"score": s, "normalized_score": float(model.normalise(np.array([s]))[0]), "anomaly": bool(s > model.threshold),
            "error": None}
@@ -377,7 +377,7 @@ def create_app(model_dir: str | Path, session_config: SessionConfig | None = Non
             return JSONResponse({"error": "busy: the queue is full; retry shortly"}, status_code=503,
                                 headers={"Retry-After": "1"})
         rows = dict(zip(good, scored))
-        results = [{"name": name, **(rows[k] if k in rows else _failed(str(decoded[k])))} for k, (name, _) in enumerate(images)]
+        results = [{"name": name, **(rows[k] if k in rows else _failed(str(decoded[k]), maps))} for k, (name, _) in enumerate(images)]
         errors = sum(r.get("error") is not None for r in results)
         metrics["image_errors"].inc(errors)
         metrics["anomalies"].inc(sum(bool(r.get("anomaly")) for r in results))

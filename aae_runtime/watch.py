@@ -52,6 +52,7 @@ IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp")
 DEFAULT_SETTLE_S = 0.5
 RECHECK_SETTLES, MIN_RECHECK_S = 4, 2.0  # an unreadable file is read again this much later (settles, at least s)
 POLL_S = 0.5  # how often the folder is listed without events (and the longest wait with them)
+MIN_WAIT_S = 0.05  # the shortest wait between two listings
 
 
 @dataclass(frozen=True)
@@ -304,7 +305,8 @@ class Watcher:
                 if batch:
                     self._score(batch)
                     continue
-                self.changed.wait(min(POLL_S, self.settle_s) if self.pending else POLL_S)
+                # files waiting to settle are looked at again soon, never in a busy loop (--settle 0)
+                self.changed.wait(max(MIN_WAIT_S, min(POLL_S, self.settle_s)) if self.pending else POLL_S)
                 self.changed.clear()
         finally:
             if self.observer is not None:

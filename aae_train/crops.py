@@ -121,11 +121,29 @@ class CropSplit:
     val: np.ndarray  # (M, C, crop, crop) float32: fixed validation crops
     windows: "PhotoInputs"  # held-out photos or band windows, scored whole at export
     note: str  # what was held out, for the user
+    linked: int = 0  # training photos left out as another name (a link) of a held-out or earlier one
+
+
+def once(keys: list, train, held_out) -> list:
+    """``train`` (indices into ``keys``, one file identity each, None where unknown) without the
+    files that are another listed one under a second name (a symbolic or hard link): an image
+    held out is never also trained on, and none is trained on twice."""
+    seen = {keys[i] for i in held_out if keys[i] is not None}
+    kept = []
+    for i in train:
+        if keys[i] is not None and keys[i] in seen:
+            continue
+        if keys[i] is not None:
+            seen.add(keys[i])
+        kept.append(i)
+    return kept
 
 
 def split_photos(photos: list[np.ndarray], names: list[str], crop: int, per_photo: int | None, augment_kinds: tuple[str, ...],
-                 val_fraction: float, seed: int, scale: float, offset: float) -> CropSplit:
-    """Hold out whole photos (or one photo's bottom band), and a sampler over the rest; see the module doc."""
+                 val_fraction: float, seed: int, scale: float, offset: float, keys: list | None = None) -> CropSplit:
+    """Hold out whole photos (or one photo's bottom band), and a sampler over the rest; see the
+    module doc. ``keys``: each photo's file identity, for `once` (applied after the split, so a
+    run's held-out photos stay those it was trained with)."""
     small = [n for n, p in zip(names, photos) if min(p.shape[1:]) < crop]
     if small:
         raise DataError(f"{len(small)} photo(s) are smaller than --crop {crop} (first: {small[0]}): use a smaller crop "
@@ -133,7 +151,11 @@ def split_photos(photos: list[np.ndarray], names: list[str], crop: int, per_phot
     if len(photos) >= 2:
         order = np.random.default_rng(seed).permutation(len(photos))
         n_val = min(len(photos) - 1, max(1, int(round(len(photos) * val_fraction))))
-        train = [photos[i] for i in sorted(order[n_val:])]
+        kept = sorted(order[n_val:]) if keys is None else once(keys, sorted(order[n_val:]), order[:n_val])
+        if not kept:
+            raise DataError("every training photo is another name (a link) of a held-out one: remove the links, or add photos")
+        linked = len(photos) - n_val - len(kept)
+        train = [photos[i] for i in kept]
         held = [photos[i] for i in sorted(order[:n_val])]
         windows = held
         note = f"{len(held)} whole photos held out for validation and threshold"
@@ -144,7 +166,7 @@ def split_photos(photos: list[np.ndarray], names: list[str], crop: int, per_phot
         if h - band < crop:
             raise DataError(f"a single {photo.shape[2]} x {h} photo cannot give a training region and a held-out band "
                             f"of at least {crop} rows each: use a photo at least {2 * crop} pixels high, or more photos")
-        train, held = [photo[:, : h - band]], [photo[:, h - band :]]
+        train, held, linked = [photo[:, : h - band]], [photo[:, h - band :]], 0
         windows = band_windows(held[0], MAX_WINDOWS, crop)
         note = (f"a single photo: its bottom {band} rows held out for validation and threshold "
                 f"({len(windows)} windows of {windows[0].shape[1]} x {windows[0].shape[2]}), training crops from the "
@@ -156,7 +178,8 @@ def split_photos(photos: list[np.ndarray], names: list[str], crop: int, per_phot
     if len(places) > MAX_VAL_CROPS:  # choose before cutting: thousands of held-out photos stay cheap
         places = [places[k] for k in np.sort(np.random.default_rng(seed).choice(len(places), MAX_VAL_CROPS, replace=False))]
     val = np.stack([held[i][:, r : r + crop, c : c + crop] for i, r, c in places])
-    return CropSplit(sampler, _to_input(val, scale, offset), PhotoInputs(tuple(windows), scale, offset, len(photos) == 1), note)
+    return CropSplit(sampler, _to_input(val, scale, offset), PhotoInputs(tuple(windows), scale, offset, len(photos) == 1), note,
+                     linked)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from aae_runtime.contract.errors import InputError
 from aae_runtime.contract.preprocessing import Preprocessing, pixels_to_input
 from aae_runtime.images import find_images, load_image
 from aae_train.config import DataConfig
-from aae_train.crops import CropSampler, split_photos
+from aae_train.crops import CropSampler, once, split_photos
 from aae_train.mnist import DataError, ensure_mnist, load_mnist
 from aae_train.streaming import FolderImages, choose_loader, default_workers, scan
 
@@ -137,7 +137,8 @@ def load_folder_dataset(cfg: DataConfig, data_dir: str | None = None, loader: st
     tr, va = tr[~hidden[tr]], va[~hidden[va]]
     files_seen = [f for f, h in zip(files, hidden) if not h]
     tr, va = (ix if split in splits else ix[:0] for ix, split in ((tr, "train"), (va, "val")))
-    tr, linked = _once(files, tr, va)  # after the split too: the held-out images stay where they were
+    kept = once([_identity(f) for f in files], tr, va)  # after the split too: the held-out images stay where they were
+    tr, linked = np.asarray(kept, dtype=tr.dtype), len(tr) - len(kept)
     subdirs = sorted({f.relative_to(root).parts[0] for f in files_seen if len(f.relative_to(root).parts) > 1} - {cfg.unlabelled_dir})
     label_of = {name: i for i, name in enumerate(subdirs)}
     skipped: list[str] = []
@@ -188,9 +189,7 @@ def load_folder_dataset(cfg: DataConfig, data_dir: str | None = None, loader: st
 
 def _load_photo_crops(cfg: DataConfig, root: Path, files: list[Path], pre: Preprocessing) -> Dataset:
     """Whole photos at their own size, split as aae_train.crops says; unreadable files skipped (one warning)."""
-    kept, _ = _once(files, np.arange(len(files)), np.arange(0))
-    linked, files = len(files) - len(kept), [files[i] for i in kept]
-    photos, names, skipped = [], [], []
+    photos, names, keys, skipped = [], [], [], []
     for f in files:
         try:
             x = load_image(f, pre, native=True)
@@ -199,7 +198,8 @@ def _load_photo_crops(cfg: DataConfig, root: Path, files: list[Path], pre: Prepr
             continue
         photos.append(np.rint((x - pre.offset) / pre.scale).clip(0, 255).astype(np.uint8))  # 1 byte a pixel in memory
         names.append(str(f.relative_to(root)))
-    notes = _linked_note(linked, root)
+        keys.append(_identity(f))
+    notes = []
     if skipped:
         notes.append(f"skipped {len(skipped)} of {len(files)} files under {root} that could not be read "
                      f"(first: {skipped[0]}); fix or remove them to use them")
@@ -207,36 +207,22 @@ def _load_photo_crops(cfg: DataConfig, root: Path, files: list[Path], pre: Prepr
     if not photos:
         raise DataError(f"no readable photos under {root}: add images")
     split = split_photos(photos, names, cfg.crop, cfg.crops_per_image, tuple(cfg.augment), cfg.val_fraction,
-                         cfg.split_seed, pre.scale, pre.offset)
+                         cfg.split_seed, pre.scale, pre.offset, keys)
+    notes += _linked_note(split.linked, root)
     empty = np.zeros((0, *pre.shape), np.float32)  # the loop draws each epoch's crops itself
     return Dataset(train=empty, val=split.val, train_labels=None, val_labels=None, preprocessing=pre,
                    path=str(root.resolve()), notes=tuple(notes), crops=split.sampler, windows=split.windows,
                    held_out=split.note)
 
 
-def _once(files: list[Path], train: np.ndarray, held_out: np.ndarray) -> tuple[np.ndarray, int]:
-    """``train`` (indices of ``files``) without the files that are another listed one under a
-    second name (a symbolic or hard link): an image held out is never also trained on, and none
-    is trained on twice. Returns the indices kept and how many went."""
-    seen = {key for i in held_out if (key := _identity(files[i])) is not None}
-    kept = []
-    for i in train:
-        key = _identity(files[i])
-        if key is not None and key in seen:
-            continue
-        if key is not None:
-            seen.add(key)
-        kept.append(i)
-    return np.asarray(kept, dtype=train.dtype), len(train) - len(kept)
-
-
 def _identity(path: Path) -> tuple[int, int] | None:
-    """The file a path names (device, inode), links followed; None when it cannot be seen (its read says why)."""
+    """The file a path names (device, inode), links followed; None when it cannot be seen (its read
+    says why) or the file system numbers no inodes (0)."""
     try:
         st = path.stat()
     except OSError:
         return None
-    return st.st_dev, st.st_ino
+    return (st.st_dev, st.st_ino) if st.st_ino else None
 
 
 def _linked_note(linked: int, root: Path) -> list[str]:

@@ -119,6 +119,9 @@ def test_scores_over_http_are_those_of_the_runtime(server, tiny_model_dir, pngs)
         assert r["normalized_score"] == pytest.approx(e.normalized, abs=1e-5) and r["error"] is None
     status, mapped, _ = server.score(pngs[0].read_bytes(), path="/score?maps=1")
     assert status == 200 and mapped["results"][0]["map_png"].startswith("iVBOR")  # base64 of a PNG
+    body, head = multipart({"a.png": pngs[0].read_bytes(), "bad.png": b"not an image"})
+    status, mapped, _ = server.score(body, head, path="/score?maps=1")
+    assert status == 200 and set(mapped["results"][1]) == set(mapped["results"][0]) and mapped["results"][1]["map_png"] is None
 
 
 def test_model_health_ready_and_metrics(server):

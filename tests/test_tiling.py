@@ -302,6 +302,7 @@ def test_calibrate_refits_a_tiled_models_threshold_on_whole_photos(tiled_model, 
         (tmp_path / "line" / name).unlink()
     r = runner.invoke(app, ["calibrate", str(tmp_path / "line"), "--model", str(tmp_path / "model")])
     assert r.exit_code == 2 and "found 4 readable normal photos in the given paths; calibration needs at least 10" in r.output, r.output
+    assert "skipped" in r.output and "broken.png" in r.output, r.output  # which ones failed, though the calibration stopped
 
 
 def test_a_resumed_crop_run_draws_the_same_crops_and_reaches_the_same_weights(grass, tmp_path):
