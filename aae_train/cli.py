@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import time
 import warnings
 from dataclasses import fields as dataclass_fields
@@ -594,6 +595,19 @@ def _report_lost_peer(exc: BaseException, here: bool) -> None:
         print_error(message if here else f"rank {os.environ['RANK']}: {message}", err)
 
 
+def _leave_now(code: int) -> None:
+    """Exit at once, the output flushed: after a peer was lost the process group is broken, and
+    tearing it down at the interpreter's exit can abort the process ('terminate called without an
+    active exception', exit 134) before it reports its code. What this process had to write is
+    written: the training loop's own clean-up has run, and checkpoints are rank 0's, atomic."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 def _lost_peer(exc: BaseException) -> bool:
     """Whether ``exc`` is a collective operation failing because another process is gone (gloo's
     "Connection closed by peer", a reset or broken connection, NCCL's abort of a communicator a
@@ -661,7 +675,7 @@ def _run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, 
             if not _lost_peer(exc):
                 raise
             _report_lost_peer(exc, here=False)
-            raise typer.Exit(2)
+            _leave_now(2)
         return
 
     with Progress(
@@ -726,7 +740,7 @@ def _run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, 
                 raise
             progress.stop()
             _report_lost_peer(exc, here=True)
-            raise typer.Exit(2)
+            _leave_now(2)
     err.print(f"checkpoint: {literal(result.checkpoint)}\nplots: {', '.join(literal(out / name) for name in PLOT_NAMES)}",
               highlight=False)
 
