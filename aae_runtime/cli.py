@@ -454,7 +454,7 @@ def calibrate(
     threads: ThreadsOpt = 0,
 ) -> None:
     """Refit the score statistics and threshold on new normal images; rewrites the model's metadata (no torch)."""
-    from aae_runtime.recalibrate import MIN_NORMAL_IMAGES, load_folder, recalibrate_dir
+    from aae_runtime.recalibrate import load_folder, recalibrate_dir
     from aae_runtime.contract.scores import SCORES
 
     if score is not None and score not in SCORES:
@@ -469,10 +469,6 @@ def calibrate(
         m = _load(model, "cpu", threads=threads)
         good, failed = load_folder(m, normal)  # a tiled model's photos: decoded one at a time as they are scored
         bad_ones, failed_anomalies = load_folder(m, anomalies) if anomalies else (None, [])
-        if m.tiling is None and len(good) < MIN_NORMAL_IMAGES:
-            raise AAEError(f"found {len(good)} readable normal images in the given paths; calibration needs at least {MIN_NORMAL_IMAGES}")
-        if m.tiling is None and anomalies and len(bad_ones) == 0:
-            raise AAEError("no readable anomalous images in --anomalies: give a folder of images, or leave it out")
         meta = recalibrate_dir(model, good, bad_ones, score=score, percentile=percentile, source=CALIBRATE_SOURCE,
                                threads=threads)
     except AAEError as exc:

@@ -25,6 +25,7 @@ from aae_runtime.contract.scores import DEGENERATE_SPREAD, HEAD_PARAMS, HEAD_THR
     evaluate_score, fit_score, head_params, score_spec
 
 MIN_NORMAL_IMAGES = 10  # fewer cannot give a meaningful percentile or standardisation
+NO_ANOMALIES = "no readable anomalous images in --anomalies: give a folder of images, or leave it out"
 
 
 def parts_of(model, images: np.ndarray, batch_size: int = 256) -> ScoreParts:
@@ -56,7 +57,9 @@ def calibrate_model(model, normal: np.ndarray, anomalies: np.ndarray | None = No
     if model.tiling is not None:
         return calibrate_tiled(model, normal, anomalies, name, percentile, min_images)
     if len(normal) < min_images:
-        raise InputError(f"need at least {min_images} normal images to calibrate, got {len(normal)}")
+        raise InputError(f"found {len(normal)} readable normal images in the given paths; calibration needs at least {min_images}")
+    if anomalies is not None and not len(anomalies):
+        raise InputError(NO_ANOMALIES)
     probe = model.with_score({"name": name, "pixel_error": pix})  # two-graph path with the wanted pixel error
     parts = parts_of(probe, normal)
     block = fit_score(name, parts, model.metadata.prior)
@@ -65,7 +68,7 @@ def calibrate_model(model, normal: np.ndarray, anomalies: np.ndarray | None = No
     # maps of different images compare, and only errors rare on normal images look hot.
     scale = float(np.percentile(parts.pixel_error, 99.9))
     block["pixel_error_scale"] = scale if scale > 0 else 1.0
-    if anomalies is not None and len(anomalies):
+    if anomalies is not None:
         anomaly_scores = evaluate_score(block, parts_of(probe, anomalies), model.metadata.prior)
         threshold = f1_threshold(normal_scores, anomaly_scores)
     else:
@@ -87,7 +90,7 @@ def calibrate_tiled(model, photos, anomalies, name: str, percentile: float, min_
     if anomalies is not None:
         anomaly_scores = np.array([probe.score_photo(p)[0] for p in anomalies])
         if not len(anomaly_scores):
-            raise InputError("no readable anomalous photos in --anomalies: give a folder of photos, or leave it out")
+            raise InputError(NO_ANOMALIES)
         threshold = f1_threshold(normal_scores, anomaly_scores)
     else:
         threshold = percentile_threshold(normal_scores, percentile)
@@ -155,15 +158,16 @@ class PhotoFiles:
 
     def __iter__(self):
         self.failed.clear()  # each pass lists its own (the list object stays the one handed out)
-        for f, decoded in ((f, self.model.load_images([f])[0]) for f in self.files):
+        for f in self.files:
+            photo = self.model.load_images([f])[0]  # the photo, or why it cannot be read
             try:
-                if isinstance(decoded, InputError):
-                    raise decoded
-                self.model.tiling.check(decoded.shape[1], decoded.shape[2])
+                if isinstance(photo, InputError):
+                    raise photo
+                self.model.tiling.check(photo.shape[1], photo.shape[2])
             except InputError as exc:
                 self.failed.append((str(f), str(exc)))
                 continue
-            yield decoded
+            yield photo
 
 
 def rewrite_metadata(model_dir: Path, metadata: dict, expected: Path | None = None) -> list[Path]:

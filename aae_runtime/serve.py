@@ -158,7 +158,7 @@ class Batcher:
                     results = await loop.run_in_executor(self.inference, _score_batch, model, group)
                 except Exception as exc:  # an inference failure fails this batch's images, not the server
                     why = str(exc) if isinstance(exc, AAEError) else f"inference failed ({type(exc).__name__})"
-                    results = [_failed(why, item[1]) for item in group]
+                    results = [_failed(why, maps) for _, maps, _, _ in group]
                 self.metrics["batch"].observe(len(group))
                 for (_, _, future, _), result in zip(group, results):
                     if not future.done():  # the client may be gone

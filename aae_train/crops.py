@@ -124,7 +124,7 @@ class CropSplit:
     linked: int = 0  # training photos left out as another name (a link) of a held-out or earlier one
 
 
-def once(keys: list, train, held_out) -> list:
+def once(keys, train, held_out) -> list:
     """``train`` (indices into ``keys``, one file identity each, None where unknown) without the
     files that are another listed one under a second name (a symbolic or hard link): an image
     held out is never also trained on, and none is trained on twice."""

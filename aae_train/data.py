@@ -137,8 +137,10 @@ def load_folder_dataset(cfg: DataConfig, data_dir: str | None = None, loader: st
     tr, va = tr[~hidden[tr]], va[~hidden[va]]
     files_seen = [f for f, h in zip(files, hidden) if not h]
     tr, va = (ix if split in splits else ix[:0] for ix, split in ((tr, "train"), (va, "val")))
-    kept = once([_identity(f) for f in files], tr, va)  # after the split too: the held-out images stay where they were
-    tr, linked = np.asarray(kept, dtype=tr.dtype), len(tr) - len(kept)
+    linked = 0
+    if len(tr):  # after the split too: the held-out images stay where they were (export reads no training image)
+        kept = once({i: _identity(files[i]) for i in (*tr, *va)}, tr, va)
+        tr, linked = np.asarray(kept, dtype=tr.dtype), len(tr) - len(kept)
     subdirs = sorted({f.relative_to(root).parts[0] for f in files_seen if len(f.relative_to(root).parts) > 1} - {cfg.unlabelled_dir})
     label_of = {name: i for i, name in enumerate(subdirs)}
     skipped: list[str] = []

@@ -41,6 +41,7 @@ PARITY_BATCHES = (1, 2, 7, 64)
 TILED_DEFAULT_SCORE = "mse"  # a tiled model's default per-pixel error: ssim measured worse (benchmarks/results/textures.md)
 PARITY_TOLERANCE = 1e-4  # largest absolute difference allowed between ONNX Runtime and PyTorch
 DISCRETE_OUTPUTS = (BEST_LABEL_OUTPUT,)  # compared through the continuous outputs they select (see check_parity)
+FEW_HELD_OUT = 20  # fewer held-out images than this: the percentile threshold is about their largest score (a note says so)
 
 
 class ExportError(AAEError):
@@ -148,8 +149,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_dir: str
            if threshold["method"] == "f1" else f"{percentile:g}th percentile of the scores of {len(held)} {what}")
     log(f"score {score}; threshold {threshold['value']:.6g} = {how}")
     if threshold["method"] == "percentile" and len(held) < FEW_HELD_OUT:
-        log(f"note: only {len(held)} {what} set this threshold, so one of them sits at or near it and a normal photo "
-            "a little above them is flagged; run aae-run calibrate on 10 or more normal photos from the line")
+        log(f"note: only {len(held)} {what} set this threshold, so one of them sits at or near it and a normal image "
+            "a little above them is flagged; run aae-run calibrate on 10 or more normal images from the line")
     if band:
         side = data.windows.photos[0].shape[1:]
         threshold["windows"] = [int(side[0]), int(side[1])]
@@ -201,9 +202,6 @@ def _tiling(cfg, map_sigma: float, tile_stride: int | None) -> Tiling | None:
     if not 0 <= map_sigma <= MAX_SIGMA:
         raise ExportError(f"--map-sigma {map_sigma}: must be between 0 (no smoothing) and {MAX_SIGMA:g} pixels")
     return Tiling((crop, crop), (stride, stride), float(map_sigma))
-
-
-FEW_HELD_OUT = 20  # fewer held-out images than this: the percentile threshold is about their largest score (a note says so)
 
 
 def _prior(cfg, trained, normal: np.ndarray) -> dict:

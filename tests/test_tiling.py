@@ -166,7 +166,7 @@ def test_export_says_when_few_held_out_photos_set_the_threshold(grass, tmp_path)
     export_checkpoint(tmp_path / "run" / "checkpoint.pt", tmp_path / "model", log=lines.append)
     log = "\n".join(lines)
     assert "99th percentile of the scores of 2 held-out photos" in log, log
-    assert "note: only 2 held-out photos set this threshold" in log and "run aae-run calibrate on 10 or more normal photos" in log, log
+    assert "note: only 2 held-out photos set this threshold" in log and "run aae-run calibrate on 10 or more normal images" in log, log
 
 
 def test_a_tiled_model_requires_tiling_and_scores_photos_at_their_own_resolution(tiled_model, grass):
