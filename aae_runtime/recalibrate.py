@@ -83,14 +83,15 @@ def calibrate_tiled(model, photos, anomalies, name: str, percentile: float, min_
     block = {"name": name, "pixel_error": name, "higher_is_more_anomalous": True,
              "definition": f"{model.tiling.to_dict()['definition']}; per-pixel error {PIXEL_DEFINITIONS[name]}"}
     probe = model.with_score(block)
+    if anomalies is not None:  # first: usually the fewer, and a folder of none is found before the normals are scored
+        anomaly_scores = np.array([probe.score_photo(p)[0] for p in anomalies])
+        if not len(anomaly_scores):
+            raise InputError(NO_ANOMALIES)
     normal_scores = np.array([probe.score_photo(p)[0] for p in photos])  # one photo at a time (see PhotoFiles)
     if len(normal_scores) < min_images:
         raise InputError(f"found {len(normal_scores)} readable normal photos in the given paths; calibration needs at least {min_images}")
     block["fitted_on"] = len(normal_scores)
     if anomalies is not None:
-        anomaly_scores = np.array([probe.score_photo(p)[0] for p in anomalies])
-        if not len(anomaly_scores):
-            raise InputError(NO_ANOMALIES)
         threshold = f1_threshold(normal_scores, anomaly_scores)
     else:
         threshold = percentile_threshold(normal_scores, percentile)

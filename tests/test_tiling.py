@@ -303,6 +303,12 @@ def test_calibrate_refits_a_tiled_models_threshold_on_whole_photos(tiled_model, 
     r = runner.invoke(app, ["calibrate", str(tmp_path / "line"), "--model", str(tmp_path / "model")])
     assert r.exit_code == 2 and "found 4 readable normal photos in the given paths; calibration needs at least 10" in r.output, r.output
     assert "skipped" in r.output and "broken.png" in r.output, r.output  # which ones failed, though the calibration stopped
+    # anomalies none of which can be read are found before the normal photos are scored (the anomalies go first)
+    (tmp_path / "unreadable").mkdir()
+    (tmp_path / "unreadable" / "x.png").write_bytes(b"not an image")
+    r = runner.invoke(app, ["calibrate", str(tmp_path / "line"), "--model", str(tmp_path / "model"),
+                            "--anomalies", str(tmp_path / "unreadable")])
+    assert r.exit_code == 2 and "no readable anomalous images in --anomalies" in r.output and "x.png" in r.output, r.output
 
 
 def test_a_resumed_crop_run_draws_the_same_crops_and_reaches_the_same_weights(grass, tmp_path):
