@@ -19,6 +19,7 @@ import json
 import math
 import os
 import signal
+import time
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -39,6 +40,7 @@ from aae_runtime.session import DEVICES, SessionConfig
 
 EXIT_OK, EXIT_SOME_FAILED = 0, 1
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # Ctrl-C (SIGINT), SIGTERM: 128 + the signal's number
+PROGRESS_EVERY_S = 0.25  # score/classify on a terminal: the status line's refresh
 MAX_GRID_ROWS = 1000  # sample --grid: rows x classes images are decoded at once  # EXIT_CANNOT_RUN = 2 comes from clierrors, shared by all commands
 
 EXIT_CODES_HELP = (
@@ -180,7 +182,7 @@ def score(
         m = _load(model, device, threshold, threshold_percentile, threads, low_latency)
         region_rows: list[tuple] = []
         rows = _rows_with_maps(m, paths, batch_size, maps, maps_only_flagged, maps_raw, region_rows if regions else None)
-        results, stream, stopped = _collect(rows, output, m.threshold, None, batch_size)
+        results, stream, stopped = _collect(rows, output, m.threshold, None, batch_size, _count_images(paths))
         if regions is not None:
             _write_regions(region_rows, regions)
     except AAEError as exc:
@@ -211,24 +213,42 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _collect(rows, output: Path | None, threshold: float, classes, batch_size: int):
+def _collect(rows, output: Path | None, threshold: float, classes, batch_size: int, total: int | None = None):
     """All rows of a run, streamed to ``output`` as they come (`ResultStream`). Returns the rows,
-    the stream (None without ``output``) and the signal that stopped the run early, if any."""
+    the stream (None without ``output``) and the signal that stopped the run early, if any. On a
+    terminal, a status line counts the images scored (of ``total``) while the run lasts."""
     stream = ResultStream(output, threshold, classes, flush_every=batch_size) if output is not None else None
     results: list[ImageScore] = []
     stopped = None
+    started = shown_at = time.monotonic()
+    shown_at -= PROGRESS_EVERY_S  # the first row shows at once
     with _sigterm_as_interrupt():
         try:
             for r in rows:
                 results.append(r)
                 if stream is not None:
                     stream.write([r])
+                if time.monotonic() - shown_at >= PROGRESS_EVERY_S:
+                    shown_at = time.monotonic()
+                    err.status(f"scored {len(results)}" + (f" of {total}" if total else "") + " images "
+                               f"({_clock(shown_at - started)})")
         except KeyboardInterrupt as exc:
             stopped = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
         finally:
+            err.clear_status()
             if stream is not None:
                 stream.close(complete=stopped is None)
     return results, stream, stopped
+
+
+def _count_images(paths: list[Path]) -> int | None:
+    """How many image files the paths hold, for the status line: listed only where there is one."""
+    return len(find_images(list(paths))) if err.is_terminal else None
+
+
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 def _finish(results: list[ImageScore], output: Path | None, stream, stopped: str | None) -> None:
@@ -610,7 +630,7 @@ def classify(
             raise AAEError(f"{model} has no class head, so it cannot classify: train with --family semi "
                            "(aae-run score gives its anomaly scores)")
         rows = m.iter_score_paths(paths, batch_size=batch_size, classify=True)
-        results, stream, stopped = _collect(rows, output, m.threshold, m.classes, batch_size)
+        results, stream, stopped = _collect(rows, output, m.threshold, m.classes, batch_size, _count_images(paths))
     except AAEError as exc:
         raise _fail(exc)
     _print_classes(results, m, show)

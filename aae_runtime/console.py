@@ -154,6 +154,18 @@ class Console:
         self._write("\n".join(table.lines(self.color, self.width if self.is_terminal else None, _fits_box(self.file),
                                           self._encoded)))
 
+    def status(self, text: str) -> None:
+        """A status line on a terminal, rewritten in place by the next one and erased by
+        `clear_status`; nothing in a file or a pipe (logs get no carriage-return clutter)."""
+        if self.is_terminal:
+            self.file.write("\r" + self._encoded(text[: max(1, self.width - 1)]) + "\x1b[K")
+            self.file.flush()
+
+    def clear_status(self) -> None:
+        if self.is_terminal:
+            self.file.write("\r\x1b[K")
+            self.file.flush()
+
     def _encoded(self, text: str) -> str:
         """``text`` as the stream shows it: a character it cannot encode becomes its escape (\\u90e8)."""
         encoding = getattr(self.file, "encoding", None)

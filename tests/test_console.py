@@ -182,3 +182,43 @@ def test_error_lines_escape_control_characters_and_markup_once(capsys):
 
     print_error("--out o[red]x\x1b[2J.txt: bad")
     assert capsys.readouterr().err == "error: --out o[red]x\\x1b[2J.txt: bad\n"
+
+
+def _in_a_terminal(args: list[str]) -> bytes:
+    """What a command writes to a pseudo-terminal (stdout and stderr both), read to its end."""
+    import os
+    import pty
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: its stdout and stderr are the terminal
+        os.execvp(args[0], args)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.waitpid(pid, 0)
+    os.close(fd)
+    return out
+
+
+def test_score_counts_the_images_on_a_terminal_and_erases_the_count_and_prints_none_in_a_pipe(tiny_model_dir, tmp_path):
+    import subprocess
+
+    import numpy as np
+
+    from tests.conftest import write_png
+
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        write_png(tmp_path / "line" / f"{i}.png", rng.integers(0, 255, (28, 28), dtype=np.uint8))
+    args = ["aae-run", "score", str(tmp_path / "line"), "--model", str(tiny_model_dir)]
+    shown = _in_a_terminal(args)
+    assert re.search(rb"\rscored 1 of 5 images \(0:00:0\d\)\x1b\[K", shown), shown
+    assert shown.index(b"\r\x1b[K") < shown.index(b"score, threshold"), shown  # erased before the table
+    piped = subprocess.run(args, capture_output=True, text=True)
+    assert piped.returncode == 0 and " of 5 images" not in piped.stderr + piped.stdout and "\r" not in piped.stderr
