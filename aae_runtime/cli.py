@@ -181,8 +181,10 @@ def score(
     try:
         m = _load(model, device, threshold, threshold_percentile, threads, low_latency)
         region_rows: list[tuple] = []
-        rows = _rows_with_maps(m, paths, batch_size, maps, maps_only_flagged, maps_raw, region_rows if regions else None)
-        results, stream, stopped = _collect(rows, output, m.threshold, None, batch_size, _count_images(paths))
+        status = _status_line(paths)
+        rows = _rows_with_maps(m, paths, batch_size, maps, maps_only_flagged, maps_raw, region_rows if regions else None,
+                               status.tiles if status else None)
+        results, stream, stopped = _collect(rows, output, m.threshold, None, batch_size, status)
         if regions is not None:
             _write_regions(region_rows, regions)
     except AAEError as exc:
@@ -213,42 +215,60 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _collect(rows, output: Path | None, threshold: float, classes, batch_size: int, total: int | None = None):
+def _collect(rows, output: Path | None, threshold: float, classes, batch_size: int, status: "_StatusLine | None" = None):
     """All rows of a run, streamed to ``output`` as they come (`ResultStream`). Returns the rows,
-    the stream (None without ``output``) and the signal that stopped the run early, if any. On a
-    terminal, a status line counts the images scored (of ``total``) while the run lasts."""
+    the stream (None without ``output``) and the signal that stopped the run early, if any;
+    ``status`` hears of each row."""
     stream = ResultStream(output, threshold, classes, flush_every=batch_size) if output is not None else None
     results: list[ImageScore] = []
     stopped = None
-    started = shown_at = time.monotonic()
-    shown_at -= PROGRESS_EVERY_S  # the first row shows at once
     with _sigterm_as_interrupt():
         try:
             for r in rows:
                 results.append(r)
                 if stream is not None:
                     stream.write([r])
-                if time.monotonic() - shown_at >= PROGRESS_EVERY_S:
-                    shown_at = time.monotonic()
-                    err.status(f"scored {len(results)}" + (f" of {total}" if total else "") + " images "
-                               f"({_clock(shown_at - started)})")
+                if status is not None:
+                    status.images(len(results))
         except KeyboardInterrupt as exc:
             stopped = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
         finally:
-            err.clear_status()
+            if status is not None:
+                err.clear_status()
             if stream is not None:
                 stream.close(complete=stopped is None)
     return results, stream, stopped
 
 
-def _count_images(paths: list[Path]) -> int | None:
-    """How many image files the paths hold, for the status line: listed only where there is one."""
-    return len(find_images(list(paths))) if err.is_terminal else None
+def _status_line(paths: list[Path]) -> "_StatusLine | None":
+    """`score`'s and `classify`'s status line where stderr is a terminal (the folder then listed
+    once more, for the count), else None."""
+    return _StatusLine(len(find_images(list(paths)))) if err.is_terminal else None
 
 
-def _clock(seconds: float) -> str:
-    s = int(seconds)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+class _StatusLine:
+    """While `score` or `classify` runs on a terminal: the images scored so far, of how many, and
+    inside a photo whose tiles take a while, its tiles; at most every PROGRESS_EVERY_S."""
+
+    def __init__(self, total: int):
+        self.total, self.scored = total, 0
+        self.started = time.monotonic()
+        self.shown_at = self.started - PROGRESS_EVERY_S  # the first news shows at once
+
+    def images(self, scored: int) -> None:
+        self.scored = scored
+        self._show(f"scored {scored} of {self.total} images")
+
+    def tiles(self, path: str, done: int, of: int) -> None:
+        self._show(f"scored {self.scored} of {self.total} images; {display_path(Path(path).name, controls=True)}: "
+                   f"{done} of {of} tiles")
+
+    def _show(self, text: str) -> None:
+        now = time.monotonic()
+        if now - self.shown_at >= PROGRESS_EVERY_S:
+            self.shown_at = now
+            s = int(now - self.started)
+            err.status(f"{text} ({s // 3600}:{s // 60 % 60:02d}:{s % 60:02d})")
 
 
 def _finish(results: list[ImageScore], output: Path | None, stream, stopped: str | None) -> None:
@@ -300,12 +320,12 @@ def _check_parent_exists(path: Path, option: str) -> None:
 
 
 def _rows_with_maps(m: AAEModel, paths: list[Path], batch_size: int, maps: Path | None, only_flagged: bool,
-                    raw: bool = False, regions: list | None = None):
+                    raw: bool = False, regions: list | None = None, on_tiles=None):
     """The rows of `score`, one by one; maps are written (and, into ``regions``, one (path,
     Region) per region found) as rows come, so no batch's arrays outlive it. A map that cannot be
     written is that image's error, not the run's."""
     if maps is None and regions is None:
-        yield from m.iter_score_paths(paths, batch_size=batch_size)
+        yield from m.iter_score_paths(paths, batch_size=batch_size, on_tiles=on_tiles)
         return
     from aae_runtime.maps import MapWriter
     from aae_runtime.regions import find_regions
@@ -314,7 +334,7 @@ def _rows_with_maps(m: AAEModel, paths: list[Path], batch_size: int, maps: Path 
     scale = float(m.metadata.score.get("pixel_error_scale", 0.0)) or 1.0
     writer = MapWriter(maps, paths, scale, (float(lo), float(hi)), raw=raw) if maps is not None else None
     try:
-        for r in m.iter_score_paths(paths, batch_size=batch_size, maps=True):
+        for r in m.iter_score_paths(paths, batch_size=batch_size, maps=True, on_tiles=on_tiles):
             if regions is not None and r.ok:
                 regions.extend((r.path, region) for region in find_regions(r.pixel_error, m.map_threshold))
             if writer is not None and r.ok and (r.anomaly or not only_flagged):
@@ -629,8 +649,9 @@ def classify(
         if not m.metadata.classifies:
             raise AAEError(f"{model} has no class head, so it cannot classify: train with --family semi "
                            "(aae-run score gives its anomaly scores)")
+        status = _status_line(paths)
         rows = m.iter_score_paths(paths, batch_size=batch_size, classify=True)
-        results, stream, stopped = _collect(rows, output, m.threshold, m.classes, batch_size, _count_images(paths))
+        results, stream, stopped = _collect(rows, output, m.threshold, m.classes, batch_size, status)
     except AAEError as exc:
         raise _fail(exc)
     _print_classes(results, m, show)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -310,15 +310,17 @@ class AAEModel:
         probs = self.class_probabilities(images)
         return [self.classes[i] for i in probs.argmax(axis=1)], probs
 
-    def score_photo(self, photo: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE) -> tuple[float, np.ndarray]:
+    def score_photo(self, photo: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE,
+                    progress: Callable[[int, int], None] | None = None) -> tuple[float, np.ndarray]:
         """(image score, map (H, W) float32) of one whole photo (C, H, W) at its own resolution, by a
-        tiled model: tiles ``batch_size`` at a time (aae_runtime.contract.tiling)."""
+        tiled model: tiles ``batch_size`` at a time (aae_runtime.contract.tiling); ``progress(done,
+        of)`` hears of each batch of tiles."""
         if self.tiling is None:
             raise InputError("this model was not trained on crops, so it scores images resized to its input, not tiled photos")
         x = np.ascontiguousarray(photo, dtype=np.float32)
         if x.ndim != 3 or x.shape[0] != self.input_shape[0]:
             raise InputError(f"a photo must have shape ({self.input_shape[0]}, H, W), got {x.shape}")
-        smoothed = self.tiling.smooth(self.tiling.stitch(x, lambda t: self.score_parts(t).pixel_error, batch_size))
+        smoothed = self.tiling.smooth(self.tiling.stitch(x, lambda t: self.score_parts(t).pixel_error, batch_size, progress))
         return self.tiling.score_of(smoothed), smoothed
 
     def score(self, images: np.ndarray) -> np.ndarray:
@@ -391,11 +393,12 @@ class AAEModel:
         return list(self.iter_score_paths(paths, batch_size, classify=True))
 
     def iter_score_paths(self, paths: Iterable[str | Path], batch_size: int = DEFAULT_BATCH_SIZE,
-                         maps: bool = False, classify: bool = False) -> Iterator[ImageScore]:
+                         maps: bool = False, classify: bool = False,
+                         on_tiles: Callable[[str, int, int], None] | None = None) -> Iterator[ImageScore]:
         """Like `score_paths`, yielding rows batch by batch; decoding of the next batch overlaps
         inference on the current one. With ``maps``, rows carry the per-pixel error and the input;
         with ``classify``, the class probabilities. A tiled model scores one photo at a time,
-        ``batch_size`` tiles per inference call."""
+        ``batch_size`` tiles per inference call, and tells ``on_tiles(path, done, of)`` of each."""
         files = find_images(list(paths))
         if batch_size < 1:
             raise InputError(f"batch size must be at least 1, got {batch_size}")
@@ -403,7 +406,7 @@ class AAEModel:
         chunks = [files[i : i + per_chunk] for i in range(0, len(files), per_chunk)]
         if len(chunks) <= 1:  # nothing to overlap: no thread pool to start (cold start of one image)
             for chunk in chunks:
-                yield from self._score_decoded(chunk, self.load_images(chunk), maps, classify, batch_size)
+                yield from self._score_decoded(chunk, self.load_images(chunk), maps, classify, batch_size, on_tiles)
             return
         from concurrent.futures import ThreadPoolExecutor  # folders only
 
@@ -420,12 +423,12 @@ class AAEModel:
                 if i + DECODE_AHEAD < len(chunks):
                     ahead.append(submit(chunks[i + DECODE_AHEAD]))
                 decoded = [item for f in futures for item in f.result()]
-                yield from self._score_decoded(chunk, decoded, maps, classify, batch_size)
+                yield from self._score_decoded(chunk, decoded, maps, classify, batch_size, on_tiles)
 
     def _score_decoded(self, chunk: list[Path], decoded: list, maps: bool = False, classify: bool = False,
-                       batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator[ImageScore]:
+                       batch_size: int = DEFAULT_BATCH_SIZE, on_tiles=None) -> Iterator[ImageScore]:
         if self.tiling is not None:
-            yield from self._score_photos(chunk, decoded, maps, batch_size)
+            yield from self._score_photos(chunk, decoded, maps, batch_size, on_tiles)
             return
         good = [k for k, item in enumerate(decoded) if isinstance(item, np.ndarray)]
         if good:
@@ -443,14 +446,16 @@ class AAEModel:
             else:
                 yield ImageScore(str(path), error=str(decoded[k]))
 
-    def _score_photos(self, chunk: list[Path], decoded: list, maps: bool, batch_size: int) -> Iterator[ImageScore]:
+    def _score_photos(self, chunk: list[Path], decoded: list, maps: bool, batch_size: int,
+                      on_tiles: Callable[[str, int, int], None] | None = None) -> Iterator[ImageScore]:
         """Rows of whole photos scored by tiling; a photo that cannot be tiled gets an error row."""
         for path, photo in zip(chunk, decoded):
             if not isinstance(photo, np.ndarray):
                 yield ImageScore(str(path), error=str(photo))
                 continue
             try:
-                s, smoothed = self.score_photo(photo, batch_size)
+                progress = (lambda done, of, name=str(path): on_tiles(name, done, of)) if on_tiles is not None else None
+                s, smoothed = self.score_photo(photo, batch_size, progress)
             except InputError as exc:  # e.g. a photo smaller than one tile
                 yield ImageScore(str(path), error=str(exc))
                 continue

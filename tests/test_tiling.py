@@ -449,3 +449,14 @@ def test_the_server_bounds_the_photo_a_tiled_model_tiles(tiled_model, grass, tmp
         assert status == 422 and "too large for this service" in big["results"][0]["error"], big
     finally:
         assert s.stop() == 0
+
+
+def test_score_on_a_terminal_counts_a_photos_tiles_while_it_is_scored(tiled_model, grass, tmp_path):
+    from tests.test_console import _in_a_terminal
+
+    write_png(tmp_path / "photo.png", grass[:200, :200])  # 12 x 12 tiles of 32: 11 at stride 16, one flush with the edge
+    write_png(tmp_path / "tiny.png", grass[:10, :10])  # smaller than a tile: its error row, as without a terminal
+    shown = _in_a_terminal(["aae-run", "score", str(tmp_path / "photo.png"), str(tmp_path / "tiny.png"),
+                            "--model", str(tiled_model[0]), "--batch-size", "8", "--threads", "1"])
+    assert re.search(rb"\rscored 0 of 2 images; photo\.png: 8 of 144 tiles \(0:00:0\d\)\x1b\[K", shown), shown
+    assert re.search(rb"scored 1 images: \d+ anomalous, 1 failed", shown) and b"internal error" not in shown, shown

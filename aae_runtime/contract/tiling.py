@@ -92,16 +92,21 @@ class Tiling:
             chunk = origins[i : i + batch]
             yield chunk, np.stack([photo[:, r : r + th, c : c + tw] for r, c in chunk])
 
-    def stitch(self, photo: np.ndarray, pixel_errors: Callable[[np.ndarray], np.ndarray], batch: int) -> np.ndarray:
+    def stitch(self, photo: np.ndarray, pixel_errors: Callable[[np.ndarray], np.ndarray], batch: int,
+               progress: Callable[[int, int], None] | None = None) -> np.ndarray:
         """The stitched errors (H, W) float32: ``pixel_errors`` (tiles (n, C, th, tw) -> (n, th, tw))
-        of every tile, averaged where tiles overlap."""
+        of every tile, averaged where tiles overlap. ``progress(done, of)`` hears of each batch of tiles."""
         th, tw = self.tile
         h, w = photo.shape[1:]
         total = np.zeros((h, w), dtype=np.float32)
-        for chunk, tiles in self.tiles(photo, batch):
+        done = 0
+        for chunk, tiles in self.tiles(photo, batch):  # (a photo smaller than a tile is refused here)
             errors = pixel_errors(tiles)
             for (r, c), e in zip(chunk, errors):
                 total[r : r + th, c : c + tw] += e
+            done += len(chunk)
+            if progress is not None:
+                progress(done, len(tile_starts(h, th, self.stride[0])) * len(tile_starts(w, tw, self.stride[1])))
         # tiles lie on a grid, so the overlap count is an outer product: no third photo-sized array
         rows = _coverage(h, th, self.stride[0])
         cols = _coverage(w, tw, self.stride[1])
