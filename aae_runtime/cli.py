@@ -247,25 +247,28 @@ def _status_line(paths: list[Path]) -> "_StatusLine | None":
 
 
 class _StatusLine:
-    """While `score` or `classify` runs on a terminal: the images scored so far, of how many, and
-    inside a photo whose tiles take a while, its tiles; at most every PROGRESS_EVERY_S."""
+    """The status line of a run on a terminal: for `score` and `classify` the images scored so far,
+    of how many, and inside a photo whose tiles take a while, its tiles; for `calibrate`, which
+    photo it is scoring. At most every PROGRESS_EVERY_S."""
 
-    def __init__(self, total: int):
+    def __init__(self, total: int = 0):
         self.total, self.scored = total, 0
         self.started = time.monotonic()
         self.shown_at = self.started - PROGRESS_EVERY_S  # the first news shows at once
 
     def images(self, scored: int) -> None:
         self.scored = scored
-        self._show(f"scored {scored} of {self.total} images")
+        self.say(f"scored {scored} of {self.total} images")
 
     def tiles(self, path: str, done: int, of: int) -> None:
-        self._show(f"scored {self.scored} of {self.total} images; {display_path(Path(path).name, controls=True)}: "
-                   f"{done} of {of} tiles")
+        self.say(f"scored {self.scored} of {self.total} images; {display_path(Path(path).name, controls=True)}: "
+                 f"{done} of {of} tiles")
 
-    def _show(self, text: str) -> None:
+    def say(self, text: str, always: bool = False) -> None:
+        """``text`` and the time since the start, unless the line changed less than PROGRESS_EVERY_S
+        ago (``always``: whatever the time)."""
         now = time.monotonic()
-        if now - self.shown_at >= PROGRESS_EVERY_S:
+        if always or now - self.shown_at >= PROGRESS_EVERY_S:
             self.shown_at = now
             s = int(now - self.started)
             err.status(f"{text} ({s // 3600}:{s // 60 % 60:02d}:{s % 60:02d})")
@@ -509,11 +512,19 @@ def calibrate(
         m = _load(model, "cpu", threads=threads)
         good, failed = load_folder(m, normal)  # a tiled model's photos: decoded one at a time as they are scored
         bad_ones, failed_anomalies = load_folder(m, anomalies) if anomalies else (None, [])
+        if m.tiling is not None and err.is_terminal:  # whole photos take a while each: say which one
+            status = _StatusLine()
+            for kind, photos in (("normal", good), ("anomalous", bad_ones)):
+                if photos is not None:
+                    photos.on_photo = lambda i, n, f, kind=kind: status.say(
+                        f"scoring {kind} photo {i + 1} of {n}: {display_path(f.name, controls=True)}", always=True)
         meta = recalibrate_dir(model, good, bad_ones, score=score, percentile=percentile, source=CALIBRATE_SOURCE,
                                threads=threads)
     except AAEError as exc:
+        err.clear_status()
         _print_skipped(failed + failed_anomalies)  # also when too few were left: which ones failed, and why
         raise _fail(exc)
+    err.clear_status()
     _print_skipped(failed + failed_anomalies)
     t = meta["threshold"]
     n = t["stats"]["count"]

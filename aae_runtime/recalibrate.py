@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -156,10 +157,13 @@ class PhotoFiles:
     def __init__(self, model, files: list[Path]):
         self.model, self.files = model, files
         self.failed: list[tuple[str, str]] = []
+        self.on_photo: Callable[[int, int, Path], None] | None = None  # hears (index, count, file) before each
 
     def __iter__(self):
         self.failed.clear()  # each pass lists its own (the list object stays the one handed out)
-        for f in self.files:
+        for i, f in enumerate(self.files):
+            if self.on_photo is not None:
+                self.on_photo(i, len(self.files), f)
             photo = self.model.load_images([f])[0]  # the photo, or why it cannot be read
             try:
                 if isinstance(photo, InputError):

@@ -460,3 +460,19 @@ def test_score_on_a_terminal_counts_a_photos_tiles_while_it_is_scored(tiled_mode
                             "--model", str(tiled_model[0]), "--batch-size", "8", "--threads", "1"])
     assert re.search(rb"\rscored 0 of 2 images; photo\.png: 8 of 144 tiles \(0:00:0\d\)\x1b\[K", shown), shown
     assert re.search(rb"scored 1 images: \d+ anomalous, 1 failed", shown) and b"internal error" not in shown, shown
+
+
+def test_calibrate_on_a_terminal_says_which_photo_it_is_scoring(tiled_model, grass, tmp_path):
+    import shutil
+
+    from tests.test_console import _in_a_terminal
+
+    shutil.copytree(tiled_model[0], tmp_path / "model")
+    for i in range(10):
+        write_png(tmp_path / "line" / f"{i}.png", grass[200 + 20 * i : 280 + 20 * i, 100:200])
+    write_png(tmp_path / "bad" / "b.png", np.full((80, 100), 255, np.uint8))
+    shown = _in_a_terminal(["aae-run", "calibrate", str(tmp_path / "line"), "--anomalies", str(tmp_path / "bad"),
+                            "--model", str(tmp_path / "model"), "--threads", "1"])
+    assert b"\rscoring anomalous photo 1 of 1: b.png (0:00:0" in shown, shown
+    assert b"\rscoring normal photo 10 of 10: 9.png (0:00:" in shown, shown
+    assert b"\r\x1b[Krecalibrated " in shown, shown  # the line erased before the result
