@@ -189,7 +189,8 @@ class Trainer:
             batch = Batch(x, self.train_y[idx.to(self.device)] if self.train_y is not None else None)
             # drawn for the global minibatch, each rank taking its rows: the ranks' draws differ, and
             # a run on N processes draws what one process does
-            draws = [to_device(np.ascontiguousarray(distributed.shard(d)), self.device) for d in self.family.host_draws(bs)]
+            draws = [to_device(np.ascontiguousarray(distributed.shard(d)), self.device)
+                     for d in self.family.host_draws(min(bs, self.n_train))]  # fewer images than a minibatch: one step of them all
             try:
                 if self.graphed is not None:
                     total += self.graphed(batch, draws)

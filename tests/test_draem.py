@@ -246,3 +246,13 @@ def test_the_segment_score_belongs_to_draem_models_only(tiny_run, tiny_model_dir
     shutil.copytree(tiny_model_dir, tmp_path / "model")
     r = runner.invoke(app, ["calibrate", str(tmp_path / "normal"), "--model", str(tmp_path / "model"), "--score", "segment"])
     assert r.exit_code == 2 and "which this model has not" in " ".join(r.output.split()), r.output
+
+
+def test_an_epoch_of_fewer_crops_than_one_minibatch_trains_as_one_step(tmp_path, grass):
+    from aae_train.cli import app as train_app
+
+    write_png(tmp_path / "p" / "g.png", grass[:100, :100])
+    r = runner.invoke(train_app, ["folder", str(tmp_path / "p"), "--family", "draem", "--crop", "32", "--crops-per-image", "20",
+                                  "--hidden", "16", "--segment-width", "4", "--epochs", "1", "--threads", "1",
+                                  "--out", str(tmp_path / "run")])  # 20 crops, minibatches of 64: the draws were made for 64
+    assert r.exit_code == 0, r.output
