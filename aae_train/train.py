@@ -25,7 +25,7 @@ import torch
 from aae_runtime import __version__
 from aae_runtime.contract.errors import AAEError, first_line
 from aae_runtime.contract.fileio import atomic_write_text, remove_stale_temporaries
-from aae_runtime.contract.modelfolder import LOCK, writer_lock
+from aae_runtime.contract.modelfolder import LOCK, holds_model, writer_lock
 from aae_runtime.images import save_grid
 from aae_runtime.contract.priors import sample_prior
 from aae_train import distributed
@@ -346,7 +346,12 @@ def check_run_folder(run_dir: Path, resume: str | Path | None, overwrite: bool) 
     A folder holding another run (a checkpoint) is refused unless ``overwrite``: resuming a run in
     its own folder is the only way to write into a run without it. A folder with a config but no
     checkpoint (a start killed before its first epoch ended) holds nothing to lose; the run an
-    ``--overwrite`` set aside and has not yet replaced counts as held."""
+    ``--overwrite`` set aside and has not yet replaced counts as held. A folder holding an exported
+    model is refused even with ``overwrite``: a run would mix its files into the model's, and
+    share its lock with calibrations."""
+    if holds_model(run_dir):
+        raise TrainingError(f"{run_dir} holds an exported model, not a run: choose another --out (a run folder; "
+                            "export writes the model into a folder of its own)")
     aside = run_dir / REPLACED
     if aside.is_dir() and not (run_dir / CHECKPOINT_NAME).exists():
         try:  # an --overwrite killed (SIGKILL) before its first checkpoint: its old run comes back, unless that start still runs

@@ -31,7 +31,7 @@ from aae_runtime.model import AAEModel
 from aae_runtime.recalibrate import calibrate_model, load_folder
 from aae_runtime.contract.scores import DEFAULT_SCORE, SCORES, SEGMENT, score_spec
 from aae_runtime.session import SessionConfig, create_session
-from aae_train.checkpoint import CHECKPOINT_NAME, file_sha256, load_trained
+from aae_train.checkpoint import BEST_NAME, CHECKPOINT_NAME, file_sha256, load_trained
 from aae_train.data import load_dataset
 from export.fused import FUSED_TOLERANCE, fused_parity
 from export.metadata import attach, build_metadata, provenance
@@ -41,6 +41,7 @@ PARITY_BATCHES = (1, 2, 7, 64)
 TILED_DEFAULT_SCORE = "mse"  # a tiled model's default per-pixel error: ssim measured worse (benchmarks/results/textures.md)
 PARITY_TOLERANCE = 1e-4  # largest absolute difference allowed between ONNX Runtime and PyTorch
 DISCRETE_OUTPUTS = (BEST_LABEL_OUTPUT,)  # compared through the continuous outputs they select (see check_parity)
+RUN_MARKERS = (CHECKPOINT_NAME, BEST_NAME)  # a folder holding one is a training run: no model goes into it
 FEW_HELD_OUT = 20  # fewer held-out images than this: the percentile threshold is about their largest score (a note says so)
 
 
@@ -179,6 +180,9 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_dir: str
 
 def check_model_folder(out_dir: Path, overwrite: bool) -> None:
     """``out_dir`` may receive a model: it holds none (or ``overwrite``), and its parent exists."""
+    if any((out_dir / name).exists() for name in RUN_MARKERS):
+        raise ExportError(f"{out_dir} holds a training run ({', '.join(n for n in RUN_MARKERS if (out_dir / n).exists())}): "
+                          "write the model into a folder of its own, e.g. --out " + str(out_dir / "model"))
     if holds_model(out_dir) and not overwrite:
         raise ExportError(f"{out_dir} already holds a model: choose another --out, or give --overwrite to replace it "
                           "(readers keep the model they loaded; the switch is atomic)")

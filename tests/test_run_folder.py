@@ -98,3 +98,20 @@ def test_a_file_system_without_locks_trains_unlocked(monkeypatch, tmp_path):
     monkeypatch.setattr(fcntl, "flock", no_flock)
     with writer_lock(tmp_path, 0):  # as on Windows: writers are not serialised, nothing fails
         pass
+
+
+def test_runs_and_exported_models_never_share_a_folder(mnist_dir, tmp_path, old_run, tiny_model_dir):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    before = sorted(p.relative_to(model) for p in model.rglob("*"))
+    for extra in ((), ("--overwrite",)):  # a run never goes into a model's folder, --overwrite or not
+        r = subprocess.run(["aae-train", "mnist", "--data-dir", str(mnist_dir), "--threads", "1", "--out", str(model),
+                            "--hidden", "32", "--limit", "500", "--epochs", "1", *extra], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and "holds an exported model, not a run" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert sorted(p.relative_to(model) for p in model.rglob("*")) == before
+    run_files = sorted(p.name for p in old_run.iterdir())
+    for extra in ((), ("--overwrite",)):  # nor a model into a run's
+        r = subprocess.run(["aae-export", "--checkpoint", str(old_run / "checkpoint.pt"), "--out", str(old_run), *extra],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and "holds a training run (checkpoint.pt" in r.stderr and f"--out {old_run / 'model'}" in r.stderr, r.stderr
+    assert sorted(p.name for p in old_run.iterdir()) == run_files
