@@ -10,8 +10,9 @@ ORT ?= cpu
 ORT_OTHER := $(if $(filter gpu,$(ORT)),onnxruntime,onnxruntime-gpu)
 EPOCHS ?= 10
 RUN ?= runs/demo
-# MNIST: the shared copy beside the project if present, else $AAE_DATA_DIR, else a download.
-DATA_DIR ?= $(firstword $(wildcard ../shared/data/mnist))
+# MNIST: $AAE_DATA_DIR when set (aae-train reads it), else the shared copy beside the project if
+# present, else a download (the order of the README).
+DATA_DIR ?= $(if $(AAE_DATA_DIR),,$(firstword $(wildcard ../shared/data/mnist)))
 DATA_FLAG := $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
 
 .PHONY: setup demo test clean

@@ -473,7 +473,7 @@ def serve(
     try:
         from aae_runtime import serve as service
     except ImportError as exc:
-        raise _fail(AAEError(f"aae-run serve needs the [serve] extra ({exc.name} is missing): pip install 'aae-toolkit[serve]'"))
+        raise _fail(AAEError(f"aae-run serve needs the [serve] extra ({exc.name} is missing): add the [serve] extra: pip install '.[cpu,serve]' from the source folder"))
     try:
         cfg = service.ServeConfig(host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                                   max_body_bytes=int(max_body_mb * 2**20), read_timeout_s=read_timeout,

@@ -60,7 +60,8 @@ def check_onnxruntime() -> None:
             "`pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu` (or onnxruntime for the CPU only)")
     if not _importable("onnxruntime"):
         raise InstallError(
-            f"ONNX Runtime is not installed: pip install '{DISTRIBUTION}[cpu]' (or '{DISTRIBUTION}[gpu]' for an NVIDIA GPU)")
+            f"ONNX Runtime is not installed: add the [cpu] extra of {DISTRIBUTION} (from its source folder: "
+            "pip install '.[cpu]'; '.[gpu]' for an NVIDIA GPU)")
 
 
 def check_training(command: str, export: bool = False) -> None:
@@ -70,7 +71,8 @@ def check_training(command: str, export: bool = False) -> None:
     if missing:
         raise InstallError(
             f"{command} needs {', '.join(missing)}, which this installation lacks (it is runtime-only): "
-            f"pip install '{DISTRIBUTION}[train,cpu]' (on a machine without a GPU, install the CPU build of torch "
-            "first: pip install torch --index-url https://download.pytorch.org/whl/cpu)")
+            f"add the [train,cpu] extras of {DISTRIBUTION} (from its source folder: pip install '.[train,cpu]'; on a "
+            "machine without a GPU, install the CPU build of torch first: pip install torch --index-url "
+            "https://download.pytorch.org/whl/cpu)")
     if export:
         check_onnxruntime()

@@ -225,7 +225,7 @@ class Watcher:
             from watchdog.events import FileSystemEventHandler
             from watchdog.observers import Observer
         except ImportError:
-            self.log("watchdog is not installed (pip install 'aae-toolkit[watch]'): polling the folder every "
+            self.log("watchdog is not installed (the [watch] extra: pip install '.[cpu,watch]' from the source folder): polling the folder every "
                      f"{POLL_S:g} s")
             return None
         changed = self.changed

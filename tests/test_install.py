@@ -18,10 +18,10 @@ app(sys.argv[2:], prog_name="{prog}")
 """
 
 COMMANDS = {
-    "aae-train": ("aae_train.cli", ["mnist", "--epochs", "1"], "torch", "aae-toolkit[train,cpu]"),
-    "aae-train folder": ("aae_train.cli", ["folder", ".", "--size", "8"], "torch", "aae-toolkit[train,cpu]"),
-    "aae-export": ("export.cli", ["--checkpoint", "c.pt"], "torch", "aae-toolkit[train,cpu]"),
-    "aae-run": ("aae_runtime.cli", ["info", "--model", "m"], "onnxruntime", "aae-toolkit[cpu]"),
+    "aae-train": ("aae_train.cli", ["mnist", "--epochs", "1"], "torch", "pip install '.[train,cpu]'"),
+    "aae-train folder": ("aae_train.cli", ["folder", ".", "--size", "8"], "torch", "pip install '.[train,cpu]'"),
+    "aae-export": ("export.cli", ["--checkpoint", "c.pt"], "torch", "pip install '.[train,cpu]'"),
+    "aae-run": ("aae_runtime.cli", ["info", "--model", "m"], "onnxruntime", "pip install '.[cpu]'"),
 }
 
 
