@@ -30,7 +30,7 @@ import typer
 
 from aae_runtime import __version__
 from aae_runtime.clierrors import EXIT_CANNOT_RUN, OneLineErrorsTyper, print_error
-from aae_runtime.console import Console, Table, display_path, literal
+from aae_runtime.console import Console, Table, counted, display_path, literal
 from aae_runtime.contract.errors import AAEError
 from aae_runtime.images import find_images, first_shared, save_grid
 from aae_runtime.contract.metadata import ENCODER_FILE, METADATA_KEY
@@ -258,10 +258,10 @@ class _StatusLine:
 
     def images(self, scored: int) -> None:
         self.scored = scored
-        self.say(f"scored {scored} of {self.total} images")
+        self.say(f"scored {scored} of {counted(self.total, 'image')}")
 
     def tiles(self, path: str, done: int, of: int) -> None:
-        self.say(f"scored {self.scored} of {self.total} images; {display_path(Path(path).name, controls=True)}: "
+        self.say(f"scored {self.scored} of {counted(self.total, 'image')}; {display_path(Path(path).name, controls=True)}: "
                  f"{done} of {of} tiles")
 
     def say(self, text: str, always: bool = False) -> None:
@@ -395,7 +395,7 @@ def _print_scores(results: list[ImageScore], m: AAEModel, show: int) -> None:
         out.print(f"... {len(results) - len(shown)} more rows (use --output FILE for all, or --show 0)")
     failed = sum(not r.ok for r in results)
     flagged = sum(bool(r.anomaly) for r in results)
-    out.print(f"scored {len(results) - failed} images: {flagged} anomalous, {failed} failed", highlight=False)
+    out.print(f"scored {counted(len(results) - failed, 'image')}: {flagged} anomalous, {failed} failed", highlight=False)
 
 
 @app.command()

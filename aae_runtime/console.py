@@ -30,6 +30,11 @@ _ESCAPE = re.compile(r"(\\*)(\[[a-z#/@][^[]*?])")
 MIN_FOLD_WIDTH = 8  # a folding column is never made narrower than this to fit a terminal
 
 
+def counted(n: int, noun: str) -> str:
+    """``n`` and the noun, plural unless one: '1 image', '12 images', '0 photos'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def display_path(path: "str | os.PathLike[str]", controls: bool = False) -> str:
     """``path`` as UTF-8 text: bytes of a non-UTF-8 file name (which Python keeps as lone
     surrogates) become ``\\xff`` escapes instead of breaking the CSV writer or the console.

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from aae_runtime.console import counted
 from aae_runtime.contract.errors import InputError, ModelError
 from aae_runtime.images import find_images, first_shared
 from aae_runtime.regions import PixelAUROC, auroc
@@ -111,10 +112,10 @@ def evaluate(model, normal: list[str | Path], anomalies: list[str | Path], masks
     if pixels is not None and result.masked and not pixels.has_positives:
         raise InputError(f"the masks under {masks} mark no defect pixel (white, > 127, or 1 in a mask of 0s and 1s, on the defect): fix the masks")
     if result.masked and unmasked:
-        result.notes.append(f"{len(unmasked)} defective photo(s) have no mask under {masks} (first: {unmasked[0]}): "
+        result.notes.append(f"{counted(len(unmasked), 'defective photo')} without a mask under {masks} (first: {unmasked[0]}): "
                             "they count for the image figures only")
     if blank:
-        result.notes.append(f"{len(blank)} defective photo(s) have a mask that marks no pixel (first: {blank[0]}): their "
+        result.notes.append(f"{counted(len(blank), 'defective photo')} with a mask that marks no pixel (first: {blank[0]}): their "
                             "pixels count as defect-free; a mask is white (> 127, or 1 in a 0/1 mask) on the defect")
     try:
         result.image_auroc = auroc(np.asarray(scores), np.asarray(labels))

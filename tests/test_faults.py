@@ -101,7 +101,7 @@ def test_a_folder_tree_1200_levels_deep_is_walked(tiny_model_dir, tmp_path, mnis
     try:
         r = subprocess.run(["aae-run", "score", str(root), "--model", str(tiny_model_dir), "--device", "cpu"],
                            capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0 and "scored 1 images" in r.stdout, r.stderr
+        assert r.returncode == 0 and "scored 1 image:" in r.stdout, r.stderr
     finally:
         _remove_deep(root)
 

@@ -391,7 +391,7 @@ def test_evaluate_never_takes_another_kinds_mask_of_the_same_name(tiled_model, g
                             str(tiled_model[0]), "--masks", str(tmp_path / "masks"), "--output", str(tmp_path / "e.json")])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "e.json").read_text())["masked_images"] == 1  # scratch's own; stain's is not borrowed
-    assert "1 defective photo(s) have no mask under" in " ".join(r.output.split()) and "stain" in r.output, r.output
+    assert "1 defective photo without a mask under" in " ".join(r.output.split()) and "stain" in r.output, r.output
     # a mask of 0s and 1s (a common label format) marks its 1s; a mask marking nothing is named
     write_png(tmp_path / "masks" / "stain" / "d1.png", (mask > 0).astype(np.uint8))
     write_png(tmp_path / "normal" / "n2.png", grass[300:380, 160:240])
@@ -401,7 +401,7 @@ def test_evaluate_never_takes_another_kinds_mask_of_the_same_name(tiled_model, g
                             str(tiled_model[0]), "--masks", str(tmp_path / "masks"), "--output", str(tmp_path / "e01.json")])
     text = " ".join(r.output.split())
     assert r.exit_code == 0 and json.loads((tmp_path / "e01.json").read_text())["masked_images"] == 3, r.output
-    assert "1 defective photo(s) have a mask that marks no pixel" in text and "blot" in text and "no mask under" not in text, r.output
+    assert "1 defective photo with a mask that marks no pixel" in text and "blot" in text and "without a mask" not in text, r.output
     for gone in ("masks/stain/d1.png", "masks/blot/d1.png", "defects/blot/d1.png", "normal/n2.png"):  # as it was
         (tmp_path / gone).unlink()
     # the kinds given as root folders themselves, and a 16-bit mask saved with 0 and 255
@@ -459,7 +459,7 @@ def test_score_on_a_terminal_counts_a_photos_tiles_while_it_is_scored(tiled_mode
     shown = _in_a_terminal(["aae-run", "score", str(tmp_path / "photo.png"), str(tmp_path / "tiny.png"),
                             "--model", str(tiled_model[0]), "--batch-size", "8", "--threads", "1"])
     assert re.search(rb"\rscored 0 of 2 images; photo\.png: 8 of 144 tiles \(0:00:0\d\)\x1b\[K", shown), shown
-    assert re.search(rb"scored 1 images: \d+ anomalous, 1 failed", shown) and b"internal error" not in shown, shown
+    assert re.search(rb"scored 1 image: \d+ anomalous, 1 failed", shown) and b"internal error" not in shown, shown
 
 
 def test_calibrate_on_a_terminal_says_which_photo_it_is_scoring(tiled_model, grass, tmp_path):
