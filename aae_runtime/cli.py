@@ -55,7 +55,7 @@ app = OneLineErrorsTyper(add_completion=False, no_args_is_help=True,
 out = Console()
 err = Console(stderr=True)
 
-ModelOpt = Annotated[Path, typer.Option("--model", "-m", help="Folder written by aae-export (encoder.onnx, decoder.onnx).")]
+ModelOpt = Annotated[Path, typer.Option("--model", "-m", help="Model folder written by aae-export (MODEL.json and versions/).")]
 DeviceOpt = Annotated[Literal[DEVICES], typer.Option(help="Execution device. auto falls back to the CPU with a notice.")]
 ThreadsOpt = Annotated[int, typer.Option(min=0, max=1024, help="CPU threads per inference call (0: one per physical core; 1 leaves cores to other work).")]
 FileThreadsOpt = Annotated[Optional[int], typer.Option(
@@ -447,7 +447,7 @@ def watch(
 def serve(
     model: ModelOpt,
     host: Annotated[str, typer.Option(help="Address to listen on; anything but loopback needs a token.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=1, max=65535)] = 8080,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port to listen on.")] = 8080,
     max_batch: Annotated[int, typer.Option(min=1, max=4096, help="Most images in one inference call.")] = 64,
     max_wait_ms: Annotated[float, typer.Option(min=0.0, max=1000.0, help="How long the first image of a batch waits for others.")] = 2.0,
     max_queue: Annotated[int, typer.Option(min=1, max=1_000_000, help="Images waiting at most; beyond: 503 and Retry-After.")] = 1024,

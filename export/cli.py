@@ -24,9 +24,9 @@ err = Console(stderr=True, soft_wrap=True)
 @app.command()
 def export(
     checkpoint: Annotated[Path, typer.Option(help="checkpoint.pt written by aae-train (or its run folder).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for encoder.onnx and decoder.onnx.")] = Path("model"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Model folder to write (its parent must exist; refused if it holds a model, unless --overwrite).")] = Path("model"),
     data_dir: Annotated[Optional[Path], typer.Option(help="Where the training data is now, if it moved since training.")] = None,
-    score: Annotated[Optional[str], typer.Option(help=f"Anomaly score: {'|'.join(SCORES)} (see aae_runtime/contract/scores.py; "
+    score: Annotated[Optional[str], typer.Option(help=f"Anomaly score: {', '.join(SCORES)} (see aae_runtime/contract/scores.py; "
                                              f"benchmarks/results/one_class.md compares them). Default {DEFAULT_SCORE}; a model "
                                              "trained with --crop: mse (its score is the maximum of its tiled map).")] = None,
     percentile: Annotated[float, typer.Option(min=0.001, max=100.0, help="Threshold = this percentile of held-out normal scores.")] = DEFAULT_PERCENTILE,
