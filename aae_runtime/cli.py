@@ -189,7 +189,8 @@ def score(
             _write_regions(region_rows, regions)
     except AAEError as exc:
         raise _fail(exc)
-    _print_scores(results, m, show)
+    if results:  # none: _finish's one error line, no empty table
+        _print_scores(results, m, show)
     _finish(results, output, stream, stopped)
 
 
@@ -665,7 +666,8 @@ def classify(
         results, stream, stopped = _collect(rows, output, m.threshold, m.classes, batch_size, status)
     except AAEError as exc:
         raise _fail(exc)
-    _print_classes(results, m, show)
+    if results:  # none: _finish's one error line, no empty table
+        _print_classes(results, m, show)
     _finish(results, output, stream, stopped)
 
 
