@@ -520,7 +520,7 @@ def calibrate(
                     photos.on_photo = lambda i, n, f, kind=kind: status.say(
                         f"scoring {kind} photo {i + 1} of {n}: {display_path(f.name, controls=True)}", always=True)
         meta = recalibrate_dir(model, good, bad_ones, score=score, percentile=percentile, source=CALIBRATE_SOURCE,
-                               threads=threads)
+                               threads=threads, waiting=lambda line: (err.clear_status(), err.print(literal(line))))
     except AAEError as exc:
         err.clear_status()
         _print_skipped(failed + failed_anomalies)  # also when too few were left: which ones failed, and why

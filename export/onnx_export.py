@@ -169,7 +169,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_dir: str
     if "scorer" in protos and tiling is None:
         _add_score_head(protos["scorer"], model, metadata, normal, log)
     out_dir = Path(out_dir)
-    with write_version(out_dir, metadata["export_id"], new_only=not overwrite) as staging:  # the whole set at once (contract/modelfolder.py)
+    with write_version(out_dir, metadata["export_id"], new_only=not overwrite, waiting=log) as staging:  # the whole set at once (contract/modelfolder.py)
         for name, proto in protos.items():
             attach(proto, metadata)
             (staging / GRAPH_FILES[name]).write_bytes(proto.SerializeToString())  # < 2 GB: weights inline

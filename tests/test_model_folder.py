@@ -89,6 +89,20 @@ def test_two_calibrations_at_once_are_serialised_and_both_succeed(model, normal)
     assert not list(model.glob(STAGING_PREFIX + "*"))
 
 
+def test_a_calibration_waiting_for_another_writer_says_so_then_goes_on(model, normal):
+    with modelfolder.writer_lock(model):  # another writer (this test) holds the folder
+        r = subprocess.Popen(["aae-run", "calibrate", str(normal), "--model", str(model), "--percentile", "97"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for line in r.stderr:  # the lock is only asked for once the images are scored
+            if line.startswith(f"waiting for another process writing to {model}"):
+                break
+        else:
+            raise AssertionError(f"calibrate ended without saying it waited: {r.wait()}")
+    out, err = r.communicate(timeout=300)
+    assert r.returncode == 0 and "recalibrated" in out, err
+    assert loads_and_scores(model)["threshold"]["percentile"] == 97
+
+
 # (the line after which the writer is killed, the model the folder then holds)
 KILL_POINTS = [("replace " + "VERSION", "old"), ("replaced " + "VERSION", "old"), ("replace " + POINTER, "old"),
                ("replaced " + POINTER, "new")]

@@ -37,7 +37,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from aae_runtime.contract.errors import ModelError
 from aae_runtime.contract.fileio import atomic_write
@@ -51,6 +51,7 @@ KEEP_VERSIONS = 2  # the current version and the one before it (readers may stil
 MAX_POINTER_BYTES = 4096
 _NO_LOCKS = {getattr(errno, name) for name in ("ENOLCK", "ENOSYS", "EOPNOTSUPP", "ENOTSUP", "EINVAL") if hasattr(errno, name)}
 LOCK_TIMEOUT_S = 120.0  # a writer waits this long for another one to finish, then fails cleanly
+WAIT_NOTICE_S = 1.0  # a writer blocked this long says that it waits (writer_lock's ``waiting``)
 GRAPH_NAMES = ("encoder.onnx", "decoder.onnx", "scorer.onnx")  # the graphs a version may hold
 METADATA_JSON = "metadata.json"  # the graphs' metadata as a file too, for clients that cannot read it from a graph
 _VERSION_NAME = re.compile(r"^(\d{4,})-[0-9A-Za-z]{1,32}$")
@@ -111,10 +112,11 @@ def holds_model(model_dir: str | Path) -> bool:
 
 
 @contextlib.contextmanager
-def writer_lock(model_dir: Path, timeout_s: float = LOCK_TIMEOUT_S, busy: str | None = None) -> Iterator[None]:
+def writer_lock(model_dir: Path, timeout_s: float = LOCK_TIMEOUT_S, busy: str | None = None,
+                waiting: Callable[[str], None] | None = None) -> Iterator[None]:
     """Hold the folder's writer lock (an exclusive flock on ``.lock``, released by the OS when
     the process dies). Waits up to ``timeout_s`` for another writer, then raises ModelError
-    (``busy``: its message)."""
+    (``busy``: its message); ``waiting`` hears once, after WAIT_NOTICE_S, that it waits."""
     try:
         import fcntl
     except ImportError:  # Windows: no flock; writers are not serialised there
@@ -125,7 +127,8 @@ def writer_lock(model_dir: Path, timeout_s: float = LOCK_TIMEOUT_S, busy: str | 
     except OSError as exc:
         raise ModelError(f"cannot write to {model_dir} ({exc.strerror or exc}): it is read-only or not yours") from None
     try:
-        deadline = time.monotonic() + timeout_s
+        start = time.monotonic()
+        deadline, notice = start + timeout_s, waiting
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -138,6 +141,10 @@ def writer_lock(model_dir: Path, timeout_s: float = LOCK_TIMEOUT_S, busy: str | 
                 if time.monotonic() >= deadline:
                     raise ModelError(busy or f"another process has been writing to {model_dir} for over {timeout_s:.0f} s "
                                      "(an export or calibration): wait for it to end, then run this again") from None
+                if notice is not None and time.monotonic() - start >= WAIT_NOTICE_S:
+                    notice(f"waiting for another process writing to {model_dir} (an export or calibration), "
+                           f"for up to {timeout_s:.0f} s")
+                    notice = None
                 time.sleep(0.05)
         yield
     finally:
@@ -145,19 +152,20 @@ def writer_lock(model_dir: Path, timeout_s: float = LOCK_TIMEOUT_S, busy: str | 
 
 
 @contextlib.contextmanager
-def write_version(model_dir: str | Path, label: str, new_only: bool = False) -> Iterator[Path]:
+def write_version(model_dir: str | Path, label: str, new_only: bool = False,
+                  waiting: Callable[[str], None] | None = None) -> Iterator[Path]:
     """Write a new version of the model in ``model_dir`` (created if missing, its parent must
     exist): yields an empty staging folder to put the graph files in; on a normal exit the
     version becomes current atomically (see the module docstring); on an exception nothing
     changes. ``label`` (e.g. the export id) names the version after its number. ``new_only``:
     refuse (ModelError) a folder that holds a model, checked under the lock, so of two writers
-    racing for a new folder one wins and the other is refused."""
+    racing for a new folder one wins and the other is refused. ``waiting``: as for `writer_lock`."""
     model_dir = Path(model_dir)
     try:
         model_dir.mkdir(exist_ok=True)
     except OSError as exc:
         raise ModelError(f"cannot create {model_dir} ({exc.strerror or exc})") from None
-    with writer_lock(model_dir):
+    with writer_lock(model_dir, waiting=waiting):
         if new_only and holds_model(model_dir):
             raise ModelError(f"{model_dir} already holds a model (written while this one was made): choose another "
                              "--out, or give --overwrite to replace it")
