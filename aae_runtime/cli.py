@@ -138,7 +138,7 @@ def _is_tiled(model: Path) -> bool:
         return False
 
 
-@app.command(epilog=EXIT_CODES_HELP)
+@app.command(short_help="Score images; higher = more abnormal.", epilog=EXIT_CODES_HELP)
 def score(
     paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively).")],
     model: ModelOpt,
@@ -399,7 +399,7 @@ def _print_scores(results: list[ImageScore], m: AAEModel, show: int) -> None:
     out.print(f"scored {counted(len(results) - failed, 'image')}: {flagged} anomalous, {failed} failed", highlight=False)
 
 
-@app.command()
+@app.command(short_help="Score every image that lands in a folder, once.")
 def watch(
     inbox: Annotated[Path, typer.Argument(help="Folder the camera writes into (watched recursively).")],
     model: ModelOpt,
@@ -444,7 +444,7 @@ def watch(
     err.print(f"stopped: {stats.scored} images scored, {stats.failed} failed, in {stats.batches} batches", highlight=False)
 
 
-@app.command()
+@app.command(short_help="Serve the model over HTTP (POST /score).")
 def serve(
     model: ModelOpt,
     host: Annotated[str, typer.Option(help="Address to listen on; anything but loopback needs a token.")] = "127.0.0.1",
@@ -487,7 +487,7 @@ def serve(
         raise _fail(exc)
 
 
-@app.command()
+@app.command(short_help="Refit the score statistics and threshold on normal images.")
 def calibrate(
     normal: Annotated[list[Path], typer.Argument(help="Normal (defect-free) image files and/or folders from the line.")],
     model: ModelOpt,
@@ -541,7 +541,7 @@ def _print_skipped(failed: list[tuple[str, str]]) -> None:
         err.print(f"[yellow]skipped[/yellow] {literal(path)}: {literal(reason)}", highlight=False)
 
 
-@app.command()
+@app.command(short_help="Decode draws from the model's prior into images.")
 def sample(
     model: ModelOpt,
     n: Annotated[int, typer.Option("-n", "--num", min=1, max=100_000, help="Number of samples.")] = 64,
@@ -581,7 +581,7 @@ def sample(
     err.print(f"wrote {what} from the {m.metadata.prior['name']} prior to {literal(str(out_path))}", highlight=False)
 
 
-@app.command(epilog=EXIT_CODES_HELP)
+@app.command(short_help="Image and pixel AUROC of a model on your own parts.", epilog=EXIT_CODES_HELP)
 def evaluate(
     normal: Annotated[list[Path], typer.Argument(help="Normal (good) photos: files and/or folders.")],
     model: ModelOpt,
@@ -640,7 +640,7 @@ def evaluate(
         raise typer.Exit(EXIT_SOME_FAILED)
 
 
-@app.command(epilog=EXIT_CODES_HELP)
+@app.command(short_help="Classify images (a model with a class head).", epilog=EXIT_CODES_HELP)
 def classify(
     paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively).")],
     model: ModelOpt,
@@ -691,7 +691,7 @@ def _print_classes(results: list[ImageScore], m: AAEModel, show: int) -> None:
     out.print(f"classified {len(results) - failed} images, {failed} failed", highlight=False)
 
 
-@app.command()
+@app.command(short_help="Describe the model: inputs, prior, score, threshold.")
 def info(
     model: ModelOpt,
     device: DeviceOpt = "auto",
@@ -754,7 +754,7 @@ def describe(meta: dict) -> list[tuple[str, str]]:
     return lines
 
 
-@app.command()
+@app.command(short_help="Time scoring and sampling on this machine.")
 def bench(
     model: ModelOpt,
     out_dir: Annotated[Path, typer.Option("--out-dir", "-o", help="Folder for latency.json, latency.md and latency.png.")] = Path("bench-results"),
