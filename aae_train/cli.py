@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.text import Text
 
 from aae_runtime.clierrors import OneLineErrorsTyper, print_error
-from aae_runtime.console import literal
+from aae_runtime.console import counted, literal
 from aae_runtime.contract.errors import AAEError, first_line
 from aae_runtime.contract.preprocessing import ORIENTATIONS
 from aae_runtime.images import RESAMPLE
@@ -256,7 +256,7 @@ def _default_out(prefix: str, resume: Path | None) -> Path:
     return Path("runs") / time.strftime(f"{prefix}-%Y%m%d-%H%M%S")
 
 
-@app.command()
+@app.command(short_help="Train on MNIST digits (the paper's setting).")
 def mnist(
     ctx: typer.Context,
     data_dir: Annotated[Optional[Path], typer.Option(help="Folder with the four MNIST IDX files (else $AAE_DATA_DIR, else ../shared/data/mnist, else the user cache, downloading).")] = None,
@@ -331,7 +331,7 @@ def mnist(
         compile_mode=compile_mode)
 
 
-@app.command()
+@app.command(short_help="Train on your own normal images or photos.")
 def folder(
     ctx: typer.Context,
     directory: Annotated[Path, typer.Argument(help="Folder of normal images (searched recursively; png, jpg, bmp, tif, webp, ...).")],
@@ -696,9 +696,11 @@ def _run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, 
                 err.print(f"created folder {literal(str(trainer.created_folder))} for --out", highlight=False)
             for note in trainer.notes:
                 err.print(f"[yellow]warning:[/yellow] {literal(note)}", highlight=False)
+            if trainer.epoch >= cfg.train.epochs:  # a resumed run that has every epoch already: no training to announce
+                return
             if trainer.crops is not None:
                 err.print(f"training on {trainer.device}: {n_train} random {trainer.crops.crop} x {trainer.crops.crop} crops an "
-                          f"epoch from {len(trainer.crops.photos)} photo(s); {literal(trainer.held_out)}; "
+                          f"epoch from {counted(len(trainer.crops.photos), 'photo')}; {literal(trainer.held_out)}; "
                           f"run folder {literal(out)}", highlight=False)
             else:
                 streamed = f" ({trainer.streamed})" if trainer.streamed else ""
@@ -745,7 +747,7 @@ def _run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, 
               highlight=False)
 
 
-@app.command("demo-images")
+@app.command("demo-images", short_help="Write MNIST test digits and noise images as PNGs.")
 def demo_images(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write digits/ and noise/ PNGs into.")],
     data_dir: Annotated[Optional[Path], typer.Option(help="Folder with the MNIST IDX files (as for `mnist`).")] = None,

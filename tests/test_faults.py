@@ -39,6 +39,13 @@ def test_resume_with_a_changed_architecture_is_refused_in_one_line(tiny_run, tmp
     assert not (tmp_path / "r").exists()
 
 
+def test_resume_of_a_run_that_has_every_epoch_says_so_and_announces_no_training(tiny_run, tmp_path, mnist_dir):
+    r = subprocess.run(["aae-train", "mnist", "--resume", str(tiny_run.checkpoint), "--out", str(tmp_path / "r"),
+                        "--epochs", "2", "--threads", "1", "--data-dir", str(mnist_dir)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "holds 2 epochs already, and --epochs is 2: nothing to train" in r.stderr, r.stderr
+    assert "training on" not in r.stderr and "epoch   1" not in r.stderr, r.stderr
+
+
 def test_resume_with_the_other_data_command_is_refused_in_one_line(tiny_run, tmp_path, mnist_test):
     from tests.conftest import write_png
 

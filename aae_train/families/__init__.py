@@ -18,7 +18,7 @@ FAMILY_MODULES = {
     "ae": ("aae_train.families.ae", "a plain autoencoder: reconstruction only, no adversary (the baseline)"),
     "supervised": ("aae_train.families.supervised", "the decoder gets the one-hot label beside the style code"),
     "semi": ("aae_train.families.semi", "a categorical code learned from a few labels, and a style code"),
-    "draem": ("aae_train.families.draem", "for photos: a defect map learned from synthetic defects (needs --crop)"),
+    "draem": ("aae_train.families.draem", "for photos (aae-train folder --crop): a defect map learned from synthetic defects"),
 }
 FAMILY_NAMES = tuple(FAMILY_MODULES)
 DEFAULT_FAMILY = "aae"
