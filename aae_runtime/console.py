@@ -319,15 +319,30 @@ def _char_cells(ch: str) -> int:
     return 2 if unicodedata.east_asian_width(ch) in "WF" else 1
 
 
+_BREAKS = ("/\\ ", "_-.")  # where a folded cell may break, best first: after a folder or a word, then inside a name
+
+
 def _fold(text: str, width: int) -> list[str]:
-    """``text`` in pieces of at most ``width`` columns (at least one character cluster each)."""
-    pieces, piece, used = [], "", 0
-    for chunk, w in _clusters(text):
-        if piece and used + w > width:
-            pieces.append(piece)
-            piece, used = "", 0
-        piece, used = piece + chunk, used + w
-    return pieces + [piece] if piece or not pieces else pieces
+    """``text`` in pieces of at most ``width`` columns (at least one character cluster each),
+    broken after the last path separator or space that fits (else after the last ``_``, ``-`` or
+    ``.``, else anywhere), so a path's folder and file names stay whole where they fit."""
+    pieces, piece = [], []  # piece: the (cluster, columns) of the line being filled
+    for chunk in _clusters(text):
+        piece.append(chunk)
+        while len(piece) > 1 and sum(w for _, w in piece) > width:
+            cut = _break_after(piece[:-1])
+            pieces.append("".join(c for c, _ in piece[:cut]))
+            piece = piece[cut:]
+    return pieces + ["".join(c for c, _ in piece)] if piece or not pieces else pieces
+
+
+def _break_after(piece: list[tuple[str, int]]) -> int:
+    """How many clusters of ``piece`` (a full line) go on it: up to its last break, or all."""
+    for breaks in _BREAKS:
+        last = max((i for i, (c, _) in enumerate(piece) if c in breaks), default=None)
+        if last is not None:
+            return last + 1
+    return len(piece)
 
 
 def _cut(text: str, width: int, unicode: bool = True) -> str:

@@ -8,7 +8,7 @@ import re
 from hypothesis import given, strategies as st
 from rich.markup import escape as rich_escape, render as rich_render
 
-from aae_runtime.console import MIN_FOLD_WIDTH, Console, Table, cells, escape, render
+from aae_runtime.console import MIN_FOLD_WIDTH, Console, Table, _fold, cells, escape, render
 
 # text with what markup is made of: brackets, slashes, backslashes, style names
 MARKUPISH = st.lists(st.sampled_from(list("[]/\\=#@ ab") + ["red", "bold", "yellow"]), max_size=30).map("".join)
@@ -64,6 +64,17 @@ def test_a_table_folds_its_paths_to_fit_a_terminal():
     assert {cells(re.sub("\x1b\\[[0-9;]*m", "", line)) for line in lines[1:]} == {40}  # as wide as the terminal
     first_row = next(line for line in _table().lines(color=False, width=34) if line.startswith("│ runs"))
     assert len(first_row.split("│")[1]) == MIN_FOLD_WIDTH + 2  # paths give way first, to their minimum
+
+
+def test_a_folded_path_breaks_after_its_folders_so_names_stay_whole():
+    lines = _table().lines(color=False, width=40)
+    cells_ = [line.split("│")[1].strip() for line in lines if line.startswith("│")]
+    pieces = cells_[:cells_.index("odd[red]name.")]  # the first row's, the path column 14 wide
+    assert pieces == ["runs/demo/", "images/digits/", "test00165_", "digit5.png"]  # folders whole, the name at its _
+    assert _fold("test00165_digit5.png", 12) == ["test00165_", "digit5.png"]  # a name too long: at its _ - .
+    assert _fold("unreadable image: truncated file", 20) == ["unreadable image: ", "truncated file"]
+    assert _fold("0123456789", 4) == ["0123", "4567", "89"]  # nowhere to break: anywhere
+    assert "".join(_fold("a/b c_d.部品/e", 3)) == "a/b c_d.部品/e"
 
 
 def test_ascii_boxes_where_the_stream_cannot_encode_box_drawing():
