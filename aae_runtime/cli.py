@@ -390,7 +390,7 @@ def _print_scores(results: list[ImageScore], m: AAEModel, show: int) -> None:
     for r in shown:
         flag = "" if r.anomaly is None else ("[red]yes[/red]" if r.anomaly else "no")
         table.add_row(literal(r.path), "" if r.score is None else f"{r.score:.6f}",
-                      "" if r.normalized is None else f"{r.normalized:.3f}", flag, literal(r.error or ""))
+                      "" if r.normalized_score is None else f"{r.normalized_score:.3f}", flag, literal(r.error or ""))
     out.print_table(table)
     if len(shown) < len(results):
         out.print(f"... {len(results) - len(shown)} more rows (use --output FILE for all, or --show 0)")

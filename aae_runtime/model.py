@@ -67,7 +67,7 @@ class ImageScore:
     score: float | None = None  # raw score, in the units of the model's score
     anomaly: bool | None = None
     error: str | None = None
-    normalized: float | None = None  # 0.5 at the threshold, clamped to [0, 1] (see calibration.py)
+    normalized_score: float | None = None  # 0.5 at the threshold, clamped to [0, 1] (see calibration.py)
     # Per-pixel error (H, W) and the model input (C, H, W): only when asked for (anomaly maps).
     # A tiled model's: the photo's smoothed map (the one its score and regions come from) and the photo.
     pixel_error: np.ndarray | None = field(default=None, repr=False, compare=False)
@@ -440,7 +440,7 @@ class AAEModel:
             if k in row:
                 j = row[k]
                 s = float(scores[j])
-                yield ImageScore(str(path), score=s, anomaly=bool(s > self.threshold), normalized=float(normalised[j]),
+                yield ImageScore(str(path), score=s, anomaly=bool(s > self.threshold), normalized_score=float(normalised[j]),
                                  pixel_error=parts.pixel_error[j] if maps else None, image=decoded[k] if maps else None,
                                  probabilities=parts.class_probs[j] if classify else None)
             else:
@@ -462,7 +462,7 @@ class AAEModel:
             if not np.isfinite(s):  # a broken model must not pass photos as normal
                 yield ImageScore(str(path), error="the model gave non-finite errors on this photo: re-export the model")
                 continue
-            yield ImageScore(str(path), score=s, anomaly=bool(s > self.threshold), normalized=float(self.normalise(np.array([s]))[0]),
+            yield ImageScore(str(path), score=s, anomaly=bool(s > self.threshold), normalized_score=float(self.normalise(np.array([s]))[0]),
                              pixel_error=smoothed if maps else None, image=photo if maps else None)
 
     def _check_images(self, images: np.ndarray) -> np.ndarray:

@@ -36,7 +36,7 @@ def classified_dicts(results: list[ImageScore], threshold: float, classes: tuple
 
 def rows_as_dicts(results: list[ImageScore], threshold: float) -> list[dict]:
     return [
-        {"path": display_path(r.path), "score": r.score, "normalized_score": r.normalized, "threshold": threshold,
+        {"path": display_path(r.path), "score": r.score, "normalized_score": r.normalized_score, "threshold": threshold,
          "anomaly": r.anomaly, "error": r.error}
         for r in results
     ]

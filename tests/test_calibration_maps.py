@@ -127,8 +127,8 @@ def test_threshold_by_percentile_and_normalised_rows(tiny_model_dir, folders, tm
     rows = m.score_paths([folders / "normal"])
     s = np.array([r.score for r in rows])
     at = AAEModel.load(tiny_model_dir, device="cpu", threshold=float(s[0]))
-    assert at.score_paths([rows[0].path])[0].normalized == pytest.approx(0.5)
-    assert all(0.0 <= r.normalized <= 1.0 for r in rows)
+    assert at.score_paths([rows[0].path])[0].normalized_score == pytest.approx(0.5)
+    assert all(0.0 <= r.normalized_score <= 1.0 for r in rows)
     r = runner.invoke(app, ["score", str(folders / "normal"), "--model", str(tiny_model_dir), "--threshold", "1",
                             "--threshold-percentile", "90"])
     assert r.exit_code == 2

@@ -116,7 +116,7 @@ def test_scores_over_http_are_those_of_the_runtime(server, tiny_model_dir, pngs)
     for r, p in zip(many["results"], pngs[:3]):
         e = expected[str(p)]
         assert r["score"] == pytest.approx(e.score, abs=1e-5) and r["anomaly"] == e.anomaly
-        assert r["normalized_score"] == pytest.approx(e.normalized, abs=1e-5) and r["error"] is None
+        assert r["normalized_score"] == pytest.approx(e.normalized_score, abs=1e-5) and r["error"] is None
     status, mapped, _ = server.score(pngs[0].read_bytes(), path="/score?maps=1")
     assert status == 200 and mapped["results"][0]["map_png"].startswith("iVBOR")  # base64 of a PNG
     body, head = multipart({"a.png": pngs[0].read_bytes(), "bad.png": b"not an image"})
