@@ -32,7 +32,7 @@ from aae_runtime import __version__
 from aae_runtime.clierrors import EXIT_CANNOT_RUN, OneLineErrorsTyper, print_error
 from aae_runtime.console import Console, Table, counted, display_path, literal
 from aae_runtime.contract.errors import AAEError
-from aae_runtime.images import find_images, first_shared, save_grid
+from aae_runtime.images import IMAGE_SUFFIXES, find_images, first_shared, save_grid
 from aae_runtime.contract.metadata import ENCODER_FILE, METADATA_KEY
 from aae_runtime.model import DEFAULT_BATCH_SIZE, AAEModel, ImageScore, file_scoring_threads
 from aae_runtime.report import FORMATS as RESULT_FORMATS, ResultStream
@@ -293,7 +293,8 @@ def _finish(results: list[ImageScore], output: Path | None, stream, stopped: str
                   "choose another --output", highlight=False)
         raise typer.Exit(EXIT_CANNOT_RUN)
     if not results:
-        err.print("[red]error:[/red] no image files found in the given paths")
+        err.print("[red]error:[/red] no image file among the given paths (their folders hold no file ending in "
+                  f"{', '.join(sorted(IMAGE_SUFFIXES))}): check the paths", highlight=False)
         raise typer.Exit(EXIT_CANNOT_RUN)
     if not any(r.ok or os.path.isfile(r.path) for r in results):
         first = results[0]

@@ -237,7 +237,7 @@ def test_exit_codes_all_scored_and_could_not_run(tmp_path, tiny_model_dir, mnist
     empty.mkdir()
     (empty / "notes.txt").write_text("no images here")
     r = run_cli("score", empty, "--model", tiny_model_dir, "--device", "cpu")
-    assert r.returncode == 2 and "no image files" in r.stderr
+    assert r.returncode == 2 and "no image file among the given paths" in r.stderr and "check the paths" in r.stderr
     r = run_cli("score", good, "--model", tmp_path / "nope", "--device", "cpu")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     no_traceback(r)

@@ -107,7 +107,7 @@ def test_device_cuda_where_it_cannot_run_is_an_error_and_auto_falls_back(tiny_mo
 
 def test_no_images_found_is_exit_code_2(tmp_path, tiny_model_dir):
     r = run("score", tmp_path, "--model", tiny_model_dir, "--device", "cpu")
-    assert r.returncode == 2 and "no image files" in r.stderr
+    assert r.returncode == 2 and "no image file among the given paths (their folders hold no file ending in .bmp" in r.stderr and r.stderr.count("error:") == 1
     assert "scored 0" not in r.stdout and "┏" not in r.stdout  # the error alone, not an empty table before it
 
 
