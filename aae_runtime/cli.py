@@ -262,17 +262,27 @@ class _StatusLine:
         self.say(f"scored {scored} of {counted(self.total, 'image')}")
 
     def tiles(self, path: str, done: int, of: int) -> None:
-        self.say(f"scored {self.scored} of {counted(self.total, 'image')}; {display_path(Path(path).name, controls=True)}: "
-                 f"{done} of {of} tiles")
+        self.say(f"scored {self.scored} of {counted(self.total, 'image')}; ", name=display_path(Path(path).name, controls=True),
+                 rest=f": {done} of {of} tiles")
 
-    def say(self, text: str, always: bool = False) -> None:
-        """``text`` and the time since the start, unless the line changed less than PROGRESS_EVERY_S
-        ago (``always``: whatever the time)."""
+    def say(self, text: str, name: str = "", rest: str = "", always: bool = False) -> None:
+        """``text``, ``name`` (a file's, shortened first where the line is too wide), ``rest`` and
+        the time since the start, unless the line changed less than PROGRESS_EVERY_S ago
+        (``always``: whatever the time)."""
         now = time.monotonic()
         if always or now - self.shown_at >= PROGRESS_EVERY_S:
             self.shown_at = now
             s = int(now - self.started)
-            err.status(f"{text} ({s // 3600}:{s // 60 % 60:02d}:{s % 60:02d})")
+            err.status(text, name, f"{rest} ({s // 3600}:{s // 60 % 60:02d}:{s % 60:02d})")
+
+
+@contextlib.contextmanager
+def _status_cleared():
+    """The status line erased however the block ends (an error, Ctrl-C), before anything else prints."""
+    try:
+        yield
+    finally:
+        err.clear_status()
 
 
 def _finish(results: list[ImageScore], output: Path | None, stream, stopped: str | None) -> None:
@@ -282,9 +292,10 @@ def _finish(results: list[ImageScore], output: Path | None, stream, stopped: str
     folders); 1 when some image files could not be scored."""
     if stream is not None and stream.error is None:
         where = stream.close(complete=stopped is None)
-        err.print(f"wrote {len(results)} rows to {literal(str(where))}", highlight=False)
+        if results:  # else the one error line below says why there is none
+            err.print(f"wrote {counted(len(results), 'row')} to {literal(str(where))}", highlight=False)
     if stopped is not None:
-        err.print(f"[red]error:[/red] interrupted ({stopped}) after {len(results)} images"
+        err.print(f"[red]error:[/red] interrupted ({stopped}) after {counted(len(results), 'image')}"
                   + (f"; their rows are in {literal(str(stream.target))}" if stream is not None and stream.error is None else ""),
                   highlight=False)
         raise typer.Exit(EXIT_TERMINATED if stopped == "SIGTERM" else EXIT_INTERRUPTED)
@@ -352,7 +363,7 @@ def _rows_with_maps(m: AAEModel, paths: list[Path], batch_size: int, maps: Path 
         if writer is not None:  # the index of the maps written, even when the run was stopped
             try:
                 writer.close()
-                err.print(f"wrote {len(writer.rows)} anomaly maps to {literal(str(maps))} (index: maps.csv)", highlight=False)
+                err.print(f"wrote {counted(len(writer.rows), 'anomaly map')} to {literal(str(maps))} (index: maps.csv)", highlight=False)
             except OSError as exc:
                 err.print(f"[red]error:[/red] --maps {literal(str(maps))}: cannot write maps.csv ({exc.strerror or exc})",
                           highlight=False)
@@ -376,7 +387,7 @@ def _write_regions(found: list[tuple], path: Path) -> None:
         atomic_write_text(path, buf.getvalue())
     except OSError as exc:
         raise AAEError(f"--regions {path}: cannot write ({exc.strerror or exc})") from None
-    err.print(f"wrote {len(found)} regions above the map threshold to {literal(str(path))}", highlight=False)
+    err.print(f"wrote {counted(len(found), 'region')} above the map threshold to {literal(str(path))}", highlight=False)
 
 
 def _print_scores(results: list[ImageScore], m: AAEModel, show: int) -> None:
@@ -394,7 +405,7 @@ def _print_scores(results: list[ImageScore], m: AAEModel, show: int) -> None:
                       "" if r.normalized_score is None else f"{r.normalized_score:.3f}", flag, literal(r.error or ""))
     out.print_table(table)
     if len(shown) < len(results):
-        out.print(f"... {len(results) - len(shown)} more rows (use --output FILE for all, or --show 0)")
+        out.print(f"... {counted(len(results) - len(shown), 'more row')} (use --output FILE for all, or --show 0)")
     failed = sum(not r.ok for r in results)
     flagged = sum(bool(r.anomaly) for r in results)
     out.print(f"scored {counted(len(results) - failed, 'image')}: {flagged} anomalous, {failed} failed", highlight=False)
@@ -442,7 +453,7 @@ def watch(
         stats = watcher.run()
     except AAEError as exc:
         raise _fail(exc)
-    err.print(f"stopped: {stats.scored} images scored, {stats.failed} failed, in {stats.batches} batches", highlight=False)
+    err.print(f"stopped: {counted(stats.scored, 'image')} scored, {stats.failed} failed, in {stats.batches} batches", highlight=False)
 
 
 @app.command(short_help="Serve the model over HTTP (POST /score).")
@@ -511,22 +522,24 @@ def calibrate(
                                  "needs two different sets of images", param_hint="--anomalies")
     failed, failed_anomalies = [], []
     try:
-        m = _load(model, "cpu", threads=threads)
-        good, failed = load_folder(m, normal)  # a tiled model's photos: decoded one at a time as they are scored
-        bad_ones, failed_anomalies = load_folder(m, anomalies) if anomalies else (None, [])
-        if m.tiling is not None and err.is_terminal:  # whole photos take a while each: say which one
-            status = _StatusLine()
-            for kind, photos in (("normal", good), ("anomalous", bad_ones)):
-                if photos is not None:
-                    photos.on_photo = lambda i, n, f, kind=kind: status.say(
-                        f"scoring {kind} photo {i + 1} of {n}: {display_path(f.name, controls=True)}", always=True)
-        meta = recalibrate_dir(model, good, bad_ones, score=score, percentile=percentile, source=CALIBRATE_SOURCE,
-                               threads=threads, waiting=lambda line: (err.clear_status(), err.print(literal(line))))
+        with _sigterm_as_interrupt(), _status_cleared():
+            m = _load(model, "cpu", threads=threads)
+            good, failed = load_folder(m, normal)  # a tiled model's photos: decoded one at a time as they are scored
+            bad_ones, failed_anomalies = load_folder(m, anomalies) if anomalies else (None, [])
+            if m.tiling is not None and err.is_terminal:  # whole photos take a while each: say which one
+                status = _StatusLine()
+                for kind, photos in (("normal", good), ("anomalous", bad_ones)):
+                    if photos is not None:
+                        photos.on_photo = lambda i, n, f, kind=kind: status.say(
+                            f"scoring {kind} photo {i + 1} of {n}: ", name=display_path(f.name, controls=True), always=True)
+            meta = recalibrate_dir(model, good, bad_ones, score=score, percentile=percentile, source=CALIBRATE_SOURCE,
+                                   threads=threads, waiting=lambda line: (err.clear_status(), err.print(literal(line))))
     except AAEError as exc:
-        err.clear_status()
         _print_skipped(failed + failed_anomalies)  # also when too few were left: which ones failed, and why
         raise _fail(exc)
-    err.clear_status()
+    except Terminated:
+        err.print("[red]error:[/red] interrupted (SIGTERM)", highlight=False)
+        raise typer.Exit(EXIT_TERMINATED) from None
     _print_skipped(failed + failed_anomalies)
     t = meta["threshold"]
     n = t["stats"]["count"]
@@ -578,7 +591,7 @@ def sample(
             save_grid(images, out_path, ncols=len(m.classes) if grid else None)
     except OSError as exc:
         raise _fail(AAEError(f"--out {out_path}: cannot write ({exc.strerror or exc}); the previous file, if any, is unchanged"))
-    what = f"{len(images)} samples" + (f" of class {label}" if label is not None else "") + (" (rows: style codes, columns: classes)" if grid else "")
+    what = counted(len(images), "sample") + (f" of class {label}" if label is not None else "") + (" (rows: style codes, columns: classes)" if grid else "")
     err.print(f"wrote {what} from the {m.metadata.prior['name']} prior to {literal(str(out_path))}", highlight=False)
 
 
@@ -687,9 +700,9 @@ def _print_classes(results: list[ImageScore], m: AAEModel, show: int) -> None:
                       "" if r.anomaly is None else ("[red]yes[/red]" if r.anomaly else "no"), literal(r.error or ""))
     out.print_table(table)
     if len(shown) < len(results):
-        out.print(f"... {len(results) - len(shown)} more rows (use --output FILE for all, or --show 0)")
+        out.print(f"... {counted(len(results) - len(shown), 'more row')} (use --output FILE for all, or --show 0)")
     failed = sum(not r.ok for r in results)
-    out.print(f"classified {len(results) - failed} images, {failed} failed", highlight=False)
+    out.print(f"classified {counted(len(results) - failed, 'image')}, {failed} failed", highlight=False)
 
 
 @app.command(short_help="Describe the model: inputs, prior, score, threshold.")

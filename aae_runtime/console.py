@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import sys
 import unicodedata
 from dataclasses import dataclass, field
@@ -137,8 +136,20 @@ class Console:
 
     @property
     def width(self) -> int:
-        """Columns of the terminal (COLUMNS when set), 80 when unknown."""
-        return shutil.get_terminal_size((80, 24)).columns
+        """Columns of this stream's terminal (COLUMNS when set), 80 when unknown: stderr's own, as
+        stdout may go to a file while the status line goes to the terminal."""
+        columns = os.environ.get("COLUMNS", "")
+        if columns.isdigit() and int(columns) > 0:
+            return int(columns)
+        try:
+            return os.get_terminal_size(self.file.fileno()).columns or 80
+        except (AttributeError, ValueError, OSError):  # not a terminal, no descriptor, or closed
+            return 80
+
+    @property
+    def live(self) -> bool:
+        """Whether lines can be rewritten in place: a terminal that moves the cursor (not TERM=dumb)."""
+        return self.is_terminal and os.environ.get("TERM") not in ("dumb", "unknown")
 
     def print(self, text: str = "", *, markup: bool = True, highlight: bool = False) -> None:
         """One line (``highlight`` is accepted for Rich's signature and ignored: nothing is highlighted)."""
@@ -159,15 +170,23 @@ class Console:
         self._write("\n".join(table.lines(self.color, self.width if self.is_terminal else None, _fits_box(self.file),
                                           self._encoded)))
 
-    def status(self, text: str) -> None:
+    def status(self, text: str, name: str = "", rest: str = "") -> None:
         """A status line on a terminal, rewritten in place by the next one and erased by
-        `clear_status`; nothing in a file or a pipe (logs get no carriage-return clutter)."""
-        if self.is_terminal:
-            self.file.write("\r" + self._encoded(text[: max(1, self.width - 1)]) + "\x1b[K")
+        `clear_status`; nothing in a file or a pipe (logs get no carriage-return clutter). The
+        line is ``text + name + rest`` cut to one row (a wrapped line could not be erased), the
+        middle of ``name`` (a file's) first."""
+        if self.live:
+            room, unicode = max(1, self.width - 1), _fits_box(self.file)  # the last column: no wrap on any terminal
+            text, name, rest = self._encoded(text), self._encoded(name), self._encoded(rest)
+            left = room - cells(text) - cells(rest)
+            if name and cells(name) > left >= 2:  # the name gives way first: the counts are what changes
+                name = _squeeze(name, left, unicode)
+            shown = _squeeze(text + name + rest, room, unicode)
+            self.file.write("\r" + shown + "\x1b[K")  # one row, never wrapped: \r returns to its start
             self.file.flush()
 
     def clear_status(self) -> None:
-        if self.is_terminal:
+        if self.live:
             self.file.write("\r\x1b[K")
             self.file.flush()
 
@@ -326,23 +345,48 @@ def _fold(text: str, width: int) -> list[str]:
     """``text`` in pieces of at most ``width`` columns (at least one character cluster each),
     broken after the last path separator or space that fits (else after the last ``_``, ``-`` or
     ``.``, else anywhere), so a path's folder and file names stay whole where they fit."""
-    pieces, piece = [], []  # piece: the (cluster, columns) of the line being filled
+    pieces, piece, used = [], [], 0  # piece: the (cluster, columns) of the line being filled
     for chunk in _clusters(text):
         piece.append(chunk)
-        while len(piece) > 1 and sum(w for _, w in piece) > width:
+        used += chunk[1]
+        while len(piece) > 1 and used > width:
             cut = _break_after(piece[:-1])
             pieces.append("".join(c for c, _ in piece[:cut]))
+            used -= sum(w for _, w in piece[:cut])
             piece = piece[cut:]
     return pieces + ["".join(c for c, _ in piece)] if piece or not pieces else pieces
 
 
 def _break_after(piece: list[tuple[str, int]]) -> int:
-    """How many clusters of ``piece`` (a full line) go on it: up to its last break, or all."""
+    """How many clusters of ``piece`` (a full line) go on it: up to its last break (not its first
+    cluster, which would stand alone), or all."""
     for breaks in _BREAKS:
-        last = max((i for i, (c, _) in enumerate(piece) if c in breaks), default=None)
+        last = max((i for i, (c, _) in enumerate(piece) if c in breaks and i > 0), default=None)
         if last is not None:
             return last + 1
     return len(piece)
+
+
+def _squeeze(text: str, width: int, unicode: bool = True) -> str:
+    """``text`` in at most ``width`` columns: whole, or its start and its end with an ellipsis
+    between (a status line's counts are at both ends, a long file name in the middle)."""
+    clusters = list(_clusters(text))
+    if sum(w for _, w in clusters) <= width:
+        return text
+    room = width - 1  # the ellipsis's column
+    head, used = [], 0
+    for c, w in clusters:
+        if used + w > room // 2:
+            break
+        head.append(c)
+        used += w
+    tail, used_tail = [], 0
+    for c, w in reversed(clusters):
+        if used + used_tail + w > room:
+            break
+        tail.append(c)
+        used_tail += w
+    return "".join(head) + ("…" if unicode else "~") + "".join(reversed(tail))
 
 
 def _cut(text: str, width: int, unicode: bool = True) -> str:

@@ -350,6 +350,9 @@ def check_run_folder(run_dir: Path, resume: str | Path | None, overwrite: bool) 
     model is refused even with ``overwrite``: a run would mix its files into the model's, and
     share its lock with calibrations."""
     if holds_model(run_dir):
+        if resume is not None and (run_dir / CHECKPOINT_NAME).exists():  # a model exported into its run's folder
+            raise TrainingError(f"{run_dir} holds an exported model beside the run: move its MODEL.json and versions/ "
+                                f"into a folder of their own (for example {run_dir / 'model'}), then resume")
         raise TrainingError(f"{run_dir} holds an exported model, not a run: choose another --out (a run folder; "
                             "export writes the model into a folder of its own)")
     aside = run_dir / REPLACED

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import re
+import subprocess
+import sys
 
 from hypothesis import given, strategies as st
 from rich.markup import escape as rich_escape, render as rich_render
@@ -233,3 +235,56 @@ def test_score_counts_the_images_on_a_terminal_and_erases_the_count_and_prints_n
     assert shown.index(b"\r\x1b[K") < shown.index(b"score, threshold"), shown  # erased before the table
     piped = subprocess.run(args, capture_output=True, text=True)
     assert piped.returncode == 0 and " of 5 images" not in piped.stderr + piped.stdout and "\r" not in piped.stderr
+
+
+class _Terminal(io.StringIO):
+    """A stream that says it is a terminal (no descriptor: its width comes from COLUMNS)."""
+
+    encoding = "utf-8"
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_status_line_keeps_to_one_row_shortening_the_file_name_first(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "70")
+    monkeypatch.delenv("TERM", raising=False)
+    monkeypatch.setattr("sys.stderr", _Terminal())
+    err = Console(stderr=True)
+    err.status("scored 0 of 3 images; ", "不良品サンプル_0001_不良品サンプル.png", ": 4032 of 11781 tiles (0:00:05)")
+    shown = sys.stderr.getvalue()
+    assert shown.startswith("\r") and shown.endswith("\x1b[K")
+    line = shown[1:-3]
+    assert 68 <= cells(line) <= 69, line  # (a wide character may leave one column) a wrapped line could not be erased by \r
+    assert line.startswith("scored 0 of 3 images; ") and line.endswith(": 4032 of 11781 tiles (0:00:05)"), line
+    assert "…" in line  # the name gave way, the counts did not
+    err.status("x" * 100)  # no name: its middle
+    assert cells(sys.stderr.getvalue().split("\r")[-1][:-3]) == 69
+
+
+def test_no_status_line_where_the_terminal_cannot_rewrite_a_line(monkeypatch):
+    monkeypatch.setenv("TERM", "dumb")
+    monkeypatch.setattr("sys.stderr", _Terminal())
+    Console(stderr=True).status("scored 1 of 2 images")
+    Console(stderr=True).clear_status()
+    assert sys.stderr.getvalue() == ""
+
+
+def test_a_status_line_has_the_width_of_its_own_terminal_not_stdouts(tmp_path):
+    import os
+    import pty
+    import struct
+    import termios
+    import fcntl
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 25, 0, 0))  # 25 columns
+    code = ("import sys; from aae_runtime.console import Console; "
+            "Console(stderr=True).status('scored 1 of 12 images (0:00:01)'); sys.stderr.flush()")
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "TERM")}
+    with open(tmp_path / "out.txt", "w") as stdout:  # stdout a file, as with `> scores.txt`
+        subprocess.run([sys.executable, "-c", code], stdout=stdout, stderr=follower, env=env, check=True, timeout=60)
+    os.close(follower)
+    shown = os.read(leader, 4096).decode()
+    os.close(leader)
+    assert cells(shown.strip("\r").replace("\x1b[K", "")) == 24, shown

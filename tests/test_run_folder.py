@@ -115,3 +115,11 @@ def test_runs_and_exported_models_never_share_a_folder(mnist_dir, tmp_path, old_
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 2 and "holds a training run (checkpoint.pt" in r.stderr and f"--out {old_run / 'model'}" in r.stderr, r.stderr
     assert sorted(p.name for p in old_run.iterdir()) == run_files
+
+    from aae_train.train import TrainingError, check_run_folder
+    mixed = tmp_path / "mixed"  # a model exported into its run's folder before runs and models were kept apart
+    shutil.copytree(old_run, mixed)
+    for name in ("MODEL.json", "versions"):
+        (shutil.copytree if (model / name).is_dir() else shutil.copy)(model / name, mixed / name)
+    with pytest.raises(TrainingError, match=f"move its MODEL.json and versions/ into a folder of their own .*{mixed / 'model'}"):
+        check_run_folder(mixed, mixed / "checkpoint.pt", overwrite=False)

@@ -476,3 +476,6 @@ def test_calibrate_on_a_terminal_says_which_photo_it_is_scoring(tiled_model, gra
     assert b"\rscoring anomalous photo 1 of 1: b.png (0:00:0" in shown, shown
     assert b"\rscoring normal photo 10 of 10: 9.png (0:00:" in shown, shown
     assert b"\r\x1b[Krecalibrated " in shown, shown  # the line erased before the result
+    few = _in_a_terminal(["aae-run", "calibrate", *(str(tmp_path / "line" / f"{i}.png") for i in range(3)),
+                          "--model", str(tmp_path / "model"), "--threads", "1"])
+    assert b"\rscoring normal photo 3 of 3: 2.png" in few and re.search(rb"\r\x1b\[K(\x1b\[31m)?error:", few), few  # erased before an error too
