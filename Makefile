@@ -31,6 +31,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
+	@if [ -e $(RUN)/checkpoint.pt ]; then echo "error: $(RUN) already holds a run: make demo RUN=runs/demo2 trains another beside it (make clean removes .venv and runs/)" >&2; exit 2; fi
 	$(BIN)/aae-train mnist $(DATA_FLAG) --epochs $(EPOCHS) --out $(RUN)
 	$(BIN)/aae-export --checkpoint $(RUN)/checkpoint.pt --out $(RUN)/model
 	$(BIN)/aae-train demo-images $(DATA_FLAG) --out $(RUN)/images

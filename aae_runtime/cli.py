@@ -178,67 +178,110 @@ def score(
         _create_parent(output, "--output")
     if maps is not None:
         _create_parent(maps, "--maps")
-    try:
-        m = _load(model, device, threshold, threshold_percentile, threads, low_latency)
-        region_rows: list[tuple] = []
-        status = _status_line(paths)
-        rows = _rows_with_maps(m, paths, batch_size, maps, maps_only_flagged, maps_raw, region_rows if regions else None,
-                               status.tiles if status else None)
-        results, stream, stopped = _collect(rows, output, m.threshold, None, batch_size, status)
-        if regions is not None:
-            _write_regions(region_rows, regions)
-    except AAEError as exc:
-        raise _fail(exc)
-    if results:  # none: _finish's one error line, no empty table
-        _print_scores(results, m, show)
-    _finish(results, output, stream, stopped)
+    with _stop_signals() as signals:
+        try:
+            m = _load(model, device, threshold, threshold_percentile, threads, low_latency)
+            region_rows: list[tuple] = []
+            status = _status_line(paths)
+            rows = _rows_with_maps(m, paths, batch_size, maps, maps_only_flagged, maps_raw, region_rows if regions else None,
+                                   status.tiles if status else None)
+            results, stream, stopped = _collect(rows, output, m.threshold, None, batch_size, signals, status)
+            if regions is not None:
+                with signals.held():
+                    _write_regions(region_rows, regions)
+        except AAEError as exc:
+            raise _fail(exc)
+        _end(results, output, stream, stopped, signals, lambda rows: _print_scores(rows, m, show))
 
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread so that a run stops the way Ctrl-C stops it."""
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """While scoring, SIGTERM (a service manager stopping us) ends the run like Ctrl-C: the rows
-    so far are kept and the exit code is 143."""
-    def handler(signum, frame):
-        raise Terminated()
+class _StopSignals:
+    """Ctrl-C (SIGINT) and SIGTERM during a run: raised at once while it scores (a photo may take
+    seconds), held while it records a row or finishes (raised when that is done), so the rows
+    counted, shown and written always agree. SIGTERM (a service manager stopping us) ends a run
+    as Ctrl-C does; its exit code is 143."""
 
+    def __init__(self):
+        self.holding, self.pending = 0, None
+
+    def _handler(self, signum, frame):
+        exc = Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+        if not self.holding:
+            raise exc
+        self.pending = self.pending or exc
+
+    @contextlib.contextmanager
+    def held(self):
+        self.holding += 1
+        try:
+            yield
+        finally:
+            self.holding -= 1
+        if not self.holding and self.pending is not None:
+            exc, self.pending = self.pending, None
+            raise exc
+
+
+@contextlib.contextmanager
+def _stop_signals():
+    """A `_StopSignals` handling SIGINT and SIGTERM within; outside the main thread (an embedding
+    application) its handlers are left alone and ``held`` holds nothing."""
+    signals = _StopSignals()
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread (an embedding application): leave its handlers alone
-        yield
+        previous = {sig: signal.signal(sig, signals._handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread
+        yield signals
         return
     try:
-        yield
+        yield signals
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
-def _collect(rows, output: Path | None, threshold: float, classes, batch_size: int, status: "_StatusLine | None" = None):
+def _collect(rows, output: Path | None, threshold: float, classes, batch_size: int, signals: _StopSignals,
+             status: "_StatusLine | None" = None):
     """All rows of a run, streamed to ``output`` as they come (`ResultStream`). Returns the rows,
     the stream (None without ``output``) and the signal that stopped the run early, if any;
     ``status`` hears of each row."""
     stream = ResultStream(output, threshold, classes, flush_every=batch_size) if output is not None else None
     results: list[ImageScore] = []
     stopped = None
-    with _sigterm_as_interrupt():
-        try:
-            for r in rows:
+    try:
+        for r in rows:
+            with signals.held():  # a row is in both lists or in neither
                 results.append(r)
                 if stream is not None:
                     stream.write([r])
-                if status is not None:
-                    status.images(len(results))
-        except KeyboardInterrupt as exc:
-            stopped = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
-        finally:
+            if status is not None:
+                status.images(len(results))
+    except KeyboardInterrupt as exc:
+        stopped = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
+    finally:
+        with signals.held():
             if status is not None:
                 err.clear_status()
             if stream is not None:
                 stream.close(complete=stopped is None)
     return results, stream, stopped
+
+
+def _end(results: list[ImageScore], output: Path | None, stream, stopped: str | None, signals: _StopSignals,
+         print_rows) -> None:
+    """The table (``print_rows``, when there are rows) and `_finish`, with signals held: a Ctrl-C
+    after the last image still lets the run say what it scored and where the rows are."""
+    try:
+        with signals.held():
+            if results:  # none: _finish's one error line, no empty table
+                print_rows(results)
+            _finish(results, output, stream, stopped)
+    except KeyboardInterrupt as exc:  # it came after the run had ended: nothing is lost
+        late = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
+        err.print(f"[red]error:[/red] interrupted ({late}) after the run had ended", highlight=False)
+        raise typer.Exit(EXIT_TERMINATED if late == "SIGTERM" else EXIT_INTERRUPTED) from None
 
 
 def _status_line(paths: list[Path]) -> "_StatusLine | None":
@@ -522,7 +565,7 @@ def calibrate(
                                  "needs two different sets of images", param_hint="--anomalies")
     failed, failed_anomalies = [], []
     try:
-        with _sigterm_as_interrupt(), _status_cleared():
+        with _stop_signals(), _status_cleared():
             m = _load(model, "cpu", threads=threads)
             good, failed = load_folder(m, normal)  # a tiled model's photos: decoded one at a time as they are scored
             bad_ones, failed_anomalies = load_folder(m, anomalies) if anomalies else (None, [])
@@ -670,19 +713,18 @@ def classify(
     _check_apart(model, **{"--output": output})
     if output is not None:
         _create_parent(output, "--output")
-    try:
-        m = _load(model, device, threads=threads)
-        if not m.metadata.classifies:
-            raise AAEError(f"{model} has no class head, so it cannot classify: train with --family semi "
-                           "(aae-run score gives its anomaly scores)")
-        status = _status_line(paths)
-        rows = m.iter_score_paths(paths, batch_size=batch_size, classify=True)
-        results, stream, stopped = _collect(rows, output, m.threshold, m.classes, batch_size, status)
-    except AAEError as exc:
-        raise _fail(exc)
-    if results:  # none: _finish's one error line, no empty table
-        _print_classes(results, m, show)
-    _finish(results, output, stream, stopped)
+    with _stop_signals() as signals:
+        try:
+            m = _load(model, device, threads=threads)
+            if not m.metadata.classifies:
+                raise AAEError(f"{model} has no class head, so it cannot classify: train with --family semi "
+                               "(aae-run score gives its anomaly scores)")
+            status = _status_line(paths)
+            rows = m.iter_score_paths(paths, batch_size=batch_size, classify=True)
+            results, stream, stopped = _collect(rows, output, m.threshold, m.classes, batch_size, signals, status)
+        except AAEError as exc:
+            raise _fail(exc)
+        _end(results, output, stream, stopped, signals, lambda rows: _print_classes(rows, m, show))
 
 
 def _print_classes(results: list[ImageScore], m: AAEModel, show: int) -> None:

@@ -21,10 +21,10 @@ from typing import Any
 import typer
 import typer.core
 
-try:  # Typer >= 0.29 vendors Click, whose UsageError is then another class than click's
-    from typer._click.exceptions import UsageError
+try:  # Typer vendors Click (typer._click), whose UsageError is then another class than click's
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
 except ImportError:  # pragma: no cover - older Typer on real Click
-    from click.exceptions import UsageError
+    from click.exceptions import NoArgsIsHelpError, UsageError
 
 from aae_runtime.console import Console, literal
 
@@ -85,7 +85,7 @@ class _Readable:
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
         except UsageError as exc:
-            if isinstance(exc, _OneLineUsageError):
+            if isinstance(exc, (_OneLineUsageError, NoArgsIsHelpError)):  # a command alone: its help, as it is
                 raise
             path = " ".join(p for p in ((parent.command_path if parent else None), info_name) if p)
             raise _OneLineUsageError(exc, path or "the command") from None

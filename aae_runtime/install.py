@@ -45,10 +45,14 @@ def _installed_onnxruntimes() -> set[str]:
 
 
 def _importable(module: str) -> bool:
+    """Whether ``module`` is installed: a package or module with code, not a folder of that name
+    alone (which imports as an empty namespace package: what `pip uninstall` of one of two
+    distributions sharing a module, onnxruntime and onnxruntime-gpu, leaves behind)."""
     try:
-        return importlib.util.find_spec(module) is not None
+        spec = importlib.util.find_spec(module)
     except (ImportError, ValueError):  # ValueError: a module set to None in sys.modules (blocked)
         return False
+    return spec is not None and spec.origin not in (None, "namespace")
 
 
 @functools.cache  # once per process: the answer does not change while it runs
@@ -61,7 +65,8 @@ def check_onnxruntime() -> None:
     if not _importable("onnxruntime"):
         raise InstallError(
             f"ONNX Runtime is not installed: add the [cpu] extra of {DISTRIBUTION} (from its source folder: "
-            "pip install '.[cpu]'; '.[gpu]' for an NVIDIA GPU)")
+            "pip install '.[cpu]'; '.[gpu]' for an NVIDIA GPU; an empty onnxruntime folder left by an uninstall "
+            "is replaced by pip install --force-reinstall onnxruntime)")
 
 
 def check_training(command: str, export: bool = False) -> None:

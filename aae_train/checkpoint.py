@@ -19,6 +19,7 @@ import torch
 
 from aae_runtime.contract.errors import AAEError
 from aae_runtime.contract.fileio import atomic_write
+from aae_runtime.contract.modelfolder import holds_model
 
 FORMAT = "aae-checkpoint"
 FORMAT_VERSION = 2  # 2: model families (config 'family' and 'options', networks by name, best.pt); 1 still loads
@@ -42,6 +43,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Load a checkpoint safely. Raises CheckpointError with a one-line reason."""
     path = Path(path)
     if path.is_dir():
+        if holds_model(path) and not (path / CHECKPOINT_NAME).exists():
+            raise CheckpointError(f"{path} is an exported model, not a training run: pass the checkpoint.pt (or the "
+                                  "run folder) it was exported from")
         path = path / CHECKPOINT_NAME
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found: pass the checkpoint.pt (or run folder) aae-train wrote")

@@ -353,6 +353,9 @@ def check_run_folder(run_dir: Path, resume: str | Path | None, overwrite: bool) 
         if resume is not None and (run_dir / CHECKPOINT_NAME).exists():  # a model exported into its run's folder
             raise TrainingError(f"{run_dir} holds an exported model beside the run: move its MODEL.json and versions/ "
                                 f"into a folder of their own (for example {run_dir / 'model'}), then resume")
+        if resume is not None and run_dir.resolve() in (Path(resume).resolve(), Path(resume).resolve().parent):
+            raise TrainingError(f"--resume {resume}: that is an exported model, not a training run: give the "
+                                "checkpoint.pt (or the run folder) it was exported from")
         raise TrainingError(f"{run_dir} holds an exported model, not a run: choose another --out (a run folder; "
                             "export writes the model into a folder of its own)")
     aside = run_dir / REPLACED

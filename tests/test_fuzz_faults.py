@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import os
 import shutil
 import signal
@@ -102,11 +103,15 @@ def test_scoring_stopped_at_random_moments_keeps_a_readable_prefix(slow_folder, 
     if run.returncode < 0:
         return
     written = out.with_name(out.name + ".partial") if suffix == ".json" else out
+    assert "interrupted" in stderr, stderr
     if written.exists():
         rows = _rows(written)
         assert len(rows) <= 600 and all(r["path"].endswith(".png") for r in rows)
-        if f"after {len(rows)} images" not in stderr:
-            assert "interrupted" in stderr, stderr
+        for said in (r"after (\d+) images?", r"wrote (\d+) rows?"):  # what it says it kept is what the file holds
+            for n in re.findall(said, stderr):
+                assert int(n) == len(rows), stderr
+        if "after the run had ended" in stderr:
+            assert len(rows) == 600, stderr
 
 
 def _rows(path: Path) -> list[dict]:
@@ -115,3 +120,28 @@ def _rows(path: Path) -> list[dict]:
     if path.suffix == ".jsonl":
         return [json.loads(line) for line in path.read_text().splitlines()]
     return json.loads(path.read_text())
+
+
+
+def test_a_signal_while_a_row_is_recorded_leaves_the_row_in_both_or_neither(tiny_model_dir, mnist_test, tmp_path, monkeypatch):
+    """Ctrl-C landing inside the writing of a row (a real SIGINT, sent from within the write): the
+    rows the run counts, shows and says it kept are the rows its file holds."""
+    from aae_runtime import cli
+    from aae_runtime.model import AAEModel
+    from aae_runtime.report import ResultStream
+
+    class SignalledStream(ResultStream):
+        def write(self, results):
+            if self.rows == 5:
+                os.kill(os.getpid(), signal.SIGINT)  # handled at the next bytecode: inside this write
+            super().write(results)
+
+    for i in range(12):
+        write_png(tmp_path / "in" / f"{i:02d}.png", mnist_test[0][i])
+    monkeypatch.setattr(cli, "ResultStream", SignalledStream)
+    m = AAEModel.load(tiny_model_dir, device="cpu")
+    out = tmp_path / "rows.csv"
+    with cli._stop_signals() as signals:
+        results, stream, stopped = cli._collect(m.iter_score_paths([tmp_path / "in"], batch_size=4), out, m.threshold,
+                                                None, 4, signals)
+    assert stopped == "Ctrl-C" and stream.rows == len(results) == len(_rows(out)) == 6

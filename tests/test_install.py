@@ -42,3 +42,15 @@ def test_demo_images_needs_no_torch(tmp_path, mnist_dir):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert len(list((tmp_path / "d").rglob("*.png"))) == 3
+
+
+def test_an_empty_package_folder_left_by_an_uninstall_is_not_an_install(tmp_path, monkeypatch):
+    """`pip uninstall onnxruntime` beside onnxruntime-gpu (they share a module) can leave an empty
+    onnxruntime/ folder, which imports as a namespace package: that is not ONNX Runtime installed."""
+    from aae_runtime.install import _importable
+
+    (tmp_path / "leftover_pkg_xyz").mkdir()
+    (tmp_path / "real_pkg_xyz").mkdir()
+    (tmp_path / "real_pkg_xyz" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert not _importable("leftover_pkg_xyz") and _importable("real_pkg_xyz") and _importable("json")

@@ -123,3 +123,8 @@ def test_runs_and_exported_models_never_share_a_folder(mnist_dir, tmp_path, old_
         (shutil.copytree if (model / name).is_dir() else shutil.copy)(model / name, mixed / name)
     with pytest.raises(TrainingError, match=f"move its MODEL.json and versions/ into a folder of their own .*{mixed / 'model'}"):
         check_run_folder(mixed, mixed / "checkpoint.pt", overwrite=False)
+    with pytest.raises(TrainingError, match="that is an exported model, not a training run"):  # --resume MODEL
+        check_run_folder(model, model, overwrite=False)
+    from aae_train.checkpoint import CheckpointError, load_checkpoint
+    with pytest.raises(CheckpointError, match="is an exported model, not a training run: pass the checkpoint.pt"):
+        load_checkpoint(model)  # aae-export --checkpoint MODEL

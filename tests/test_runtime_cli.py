@@ -142,3 +142,10 @@ def test_classify_prints_class_names_as_they_are(capsys):
     lines = out.splitlines()
     assert lines[4].startswith("│ a.png │   [red]cat   │") and lines[5].startswith("│ b.png │ rtl\\u202edog │")
     assert "\x1b" not in out and "\u202e" not in out
+
+
+def test_a_command_alone_prints_its_help_as_it_is():
+    for argv in (["aae-run"], ["aae-train"]):
+        r = subprocess.run(argv, capture_output=True, text=True)
+        assert r.returncode == 2 and r.stderr.startswith(f"Usage: {argv[0]} [OPTIONS] COMMAND"), r.stderr
+        assert "\nCommands:\n" in r.stderr and "error:" not in r.stderr  # the help's own lines, not one error line
