@@ -29,7 +29,7 @@ import numpy as np
 import typer
 
 from aae_runtime import __version__
-from aae_runtime.clierrors import EXIT_CANNOT_RUN, OneLineErrorsTyper, print_error
+from aae_runtime.clierrors import EXIT_CANNOT_RUN, OneLineErrorsTyper, Terminated, print_error
 from aae_runtime.console import Console, Table, counted, display_path, literal
 from aae_runtime.contract.errors import AAEError
 from aae_runtime.images import IMAGE_SUFFIXES, find_images, first_shared, save_grid
@@ -192,10 +192,6 @@ def score(
         except AAEError as exc:
             raise _fail(exc)
         _end(results, output, stream, stopped, signals, lambda rows: _print_scores(rows, m, show))
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread so that a run stops the way Ctrl-C stops it."""
 
 
 class _StopSignals:
@@ -580,9 +576,6 @@ def calibrate(
     except AAEError as exc:
         _print_skipped(failed + failed_anomalies)  # also when too few were left: which ones failed, and why
         raise _fail(exc)
-    except Terminated:
-        err.print("[red]error:[/red] interrupted (SIGTERM)", highlight=False)
-        raise typer.Exit(EXIT_TERMINATED) from None
     _print_skipped(failed + failed_anomalies)
     t = meta["threshold"]
     n = t["stats"]["count"]

@@ -39,6 +39,11 @@ def print_error(message: str, console: Any = None) -> None:
     (console or Console(stderr=True)).print(f"[red]error:[/red] {literal(message)}", highlight=False)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread where a command handles it, so that a run stops the way
+    Ctrl-C stops it (exit 143 instead of 130)."""
+
+
 class _OneLineUsageError(UsageError):
     """A usage error shown as ``error: MESSAGE (see PROG --help)``, one line on stderr, exit 2."""
 
@@ -97,9 +102,31 @@ class _Readable:
             if isinstance(exc, _OneLineUsageError):
                 raise
             raise _OneLineUsageError(exc, (exc.ctx or ctx).command_path) from None
-        except KeyboardInterrupt:
-            print_error("interrupted (Ctrl-C)")
-            raise typer.Exit(130) from None
+        except ImportError as exc:  # Ctrl-C during a C extension's import surfaces as an ImportError it caused
+            interrupt = _interrupt_behind(exc)
+            if interrupt is None:
+                raise
+            raise typer.Exit(_interrupted(interrupt)) from None
+        except KeyboardInterrupt as exc:
+            raise typer.Exit(_interrupted(exc)) from None
+
+
+def _interrupt_behind(exc: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C (or SIGTERM) that caused ``exc``, if one did."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _interrupted(exc: KeyboardInterrupt) -> int:
+    """Say so; the exit code: 130 for Ctrl-C, 143 for SIGTERM."""
+    term = isinstance(exc, Terminated)
+    print_error(f"interrupted ({'SIGTERM' if term else 'Ctrl-C'})")
+    return 143 if term else 130
 
 
 class ReadableCommand(_Readable, typer.core.TyperCommand):
@@ -172,6 +199,8 @@ class OneLineErrorsTyper(typer.Typer):
         except Exception as exc:
             if os.environ.get(DEBUG_ENV):
                 raise
+            if isinstance(exc, ImportError) and _interrupt_behind(exc) is not None:  # Ctrl-C while a module was imported
+                sys.exit(_interrupted(_interrupt_behind(exc)))
             lines = str(exc).strip().splitlines()
             detail = f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__
             print_error(f"internal error ({detail}); this is a bug: please report it with the output of the same "

@@ -149,3 +149,18 @@ def test_a_command_alone_prints_its_help_as_it_is():
         r = subprocess.run(argv, capture_output=True, text=True)
         assert r.returncode == 2 and r.stderr.startswith(f"Usage: {argv[0]} [OPTIONS] COMMAND"), r.stderr
         assert "\nCommands:\n" in r.stderr and "error:" not in r.stderr  # the help's own lines, not one error line
+
+
+def test_a_signal_during_an_import_is_an_interrupt_not_an_internal_error():
+    """Ctrl-C or SIGTERM while a C extension initialises (numpy, ONNX Runtime) surfaces as
+    'ImportError: initialization failed', caused by the interrupt: it ends as an interrupt."""
+    from aae_runtime.clierrors import Terminated, _interrupt_behind
+
+    try:
+        try:
+            raise Terminated()
+        except Terminated as stop:
+            raise ImportError("initialization failed") from stop
+    except ImportError as exc:
+        assert isinstance(_interrupt_behind(exc), Terminated)
+    assert _interrupt_behind(ImportError("No module named 'x'")) is None
