@@ -19,6 +19,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 import warnings
 from dataclasses import replace
@@ -98,6 +99,10 @@ def _check_apart(model: Path, **files: Path | None) -> None:
     if maps is not None:
         from aae_runtime.maps import INDEX_NAME
 
+        real = os.path.realpath(maps)
+        if real == home or real.startswith(home + os.sep):
+            raise typer.BadParameter(f"{_named(str(maps))} is inside the model folder {_named(str(model))}: write the "
+                                     "maps elsewhere (a calibration prunes the model's old versions)", param_hint="--maps")
         seen[os.path.realpath(maps / INDEX_NAME)] = "--maps (its index, maps.csv)"
     for option, path in files.items():
         if path is None:
@@ -174,6 +179,12 @@ def score(
     _check_finite(threshold, "--threshold")
     _check_output(output)  # before scoring: a bad name must not cost a whole run's results
     _check_apart(model, **{"--output": output, "--regions": regions, "maps": maps})
+    if maps is not None:
+        real = Path(os.path.realpath(maps))
+        for path in paths:
+            if os.path.isdir(path) and Path(os.path.realpath(path)) in (real, *real.parents):
+                raise typer.BadParameter(f"{_named(str(maps))} is inside {_named(str(path))}, which is being scored: "
+                                         "the next run would score the maps; write them elsewhere", param_hint="--maps")
     if output is not None:
         _create_parent(output, "--output")
     if maps is not None:
@@ -445,9 +456,11 @@ def _print_scores(results: list[ImageScore], m: AAEModel, show: int) -> None:
     out.print_table(table)
     if len(shown) < len(results):
         out.print(f"... {counted(len(results) - len(shown), 'more row')} (use --output FILE for all, or --show 0)")
-    failed = sum(not r.ok for r in results)
-    flagged = sum(bool(r.anomaly) for r in results)
-    out.print(f"scored {counted(len(results) - failed, 'image')}: {flagged} anomalous, {failed} failed", highlight=False)
+    scored = [r for r in results if r.score is not None]  # a row may have its score and an error (its map not written)
+    flagged, unmapped = sum(bool(r.anomaly) for r in scored), sum(not r.ok for r in scored)
+    out.print(f"scored {counted(len(scored), 'image')}: {flagged} anomalous, {len(results) - len(scored)} failed"
+              + (f"; {counted(unmapped, 'scored image')} without {'its map' if unmapped == 1 else 'their maps'}"
+                 if unmapped else ""), highlight=False)
 
 
 @app.command(short_help="Score every image that lands in a folder, once.")
@@ -538,8 +551,34 @@ def serve(
         raise _fail(exc)
 
 
+def _one_path_per_option(ctx: typer.Context, option: str) -> None:
+    """Refuse ``NORMAL --anomalies A B`` (or ``--anomalies defects/*``): the option takes one path,
+    so B would silently join the normal images; ``--anomalies A NORMAL``, options first, is fine.
+    Read from the command line as typed (sys.argv), which Click does not keep."""
+    argv = sys.argv[1:]
+    if os.path.basename(sys.argv[0]) != ctx.find_root().info_name or ctx.info_name not in argv:
+        return  # not this command's own command line (called from Python)
+    tokens = argv[argv.index(ctx.info_name) + 1:]
+    flags = {o for p in ctx.command.params if getattr(p, "is_flag", False) or getattr(p, "count", False)
+             for o in (*p.opts, *p.secondary_opts)}
+    positional_before, i = False, 0
+    while i < len(tokens) and tokens[i] != "--":
+        token = tokens[i]
+        if token.startswith("-") and len(token) > 1:
+            takes_value = "=" not in token and token not in flags
+            if token == option and positional_before and i + 2 < len(tokens) and not tokens[i + 2].startswith("-"):
+                raise typer.BadParameter(
+                    f"{_named(tokens[i + 2])} follows {option} {_named(tokens[i + 1])} and would be taken as a normal "
+                    f"path: {option} takes one path each time ({option} A {option} B; a shell pattern expands to "
+                    f"several), normal paths go before the options", param_hint=option)
+            i += 2 if takes_value else 1
+        else:
+            positional_before, i = True, i + 1
+
+
 @app.command(short_help="Refit the score statistics and threshold on normal images.")
 def calibrate(
+    ctx: typer.Context,
     normal: Annotated[list[Path], typer.Argument(help="Normal (defect-free) image files and/or folders from the line.")],
     model: ModelOpt,
     anomalies: Annotated[Optional[list[Path]], typer.Option(
@@ -555,6 +594,7 @@ def calibrate(
     if score is not None and score not in SCORES:
         raise typer.BadParameter(f"{score!r} is not one of {', '.join(SCORES)}", param_hint="--score")
     _check_finite(percentile, "--percentile")
+    _one_path_per_option(ctx, "--anomalies")
     shared = first_shared(find_images(list(normal)), find_images(list(anomalies or [])))
     if shared is not None:
         raise typer.BadParameter(f"{_named(str(shared))} is given as normal and as anomalous: an F1 threshold "
@@ -633,6 +673,7 @@ def sample(
 
 @app.command(short_help="Image and pixel AUROC of a model on your own parts.", epilog=EXIT_CODES_HELP)
 def evaluate(
+    ctx: typer.Context,
     normal: Annotated[list[Path], typer.Argument(help="Normal (good) photos: files and/or folders.")],
     model: ModelOpt,
     anomalies: Annotated[list[Path], typer.Option(help="Defective photos (file or folder; repeatable). One sub-folder per "
@@ -652,6 +693,13 @@ def evaluate(
     from aae_runtime.evaluate import evaluate as run_evaluation
 
     _check_finite(threshold, "--threshold")
+    _one_path_per_option(ctx, "--anomalies")
+    if masks is not None:
+        for photos in (*normal, *anomalies):
+            a, b = masks.resolve(), photos.resolve()
+            if a == b or a in b.parents or b in a.parents:
+                raise typer.BadParameter(f"{_named(str(masks))} overlaps the photos' {_named(str(photos))}: the masks "
+                                         "would be scored as photos; keep them in a folder of their own", param_hint="--masks")
     if output is not None and output.suffix.lower() != ".json":
         raise typer.BadParameter(f"{_named(str(output))}: use a file name ending in .json", param_hint="--output")
     if output is not None:

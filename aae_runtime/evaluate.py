@@ -22,7 +22,7 @@ import numpy as np
 
 from aae_runtime.console import counted
 from aae_runtime.contract.errors import InputError, ModelError
-from aae_runtime.images import find_images, first_shared
+from aae_runtime.images import distinct_files, find_images, first_shared
 from aae_runtime.regions import PixelAUROC, auroc
 
 MASK_SUFFIXES = ("", "_mask", ".mask", "_gt")
@@ -69,7 +69,7 @@ def evaluate(model, normal: list[str | Path], anomalies: list[str | Path], masks
             raise InputError(f"{option}: {missing[0]} does not exist; pass existing files or folders")
     if masks is not None and not Path(masks).is_dir():
         raise InputError(f"--masks {masks}: not a folder; pass the folder of defect masks")
-    files = {False: find_images(list(normal)), True: find_images(list(anomalies))}  # listed once, scored as listed
+    files = {False: distinct_files(find_images(list(normal))), True: distinct_files(find_images(list(anomalies)))}  # each file once
     shared = first_shared(files[False], files[True])
     if shared is not None:
         raise InputError(f"{shared} is given as normal and as defective: each photo is one or the other")

@@ -92,9 +92,11 @@ def header_pixels(data: bytes) -> int:
 
 
 def load_gray(path: str | Path, turn_by_tag: bool = False) -> np.ndarray:
-    """An image file as 8-bit grayscale (H, W) uint8 (a defect mask), read with `load_image`'s
-    formats, size limits and errors (`InputError`); ``turn_by_tag``: turned upright by its own
-    EXIF orientation tag, as viewers show it."""
+    """A defect mask file as 8-bit grayscale (H, W) uint8, read with `load_image`'s formats, size
+    limits and errors (`InputError`); ``turn_by_tag``: turned upright by its own EXIF orientation
+    tag, as viewers show it. A palette mask (VOC, labelme: class indices) is 255 wherever its index
+    is not 0; a colour mask takes its brightest channel (a red defect on black is 255, not the 76
+    of its luminance)."""
     _configure_pillow()
     with _open_regular_file(Path(path)) as f:
         img, _ = _open_image(f)
@@ -102,6 +104,11 @@ def load_gray(path: str | Path, turn_by_tag: bool = False) -> np.ndarray:
         try:
             if img.mode.startswith("I;16") and int(np.asarray(img).max(initial=0)) <= 255:  # 0/255 saved as 16-bit
                 gray = Image.fromarray(np.asarray(img).astype(np.uint8), mode="L")
+            elif img.mode in ("P", "PA"):
+                gray = Image.fromarray(np.where(np.asarray(img.getchannel(0) if img.mode == "PA" else img) != 0, 255, 0)
+                                       .astype(np.uint8), mode="L")
+            elif img.mode in ("RGB", "RGBA", "RGBX"):
+                gray = Image.fromarray(np.asarray(img.convert("RGB")).max(axis=2), mode="L")
             else:
                 gray = _to_8bit(img).convert("L")
             return np.asarray(upright(gray, orientation_of(img) if turn_by_tag else 1))
@@ -392,11 +399,34 @@ def save_image(image: np.ndarray, path: str | Path) -> Path:
     return save_grid(image[None], path, ncols=1, pad=0)
 
 
+def _identity(path: Path):
+    """What makes a file itself, however a path spells it or links to it: its device and inode
+    (hard links and symlinks alike), else its resolved path (a file that cannot be seen)."""
+    try:
+        st = os.stat(path)
+        return st.st_dev, st.st_ino
+    except (OSError, ValueError):
+        return os.path.realpath(path)
+
+
 def first_shared(first: list[Path], second: list[Path]) -> Path | None:
     """The first file of ``second`` that is also in ``first`` (the same file, however each path
-    spells it), or None: an image given as normal and as anomalous."""
-    seen = {os.path.realpath(p) for p in first}
-    return next((p for p in second if os.path.realpath(p) in seen), None)
+    spells it, symlinks and hard links included), or None: an image given as normal and as anomalous."""
+    seen = {_identity(p) for p in first}
+    return next((p for p in second if _identity(p) in seen), None)
+
+
+def distinct_files(paths: list[Path]) -> list[Path]:
+    """``paths`` without the later spellings of a file already listed (a folder given twice, a
+    file also reached through its folder, a link): each image counts once in a calibration or
+    an evaluation."""
+    seen, kept = set(), []
+    for p in paths:
+        key = _identity(p)
+        if key not in seen:
+            seen.add(key)
+            kept.append(p)
+    return kept
 
 
 def find_images(paths: list[str | Path], follow_links: bool = True) -> list[Path]:

@@ -139,9 +139,9 @@ def load_folder(model, paths: list[str | Path]) -> tuple["np.ndarray | PhotoFile
     """Images of files/folders as one array (N, C, H, W), and (path, reason) of those that failed;
     a tiled model: its whole photos as `PhotoFiles` (decoded as they are met, the failures listed
     then)."""
-    from aae_runtime.images import find_images
+    from aae_runtime.images import distinct_files, find_images
 
-    files = find_images(list(paths))
+    files = distinct_files(find_images(list(paths)))
     if model.tiling is not None:
         photos = PhotoFiles(model, files)
         return photos, photos.failed

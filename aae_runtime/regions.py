@@ -112,7 +112,9 @@ def find_regions(values: np.ndarray, threshold: float, min_area: int = 1) -> lis
     """Regions of ``values > threshold`` (a 2-D map; NaN is never above), largest peak first
     (ties in raster order); regions of fewer than ``min_area`` pixels are dropped."""
     values = np.asarray(values)
-    mask = values > threshold  # NaN compares False, as does everything against a NaN threshold
+    # in float64, as the image's verdict compares its score: a float32 map against a threshold
+    # rounded to float32 could leave a flagged photo without a region (NaN compares False)
+    mask = values > np.float64(threshold)
     rows, starts, ends, run_label, n = _label_runs(mask)
     if n == 0:
         return []

@@ -281,3 +281,16 @@ def test_regions_module_imports_only_numpy_and_the_standard_library():
             "print(sorted(m for m in ('scipy', 'torch', 'PIL', 'onnxruntime') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_threshold_just_below_the_peak_finds_its_region_as_the_verdict_does():
+    """The verdict compares the score (a float32 map's maximum) with the threshold in float64;
+    the regions must too, or a flagged photo could have none (a threshold rounded to float32 ties)."""
+    from aae_runtime.regions import find_regions
+
+    values = np.zeros((4, 4), np.float32)
+    values[1, 1] = np.float32(0.22764187)
+    threshold = float(values.max()) - 1e-9  # above it in float64, equal to it once rounded to float32
+    assert np.float32(threshold) == values.max() and float(values.max()) > threshold
+    assert len(find_regions(values, threshold)) == 1
+    assert find_regions(values, 1e308) == []  # no overflow on the way

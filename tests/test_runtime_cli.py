@@ -164,3 +164,16 @@ def test_a_signal_during_an_import_is_an_interrupt_not_an_internal_error():
     except ImportError as exc:
         assert isinstance(_interrupt_behind(exc), Terminated)
     assert _interrupt_behind(ImportError("No module named 'x'")) is None
+
+
+def test_the_summary_counts_a_scored_image_whose_map_failed_as_scored(tiny_model_dir, capsys):
+    from aae_runtime import AAEModel
+    from aae_runtime.cli import _print_scores
+    from aae_runtime.model import ImageScore
+
+    m = AAEModel.load(tiny_model_dir, device="cpu")
+    rows = [ImageScore("a.png", score=9.0, anomaly=True, normalized_score=1.0, error="scored, but its map could not be written"),
+            ImageScore("b.png", score=0.0, anomaly=False, normalized_score=0.0),
+            ImageScore("c.png", error="file not found")]
+    _print_scores(rows, m, show=50)
+    assert capsys.readouterr().out.splitlines()[-1] == "scored 2 images: 1 anomalous, 1 failed; 1 scored image without its map"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -479,3 +480,55 @@ def test_calibrate_on_a_terminal_says_which_photo_it_is_scoring(tiled_model, gra
     few = _in_a_terminal(["aae-run", "calibrate", *(str(tmp_path / "line" / f"{i}.png") for i in range(3)),
                           "--model", str(tmp_path / "model"), "--threads", "1"])
     assert b"\rscoring normal photo 3 of 3: 2.png" in few and re.search(rb"\r\x1b\[K(\x1b\[31m)?error:", few), few  # erased before an error too
+
+
+def test_palette_and_colour_masks_mark_their_defects(tmp_path):
+    from PIL import Image
+
+    from aae_runtime.images import load_gray
+
+    indices = np.zeros((8, 8), np.uint8)
+    indices[2:4, 2:4] = 1
+    palette = Image.fromarray(indices, mode="L").convert("P")
+    palette.putpalette([0, 0, 0, 128, 0, 0] + [0] * 762)  # VOC / labelme: index 1 is dark red
+    palette.save(tmp_path / "voc.png")
+    red = np.zeros((8, 8, 3), np.uint8)
+    red[2:4, 2:4] = (255, 0, 0)
+    Image.fromarray(red).save(tmp_path / "red.png")
+    for name in ("voc.png", "red.png"):
+        mask = load_gray(tmp_path / name)
+        assert (mask > 127).sum() == 4 and mask[2, 2] == 255, name
+
+
+def test_evaluate_and_score_refuse_outputs_that_overlap_their_inputs(tiled_model, grass, tmp_path):
+    import subprocess
+
+    from aae_runtime.cli import app
+
+    write_png(tmp_path / "normal" / "n0.png", grass[300:380, :80])
+    write_png(tmp_path / "defects" / "d0.png", grass[400:480, :80])
+    write_png(tmp_path / "defects" / "d0_mask.png", np.full((80, 80), 255, np.uint8))
+    model = str(tiled_model[0])
+    r = runner.invoke(app, ["evaluate", str(tmp_path / "normal"), "--anomalies", str(tmp_path / "defects"),
+                            "--masks", str(tmp_path / "defects"), "--model", model])  # masks beside their photos
+    assert r.exit_code == 2 and "the masks would be scored as photos" in " ".join(r.output.split()), r.output
+    for maps in (tmp_path / "normal" / "maps", Path(model)):  # the next run would score them; a calibration prunes them
+        r = runner.invoke(app, ["score", str(tmp_path / "normal"), "--model", model, "--maps", str(maps)])
+        assert r.exit_code == 2 and "--maps" in r.output and not (tmp_path / "normal" / "maps").exists(), r.output
+    r = subprocess.run(["aae-run", "evaluate", str(tmp_path / "normal"), "--anomalies", str(tmp_path / "defects"),
+                        str(tmp_path / "more"), "--model", model], capture_output=True, text=True)  # A B: B is not anomalous
+    assert r.returncode == 2 and "--anomalies takes one path each time" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_a_file_counts_once_however_it_is_reached_and_a_hard_link_is_the_same_file(tmp_path):
+    import os
+
+    from aae_runtime.images import distinct_files, find_images, first_shared
+
+    write_png(tmp_path / "good" / "a.png", np.zeros((8, 8), np.uint8))
+    write_png(tmp_path / "good" / "b.png", np.ones((8, 8), np.uint8))
+    (tmp_path / "bad").mkdir()
+    os.link(tmp_path / "good" / "a.png", tmp_path / "bad" / "z.png")  # the same file under another name
+    listed = find_images([tmp_path / "good", tmp_path / "good" / "a.png", tmp_path / "bad" / "z.png"])
+    assert len(listed) == 3 and [p.name for p in distinct_files(listed)] == ["a.png", "b.png"]  # the same spelling: once already
+    assert first_shared(find_images([tmp_path / "good"]), find_images([tmp_path / "bad"])) == tmp_path / "bad" / "z.png"
