@@ -78,6 +78,9 @@ def evaluate(model, normal: list[str | Path], anomalies: list[str | Path], masks
     mask_files: dict[str, list[Path]] = {}
     for p in find_images([masks]) if masks is not None else []:
         mask_files.setdefault(p.stem, []).append(p)
+    if masks is not None:
+        _check_masks(files[True], [Path(p) for p in anomalies], Path(masks), mask_files, model.tiling is not None,
+                     model.metadata.preprocessing.orientation == "exif")
     scores: list[float] = []
     labels: list[bool] = []
     unmasked: list[str] = []  # defective photos without a mask
@@ -165,18 +168,10 @@ def _kind(path: Path, roots: list[Path]) -> str:
     return rel.parts[0] if len(rel.parts) > 1 else "all"
 
 
-def _mask_for(path: Path, roots: list[Path], masks: Path, by_stem: dict[str, list[Path]], shape: tuple[int, int],
-              exact: bool, upright_photos: bool) -> np.ndarray | None:
-    """The defect mask (bool, ``shape``) of a defective photo, or None when it has none: at the
-    photo's relative path under ``masks``, else by file name when exactly one mask has it in the
-    photo's own sub-folder (its defect kind) or at the top of ``masks`` (never another kind's
-    ``a.png``). A model that turns photos upright (``upright_photos``) takes masks as viewers show
-    them too: turned by their own EXIF tag, if they have one. Masks are read as the photos are
-    (the same formats and size limits)."""
-    from PIL import Image
-
-    from aae_runtime.images import load_gray
-
+def _mask_path(path: Path, roots: list[Path], masks: Path, by_stem: dict[str, list[Path]]) -> Path | None:
+    """The defect mask file of a defective photo, or None when it has none: at the photo's
+    relative path under ``masks``, else by file name when exactly one mask has it in the photo's
+    own sub-folder (its defect kind) or at the top of ``masks`` (never another kind's ``a.png``)."""
     rel = _relative(path, roots)
     kind = _kind_folder(path, roots)
 
@@ -186,17 +181,58 @@ def _mask_for(path: Path, roots: list[Path], masks: Path, by_stem: dict[str, lis
 
     by_name = [found[0] for s in MASK_SUFFIXES
                if len(found := [m for m in by_stem.get(path.stem + s, []) if beside(m)]) == 1]
-    for candidate in [masks / rel, masks / rel.with_suffix(".png")] + by_name:
-        if candidate.is_file():
-            try:
-                m = load_gray(candidate, turn_by_tag=upright_photos)
-            except InputError as exc:
-                raise InputError(f"mask {candidate}: {exc}; fix or remove it") from None
-            if exact and m.shape != shape:
-                raise InputError(f"mask {candidate} is {m.shape[1]} x {m.shape[0]} pixels but its photo {path} is "
-                                 f"{shape[1]} x {shape[0]}: give masks of the photos' own size")
-            if m.shape != shape:
-                m = np.asarray(Image.fromarray(m).resize((shape[1], shape[0]), Image.Resampling.NEAREST))
-            return m > (0 if m.max(initial=0) == 1 else 127)  # a 0/1 mask (a common label format) is read as one
-    return None
+    return next((c for c in [masks / rel, masks / rel.with_suffix(".png")] + by_name if c.is_file()), None)
+
+
+def _read_mask(mask: Path, upright_photos: bool) -> np.ndarray:
+    """A mask file as 8-bit grayscale; one line naming it when it cannot be read. A model that
+    turns photos upright (``upright_photos``) takes masks as viewers show them too: turned by
+    their own EXIF tag, if they have one. Masks are read as the photos are (the same formats and
+    size limits)."""
+    from aae_runtime.images import load_gray
+
+    try:
+        return load_gray(mask, turn_by_tag=upright_photos, mask=True)
+    except InputError as exc:
+        raise InputError(f"mask {mask}: {exc}; fix or remove it") from None
+
+
+def _check_masks(files: list[Path], roots: list[Path], masks: Path, by_stem: dict[str, list[Path]], tiled: bool,
+                 upright_photos: bool) -> None:
+    """Before any photo is scored: every mask found can be read, has its photo's size where the
+    map has it (``tiled``), and belongs to one photo only, so a bad mask fails the run at once,
+    not after an hour of scoring."""
+    from aae_runtime.images import photo_size
+
+    owner: dict[Path, Path] = {}
+    for path in files:
+        mask = _mask_path(path, roots, masks, by_stem)
+        if mask is None:
+            continue
+        if mask in owner:
+            raise InputError(f"mask {mask} matches two defective photos, {owner[mask]} and {path}: give each its own "
+                             "(same relative path under the masks folder, or the kind's sub-folder)")
+        owner[mask] = path
+        m = _read_mask(mask, upright_photos)
+        size = photo_size(path, upright_photos) if tiled else None
+        if size is not None and m.shape != size:
+            raise InputError(f"mask {mask} is {m.shape[1]} x {m.shape[0]} pixels but its photo {path} is "
+                             f"{size[1]} x {size[0]}: give masks of the photos' own size")
+
+
+def _mask_for(path: Path, roots: list[Path], masks: Path, by_stem: dict[str, list[Path]], shape: tuple[int, int],
+              exact: bool, upright_photos: bool) -> np.ndarray | None:
+    """The defect mask (bool, ``shape``) of a defective photo (`_mask_path`), or None when it has none."""
+    from PIL import Image
+
+    candidate = _mask_path(path, roots, masks, by_stem)
+    if candidate is None:
+        return None
+    m = _read_mask(candidate, upright_photos)
+    if exact and m.shape != shape:
+        raise InputError(f"mask {candidate} is {m.shape[1]} x {m.shape[0]} pixels but its photo {path} is "
+                         f"{shape[1]} x {shape[0]}: give masks of the photos' own size")
+    if m.shape != shape:
+        m = np.asarray(Image.fromarray(m).resize((shape[1], shape[0]), Image.Resampling.NEAREST))
+    return m > (0 if m.max(initial=0) == 1 else 127)  # a 0/1 mask (a common label format) is read as one
 

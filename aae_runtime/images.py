@@ -91,12 +91,12 @@ def header_pixels(data: bytes) -> int:
         return img.size[0] * img.size[1]
 
 
-def load_gray(path: str | Path, turn_by_tag: bool = False) -> np.ndarray:
-    """A defect mask file as 8-bit grayscale (H, W) uint8, read with `load_image`'s formats, size
+def load_gray(path: str | Path, turn_by_tag: bool = False, mask: bool = False) -> np.ndarray:
+    """An image file as 8-bit grayscale (H, W) uint8, read with `load_image`'s formats, size
     limits and errors (`InputError`); ``turn_by_tag``: turned upright by its own EXIF orientation
-    tag, as viewers show it. A palette mask (VOC, labelme: class indices) is 255 wherever its index
-    is not 0; a colour mask takes its brightest channel (a red defect on black is 255, not the 76
-    of its luminance)."""
+    tag, as viewers show it. ``mask`` (a defect mask): a palette image (VOC, labelme: class
+    indices) is 255 wherever its index is not 0, and a colour one takes its brightest channel (a
+    red defect on black is 255, not the 76 of its luminance)."""
     _configure_pillow()
     with _open_regular_file(Path(path)) as f:
         img, _ = _open_image(f)
@@ -104,10 +104,10 @@ def load_gray(path: str | Path, turn_by_tag: bool = False) -> np.ndarray:
         try:
             if img.mode.startswith("I;16") and int(np.asarray(img).max(initial=0)) <= 255:  # 0/255 saved as 16-bit
                 gray = Image.fromarray(np.asarray(img).astype(np.uint8), mode="L")
-            elif img.mode in ("P", "PA"):
+            elif mask and img.mode in ("P", "PA"):
                 gray = Image.fromarray(np.where(np.asarray(img.getchannel(0) if img.mode == "PA" else img) != 0, 255, 0)
                                        .astype(np.uint8), mode="L")
-            elif img.mode in ("RGB", "RGBA", "RGBX"):
+            elif mask and img.mode in ("RGB", "RGBA", "RGBX"):
                 gray = Image.fromarray(np.asarray(img.convert("RGB")).max(axis=2), mode="L")
             else:
                 gray = _to_8bit(img).convert("L")
@@ -116,6 +116,22 @@ def load_gray(path: str | Path, turn_by_tag: bool = False) -> np.ndarray:
             raise InputError(f"cannot convert a {img.mode} image to grayscale ({first_line(exc)})") from None
         finally:
             img.close()
+
+
+def photo_size(path: str | Path, upright_photo: bool = False) -> tuple[int, int] | None:
+    """(height, width) of an image from its header, as viewers show it with ``upright_photo``
+    (an EXIF turn of 90 degrees swaps them); None when it cannot be read (scoring then gives it
+    its error row)."""
+    _configure_pillow()
+    try:
+        with _open_regular_file(Path(path)) as f:
+            img, _ = _open_image(f)
+            with img:
+                width, height = img.size
+                turned = upright_photo and orientation_of(img) in (5, 6, 7, 8)
+                return (width, height) if turned else (height, width)
+    except (InputError, OSError):
+        return None
 
 
 def _decode(f, pre: Preprocessing, native: bool, max_pixels: int | None = None) -> np.ndarray:

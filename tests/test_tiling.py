@@ -496,7 +496,7 @@ def test_palette_and_colour_masks_mark_their_defects(tmp_path):
     red[2:4, 2:4] = (255, 0, 0)
     Image.fromarray(red).save(tmp_path / "red.png")
     for name in ("voc.png", "red.png"):
-        mask = load_gray(tmp_path / name)
+        mask = load_gray(tmp_path / name, mask=True)
         assert (mask > 127).sum() == 4 and mask[2, 2] == 255, name
 
 
@@ -532,3 +532,27 @@ def test_a_file_counts_once_however_it_is_reached_and_a_hard_link_is_the_same_fi
     listed = find_images([tmp_path / "good", tmp_path / "good" / "a.png", tmp_path / "bad" / "z.png"])
     assert len(listed) == 3 and [p.name for p in distinct_files(listed)] == ["a.png", "b.png"]  # the same spelling: once already
     assert first_shared(find_images([tmp_path / "good"]), find_images([tmp_path / "bad"])) == tmp_path / "bad" / "z.png"
+
+
+def test_masks_are_checked_before_any_photo_is_scored(tiled_model, grass, tmp_path, monkeypatch):
+    from aae_runtime.evaluate import evaluate
+
+    write_png(tmp_path / "normal" / "n0.png", grass[300:380, :80])
+    for kind in ("scratch", "stain"):
+        write_png(tmp_path / "defects" / kind / "d0.png", grass[400:480, :80])
+    mask = np.zeros((80, 80), np.uint8)
+    mask[10:20, 10:20] = 255
+    write_png(tmp_path / "masks" / "d0.png", mask)  # at the top: both kinds' d0.png would take it
+    model = AAEModel.load(tiled_model[0], device="cpu")
+    monkeypatch.setattr(model, "iter_score_paths", lambda *a, **k: pytest.fail("scored before the masks were checked"))
+    with pytest.raises(InputError, match="matches two defective photos"):
+        evaluate(model, [tmp_path / "normal"], [tmp_path / "defects"], tmp_path / "masks")
+    (tmp_path / "masks" / "d0.png").unlink()
+    write_png(tmp_path / "masks" / "scratch" / "d0.png", mask)
+    (tmp_path / "masks" / "stain").mkdir()
+    (tmp_path / "masks" / "stain" / "d0.png").write_bytes((tmp_path / "masks" / "scratch" / "d0.png").read_bytes()[:60])
+    with pytest.raises(InputError, match="mask .*stain.d0.png: .*fix or remove it"):  # truncated
+        evaluate(model, [tmp_path / "normal"], [tmp_path / "defects"], tmp_path / "masks")
+    write_png(tmp_path / "masks" / "stain" / "d0.png", mask[:40])
+    with pytest.raises(InputError, match="give masks of the photos' own size"):
+        evaluate(model, [tmp_path / "normal"], [tmp_path / "defects"], tmp_path / "masks")
