@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import pickle
 import re
+import shutil
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -36,7 +37,19 @@ class CheckpointError(AAEError):
 def save_checkpoint(state: dict, path: str | Path) -> Path:
     """Atomically write ``state`` (plain containers of tensors and numbers) to ``path``."""
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **state}
-    return atomic_write(path, lambda f: torch.save(payload, f), fsync=True)
+    try:
+        return atomic_write(path, lambda f: torch.save(payload, f), fsync=True)
+    except (OSError, RuntimeError) as exc:  # torch's zip writer reports a failed write as a RuntimeError
+        if isinstance(exc, RuntimeError) and "inline_container" not in str(exc) and "write" not in str(exc).lower():
+            raise
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else _first_line(exc)
+        try:
+            if shutil.disk_usage(Path(path).parent).free < 64 * 2**20:
+                reason = "no space left on the disk"
+        except OSError:
+            pass
+        raise CheckpointError(f"cannot write {path} ({reason}); the file it would replace is kept whole: free space "
+                              "(or choose another --out), then --resume") from None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

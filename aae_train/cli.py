@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import errno
 import os
 import signal
 import sys
@@ -456,7 +457,12 @@ def folder(
     _check_compile(compile_mode, nproc, device)
     if nproc > 1:
         _torchrun(nproc, cfg.train.batch_size)
-    run(cfg, out or _default_out("folder", resume), directory if directory.is_dir() else None, resume, threads, overwrite,
+    out = out or _default_out("folder", resume)
+    if directory.is_dir() and directory.resolve() in (out.resolve(), *out.resolve().parents):
+        raise typer.BadParameter(f"the run folder {out} is inside {directory}: its checkpoints and plots would be read as "
+                                 "training images (and a class) by the next run; choose an --out outside it",
+                                 param_hint="--out")
+    run(cfg, out, directory if directory.is_dir() else None, resume, threads, overwrite,
         given_options(ctx), loader, workers, compile_mode)
 
 
@@ -654,6 +660,9 @@ def run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, t
             signal.signal(signal.SIGTERM, previous)
 
 
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM}
+
+
 def _run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, threads: int | None, overwrite: bool,
          given: dict | None, loader: str, workers: int | None, compile_mode: str, stopped) -> None:
     """`run` within its signal handler."""
@@ -737,6 +746,13 @@ def _run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, 
             progress.stop()
             print_error("interrupted while loading the data: nothing written", err)
             raise typer.Exit(stopped())
+        except OSError as exc:  # the run folder's disk is full, read-only or gone: not a bug
+            if exc.errno not in DISK_ERRORS:
+                raise
+            progress.stop()
+            print_error(f"cannot write to the run folder {out} ({exc.strerror}: {exc.filename}); its checkpoint.pt, if "
+                        "any, is whole: free space (or choose another --out), then --resume", err)
+            raise typer.Exit(2)
         except Exception as exc:  # with several processes: another one stopped (its error is its own line)
             if os.environ.get("WORLD_SIZE", "1") == "1" or not _lost_peer(exc):
                 raise

@@ -118,6 +118,7 @@ class Trainer:
         self.created_folder: Path | None = None  # the outermost folder made for the run folder, which did not exist
         self.thread_policy = None  # a ThreadPolicy (aae_train.threads) when torch's thread count follows the idle cores
         self.epoch = 0  # epochs completed
+        self.saved_epoch = 0  # the epoch the run folder's checkpoint.pt holds (behind ``epoch`` while it is written)
         self.history: list[dict] = []
         self.best: dict | None = None  # {"metric", "value", "epoch"} of best.pt
         # With --ema, averaged copies of the model networks are the model: evaluated, plotted,
@@ -317,7 +318,7 @@ class Trainer:
             g.set_state(state["rng"][name])
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
-        self.epoch = int(state["epoch"])
+        self.epoch = self.saved_epoch = int(state["epoch"])
         if self.epoch < 0 or len(state["history"]) != self.epoch:
             raise ValueError(f"epoch {self.epoch} with {len(state['history'])} epochs of metrics")
         self.history = list(state["history"])
@@ -510,6 +511,9 @@ def train(cfg: RunConfig, run_dir: str | Path, data_dir: str | None = None, resu
                 held.enter_context(writer_lock(run_dir, 0, busy=f"run folder {run_dir} is in use by another training: "
                                                                "wait for it to end, or choose another --out"))
                 locked = True
+                if resume is None and not overwrite and any((run_dir / n).exists() for n in (CHECKPOINT_NAME, BEST_NAME)):
+                    raise TrainingError(f"run folder {run_dir} now holds a run that another training wrote while this "
+                                        "one loaded its data: choose another --out, or give --overwrite")
                 _prepare_run_folder(run_dir, cfg, trainer, replaced if overwrite else [])
             if on_start and main:
                 on_start(trainer, len(trainer.crops) if trainer.crops is not None else len(data.train), len(data.val))
@@ -569,7 +573,7 @@ def _interrupted(run_dir: Path, checkpoint: Path, trainer: "Trainer", created: b
     if not locked:  # stopped before it held the folder: another run may be writing there
         return TrainingInterrupted(f"interrupted before training began: nothing written to {run_dir}")
     if checkpoint.exists():
-        return TrainingInterrupted(f"interrupted in epoch {trainer.epoch + 1}: {checkpoint} holds epoch {trainer.epoch}; "
+        return TrainingInterrupted(f"interrupted in epoch {trainer.saved_epoch + 1}: {checkpoint} holds epoch {trainer.saved_epoch}; "
                                    f"go on with --resume {checkpoint}")
     if _restore_replaced(run_dir):
         return TrainingInterrupted(f"interrupted before the first epoch ended: {run_dir} holds the run it held before")
@@ -618,6 +622,7 @@ def _train_epochs(trainer: "Trainer", cfg: RunConfig, run_dir: Path, on_step, on
         if state is not None:
             save_checkpoint(state, run_dir / BEST_NAME)
         save_checkpoint(state or trainer.state(), checkpoint)
+        trainer.saved_epoch = trainer.epoch
         shutil.rmtree(run_dir / REPLACED, ignore_errors=True)  # --overwrite: the new run has a checkpoint now
         trainer.write_plots(run_dir)  # refreshed every epoch, so a run can be watched
         if on_epoch:

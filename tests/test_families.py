@@ -329,3 +329,19 @@ def test_a_supervised_run_on_one_class_names_the_class_it_found(mnist_dir, tmp_p
     r = _cli("aae-train", "mnist", "--data-dir", str(mnist_dir), "--classes", "3", "--family", "supervised", "--limit", "300",
              "--epochs", "1", "--threads", "1", "--out", str(tmp_path / "one"))
     assert r.returncode == 2 and "at least two classes" in r.stderr and "only '3'" in r.stderr, r.stderr
+
+
+def test_a_class_without_a_training_image_is_refused(tmp_path):
+    import subprocess
+
+    from tests.conftest import write_png
+
+    rng = np.random.default_rng(0)
+    for c in "ab":
+        for i in range(5):
+            write_png(tmp_path / "parts" / c / f"{i}.png", rng.integers(0, 256, (16, 16), dtype=np.uint8))
+    (tmp_path / "parts" / "c").mkdir()
+    (tmp_path / "parts" / "c" / "bad.png").write_text("not an image")  # its only file cannot be read
+    r = subprocess.run(["aae-train", "folder", str(tmp_path / "parts"), "--family", "supervised", "--size", "16",
+                        "--epochs", "1", "--threads", "1", "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "class 'c' has no training image" in r.stderr and "Traceback" not in r.stderr, r.stderr

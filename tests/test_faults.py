@@ -179,3 +179,25 @@ def test_aae_train_sets_a_short_openmp_spin_unless_the_user_chose_one(tmp_path, 
     env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "d")], capture_output=True, text=True, env={**env, **preset})
     assert r.stdout.strip().splitlines()[-1] == str(expected), r.stderr
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_the_old_one_stays(tmp_path, monkeypatch):
+    import errno
+
+    import torch
+
+    from aae_train.checkpoint import CheckpointError, save_checkpoint
+
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint({"epoch": 1}, path)
+    before = path.read_bytes()
+    failures = (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 26250752 vs 26250640"),
+                OSError(errno.ENOSPC, "No space left on device"))
+    for failure in failures:
+        def full(*args, failure=failure, **kwargs):
+            raise failure
+
+        monkeypatch.setattr(torch, "save", full)
+        with pytest.raises(CheckpointError, match=r"cannot write .*checkpoint.pt .*the file it would replace is kept whole"):
+            save_checkpoint({"epoch": 2}, path)
+        assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]

@@ -9,6 +9,7 @@ import signal
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 SLOW = ["--hidden", "1000", "--limit", "30000", "--epochs", "1"]  # an epoch of many seconds on one thread
@@ -128,3 +129,40 @@ def test_runs_and_exported_models_never_share_a_folder(mnist_dir, tmp_path, old_
     from aae_train.checkpoint import CheckpointError, load_checkpoint
     with pytest.raises(CheckpointError, match="is an exported model, not a training run: pass the checkpoint.pt"):
         load_checkpoint(model)  # aae-export --checkpoint MODEL
+
+
+def test_a_run_written_into_the_folder_while_this_one_loaded_its_data_is_not_replaced(mnist_dir, tmp_path, tiny_run, monkeypatch):
+    """Two trainings into one new --out: the folder is checked again once its lock is held, so
+    the slower one is refused instead of silently replacing the run that finished first."""
+    from aae_runtime.contract.priors import make_prior_spec
+    from aae_train import train as training
+    from aae_train.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+
+    out = tmp_path / "shared"
+    loaded = training.load_dataset
+
+    def meanwhile(*args, **kwargs):  # the other training finishes while this one loads its data
+        data = loaded(*args, **kwargs)
+        out.mkdir(exist_ok=True)
+        shutil.copy(tiny_run.checkpoint, out / "checkpoint.pt")
+        return data
+
+    monkeypatch.setattr(training, "load_dataset", meanwhile)
+    cfg = RunConfig(model=ModelConfig(latent_dim=4, hidden=32, prior=make_prior_spec("gaussian", 4, std=1.0)),
+                    data=DataConfig(source="mnist", path=str(mnist_dir), limit=300, val_fraction=0.2),
+                    train=TrainConfig(epochs=1, batch_size=50, seed=0, device="cpu"))
+    other = (out / "checkpoint.pt")
+    with pytest.raises(training.TrainingError, match="now holds a run that another training wrote"):
+        training.train(cfg, out)
+    assert other.read_bytes() == Path(tiny_run.checkpoint).read_bytes()
+
+
+def test_a_run_folder_inside_the_training_images_is_refused(tmp_path):
+    from tests.conftest import write_png
+
+    for i in range(4):
+        write_png(tmp_path / "parts" / f"{i}.png", np.full((16, 16), 40 * i, np.uint8))
+    r = subprocess.run(["aae-train", "folder", str(tmp_path / "parts"), "--size", "16", "--epochs", "1", "--threads", "1",
+                        "--out", str(tmp_path / "parts" / "run")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "would be read as training images" in r.stderr, r.stderr
+    assert not (tmp_path / "parts" / "run").exists()

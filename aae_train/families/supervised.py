@@ -45,6 +45,11 @@ class SupervisedFamily(AAEFamily):
         if not cls.allows_unlabelled and unlabelled:
             raise DataError(f"--family {cls.name} needs a label for every image: {unlabelled} images are outside the "
                             "class sub-folders; move them into one, or use --family semi")
+        empty = [name for k, name in enumerate(classes) if not (train_y == k).any()]
+        if empty:  # the decoder would never see the label, yet sample --label would draw it
+            raise DataError(f"--family {cls.name}: class {str(empty[0])!r} has no training image (its folder holds none "
+                            "that could be read, or its only ones were held out for validation): add images to it, "
+                            "or remove its folder")
         return cfg.replace(options=cls.options_class(**{**vars(cfg.options), "classes": classes}))
 
     @classmethod
