@@ -25,6 +25,7 @@ from aae_runtime.contract.modelfolder import holds_model
 FORMAT = "aae-checkpoint"
 FORMAT_VERSION = 2  # 2: model families (config 'family' and 'options', networks by name, best.pt); 1 still loads
 CHECKPOINT_NAME = "checkpoint.pt"
+REPLACED = ".replaced"  # --overwrite: the old run's files wait here until the new run's first checkpoint
 BEST_NAME = "best.pt"  # the epoch with the best validation figure the family names (same format)
 # What export and resume read, and its type: checked on load, so a damaged file fails in one line.
 REQUIRED = {"config": dict, "epoch": int, "encoder": dict, "decoder": dict}
@@ -61,6 +62,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                                   "run folder) it was exported from")
         path = path / CHECKPOINT_NAME
     if not path.is_file():
+        if (path.parent / REPLACED / path.name).is_file():
+            raise CheckpointError(f"checkpoint {path} not found: a training started there with --overwrite stopped before "
+                                  f"its first checkpoint, and the run it replaced waits in {path.parent / REPLACED} (the "
+                                  f"next aae-train into {path.parent} puts it back; or move its files back yourself)")
         raise CheckpointError(f"checkpoint {path} not found: pass the checkpoint.pt (or run folder) aae-train wrote")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; random bytes are not one
         raise CheckpointError(f"{path} was refused: it is not a PyTorch zip archive, the only format aae-train writes "

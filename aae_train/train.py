@@ -29,7 +29,7 @@ from aae_runtime.contract.modelfolder import LOCK, holds_model, writer_lock
 from aae_runtime.images import save_grid
 from aae_runtime.contract.priors import sample_prior
 from aae_train import distributed
-from aae_train.checkpoint import BEST_NAME, CHECKPOINT_NAME, config_of, load_checkpoint, save_checkpoint
+from aae_train.checkpoint import BEST_NAME, CHECKPOINT_NAME, REPLACED, config_of, load_checkpoint, save_checkpoint
 from aae_train.config import CUDA_GRAPH, RunConfig
 from aae_train.data import Dataset, class_labels, load_dataset
 from aae_train.families import get_family
@@ -46,7 +46,6 @@ CONFIG_NAME = "config.json"
 RUN_FILES = (CONFIG_NAME, METRICS_NAME, CHECKPOINT_NAME, BEST_NAME, LOSS_CURVES_NAME, LATENT_NAME, SAMPLES_NAME,
              RECONSTRUCTIONS_NAME)
 LATENT_PLOT_POINTS = 2000  # held-out codes drawn in latent.png
-REPLACED = ".replaced"  # --overwrite: the old run's files wait here until the new run's first checkpoint
 
 
 def lr_factor(schedule: str, epoch: int, epochs: int, min_factor: float) -> float:

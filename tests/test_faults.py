@@ -201,3 +201,11 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_the_old_one_stays(t
         with pytest.raises(CheckpointError, match=r"cannot write .*checkpoint.pt .*the file it would replace is kept whole"):
             save_checkpoint({"epoch": 2}, path)
         assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_a_run_set_aside_by_a_killed_overwrite_is_named_where_its_checkpoint_is_missing(tmp_path):
+    from aae_train.checkpoint import REPLACED, CheckpointError, load_checkpoint, save_checkpoint
+
+    save_checkpoint({"epoch": 1}, tmp_path / REPLACED / "checkpoint.pt")  # what --overwrite moved aside, then SIGKILL
+    with pytest.raises(CheckpointError, match=f"the run it replaced waits in .*{REPLACED}"):
+        load_checkpoint(tmp_path)
