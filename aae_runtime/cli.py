@@ -30,7 +30,7 @@ import numpy as np
 import typer
 
 from aae_runtime import __version__
-from aae_runtime.clierrors import EXIT_CANNOT_RUN, OneLineErrorsTyper, Terminated, print_error
+from aae_runtime.clierrors import EXIT_CANNOT_RUN, OneLineErrorsTyper, Terminated, print_error, signal_name
 from aae_runtime.console import Console, Table, counted, display_path, literal
 from aae_runtime.contract.errors import AAEError
 from aae_runtime.images import IMAGE_SUFFIXES, find_images, first_shared, save_grid
@@ -221,13 +221,15 @@ class _StopSignals:
         self.pending = self.pending or exc
 
     @contextlib.contextmanager
-    def held(self):
+    def held(self, deliver: bool = True):
+        """Signals wait until the block is done, then are raised (``deliver``) or wait for the
+        next held block's end."""
         self.holding += 1
         try:
             yield
         finally:
             self.holding -= 1
-        if not self.holding and self.pending is not None:
+        if deliver and not self.holding and self.pending is not None:
             exc, self.pending = self.pending, None
             raise exc
 
@@ -266,9 +268,9 @@ def _collect(rows, output: Path | None, threshold: float, classes, batch_size: i
             if status is not None:
                 status.images(len(results))
     except KeyboardInterrupt as exc:
-        stopped = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
+        stopped = signal_name(exc)
     finally:
-        with signals.held():
+        with signals.held(deliver=False):  # a signal now waits for `_end`, which reports the rows first
             if status is not None:
                 err.clear_status()
             if stream is not None:
@@ -286,7 +288,7 @@ def _end(results: list[ImageScore], output: Path | None, stream, stopped: str | 
                 print_rows(results)
             _finish(results, output, stream, stopped)
     except KeyboardInterrupt as exc:  # it came after the run had ended: nothing is lost
-        late = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
+        late = signal_name(exc)
         err.print(f"[red]error:[/red] interrupted ({late}) after the run had ended", highlight=False)
         raise typer.Exit(EXIT_TERMINATED if late == "SIGTERM" else EXIT_INTERRUPTED) from None
 
@@ -346,7 +348,7 @@ def _finish(results: list[ImageScore], output: Path | None, stream, stopped: str
             err.print(f"wrote {counted(len(results), 'row')} to {literal(str(where))}", highlight=False)
     if stopped is not None:
         err.print(f"[red]error:[/red] interrupted ({stopped}) after {counted(len(results), 'image')}"
-                  + (f"; their rows are in {literal(str(stream.target))}" if stream is not None and stream.error is None else ""),
+                  + (f"; their rows are in {literal(str(stream.written))}" if stream is not None and stream.error is None else ""),
                   highlight=False)
         raise typer.Exit(EXIT_TERMINATED if stopped == "SIGTERM" else EXIT_INTERRUPTED)
     if stream is not None and stream.error is not None:

@@ -122,11 +122,15 @@ def _interrupt_behind(exc: BaseException) -> KeyboardInterrupt | None:
     return None
 
 
+def signal_name(exc: KeyboardInterrupt) -> str:
+    """Which signal stopped a command: "SIGTERM" (`Terminated`) or "Ctrl-C"."""
+    return "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
+
+
 def _interrupted(exc: KeyboardInterrupt) -> int:
     """Say so; the exit code: 130 for Ctrl-C, 143 for SIGTERM."""
-    term = isinstance(exc, Terminated)
-    print_error(f"interrupted ({'SIGTERM' if term else 'Ctrl-C'})")
-    return 143 if term else 130
+    print_error(f"interrupted ({signal_name(exc)})")
+    return 143 if isinstance(exc, Terminated) else 130
 
 
 class ReadableCommand(_Readable, typer.core.TyperCommand):

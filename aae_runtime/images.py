@@ -415,33 +415,43 @@ def save_image(image: np.ndarray, path: str | Path) -> Path:
     return save_grid(image[None], path, ncols=1, pad=0)
 
 
-def _identity(path: Path):
-    """What makes a file itself, however a path spells it or links to it: its device and inode
-    (hard links and symlinks alike), else its resolved path (a file that cannot be seen)."""
+def file_identity(path: str | Path) -> tuple[int, int] | None:
+    """The file a path names (device, inode), links followed (hard links and symlinks alike);
+    None when it cannot be seen or the file system numbers no inodes (0: never taken for links)."""
     try:
         st = os.stat(path)
-        return st.st_dev, st.st_ino
     except (OSError, ValueError):
-        return os.path.realpath(path)
+        return None
+    return (st.st_dev, st.st_ino) if st.st_ino else None
+
+
+def _same_file_key(path: Path):
+    """What makes a file itself, however a path spells it: `file_identity`, else its resolved path."""
+    return file_identity(path) or os.path.realpath(path)
 
 
 def first_shared(first: list[Path], second: list[Path]) -> Path | None:
     """The first file of ``second`` that is also in ``first`` (the same file, however each path
     spells it, symlinks and hard links included), or None: an image given as normal and as anomalous."""
-    seen = {_identity(p) for p in first}
-    return next((p for p in second if _identity(p) in seen), None)
+    seen = {_same_file_key(p) for p in first}
+    return next((p for p in second if _same_file_key(p) in seen), None)
 
 
 def distinct_files(paths: list[Path]) -> list[Path]:
     """``paths`` without the later spellings of a file already listed (a folder given twice, a
     file also reached through its folder, a link): each image counts once in a calibration or
     an evaluation."""
+    return _unique(paths, _same_file_key)
+
+
+def _unique(items, key) -> list:
+    """``items`` in order, each ``key`` once (its first item)."""
     seen, kept = set(), []
-    for p in paths:
-        key = _identity(p)
-        if key not in seen:
-            seen.add(key)
-            kept.append(p)
+    for item in items:
+        k = key(item)
+        if k not in seen:
+            seen.add(k)
+            kept.append(item)
     return kept
 
 
@@ -455,19 +465,10 @@ def find_images(paths: list[str | Path], follow_links: bool = True) -> list[Path
     splits of existing checkpoints were drawn).
     """
     found: list[Path] = []
-    seen: set[str] = set()
     for entry in paths:
         p = Path(entry)
-        if _is_dir(p):
-            files = sorted(_walk(p, follow_links))
-        else:
-            files = [p]
-        for f in files:
-            key = str(f)
-            if key not in seen:
-                seen.add(key)
-                found.append(f)
-    return found
+        found += sorted(_walk(p, follow_links)) if _is_dir(p) else [p]
+    return _unique(found, str)
 
 
 def _is_dir(path: Path) -> bool:

@@ -21,7 +21,7 @@ import numpy as np
 
 from aae_runtime.contract.errors import InputError
 from aae_runtime.contract.preprocessing import Preprocessing, pixels_to_input
-from aae_runtime.images import find_images, load_image
+from aae_runtime.images import file_identity, find_images, load_image
 from aae_train.config import DataConfig
 from aae_train.crops import CropSampler, once, split_photos
 from aae_train.mnist import DataError, ensure_mnist, load_mnist
@@ -139,7 +139,7 @@ def load_folder_dataset(cfg: DataConfig, data_dir: str | None = None, loader: st
     tr, va = (ix if split in splits else ix[:0] for ix, split in ((tr, "train"), (va, "val")))
     linked = 0
     if len(tr):  # after the split too: the held-out images stay where they were (export reads no training image)
-        kept = once({i: _identity(files[i]) for i in (*tr, *va)}, tr, va)
+        kept = once({i: file_identity(files[i]) for i in (*tr, *va)}, tr, va)
         tr, linked = np.asarray(kept, dtype=tr.dtype), len(tr) - len(kept)
     subdirs = sorted({f.relative_to(root).parts[0] for f in files_seen if len(f.relative_to(root).parts) > 1} - {cfg.unlabelled_dir})
     label_of = {name: i for i, name in enumerate(subdirs)}
@@ -200,7 +200,7 @@ def _load_photo_crops(cfg: DataConfig, root: Path, files: list[Path], pre: Prepr
             continue
         photos.append(np.rint((x - pre.offset) / pre.scale).clip(0, 255).astype(np.uint8))  # 1 byte a pixel in memory
         names.append(str(f.relative_to(root)))
-        keys.append(_identity(f))
+        keys.append(file_identity(f))
     notes = []
     if skipped:
         notes.append(f"skipped {len(skipped)} of {len(files)} files under {root} that could not be read "
@@ -215,16 +215,6 @@ def _load_photo_crops(cfg: DataConfig, root: Path, files: list[Path], pre: Prepr
     return Dataset(train=empty, val=split.val, train_labels=None, val_labels=None, preprocessing=pre,
                    path=str(root.resolve()), notes=tuple(notes), crops=split.sampler, windows=split.windows,
                    held_out=split.note)
-
-
-def _identity(path: Path) -> tuple[int, int] | None:
-    """The file a path names (device, inode), links followed; None when it cannot be seen (its read
-    says why) or the file system numbers no inodes (0)."""
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino) if st.st_ino else None
 
 
 def _linked_note(linked: int, root: Path) -> list[str]:

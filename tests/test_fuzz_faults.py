@@ -145,3 +145,17 @@ def test_a_signal_while_a_row_is_recorded_leaves_the_row_in_both_or_neither(tiny
         results, stream, stopped = cli._collect(m.iter_score_paths([tmp_path / "in"], batch_size=4), out, m.threshold,
                                                 None, 4, signals)
     assert stopped == "Ctrl-C" and stream.rows == len(results) == len(_rows(out)) == 6
+
+    class SignalledClose(ResultStream):  # the last image scored, Ctrl-C while the file is closed
+        def close(self, complete=True):
+            os.kill(os.getpid(), signal.SIGINT)
+            return super().close(complete)
+
+    monkeypatch.setattr(cli, "ResultStream", SignalledClose)
+    with cli._stop_signals() as signals:
+        results, stream, stopped = cli._collect(m.iter_score_paths([tmp_path / "in"], batch_size=4), out, m.threshold,
+                                                None, 4, signals)
+        assert stopped is None and len(_rows(out)) == len(results) == 12  # the run was whole: it reports so first
+        with pytest.raises(KeyboardInterrupt):  # then the signal, at the end of what prints the rows (`_end`)
+            with signals.held():
+                pass

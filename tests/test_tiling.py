@@ -520,7 +520,7 @@ def test_evaluate_and_score_refuse_outputs_that_overlap_their_inputs(tiled_model
     assert r.returncode == 2 and "--anomalies takes one path each time" in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
-def test_a_file_counts_once_however_it_is_reached_and_a_hard_link_is_the_same_file(tmp_path):
+def test_a_file_counts_once_however_it_is_reached_and_a_hard_link_is_the_same_file(tmp_path, monkeypatch):
     import os
 
     from aae_runtime.images import distinct_files, find_images, first_shared
@@ -532,6 +532,10 @@ def test_a_file_counts_once_however_it_is_reached_and_a_hard_link_is_the_same_fi
     listed = find_images([tmp_path / "good", tmp_path / "good" / "a.png", tmp_path / "bad" / "z.png"])
     assert len(listed) == 3 and [p.name for p in distinct_files(listed)] == ["a.png", "b.png"]  # the same spelling: once already
     assert first_shared(find_images([tmp_path / "good"]), find_images([tmp_path / "bad"])) == tmp_path / "bad" / "z.png"
+    import aae_runtime.images as images
+
+    monkeypatch.setattr(images, "file_identity", lambda path: None)  # a file system that numbers no inodes (0)
+    assert [p.name for p in distinct_files(listed)] == ["a.png", "b.png", "z.png"]  # told apart by their paths
 
 
 def test_masks_are_checked_before_any_photo_is_scored(tiled_model, grass, tmp_path, monkeypatch):
