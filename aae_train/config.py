@@ -69,6 +69,7 @@ class DataConfig:
     crops_per_image: int | None = None  # crops per training photo per epoch (None: aae_train.crops.EPOCH_CROPS in all)
     augment: tuple[str, ...] = ()  # crop augmentations the part allows: "flip", "rot90", "scale" (aae_train.crops)
     orientation: str = "exif"  # folder: photos turned upright by their EXIF tag ("stored": as stored; runs from before)
+    listing: str | None = None  # folder: the image files the run was trained on ("COUNT:DIGEST", aae_train.data.listing_of)
 
     def __post_init__(self) -> None:
         if self.source not in DATA_SOURCES:

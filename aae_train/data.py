@@ -12,8 +12,9 @@ like arrays but decode on demand.
 
 from __future__ import annotations
 
+import hashlib
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 from pathlib import Path
 
@@ -43,6 +44,7 @@ class Dataset:
     crops: CropSampler | None = None  # --crop: draws each epoch's training crops (``train`` is then empty)
     windows: Sequence[np.ndarray] = ()  # --crop: held-out photos (C, h, w) float32 that export scores whole for the threshold
     held_out: str | None = None  # what was held out, said to the user when it is not simply "M images"
+    listing: str | None = None  # folders: the file listing the splits were drawn over (`listing_of`)
 
     @property
     def streamed(self) -> bool:
@@ -121,13 +123,14 @@ def load_folder_dataset(cfg: DataConfig, data_dir: str | None = None, loader: st
                         "has moved since training)")
     pre = folder_preprocessing(cfg)
     files = find_images([root], follow_links=False)  # the listing the hold-out split has always been drawn over
+    listing = _same_listing(cfg, root, files)
     if cfg.limit is not None and cfg.limit < len(files):
         keep = np.sort(np.random.default_rng(cfg.split_seed).choice(len(files), size=cfg.limit, replace=False))
         files = [files[i] for i in keep]
     if cfg.crop is not None:  # one photo is enough: a band of it is held out
         if not files:
             raise DataError(f"found no image files under {root} (suffixes: png, jpg, bmp, tif, ...)")
-        return _load_photo_crops(cfg, root, files, pre)
+        return replace(_load_photo_crops(cfg, root, files, pre), listing=listing)
     if len(files) < 2:
         raise DataError(f"found {len(files)} image file(s) under {root}; need at least 2 (suffixes: png, jpg, bmp, tif, ...)")
     tr, va = split_indices(len(files), cfg.val_fraction, cfg.split_seed)
@@ -185,8 +188,30 @@ def load_folder_dataset(cfg: DataConfig, data_dir: str | None = None, loader: st
         train=train_x, val=val_x,
         train_labels=train_y if has_labels else None, val_labels=val_y if has_labels else None,
         preprocessing=pre, path=str(root.resolve()), notes=tuple(notes),
-        class_names=tuple(subdirs) if has_labels else None,
+        class_names=tuple(subdirs) if has_labels else None, listing=listing,
     )
+
+
+def listing_of(root: Path, files: Sequence[Path]) -> str:
+    """The file listing a folder's splits are drawn over, as "COUNT:DIGEST" (the names relative to
+    ``root``, in order): a file added, removed or renamed changes it, a moved folder does not."""
+    names = "\n".join(f.relative_to(root).as_posix() for f in files)
+    return f"{len(files)}:{hashlib.sha256(names.encode('utf-8', 'surrogateescape')).hexdigest()[:16]}"
+
+
+def _same_listing(cfg: DataConfig, root: Path, files: Sequence[Path]) -> str:
+    """The folder's listing, refused when it is not the one the checkpoint's run was trained on
+    (``cfg.listing``; runs from before it was recorded are not checked): the hold-out split
+    would be drawn again, and images the run trained on held out as unseen (resume's
+    validation and best.pt, export's threshold)."""
+    listing = listing_of(root, files)
+    if cfg.listing is not None and cfg.listing != listing:
+        then = cfg.listing.split(":")[0]
+        counts = f"{then} then, {len(files)} now" if then != str(len(files)) else f"{then} then and now, not all of the same names"
+        raise DataError(f"the image folder {root} no longer lists the image files this run was trained on ({counts}): "
+                        "its held-out images would be drawn again, among them images "
+                        "it trained on; restore the folder as it was (move the new files elsewhere), or train a new run on it")
+    return listing
 
 
 def _load_photo_crops(cfg: DataConfig, root: Path, files: list[Path], pre: Preprocessing) -> Dataset:

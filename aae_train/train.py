@@ -469,7 +469,8 @@ def train(cfg: RunConfig, run_dir: str | Path, data_dir: str | None = None, resu
     if tuple(data.preprocessing.shape) != tuple(cfg.model.image_shape):
         raise TrainingError(f"the model expects images of shape {tuple(cfg.model.image_shape)} but the data are "
                             f"{data.preprocessing.shape}: set image_shape to the data's (C, H, W)")
-    cfg = cfg.replace(data=replace(cfg.data, path=data.path, preprocessing=data.preprocessing.to_dict()))
+    cfg = cfg.replace(data=replace(cfg.data, path=data.path, preprocessing=data.preprocessing.to_dict(),
+                                   listing=data.listing))
     configured = get_family(cfg.family).configure(cfg, data)
     if state is not None and configured.options != cfg.options:  # e.g. a folder's class sub-folders changed
         raise TrainingError(f"--resume {resume}: the data no longer matches the checkpoint (its classes were "

@@ -206,3 +206,35 @@ def test_an_image_linked_under_a_second_name_is_used_once_and_never_both_held_ou
     train, held = [p.tobytes() for p in data.crops.photos], [p.tobytes() for p in data.windows.photos]
     assert data.held_out.startswith("2 whole photos held out")  # drawn over all 6 files, as runs before this rule were
     assert not set(train) & set(held) and len(set(train)) == len(train) >= 1
+
+
+def test_resume_and_export_refuse_a_folder_whose_files_changed_and_take_a_moved_one(tmp_path, mnist_test):
+    """The held-out split is drawn over the folder's listing: with a file added it would be drawn
+    again, and images the run trained on would become its validation images (best.pt) and
+    export's threshold images. Refused in one line; the same files under another path are fine."""
+    from export.cli import app as export_app
+
+    folder = tmp_path / "f"
+    for i in range(24):
+        write_png(folder / f"{i:02d}.png", mnist_test[0][i])
+    common = ["--size", "16", "--hidden", "16", "--latent-dim", "3", "--batch-size", "8", "--device", "cpu"]
+    result = runner.invoke(app, ["folder", str(folder), *common, "--epochs", "1", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    listing = json.loads((tmp_path / "run" / "config.json").read_text())["data"]["listing"]
+    assert listing.startswith("24:")
+    write_png(folder / "24.png", mnist_test[0][24])  # one more image: the split would change
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    result = runner.invoke(app, ["folder", str(folder), "--resume", str(checkpoint), "--epochs", "2"])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    text = " ".join(result.output.split())
+    assert "no longer lists the image files this run was trained on (24 then, 25 now" in text
+    assert "restore the folder as it was" in text
+    result = runner.invoke(export_app, ["--checkpoint", str(checkpoint), "--data-dir", str(folder),
+                                        "--out", str(tmp_path / "model")])
+    assert result.exit_code != 0 and "no longer lists" in " ".join(result.output.split())
+    assert not (tmp_path / "model").exists()
+    (folder / "24.png").unlink()
+    folder.rename(tmp_path / "moved")  # the same files elsewhere: resumed
+    result = runner.invoke(app, ["folder", str(tmp_path / "moved"), "--resume", str(checkpoint), "--epochs", "2"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["listing"] == listing
