@@ -26,6 +26,8 @@ from aae_runtime.images import distinct_files, find_images, first_shared
 from aae_runtime.regions import PixelAUROC, auroc
 
 MASK_SUFFIXES = ("", "_mask", ".mask", "_gt")
+FEW_PHOTOS = 20  # of each kind: fewer, and one photo moves the image AUROC by more than 0.05
+NO_MARK = "a mask is white (> 127, or 1 in a mask of 0s and 1s) on the defect; fix the masks"
 
 
 @dataclass
@@ -112,14 +114,21 @@ def evaluate(model, normal: list[str | Path], anomalies: list[str | Path], masks
     if pixels is not None and not result.masked:
         result.notes.append(f"no defective photo has a mask under {masks} (same relative path, or the same file name "
                             f"with {', '.join(repr(s) for s in MASK_SUFFIXES if s)} added): no pixel AUROC")
-    if pixels is not None and result.masked and not pixels.has_positives:
-        raise InputError(f"the masks under {masks} mark no defect pixel (white, > 127, or 1 in a mask of 0s and 1s, on the defect): fix the masks")
+    if pixels is not None and result.masked and not pixels.has_positives:  # marks too small to survive the resize
+        result.notes.append(f"the masks under {masks} mark no pixel at the maps' size "
+                            f"({'x'.join(map(str, model.metadata.preprocessing.shape[1:]))}): no pixel AUROC")
+        result.masked = 0
     if result.masked and unmasked:
         result.notes.append(f"{counted(len(unmasked), 'defective photo')} without a mask under {masks} (first: {unmasked[0]}): "
                             "they count for the image figures only")
     if blank:
         result.notes.append(f"{counted(len(blank), 'defective photo')} with a mask that marks no pixel (first: {blank[0]}): their "
-                            "pixels count as defect-free; a mask is white (> 127, or 1 in a 0/1 mask) on the defect")
+                            f"pixels count as defect-free; {NO_MARK.split(';')[0]}")
+    few = min(result.normal, result.anomalous)
+    if few < FEW_PHOTOS:
+        result.notes.append(f"{counted(result.normal, 'normal photo')} and {result.anomalous} defective: one photo "
+                            f"scored otherwise moves the image AUROC by up to {1 / few:.2g}; measure on "
+                            f"{FEW_PHOTOS} or more of each for a figure to rely on")
     try:
         result.image_auroc = auroc(np.asarray(scores), np.asarray(labels))
         if pixels is not None and result.masked:
@@ -205,6 +214,7 @@ def _check_masks(files: list[Path], roots: list[Path], masks: Path, by_stem: dic
     from aae_runtime.images import photo_size
 
     owner: dict[Path, Path] = {}
+    marked = False
     for path in files:
         mask = _mask_path(path, roots, masks, by_stem)
         if mask is None:
@@ -218,6 +228,9 @@ def _check_masks(files: list[Path], roots: list[Path], masks: Path, by_stem: dic
         if size is not None and m.shape != size:
             raise InputError(f"mask {mask} is {m.shape[1]} x {m.shape[0]} pixels but its photo {path} is "
                              f"{size[1]} x {size[0]}: give masks of the photos' own size")
+        marked = marked or bool(_marked(m).any())
+    if owner and not marked:
+        raise InputError(f"the masks under {masks} mark no defect pixel: {NO_MARK}")
 
 
 def _mask_for(path: Path, roots: list[Path], masks: Path, by_stem: dict[str, list[Path]], shape: tuple[int, int],
@@ -234,5 +247,10 @@ def _mask_for(path: Path, roots: list[Path], masks: Path, by_stem: dict[str, lis
                          f"{shape[1]} x {shape[0]}: give masks of the photos' own size")
     if m.shape != shape:
         m = np.asarray(Image.fromarray(m).resize((shape[1], shape[0]), Image.Resampling.NEAREST))
-    return m > (0 if m.max(initial=0) == 1 else 127)  # a 0/1 mask (a common label format) is read as one
+    return _marked(m)
+
+
+def _marked(mask: np.ndarray) -> np.ndarray:
+    """The defect pixels of an 8-bit mask: white (> 127), or 1 in a mask of 0s and 1s (a common label format)."""
+    return mask > (0 if mask.max(initial=0) == 1 else 127)
 

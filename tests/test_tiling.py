@@ -560,3 +560,34 @@ def test_masks_are_checked_before_any_photo_is_scored(tiled_model, grass, tmp_pa
     write_png(tmp_path / "masks" / "stain" / "d0.png", mask[:40])
     with pytest.raises(InputError, match="give masks of the photos' own size"):
         evaluate(model, [tmp_path / "normal"], [tmp_path / "defects"], tmp_path / "masks")
+
+
+def test_masks_whose_marks_vanish_at_an_untiled_maps_size_leave_the_other_figures(tiny_model_dir, mnist_test, tmp_path):
+    """An untiled model's map has the model input's size, so a mask is resized to it: a mark of
+    one pixel can fall between the nearest-neighbour samples. The run then reports every other
+    figure and says why there is no pixel AUROC, instead of failing after scoring everything."""
+    from PIL import Image
+
+    from aae_runtime.cli import app
+
+    images, _ = mnist_test
+    (tmp_path / "defects").mkdir()
+    for i in range(3):
+        write_png(tmp_path / "normal" / f"n{i}.png", images[i])
+        Image.fromarray(images[10 + i]).resize((280, 280)).save(tmp_path / "defects" / f"d{i}.png")
+        mask = np.zeros((280, 280), np.uint8)
+        mask[0, 0] = 255  # nearest-neighbour to 28 x 28 samples pixel 5, 15, ...: the mark is lost
+        write_png(tmp_path / "masks" / f"d{i}.png", mask)
+    r = runner.invoke(app, ["evaluate", str(tmp_path / "normal"), "--anomalies", str(tmp_path / "defects"), "--model",
+                            str(tiny_model_dir), "--masks", str(tmp_path / "masks"), "--output", str(tmp_path / "e.json")])
+    assert r.exit_code == 0, r.output
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["pixel_auroc"] is None and result["image_auroc"] is not None and result["anomalous_images"] == 3
+    assert "mark no pixel at the maps' size (28x28): no pixel AUROC" in " ".join(r.output.split()), r.output
+    assert "3 normal photos and 3 defective: one photo scored otherwise moves the image AUROC by up to 0.33" in (
+        " ".join(r.output.split()))
+    for i in range(20):  # enough of each: no such note
+        write_png(tmp_path / "n20" / f"n{i}.png", images[i])
+        write_png(tmp_path / "d20" / f"d{i}.png", images[100 + i])
+    r = runner.invoke(app, ["evaluate", str(tmp_path / "n20"), "--anomalies", str(tmp_path / "d20"), "--model", str(tiny_model_dir)])
+    assert r.exit_code == 0 and "moves the image AUROC" not in r.output, r.output
