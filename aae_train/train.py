@@ -524,7 +524,7 @@ def train(cfg: RunConfig, run_dir: str | Path, data_dir: str | None = None, resu
             if locked and not checkpoint.exists():  # failed before its first checkpoint: the replaced run comes back
                 _restore_replaced(run_dir)
                 if created:
-                    _remove_run_folder(run_dir)
+                    _remove_run_folder(run_dir, trainer.created_folder)
             raise
         if main:
             try:
@@ -577,9 +577,9 @@ def _interrupted(run_dir: Path, checkpoint: Path, trainer: "Trainer", created: b
                                    f"go on with --resume {checkpoint}")
     if _restore_replaced(run_dir):
         return TrainingInterrupted(f"interrupted before the first epoch ended: {run_dir} holds the run it held before")
-    if created:  # nothing worth keeping: no half-made run folder
-        _remove_run_folder(run_dir)
-        return TrainingInterrupted(f"interrupted before the first epoch ended: nothing saved ({run_dir} removed)")
+    if created:  # nothing worth keeping: no half-made run folder, nor the folders made for it
+        removed = _remove_run_folder(run_dir, trainer.created_folder)
+        return TrainingInterrupted(f"interrupted before the first epoch ended: nothing saved ({removed} removed)")
     return TrainingInterrupted(f"interrupted before the first epoch ended: no checkpoint saved in {run_dir}")
 
 
@@ -594,16 +594,23 @@ def _restore_replaced(run_dir: Path) -> bool:
     return True
 
 
-def _remove_run_folder(run_dir: Path) -> None:
-    """Remove a run folder this run created, that holds no checkpoint (files of others stay)."""
+def _remove_run_folder(run_dir: Path, created: Path | None = None) -> Path:
+    """Remove a run folder this run created, that holds no checkpoint (files of others stay),
+    and the empty folders above it up to ``created`` (the outermost one it made for ``--out``);
+    the outermost folder removed."""
     if not run_dir.is_dir():  # never made (a file in the way)
-        return
+        return run_dir
     for name in (*RUN_FILES, LOCK):
         (run_dir / name).unlink(missing_ok=True)
-    try:
-        run_dir.rmdir()
-    except OSError:  # not empty: files of someone else's
-        pass
+    above = [p for p in run_dir.parents if created is not None and (p == created or created in p.parents)]
+    removed = run_dir
+    for folder in (run_dir, *above):  # innermost first
+        try:
+            folder.rmdir()
+        except OSError:  # not empty: files of someone else's
+            break
+        removed = folder
+    return removed
 
 
 def _train_epochs(trainer: "Trainer", cfg: RunConfig, run_dir: Path, on_step, on_epoch, write: bool = True) -> None:

@@ -38,16 +38,18 @@ def old_run(tmp_path_factory, mnist_dir) -> Path:
 
 
 def test_a_second_training_into_a_folder_in_use_is_refused_in_one_line(mnist_dir, tmp_path):
-    first = train(mnist_dir, tmp_path / "run", *SLOW)
+    run_dir = tmp_path / "made" / "for it" / "run"  # two folders above it made for --out: removed with it
+    first = train(mnist_dir, run_dir, *SLOW)
     until_training(first)
     second = subprocess.run(["aae-train", "mnist", "--data-dir", str(mnist_dir), "--threads", "1", "--out",
-                             str(tmp_path / "run"), "--hidden", "32", "--limit", "500", "--epochs", "1", "--overwrite"],
+                             str(run_dir), "--hidden", "32", "--limit", "500", "--epochs", "1", "--overwrite"],
                             capture_output=True, text=True, timeout=300)
     assert second.returncode == 2 and "in use by another training" in second.stderr, second.stderr
     assert second.stderr.count("error:") == 1 and "Traceback" not in second.stderr
     first.send_signal(signal.SIGINT)
     _, err = first.communicate(timeout=120)
-    assert first.returncode == 130 and "nothing saved" in err and not (tmp_path / "run").exists(), err
+    assert first.returncode == 130 and f"nothing saved ({tmp_path / 'made'} removed)" in err, err
+    assert list(tmp_path.iterdir()) == [], err
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
