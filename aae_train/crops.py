@@ -127,7 +127,8 @@ class CropSplit:
 def once(keys, train, held_out) -> list:
     """``train`` (indices into ``keys``, one file identity each, None where unknown) without the
     files that are another listed one under a second name (a symbolic or hard link): an image
-    held out is never also trained on, and none is trained on twice."""
+    held out is never also trained on, and none is trained on twice (``once(keys, held_out, [])``:
+    none held out twice)."""
     seen = {keys[i] for i in held_out if keys[i] is not None}
     kept = []
     for i in train:
@@ -154,9 +155,10 @@ def split_photos(photos: list[np.ndarray], names: list[str], crop: int, per_phot
         kept = sorted(order[n_val:]) if keys is None else once(keys, sorted(order[n_val:]), order[:n_val])
         if not kept:
             raise DataError("every training photo is another name (a link) of a held-out one: remove the links, or add photos")
-        linked = len(photos) - n_val - len(kept)
+        held_out = sorted(order[:n_val]) if keys is None else once(keys, sorted(order[:n_val]), [])  # each held out once
+        linked = len(photos) - len(held_out) - len(kept)
         train = [photos[i] for i in kept]
-        held = [photos[i] for i in sorted(order[:n_val])]
+        held = [photos[i] for i in held_out]
         windows = held
         note = f"{len(held)} whole photos held out for validation and threshold"
     else:

@@ -140,10 +140,13 @@ def load_folder_dataset(cfg: DataConfig, data_dir: str | None = None, loader: st
     tr, va = tr[~hidden[tr]], va[~hidden[va]]
     files_seen = [f for f, h in zip(files, hidden) if not h]
     tr, va = (ix if split in splits else ix[:0] for ix, split in ((tr, "train"), (va, "val")))
-    linked = 0
-    if len(tr):  # after the split too: the held-out images stay where they were (export reads no training image)
-        kept = once({i: file_identity(files[i]) for i in (*tr, *va)}, tr, va)
-        tr, linked = np.asarray(kept, dtype=tr.dtype), len(tr) - len(kept)
+    # links after the split too: the held-out images stay where they were (export reads no training image),
+    # each held out once, and none of them trained on
+    keys = {i: file_identity(files[i]) for i in (*tr, *va)}
+    held = once(keys, va, [])
+    kept = once(keys, tr, va)
+    linked = len(va) - len(held) + len(tr) - len(kept)
+    tr, va = np.asarray(kept, dtype=tr.dtype), np.asarray(held, dtype=va.dtype)
     subdirs = sorted({f.relative_to(root).parts[0] for f in files_seen if len(f.relative_to(root).parts) > 1} - {cfg.unlabelled_dir})
     label_of = {name: i for i, name in enumerate(subdirs)}
     skipped: list[str] = []

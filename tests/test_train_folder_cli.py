@@ -195,6 +195,7 @@ def test_an_image_linked_under_a_second_name_is_used_once_and_never_both_held_ou
         data = load_dataset(cfg, str(folder))
     train, val = {x.tobytes() for x in data.train}, {x.tobytes() for x in data.val}
     assert not train & val and len(train) == len(data.train) and len(train | val) == 20
+    assert len(val) == len(data.val)  # none held out twice under two names (the threshold counted it twice)
     # whole photos for crops: a linked photo is one photo, so it cannot be held out and trained on
     (tmp_path / "p").mkdir()
     for i in range(3):
@@ -205,7 +206,7 @@ def test_an_image_linked_under_a_second_name_is_used_once_and_never_both_held_ou
         data = load_dataset(crops, str(tmp_path / "p"))
     train, held = [p.tobytes() for p in data.crops.photos], [p.tobytes() for p in data.windows.photos]
     assert data.held_out.startswith("2 whole photos held out")  # drawn over all 6 files, as runs before this rule were
-    assert not set(train) & set(held) and len(set(train)) == len(train) >= 1
+    assert not set(train) & set(held) and len(set(train)) == len(train) >= 1 and len(set(held)) == len(held)
 
 
 def test_resume_and_export_refuse_a_folder_whose_files_changed_and_take_a_moved_one(tmp_path, mnist_test):
