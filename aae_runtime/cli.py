@@ -597,11 +597,13 @@ def calibrate(
         raise typer.BadParameter(f"{score!r} is not one of {', '.join(SCORES)}", param_hint="--score")
     _check_finite(percentile, "--percentile")
     _one_path_per_option(ctx, "--anomalies")
+    _writable_model(model)
     shared = first_shared(find_images(list(normal)), find_images(list(anomalies or [])))
     if shared is not None:
         raise typer.BadParameter(f"{_named(str(shared))} is given as normal and as anomalous: an F1 threshold "
                                  "needs two different sets of images", param_hint="--anomalies")
     failed, failed_anomalies = [], []
+    before = _version_name(model)
     try:
         with _stop_signals(), _status_cleared():
             m = _load(model, "cpu", threads=threads)
@@ -618,6 +620,12 @@ def calibrate(
     except AAEError as exc:
         _print_skipped(failed + failed_anomalies)  # also when too few were left: which ones failed, and why
         raise _fail(exc)
+    except KeyboardInterrupt as exc:  # say whether the model changed: the switch is one rename, the tidying after it not
+        now = _version_name(model)
+        state = (f"after the switch: {_named(str(model))} holds the new calibration ({now})" if now != before
+                 else "the model is unchanged")
+        err.print(f"[red]error:[/red] interrupted ({signal_name(exc)}): {state}", highlight=False)
+        raise typer.Exit(EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED) from None
     _print_skipped(failed + failed_anomalies)
     t = meta["threshold"]
     n = t["stats"]["count"]
@@ -626,6 +634,27 @@ def calibrate(
     out.print(f"recalibrated {literal(str(model))}: score {meta['score']['name']}, threshold {t['value']:.6g} = {how}", highlight=False)
     if failed or failed_anomalies:
         raise typer.Exit(EXIT_SOME_FAILED)
+
+
+def _writable_model(model: Path) -> None:
+    """Refuse, before any work, a --model that a writer must not update: a version of another
+    model folder (it looks like a folder of the layout before versions)."""
+    from aae_runtime.contract.modelfolder import enclosing_model
+
+    outer = enclosing_model(model)
+    if outer is not None:
+        raise typer.BadParameter(f"{_named(str(model))} lies inside the versions of the model folder {_named(str(outer))}, "
+                                 f"which only its writers change: give --model {_named(str(outer))}", param_hint="--model")
+
+
+def _version_name(model: Path) -> str | None:
+    """The version a model folder's pointer names (None: none, or unreadable)."""
+    from aae_runtime.contract.modelfolder import current_version
+
+    try:
+        return current_version(model).name
+    except AAEError:
+        return None
 
 
 def _print_skipped(failed: list[tuple[str, str]]) -> None:

@@ -152,14 +152,15 @@ class AAEModel:
         if scorer is None and SEGMENTATION in meta_enc.requires:
             raise ModelError(f"{model_dir}: this model's maps come from its segmenter, which only {SCORER_FILE} runs"
                              + ("" if (model_dir / SCORER_FILE).is_file() else f", and {SCORER_FILE} is missing: export the model again"))
-        if scorer is None:
-            encoder, notice = create_session(paths[ENCODER_FILE], cfg)
+        if scorer is None:  # the two graphs score: both now, so a long-running reader never opens a file later
+            encoder, notice = create_session(paths[ENCODER_FILE], cfg)  # that a writer may have pruned since
             _check_graphs(encoder, files[DECODER_FILE], meta_enc)
+            decoder = _session_as_read(paths[DECODER_FILE], cfg, files[DECODER_FILE], meta_enc)
 
         def later(path):
             return lambda: _session_as_read(path, cfg, files[path.name], meta_enc)
 
-        return cls(encoder or later(paths[ENCODER_FILE]), later(paths[DECODER_FILE]), meta_enc, threshold=threshold,
+        return cls(encoder or later(paths[ENCODER_FILE]), decoder or later(paths[DECODER_FILE]), meta_enc, threshold=threshold,
                    notice=notice, scorer=scorer, threshold_percentile=threshold_percentile)
 
     @property
@@ -484,6 +485,9 @@ def _describe(threshold: dict) -> str:
 def _session_as_read(path: Path, cfg: SessionConfig, wire, meta: ModelMetadata):
     """The session of a graph checked from its file at load: what ONNX Runtime reads must be
     what the file said (a file replaced since load is refused, not mixed in)."""
+    if not path.is_file():  # its version pruned by writers since: two newer ones exist
+        raise ModelError(f"{path} is gone: the model folder was updated since this model was loaded (a new export or "
+                         "calibration): load the model again (restart the command)")
     session, _ = create_session(path, cfg)
     same = ([(a.name, a.shape) for a in session.get_inputs()] == [(a.name, a.shape) for a in wire.inputs]
             and session.get_modelmeta().custom_metadata_map.get(METADATA_KEY) == wire.custom_metadata_map.get(METADATA_KEY))

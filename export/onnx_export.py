@@ -21,7 +21,7 @@ import torch
 
 from aae_runtime.calibration import DEFAULT_PERCENTILE
 from aae_runtime.contract.errors import AAEError
-from aae_runtime.contract.modelfolder import current_version, holds_model, write_metadata_json, write_version
+from aae_runtime.contract.modelfolder import current_version, enclosing_model, holds_model, write_metadata_json, write_version
 from aae_runtime.contract.scores import ANOMALY_OUTPUT, HEAD_PARAMS, HEAD_THRESHOLD, SCORE_OUTPUT, head_params
 from export.score_head import add_score_head
 from aae_runtime.contract.preprocessing import Preprocessing
@@ -180,6 +180,10 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_dir: str
 
 def check_model_folder(out_dir: Path, overwrite: bool) -> None:
     """``out_dir`` may receive a model: it holds none (or ``overwrite``), and its parent exists."""
+    outer = enclosing_model(out_dir)
+    if outer is not None:
+        raise ExportError(f"--out {out_dir} lies inside the versions of the model folder {outer}: give {outer} itself "
+                          "(with --overwrite), or another folder")
     if any((out_dir / name).exists() for name in RUN_MARKERS):
         raise ExportError(f"{out_dir} holds a training run ({', '.join(n for n in RUN_MARKERS if (out_dir / n).exists())}): "
                           "write the model into a folder of its own, e.g. --out " + str(out_dir / "model"))

@@ -31,6 +31,7 @@ CALIBRATE = textwrap.dedent("""
         time.sleep(pause)
         real_replace(src, dst)
         print("replaced", os.path.basename(str(dst)), flush=True)
+        time.sleep(float(os.environ.get("PAUSE_AFTER", "0")))
     os.replace = announced_replace
     from aae_runtime.cli import app
     app(["calibrate", sys.argv[1], "--model", sys.argv[2], "--percentile", sys.argv[3]], prog_name="aae-run")
@@ -52,9 +53,10 @@ def model(tiny_model_dir, tmp_path) -> Path:
     return out
 
 
-def calibrate(normal: Path, model: Path, percentile: float, pause: float = 0.0) -> subprocess.Popen:
+def calibrate(normal: Path, model: Path, percentile: float, pause: float = 0.0, pause_after: float = 0.0) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", CALIBRATE, str(normal), str(model), str(percentile)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PAUSE": str(pause)})
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PAUSE": str(pause), "PAUSE_AFTER": str(pause_after)})
 
 
 def wait_for(run: subprocess.Popen, line: str) -> None:
@@ -85,7 +87,7 @@ def test_two_calibrations_at_once_are_serialised_and_both_succeed(model, normal)
     assert all(code == 0 for code, _ in results), results
     assert loads_and_scores(model)["threshold"]["percentile"] == 95  # the second waited, then went last
     versions = sorted(p.name for p in (model / VERSIONS).iterdir())
-    assert len(versions) == modelfolder.KEEP_VERSIONS and versions[-1].startswith("0003-")  # export + 2; oldest pruned
+    assert len(versions) == 2 and versions[-1].startswith("0003-")  # export + 2; oldest pruned
     assert not list(model.glob(STAGING_PREFIX + "*"))
 
 
@@ -189,3 +191,104 @@ def test_a_calibration_overtaken_by_a_new_export_writes_nothing(model):
     assert not list(model.glob(STAGING_PREFIX + "*"))
     rewrite_metadata(model, dict(calibrated, export_id="f" * 32), expected=loaded)  # the same export: last writer wins
     assert loads_and_scores(model)["threshold"]["value"] == 123.0
+
+
+@pytest.mark.parametrize("point,sig,changed", [("replace VERSION", signal.SIGINT, False),
+                                               ("replace " + POINTER, signal.SIGTERM, False),
+                                               ("replaced " + POINTER, signal.SIGINT, True)])
+def test_a_stopped_calibration_says_whether_the_model_changed_and_leaves_no_version_the_pointer_never_named(
+        model, normal, point, sig, changed):
+    before = current_version(model)
+    version = f"{int(before.name[:4]) + 1:04d}-{before.name.split('-', 1)[1]}"
+    run = calibrate(normal, model, 97, pause=1.0, pause_after=1.0)
+    wait_for(run, point.replace("VERSION", version))
+    run.send_signal(sig)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == (130 if sig == signal.SIGINT else 143), err
+    now = current_version(model)
+    if changed:
+        assert f"holds the new calibration ({now.name})" in err and now.name == version, err
+        assert loads_and_scores(model)["threshold"]["percentile"] == 97
+    else:
+        assert "the model is unchanged" in err and now == before, err
+        assert sorted(p.name for p in (model / VERSIONS).iterdir()) == [before.name]  # the new one removed
+
+
+def test_writers_remove_what_a_killed_writer_left_and_keep_the_version_that_was_current(model, normal):
+    """A version renamed into versions/ whose writer died before the pointer named it is never
+    current: the next writer removes it (and the pointer's temporaries), and keeps the version
+    that was current before its own as the previous one."""
+    before = current_version(model)
+    orphan = model / VERSIONS / f"{int(before.name[:4]) + 1:04d}-killed"
+    shutil.copytree(before, orphan)
+    (model / f".{POINTER}.abc123.tmp").write_text("{")
+    run = calibrate(normal, model, 90)
+    assert run.wait(timeout=300) == 0, run.stderr.read()
+    now = current_version(model)
+    assert sorted(p.name for p in (model / VERSIONS).iterdir()) == [before.name, now.name] and now != before
+    assert not list(model.glob(f".{POINTER}.*"))
+
+
+def test_a_writer_refuses_a_version_folder_given_as_the_model(model, normal):
+    """A version holds graphs but no pointer, like a folder of the layout before versions: a
+    writer would 'convert' it and delete the current version's graphs."""
+    version = current_version(model)
+    files = sorted(p.name for p in version.iterdir())
+    r = subprocess.run(["aae-run", "calibrate", str(normal), "--model", str(version)], capture_output=True, text=True)
+    assert r.returncode == 2 and f"lies inside the versions of the model folder {model}" in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and sorted(p.name for p in version.iterdir()) == files
+    from export.onnx_export import check_model_folder  # noqa: F401  (export goes through the same writer)
+    from aae_runtime.contract.modelfolder import write_version
+
+    with pytest.raises(ModelError, match="lies inside the versions"):
+        with write_version(version / "nested", "x"):
+            pass
+
+
+def test_a_damaged_pointer_names_the_versions_the_folder_holds_and_a_bom_is_read(model):
+    version = current_version(model)
+    text = (model / POINTER).read_text()
+    (model / POINTER).write_bytes(b"\xef\xbb\xbf" + text.encode())  # saved by a Windows editor
+    assert current_version(model) == version
+    (model / POINTER).write_text('{"layout": "aae-model-folder", "current": "versions/0009-gone"}')
+    with pytest.raises(ModelError) as info:
+        current_version(model)
+    assert f'"current": "versions/{version.name}"' in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_lock_file_is_never_followed_as_a_link(model, tmp_path):
+    victim = tmp_path / "victim"
+    (model / modelfolder.LOCK).unlink(missing_ok=True)
+    os.symlink(victim, model / modelfolder.LOCK)
+    with pytest.raises(ModelError, match="is a link, not the folder's lock file"):
+        with modelfolder.writer_lock(model):
+            pass
+    assert not victim.exists()
+
+
+def test_a_full_disk_while_writing_a_version_is_one_line_and_changes_nothing(model, normal):
+    """A file-size limit makes the graph writes fail as a full disk does (EFBIG instead of ENOSPC)."""
+    import resource
+
+    before = {p.relative_to(model): p.read_bytes() for p in model.rglob("*") if p.is_file()}
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    r = subprocess.run(["aae-run", "calibrate", str(normal), "--model", str(model)], capture_output=True, text=True,
+                       preexec_fn=limited)
+    assert r.returncode == 2 and f"cannot write a new version into {model} (File too large): the model it holds is " \
+        "unchanged" in r.stderr and "internal error" not in r.stderr, r.stderr
+    assert {p.relative_to(model): p.read_bytes() for p in model.rglob("*") if p.is_file()} == before
+
+
+def test_a_long_running_reader_outlives_the_pruning_of_the_version_it_loaded(model):
+    """A watcher or server keeps the model it loaded while writers prune its version: a model
+    scored by its two graphs opened both at load; a graph opened later says what happened."""
+    two_graphs = AAEModel.load(model, device="cpu", use_scorer=False)
+    fused = AAEModel.load(model, device="cpu")
+    shutil.rmtree(current_version(model))  # as two later writers would
+    x = np.zeros((2, *two_graphs.input_shape), np.float32)
+    assert np.isfinite(two_graphs.score(x)).all() and np.isfinite(fused.score(x)).all()
+    with pytest.raises(ModelError, match=r"is gone: the model folder was updated since this model was loaded"):
+        fused.sample(1, seed=0)

@@ -16,10 +16,13 @@
 names; they never write (a device may mount the folder read-only). **Writers** (`write_version`:
 aae-export, aae-run calibrate, the server's reload) take the lock, write the new version's files
 into a staging folder, flush them to disk, rename the folder into ``versions/`` and then replace
-``MODEL.json`` in one atomic rename; only then are versions older than the previous one removed
-(`KEEP_VERSIONS`). So a reader sees the old model or the new, never a mix; two writers are
-serialised by the lock; a writer killed at any instant leaves ``MODEL.json`` naming a complete
-version, and its staging folder is discarded by the next writer.
+``MODEL.json`` in one atomic rename; only then are the versions but the new one and the one
+current before it removed. So a reader sees the old model or the new, never a mix; two writers
+are serialised by the lock; a writer killed at any instant leaves ``MODEL.json`` naming a
+complete version, and what it left (its staging folder, the pointer's temporary, a version
+renamed into ``versions/`` that the pointer never named) is removed by the next writer. A
+writer refuses a folder inside another's ``versions/``: a version looks like a folder of the
+layout before versions, and converting it would delete its graphs.
 
 A folder without ``MODEL.json`` holds its graphs at the top level (exported before this layout):
 it loads as before, and its first update writes the versioned layout and removes the top-level
@@ -40,14 +43,13 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from aae_runtime.contract.errors import ModelError
-from aae_runtime.contract.fileio import atomic_write
+from aae_runtime.contract.fileio import atomic_write, remove_stale_temporaries
 
 POINTER = "MODEL.json"
 VERSIONS = "versions"
 LOCK = ".lock"
 STAGING_PREFIX = ".staging-"
 LAYOUT, LAYOUT_VERSION = "aae-model-folder", 1
-KEEP_VERSIONS = 2  # the current version and the one before it (readers may still hold it open)
 MAX_POINTER_BYTES = 4096
 _NO_LOCKS = {getattr(errno, name) for name in ("ENOLCK", "ENOSYS", "EOPNOTSUPP", "ENOTSUP", "EINVAL") if hasattr(errno, name)}
 LOCK_TIMEOUT_S = 120.0  # a writer waits this long for another one to finish, then fails cleanly
@@ -75,10 +77,11 @@ def current_version(model_dir: str | Path) -> Path:
     try:
         if len(raw) > MAX_POINTER_BYTES:
             raise ValueError("too large")
-        doc = json.loads(raw.decode("utf-8"))
+        doc = json.loads(raw.decode("utf-8-sig"))  # a byte-order mark: the pointer edited on Windows
         name = doc["current"]
         if doc.get("layout") != LAYOUT or not isinstance(name, str):
             raise ValueError("not a model folder pointer")
+        name = name.rstrip("/")
         folder, version = name.split("/") if name.count("/") == 1 else ("", "")
         if folder != VERSIONS or not _VERSION_NAME.match(version):
             raise ValueError(f"names {name!r}, not a version folder")
@@ -91,11 +94,36 @@ def current_version(model_dir: str | Path) -> Path:
     except ModelError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise ModelError(f"{pointer} is damaged ({exc}): export the model again") from None
+        raise ModelError(f"{pointer} is damaged ({exc}): {_repair(model_dir)}") from None
     target = model_dir / VERSIONS / version
     if not target.is_dir():
-        raise ModelError(f"{pointer} names {name}, which is missing: export the model again")
+        raise ModelError(f"{pointer} names {name}, which is missing: {_repair(model_dir)}")
     return target
+
+
+def _versions(model_dir: Path) -> list[Path]:
+    """The version folders of ``model_dir``, oldest first."""
+    try:
+        found = [p for p in (model_dir / VERSIONS).iterdir() if _VERSION_NAME.match(p.name) and p.is_dir()]
+    except OSError:
+        return []
+    return sorted(found, key=_number)
+
+
+def _number(version: Path) -> int:
+    return int(version.name.split("-")[0])
+
+
+def _repair(model_dir: Path) -> str:
+    """How to mend a folder whose pointer is damaged or names a missing version: name the newest
+    version it holds (a device may have neither torch nor the checkpoint to export again)."""
+    held = [v for v in _versions(model_dir) if (v / GRAPH_NAMES[0]).is_file()]
+    if not held:
+        return "export the model again"
+    newest = held[-1].name
+    return (f"export the model again, or go back to a version the folder holds ({', '.join(v.name for v in held)}) by "
+            f"writing into {POINTER}: {{\"layout\": \"{LAYOUT}\", \"layout_version\": {LAYOUT_VERSION}, "
+            f"\"current\": \"{VERSIONS}/{newest}\"}}")
 
 
 def write_metadata_json(version: Path, metadata: dict) -> Path:
@@ -123,8 +151,10 @@ def writer_lock(model_dir: Path, timeout_s: float = LOCK_TIMEOUT_S, busy: str | 
         yield
         return
     try:
-        fd = os.open(model_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = os.open(model_dir / LOCK, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
     except OSError as exc:
+        if exc.errno == errno.ELOOP:  # never follow it: a folder from elsewhere could make a writer create any file
+            raise ModelError(f"{model_dir / LOCK} is a link, not the folder's lock file: remove it") from None
         raise ModelError(f"cannot write to {model_dir} ({exc.strerror or exc}): it is read-only or not yours") from None
     try:
         start = time.monotonic()
@@ -161,6 +191,10 @@ def write_version(model_dir: str | Path, label: str, new_only: bool = False,
     refuse (ModelError) a folder that holds a model, checked under the lock, so of two writers
     racing for a new folder one wins and the other is refused. ``waiting``: as for `writer_lock`."""
     model_dir = Path(model_dir)
+    outer = enclosing_model(model_dir)
+    if outer is not None:
+        raise ModelError(f"{model_dir} lies inside the versions of the model folder {outer}, which only its writers "
+                         f"change: give {outer} itself (or another folder)")
     try:
         model_dir.mkdir(exist_ok=True)
     except OSError as exc:
@@ -169,17 +203,59 @@ def write_version(model_dir: str | Path, label: str, new_only: bool = False,
         if new_only and holds_model(model_dir):
             raise ModelError(f"{model_dir} already holds a model (written while this one was made): choose another "
                              "--out, or give --overwrite to replace it")
-        for stale in model_dir.glob(STAGING_PREFIX + "*"):  # left by a writer that died (we hold the lock)
-            shutil.rmtree(stale, ignore_errors=True)
-        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=model_dir))
+        previous = _tidy(model_dir)
         try:
-            yield staging
-            _commit(model_dir, staging, label)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=model_dir))
+            try:
+                yield staging
+                _commit(model_dir, staging, label, previous)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        except OSError as exc:
+            if exc.errno not in _DISK_ERRORS:
+                raise
+            raise ModelError(f"cannot write a new version into {model_dir} ({exc.strerror or exc}): the model it "
+                             "holds is unchanged; free space (or fix the folder's permissions) and run this again") from None
 
 
-def _commit(model_dir: Path, staging: Path, label: str) -> None:
+_DISK_ERRORS = {getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM", "EFBIG", "EIO")
+                if hasattr(errno, name)}
+
+
+def enclosing_model(path: str | Path) -> Path | None:
+    """The model folder whose ``versions/`` holds ``path`` (a version, or a folder in one), or None:
+    such a folder looks like a model of the layout before versions, and a writer converting it
+    would delete the graphs of the version it is."""
+    path = Path(os.path.abspath(path))
+    for folder in (path, *path.parents):
+        if folder.name == VERSIONS and (folder.parent / POINTER).is_file():
+            return folder.parent
+    return None
+
+
+def _tidy(model_dir: Path) -> str | None:
+    """Under the lock, before a write: remove what writers that died left (staging folders, the
+    pointer's temporaries, versions written but never named by the pointer); the name of the
+    current version, None when the folder has no pointer (or a damaged one: nothing is removed)."""
+    for stale in model_dir.glob(STAGING_PREFIX + "*"):  # left by a writer that died (we hold the lock)
+        shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_temporaries([model_dir / POINTER])
+    if not (model_dir / POINTER).exists():
+        for orphan in _versions(model_dir):  # an interrupted first write, of a folder of the old layout
+            shutil.rmtree(orphan, ignore_errors=True)
+        return None
+    try:
+        current = current_version(model_dir)
+    except ModelError:  # damaged: nothing removed, and the newest version is kept as the one before
+        held = _versions(model_dir)
+        return held[-1].name if held else None
+    for orphan in _versions(model_dir):  # renamed into versions/, killed before the pointer named it
+        if _number(orphan) > _number(current):
+            shutil.rmtree(orphan, ignore_errors=True)
+    return current.name
+
+
+def _commit(model_dir: Path, staging: Path, label: str, previous: str | None) -> None:
     files = sorted(p for p in staging.iterdir())
     if not any(p.name == "encoder.onnx" for p in files):
         raise ModelError(f"internal: a model version without encoder.onnx for {model_dir}")
@@ -193,23 +269,30 @@ def _commit(model_dir: Path, staging: Path, label: str) -> None:
     name = f"{max(numbers, default=0) + 1:04d}-{tag}"
     os.chmod(staging, 0o777 & ~_umask())
     os.replace(staging, versions / name)
-    _fsync_dir(versions)
-    pointer = {"layout": LAYOUT, "layout_version": LAYOUT_VERSION, "current": f"{VERSIONS}/{name}"}
-    text = (json.dumps(pointer, indent=1) + "\n").encode()
-    atomic_write(model_dir / POINTER, lambda f: f.write(text), fsync=True)
+    try:
+        _fsync_dir(versions)
+        pointer = {"layout": LAYOUT, "layout_version": LAYOUT_VERSION, "current": f"{VERSIONS}/{name}"}
+        text = (json.dumps(pointer, indent=1) + "\n").encode()
+        atomic_write(model_dir / POINTER, lambda f: f.write(text), fsync=True)
+    except BaseException:  # unless the pointer was replaced (a signal just after the rename), it was never current
+        try:
+            named = current_version(model_dir).name
+        except ModelError:
+            named = None
+        if named != name:
+            shutil.rmtree(versions / name, ignore_errors=True)
+        raise
     _fsync_dir(model_dir)
-    _prune(model_dir, name)
+    _prune(model_dir, {name, previous})
 
 
-def _prune(model_dir: Path, current: str) -> None:
-    """After a switch: the top-level graphs of the old layout go, and versions before the last
-    KEEP_VERSIONS (a reader that opened one of those has long since loaded it)."""
+def _prune(model_dir: Path, keep: set[str | None]) -> None:
+    """After a switch: the top-level graphs of the old layout go, and every version but the new
+    one and the one current before it (``keep``: readers may still hold that one open)."""
     for name in GRAPH_NAMES:
         (model_dir / name).unlink(missing_ok=True)
-    versions = sorted((p for p in (model_dir / VERSIONS).iterdir() if _VERSION_NAME.match(p.name)),
-                      key=lambda p: int(p.name.split("-")[0]))
-    for old in versions[:-KEEP_VERSIONS]:
-        if old.name != current:
+    for old in _versions(model_dir):
+        if old.name not in keep:
             shutil.rmtree(old, ignore_errors=True)
 
 
