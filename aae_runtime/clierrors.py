@@ -12,6 +12,7 @@ command it runs (`_LazyCommands`): building all nine of `aae-run`'s took 12 ms o
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator, MutableMapping
@@ -74,6 +75,37 @@ def _metavar(param: Any) -> str | None:
     return _METAVARS.get(getattr(kind, "name", ""), "VALUE")
 
 
+def _refuse_empty(kind: Any) -> None:
+    """Make a path parameter refuse an empty string: pathlib reads it as the current folder, so
+    ``score ""`` scored and ``watch ""`` moved everything under it, and a writer wrote into it."""
+    if getattr(kind, "refuses_empty", False):
+        return
+    convert = kind.convert
+
+    def checked(value, param, ctx):
+        if isinstance(value, str) and not value:
+            kind.fail("an empty path: give a file or folder name ('.' for the current folder)", param, ctx)
+        return convert(value, param, ctx)
+
+    kind.convert, kind.refuses_empty = checked, True
+
+
+def _refuse_non_finite(kind: Any) -> None:
+    """Make a float parameter refuse nan and inf, which Click's ranges let through (their checks
+    are comparisons): `serve --max-body-mb nan` was an internal error, `--max-wait-ms nan` taken."""
+    if getattr(kind, "refuses_non_finite", False):
+        return
+    convert = kind.convert
+
+    def checked(value, param, ctx):
+        number = convert(value, param, ctx)
+        if isinstance(number, float) and not math.isfinite(number):
+            kind.fail(f"{number} is not a finite number", param, ctx)
+        return number
+
+    kind.convert, kind.refuses_non_finite = checked, True
+
+
 class _Readable:
     """Mixin for Typer's command and group classes: readable metavars, one-line usage errors, a
     message on Ctrl-C."""
@@ -84,6 +116,11 @@ class _Readable:
             name = _metavar(param)
             if name is not None:
                 param.metavar = name
+            kind = getattr(getattr(param, "type", None), "name", None)
+            if kind == "path":
+                _refuse_empty(param.type)
+            elif kind in ("float", "float range"):
+                _refuse_non_finite(param.type)
         return params
 
     def make_context(self, info_name, args, parent=None, **extra):

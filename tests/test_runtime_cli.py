@@ -177,3 +177,22 @@ def test_the_summary_counts_a_scored_image_whose_map_failed_as_scored(tiny_model
             ImageScore("c.png", error="file not found")]
     _print_scores(rows, m, show=50)
     assert capsys.readouterr().out.splitlines()[-1] == "scored 2 images: 1 anomalous, 1 failed; 1 scored image without its map"
+
+
+@pytest.mark.parametrize("args", [["aae-run", "score", ""], ["aae-run", "calibrate", "", "--model", "m"],
+                                  ["aae-run", "watch", "", "--model", "m"], ["aae-run", "info", "--model", ""],
+                                  ["aae-export", "--checkpoint", "c.pt", "--out", ""], ["aae-train", "folder", ""]])
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(args, tmp_path):
+    """pathlib reads "" as ".": `watch ""` moved every image under the current folder, `calibrate ""`
+    calibrated on all of them, `aae-export --out ""` wrote a model into it."""
+    write_png(tmp_path / "a.png", np.zeros((8, 8), np.uint8))
+    r = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 2 and "an empty path: give a file or folder name" in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
+
+
+@pytest.mark.parametrize("args", [["serve", "--max-body-mb", "nan"], ["serve", "--max-wait-ms", "nan"],
+                                  ["serve", "--max-megapixels", "nan"], ["bench", "--slice", "nan"]])
+def test_every_float_option_refuses_nan_and_inf(args, tiny_model_dir):
+    r = subprocess.run(["aae-run", *args, "--model", str(tiny_model_dir)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "is not a finite number" in r.stderr and r.stderr.count("\n") == 1, r.stderr
