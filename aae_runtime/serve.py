@@ -32,6 +32,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
@@ -230,8 +231,10 @@ def _metrics():
     }
 
 
-def create_app(model_dir: str | Path, session_config: SessionConfig | None = None, cfg: ServeConfig = ServeConfig()):
-    """The FastAPI application serving the model in ``model_dir``."""
+def create_app(model_dir: str | Path, session_config: SessionConfig | None = None, cfg: ServeConfig = ServeConfig(),
+               log: Callable[[str], None] | None = None):
+    """The FastAPI application serving the model in ``model_dir``; ``log`` hears of each reload
+    and each reload refused (once per reason), for the operator's journal."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -247,13 +250,20 @@ def create_app(model_dir: str | Path, session_config: SessionConfig | None = Non
             await asyncio.sleep(cfg.reload_poll_s)
             if holder.changed() or state.pop("hup", False):
                 try:
-                    await loop.run_in_executor(None, holder.reload)
+                    model = await loop.run_in_executor(None, holder.reload)
                     metrics["reloads"].inc()
                     state.pop("reload_error", None)
+                    if log is not None:
+                        log(f"reloaded {model_dir}: export {model.metadata.export_id}, threshold {model.threshold:.6g}")
                 except AAEError as exc:  # a broken new version: keep serving the one loaded
-                    state["reload_error"] = str(exc)
+                    refused(str(exc))
                 except Exception as exc:  # a bug: keep serving and keep watching, and say so
-                    state["reload_error"] = f"internal error ({type(exc).__name__}: {exc}); this is a bug"
+                    refused(f"internal error ({type(exc).__name__}: {exc}); this is a bug")
+
+    def refused(reason: str) -> None:
+        if log is not None and state.get("reload_error") != reason:  # retried every poll: said once
+            log(f"reload of {model_dir} refused, still serving export {holder.model.metadata.export_id}: {reason}")
+        state["reload_error"] = reason
 
     from contextlib import asynccontextmanager
 
@@ -529,7 +539,7 @@ def serve(model_dir: Path, cfg: ServeConfig, session_config: SessionConfig, log=
     if not is_loopback(cfg.host) and not cfg.token:
         raise InputError(f"--host {cfg.host} listens beyond this machine: give a bearer token (--token-file FILE or "
                          f"${TOKEN_ENV}), or keep --host 127.0.0.1")
-    app = create_app(model_dir, session_config, cfg)
+    app = create_app(model_dir, session_config, cfg, log=log)
     m = app.state.holder.model
     socks = _listening_sockets(cfg.host, cfg.port)  # bound here, so a port in use is one line, before "serving"
     log(f"serving {model_dir} ({m.metadata.family}, threshold {m.threshold:.6g}) on http://{cfg.host}:{cfg.port} "

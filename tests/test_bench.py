@@ -144,3 +144,20 @@ def test_io_bound_path_matches_the_numpy_path(tiny_model_dir, mnist_test):
 def test_the_benchmark_module_never_imports_torch():
     code = "import sys, aae_runtime.bench, aae_runtime.cli; sys.exit('torch' in sys.modules or 'onnx' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_the_cold_start_times_a_snapshot_that_writers_cannot_prune(tiny_model_dir, tmp_path):
+    """Two calibrations during the cold-start runs pruned the version they timed: the runs now
+    load a copy of the current version, in the model folder's own layout."""
+    import shutil
+
+    from aae_runtime import AAEModel
+    from aae_runtime.bench.scenarios import _snapshot
+    from aae_runtime.contract.modelfolder import POINTER, current_version
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    copy = _snapshot(model, tmp_path / "copy")
+    assert (copy / POINTER).is_file() and current_version(copy).name == current_version(model).name
+    shutil.rmtree(model)
+    assert AAEModel.load(copy, device="cpu").threshold > 0

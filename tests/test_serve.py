@@ -376,6 +376,9 @@ def test_a_damaged_pointer_is_reported_by_readyz_and_the_next_good_version_is_st
         assert s.score(pngs[0].read_bytes())[1]["threshold"] != before and "reload_error" not in ready()
     finally:
         assert s.stop() == 0
+    log = s.proc.stderr.read()  # the operator's journal says both, the refusal once however often it was retried
+    assert log.count(f"reload of {model} refused, still serving export") == 1 and "is damaged" in log, log
+    assert f"reloaded {model}: export" in log, log
 
 
 def test_a_batch_scores_each_image_with_the_model_of_its_request(tiny_model_dir, pngs):

@@ -23,7 +23,7 @@ from aae_runtime.bench.report import header
 from aae_runtime.bench.setups import cuda_setups, ort_cpu_setups, sweep_setups
 from aae_runtime.bench.timing import BATCH_SIZES, OPS, Setup, Timing, _timed, make_cases, measure, summarize
 from aae_runtime.contract.errors import InputError
-from aae_runtime.contract.modelfolder import current_version
+from aae_runtime.contract.modelfolder import LAYOUT, LAYOUT_VERSION, POINTER, VERSIONS, current_version
 from aae_runtime.model import AAEModel, file_scoring_threads
 from aae_runtime.session import SessionConfig
 
@@ -99,10 +99,10 @@ def cold_start(model_dir: str | Path, runs: int = 7) -> dict:
     any Python program scoring with ONNX Runtime pays), Python's own start-up and the CLI's
     imports, each in a fresh process; the four are interleaved, run by run, so that a change in
     the machine's load touches all of them alike."""
-    model_dir = Path(model_dir)
     with tempfile.TemporaryDirectory(prefix="aae-cold-") as tmp:
         from aae_runtime.images import save_image
 
+        model_dir = _snapshot(Path(model_dir), Path(tmp) / "model")
         m = AAEModel.load(model_dir, device="cpu")
         png = save_image(np.clip(m.sample(1, seed=0)[0], 0, 1), Path(tmp) / "one.png")
         graph = current_version(model_dir) / ("scorer.onnx" if m.scorer is not None else "encoder.onnx")
@@ -127,8 +127,11 @@ def cold_start(model_dir: str | Path, runs: int = 7) -> dict:
         for _ in range(runs):
             for key, argv in checks.items():
                 c0, t0 = _children_cpu(), time.perf_counter()
-                subprocess.run(argv, capture_output=True, env=env, check=True)
+                run = subprocess.run(argv, capture_output=True, text=True, env=env)
                 times[key].append(time.perf_counter() - t0)
+                if run.returncode != 0:
+                    raise InputError(f"cold start: {' '.join(argv[:3])}... failed on a timed run after passing the first: "
+                                     f"{run.stderr.strip()[-300:]}")
                 cpu[key].append(_children_cpu() - c0)
         for key in checks:
             out[key] = statistics.median(times[key])
@@ -139,6 +142,19 @@ def cold_start(model_dir: str | Path, runs: int = 7) -> dict:
     out["target_s"], out["floor_margin_s"] = COLD_START_TARGET_S, COLD_START_FLOOR_MARGIN_S
     out["met"] = out["score_one_image_s"] <= COLD_START_TARGET_S and out["above_floor_s"] <= COLD_START_FLOOR_MARGIN_S
     return out
+
+
+def _snapshot(model_dir: Path, copy: Path) -> Path:
+    """A copy of the model folder's current version, in the same layout, that the cold-start runs
+    load: writers updating the folder meanwhile (a calibration) cannot prune what they time."""
+    version = current_version(model_dir)
+    if version == model_dir:  # a folder of the layout before versions
+        shutil.copytree(model_dir, copy, ignore=shutil.ignore_patterns(".*"))
+        return copy
+    shutil.copytree(version, copy / VERSIONS / version.name)
+    (copy / POINTER).write_text(json.dumps({"layout": LAYOUT, "layout_version": LAYOUT_VERSION,
+                                            "current": f"{VERSIONS}/{version.name}"}) + "\n")
+    return copy
 
 
 # What `aae-run` imports, heaviest first, in the order Python meets them; each module's CPU time
