@@ -292,3 +292,40 @@ def test_a_long_running_reader_outlives_the_pruning_of_the_version_it_loaded(mod
     assert np.isfinite(two_graphs.score(x)).all() and np.isfinite(fused.score(x)).all()
     with pytest.raises(ModelError, match=r"is gone: the model folder was updated since this model was loaded"):
         fused.sample(1, seed=0)
+
+
+def test_an_export_that_cannot_write_leaves_no_folder_behind(tiny_run, tmp_path):
+    import resource
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    r = subprocess.run(["aae-export", "--checkpoint", str(tiny_run.checkpoint), "--out", str(tmp_path / "new")],
+                       capture_output=True, text=True, preexec_fn=limited, timeout=300)
+    assert r.returncode != 0 and "cannot write a new version into" in r.stderr and "internal error" not in r.stderr, r.stderr
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_writer_that_waited_on_a_folder_removed_meanwhile_is_told_to_run_again(tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / modelfolder.LOCK).touch()
+    import fcntl
+
+    fd = os.open(folder / modelfolder.LOCK, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    waiter = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        from aae_runtime.contract.modelfolder import writer_lock
+        from aae_runtime import ModelError
+        from pathlib import Path
+        try:
+            with writer_lock(Path({str(folder)!r}), waiting=lambda line: print("waiting", flush=True)):
+                print("locked")
+        except ModelError as exc:
+            print(exc)
+    """)], stdout=subprocess.PIPE, text=True)
+    assert waiter.stdout.readline().strip() == "waiting"  # it opened the lock file and waits
+    (folder / modelfolder.LOCK).unlink()  # as a failed writer that created the folder removes it
+    os.close(fd)
+    out, _ = waiter.communicate(timeout=60)
+    assert "was removed by the writer this one waited for" in out, out

@@ -176,6 +176,12 @@ def writer_lock(model_dir: Path, timeout_s: float = LOCK_TIMEOUT_S, busy: str | 
                            f"for up to {timeout_s:.0f} s")
                     notice = None
                 time.sleep(0.05)
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(model_dir / LOCK, follow_symlinks=False))
+        except OSError:
+            same = False
+        if not same:  # a writer that had created the folder removed it (it failed) while this one waited
+            raise ModelError(f"{model_dir} was removed by the writer this one waited for (it failed): run this again")
         yield
     finally:
         os.close(fd)  # releases the lock
@@ -195,11 +201,12 @@ def write_version(model_dir: str | Path, label: str, new_only: bool = False,
     if outer is not None:
         raise ModelError(f"{model_dir} lies inside the versions of the model folder {outer}, which only its writers "
                          f"change: give {outer} itself (or another folder)")
+    created = not model_dir.exists()
     try:
         model_dir.mkdir(exist_ok=True)
     except OSError as exc:
         raise ModelError(f"cannot create {model_dir} ({exc.strerror or exc})") from None
-    with writer_lock(model_dir, waiting=waiting):
+    with writer_lock(model_dir, waiting=waiting), _removed_unless_written(model_dir, created):
         if new_only and holds_model(model_dir):
             raise ModelError(f"{model_dir} already holds a model (written while this one was made): choose another "
                              "--out, or give --overwrite to replace it")
@@ -216,6 +223,21 @@ def write_version(model_dir: str | Path, label: str, new_only: bool = False,
                 raise
             raise ModelError(f"cannot write a new version into {model_dir} ({exc.strerror or exc}): the model it "
                              "holds is unchanged; free space (or fix the folder's permissions) and run this again") from None
+
+
+@contextlib.contextmanager
+def _removed_unless_written(model_dir: Path, created: bool) -> Iterator[None]:
+    """A folder this writer created is removed again when it fails before its version is named
+    (under the lock; its lock file goes too, and a writer waiting on it is told to run again)."""
+    try:
+        yield
+    except BaseException:
+        if created and not (model_dir / POINTER).exists():
+            shutil.rmtree(model_dir / VERSIONS, ignore_errors=True)
+            (model_dir / LOCK).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                model_dir.rmdir()  # not empty: someone else's files
+        raise
 
 
 _DISK_ERRORS = {getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM", "EFBIG", "EIO")
