@@ -603,7 +603,7 @@ def calibrate(
         raise typer.BadParameter(f"{_named(str(shared))} is given as normal and as anomalous: an F1 threshold "
                                  "needs two different sets of images", param_hint="--anomalies")
     failed, failed_anomalies = [], []
-    before = _version_name(model)
+    switching: list[str] = []  # the version this calibration names, once it is about to switch to it
     try:
         with _stop_signals(), _status_cleared():
             m = _load(model, "cpu", threads=threads)
@@ -616,14 +616,15 @@ def calibrate(
                         photos.on_photo = lambda i, n, f, kind=kind: status.say(
                             f"scoring {kind} photo {i + 1} of {n}: ", name=display_path(f.name, controls=True), always=True)
             meta = recalibrate_dir(model, good, bad_ones, score=score, percentile=percentile, source=CALIBRATE_SOURCE,
-                                   threads=threads, waiting=lambda line: (err.clear_status(), err.print(literal(line))))
+                                   threads=threads, waiting=lambda line: (err.clear_status(), err.print(literal(line))),
+                                   switching=switching.append)
     except AAEError as exc:
         _print_skipped(failed + failed_anomalies)  # also when too few were left: which ones failed, and why
         raise _fail(exc)
     except KeyboardInterrupt as exc:  # say whether the model changed: the switch is one rename, the tidying after it not
-        now = _version_name(model)
-        state = (f"after the switch: {_named(str(model))} holds the new calibration ({now})" if now != before
-                 else "the model is unchanged")
+        now = _version_name(model)  # another writer's switch meanwhile is not this calibration's
+        state = (f"after the switch: {_named(str(model))} holds the new calibration ({now})" if switching and now == switching[0]
+                 else f"this calibration changed nothing in {_named(str(model))}")
         err.print(f"[red]error:[/red] interrupted ({signal_name(exc)}): {state}", highlight=False)
         raise typer.Exit(EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED) from None
     _print_skipped(failed + failed_anomalies)

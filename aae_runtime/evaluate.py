@@ -114,10 +114,11 @@ def evaluate(model, normal: list[str | Path], anomalies: list[str | Path], masks
     if pixels is not None and not result.masked:
         result.notes.append(f"no defective photo has a mask under {masks} (same relative path, or the same file name "
                             f"with {', '.join(repr(s) for s in MASK_SUFFIXES if s)} added): no pixel AUROC")
-    if pixels is not None and result.masked and not pixels.has_positives:  # marks too small to survive the resize
-        result.notes.append(f"the masks under {masks} mark no pixel at the maps' size "
-                            f"({'x'.join(map(str, model.metadata.preprocessing.shape[1:]))}): no pixel AUROC")
-        result.masked = 0
+    pixel_figure = pixels is not None and result.masked and pixels.has_positives
+    if pixels is not None and result.masked and not pixels.has_positives:  # every marked mask checked was someone else's
+        at = "" if model.tiling is not None else f" at the maps' size ({'x'.join(map(str, model.metadata.preprocessing.shape[1:]))})"
+        result.notes.append(f"no mask of a scored defective photo marks a pixel{at} (masks of photos that could not be "
+                            "scored are left out): no pixel AUROC")
     if result.masked and unmasked:
         result.notes.append(f"{counted(len(unmasked), 'defective photo')} without a mask under {masks} (first: {unmasked[0]}): "
                             "they count for the image figures only")
@@ -131,7 +132,7 @@ def evaluate(model, normal: list[str | Path], anomalies: list[str | Path], masks
                             f"{FEW_PHOTOS} or more of each for a figure to rely on")
     try:
         result.image_auroc = auroc(np.asarray(scores), np.asarray(labels))
-        if pixels is not None and result.masked:
+        if pixel_figure:
             result.pixel_auroc, result.pixel_auroc_exact = pixels.result(), pixels.exact
     except ValueError as exc:  # NaN scores or maps: the model, not the photos, is broken
         raise ModelError(f"the model gives unusable scores or maps ({exc}): re-export or recalibrate it") from None

@@ -103,14 +103,15 @@ def calibrate_tiled(model, photos, anomalies, name: str, percentile: float, min_
 
 def recalibrate_dir(model_dir: str | Path, normal: np.ndarray, anomalies: np.ndarray | None = None,
                     score: str | None = None, percentile: float = DEFAULT_PERCENTILE, source: str = "", threads: int = 0,
-                    waiting: Callable[[str], None] | None = None) -> dict:
+                    waiting: Callable[[str], None] | None = None, switching: Callable[[str], None] | None = None) -> dict:
     """Refit the score and threshold of the model in ``model_dir`` and rewrite its graphs' metadata.
 
     The export_id is kept (the graphs still belong together). The rewritten graphs become a new
     version of the folder, switched to in one atomic rename: a crash at any point leaves the old
     model or the new one, and concurrent calibrations are serialised. ``threads``: ONNX Runtime's
     intra-op threads (0: one per physical core). ``waiting`` hears once that another writer holds
-    the folder, if one does. Returns the new metadata.
+    the folder, if one does; ``switching`` the new version's name just before the switch
+    (`aae_runtime.contract.modelfolder.write_version`). Returns the new metadata.
     """
     from aae_runtime.model import AAEModel  # here, not at import: model.py imports this package's modules
     from aae_runtime.session import SessionConfig
@@ -131,7 +132,7 @@ def recalibrate_dir(model_dir: str | Path, normal: np.ndarray, anomalies: np.nda
     threshold["calibrated_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     metadata = dict(model.metadata.raw, score=block, threshold=threshold)
     ModelMetadata.from_dict(metadata, "the new calibration")  # never write what the loader would refuse
-    rewrite_metadata(model_dir, metadata, expected=loaded, waiting=waiting)
+    rewrite_metadata(model_dir, metadata, expected=loaded, waiting=waiting, switching=switching)
     return metadata
 
 
@@ -178,7 +179,8 @@ class PhotoFiles:
 
 
 def rewrite_metadata(model_dir: Path, metadata: dict, expected: Path | None = None,
-                     waiting: Callable[[str], None] | None = None) -> list[Path]:
+                     waiting: Callable[[str], None] | None = None,
+                     switching: Callable[[str], None] | None = None) -> list[Path]:
     """A new version of the model in ``model_dir`` whose graphs carry ``metadata``: each graph
     of the current version rewritten, read back through ONNX Runtime, and the set switched to
     atomically (aae_runtime.contract.modelfolder). ``expected``: the version the metadata was
@@ -188,7 +190,7 @@ def rewrite_metadata(model_dir: Path, metadata: dict, expected: Path | None = No
 
     model_dir = Path(model_dir)
     text = json.dumps(metadata, sort_keys=True)
-    with write_version(model_dir, str(metadata.get("export_id", "")), waiting=waiting) as staging:
+    with write_version(model_dir, str(metadata.get("export_id", "")), waiting=waiting, switching=switching) as staging:
         source = current_version(model_dir)  # read under the lock: no other writer is switching it
         if expected is not None and source.resolve() != Path(expected).resolve() and _export_id(source) != metadata.get("export_id"):
             raise ModelError(f"{model_dir} got a new export while this calibration ran on the one before: nothing was "

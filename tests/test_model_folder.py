@@ -200,7 +200,7 @@ def test_a_stopped_calibration_says_whether_the_model_changed_and_leaves_no_vers
         model, normal, point, sig, changed):
     before = current_version(model)
     version = f"{int(before.name[:4]) + 1:04d}-{before.name.split('-', 1)[1]}"
-    run = calibrate(normal, model, 97, pause=1.0, pause_after=1.0)
+    run = calibrate(normal, model, 97, pause=2.0, pause_after=2.0)  # the signal lands in the pause
     wait_for(run, point.replace("VERSION", version))
     run.send_signal(sig)
     _, err = run.communicate(timeout=60)
@@ -210,7 +210,7 @@ def test_a_stopped_calibration_says_whether_the_model_changed_and_leaves_no_vers
         assert f"holds the new calibration ({now.name})" in err and now.name == version, err
         assert loads_and_scores(model)["threshold"]["percentile"] == 97
     else:
-        assert "the model is unchanged" in err and now == before, err
+        assert "this calibration changed nothing in" in err and now == before, err
         assert sorted(p.name for p in (model / VERSIONS).iterdir()) == [before.name]  # the new one removed
 
 
@@ -237,6 +237,11 @@ def test_a_writer_refuses_a_version_folder_given_as_the_model(model, normal):
     r = subprocess.run(["aae-run", "calibrate", str(normal), "--model", str(version)], capture_output=True, text=True)
     assert r.returncode == 2 and f"lies inside the versions of the model folder {model}" in r.stderr, r.stderr
     assert r.stderr.count("\n") == 1 and sorted(p.name for p in version.iterdir()) == files
+    os.symlink(version, model.parent / "current")  # the same version reached through a link
+    r = subprocess.run(["aae-run", "calibrate", str(normal), "--model", str(model.parent / "current")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "lies inside the versions of the model folder" in r.stderr, r.stderr
+    assert sorted(p.name for p in version.iterdir()) == files
     from export.onnx_export import check_model_folder  # noqa: F401  (export goes through the same writer)
     from aae_runtime.contract.modelfolder import write_version
 
@@ -329,3 +334,51 @@ def test_a_writer_that_waited_on_a_folder_removed_meanwhile_is_told_to_run_again
     os.close(fd)
     out, _ = waiter.communicate(timeout=60)
     assert "was removed by the writer this one waited for" in out, out
+
+
+def _version_files(model: Path, staging: Path) -> None:
+    for f in current_version(model).iterdir():
+        if f.is_file() and f.name in (*modelfolder.GRAPH_NAMES, modelfolder.METADATA_JSON):
+            shutil.copy(f, staging / f.name)
+
+
+def test_without_flock_a_writer_never_removes_another_writers_version(model, monkeypatch):
+    """On a file system without flock (some NFS, FUSE) writers are not serialised: one that runs
+    while another is between its rename and its switch must not take the other's version for a
+    dead writer's orphan, and neither prunes what the other's pointer names."""
+    import errno
+    import fcntl
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+
+    def second_writer(name: str) -> None:  # runs while the first has renamed its version in, before its switch
+        with modelfolder.write_version(model, "second") as staging:
+            _version_files(model, staging)
+
+    with modelfolder.write_version(model, "first", switching=second_writer) as staging:
+        _version_files(model, staging)
+    assert current_version(model).name.endswith("-first") and loads_and_scores(model)
+    names = sorted(p.name for p in (model / VERSIONS).iterdir())
+    assert any(n.endswith("-second") for n in names) and len(names) == 3, names
+
+
+def test_a_file_that_cannot_be_removed_after_the_switch_does_not_fail_the_write(model, tmp_path, monkeypatch):
+    """The old layout's top-level graphs are removed after the pointer names the new version: a
+    permission error there (a graph of another user in a sticky folder) must not report a write
+    that took effect as failed."""
+    flat = tmp_path / "flat"
+    shutil.copytree(current_version(model), flat)
+    real_unlink = Path.unlink
+
+    def refused(self, missing_ok=False):
+        if self.name in modelfolder.GRAPH_NAMES and self.parent == flat:
+            raise PermissionError(1, "Operation not permitted")
+        return real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    with modelfolder.write_version(flat, "new") as staging:
+        _version_files(flat, staging)
+    assert current_version(flat).name.endswith("-new") and loads_and_scores(flat)

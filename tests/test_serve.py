@@ -357,7 +357,12 @@ def test_a_damaged_pointer_is_reported_by_readyz_and_the_next_good_version_is_st
         before = s.score(pngs[0].read_bytes())[1]["threshold"]
         pointer = model / "MODEL.json"
         good = pointer.read_text()
-        pointer.write_text(good.replace('"layout_version": 1', '"layout_version": 1e999'))
+
+        def replace_pointer(text: str) -> None:  # atomically, as writers do: a poll never reads half a file
+            (model / "pointer.tmp").write_text(text)
+            os.replace(model / "pointer.tmp", pointer)
+
+        replace_pointer(good.replace('"layout_version": 1', '"layout_version": 1e999'))
 
         def ready() -> dict:
             return json.loads(s.request("GET", "/readyz")[1])
@@ -366,7 +371,7 @@ def test_a_damaged_pointer_is_reported_by_readyz_and_the_next_good_version_is_st
         while "reload_error" not in ready() and time.monotonic() < end:
             time.sleep(0.1)
         assert "is damaged" in ready()["reload_error"]
-        pointer.write_text(good)
+        replace_pointer(good)
         r = subprocess.run(["aae-run", "calibrate", str(normal), "--model", str(model), "--percentile", "50"],
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr

@@ -583,7 +583,8 @@ def test_masks_whose_marks_vanish_at_an_untiled_maps_size_leave_the_other_figure
     assert r.exit_code == 0, r.output
     result = json.loads((tmp_path / "e.json").read_text())
     assert result["pixel_auroc"] is None and result["image_auroc"] is not None and result["anomalous_images"] == 3
-    assert "mark no pixel at the maps' size (28x28): no pixel AUROC" in " ".join(r.output.split()), r.output
+    assert "no mask of a scored defective photo marks a pixel at the maps' size (28x28)" in " ".join(r.output.split()), r.output
+    assert result["masked_images"] == 3
     assert "3 normal photos and 3 defective: one photo scored otherwise moves the image AUROC by up to 0.33" in (
         " ".join(r.output.split()))
     for i in range(20):  # enough of each: no such note

@@ -141,14 +141,16 @@ def holds_model(model_dir: str | Path) -> bool:
 
 @contextlib.contextmanager
 def writer_lock(model_dir: Path, timeout_s: float = LOCK_TIMEOUT_S, busy: str | None = None,
-                waiting: Callable[[str], None] | None = None) -> Iterator[None]:
+                waiting: Callable[[str], None] | None = None) -> Iterator[bool]:
     """Hold the folder's writer lock (an exclusive flock on ``.lock``, released by the OS when
     the process dies). Waits up to ``timeout_s`` for another writer, then raises ModelError
-    (``busy``: its message); ``waiting`` hears once, after WAIT_NOTICE_S, that it waits."""
+    (``busy``: its message); ``waiting`` hears once, after WAIT_NOTICE_S, that it waits.
+    Yields whether the lock is exclusive: False where the file system (or Windows) has no
+    flock, so other writers may be at work meanwhile."""
     try:
         import fcntl
     except ImportError:  # Windows: no flock; writers are not serialised there
-        yield
+        yield False
         return
     try:
         fd = os.open(model_dir / LOCK, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
@@ -159,6 +161,7 @@ def writer_lock(model_dir: Path, timeout_s: float = LOCK_TIMEOUT_S, busy: str | 
     try:
         start = time.monotonic()
         deadline, notice = start + timeout_s, waiting
+        exclusive = True
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -166,6 +169,7 @@ def writer_lock(model_dir: Path, timeout_s: float = LOCK_TIMEOUT_S, busy: str | 
             except OSError as exc:
                 if not isinstance(exc, BlockingIOError):
                     if exc.errno in _NO_LOCKS:  # a file system without flock (some NFS, Lustre, FUSE): as on Windows
+                        exclusive = False
                         break
                     raise ModelError(f"cannot lock {model_dir / LOCK} ({exc.strerror or exc})") from None
                 if time.monotonic() >= deadline:
@@ -177,25 +181,29 @@ def writer_lock(model_dir: Path, timeout_s: float = LOCK_TIMEOUT_S, busy: str | 
                     notice = None
                 time.sleep(0.05)
         try:
-            same = os.path.samestat(os.fstat(fd), os.stat(model_dir / LOCK, follow_symlinks=False))
+            held, named = os.fstat(fd), os.stat(model_dir / LOCK, follow_symlinks=False)
+            same = not held.st_ino or os.path.samestat(held, named)  # (no inode numbers: not comparable)
         except OSError:
             same = False
         if not same:  # a writer that had created the folder removed it (it failed) while this one waited
             raise ModelError(f"{model_dir} was removed by the writer this one waited for (it failed): run this again")
-        yield
+        yield exclusive
     finally:
         os.close(fd)  # releases the lock
 
 
 @contextlib.contextmanager
 def write_version(model_dir: str | Path, label: str, new_only: bool = False,
-                  waiting: Callable[[str], None] | None = None) -> Iterator[Path]:
+                  waiting: Callable[[str], None] | None = None,
+                  switching: Callable[[str], None] | None = None) -> Iterator[Path]:
     """Write a new version of the model in ``model_dir`` (created if missing, its parent must
     exist): yields an empty staging folder to put the graph files in; on a normal exit the
     version becomes current atomically (see the module docstring); on an exception nothing
     changes. ``label`` (e.g. the export id) names the version after its number. ``new_only``:
     refuse (ModelError) a folder that holds a model, checked under the lock, so of two writers
-    racing for a new folder one wins and the other is refused. ``waiting``: as for `writer_lock`."""
+    racing for a new folder one wins and the other is refused. ``waiting``: as for `writer_lock`;
+    ``switching`` hears the new version's name just before the pointer is replaced (so that a
+    caller stopped then can tell from the pointer whether the switch happened)."""
     model_dir = Path(model_dir)
     outer = enclosing_model(model_dir)
     if outer is not None:
@@ -206,16 +214,16 @@ def write_version(model_dir: str | Path, label: str, new_only: bool = False,
         model_dir.mkdir(exist_ok=True)
     except OSError as exc:
         raise ModelError(f"cannot create {model_dir} ({exc.strerror or exc})") from None
-    with writer_lock(model_dir, waiting=waiting), _removed_unless_written(model_dir, created):
+    with writer_lock(model_dir, waiting=waiting) as exclusive, _removed_unless_written(model_dir, created):
         if new_only and holds_model(model_dir):
             raise ModelError(f"{model_dir} already holds a model (written while this one was made): choose another "
                              "--out, or give --overwrite to replace it")
-        previous = _tidy(model_dir)
+        previous = _tidy(model_dir, exclusive)
         try:
             staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=model_dir))
             try:
                 yield staging
-                _commit(model_dir, staging, label, previous)
+                _commit(model_dir, staging, label, previous, exclusive, switching)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
         except OSError as exc:
@@ -245,20 +253,26 @@ _DISK_ERRORS = {getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS", "
 
 
 def enclosing_model(path: str | Path) -> Path | None:
-    """The model folder whose ``versions/`` holds ``path`` (a version, or a folder in one), or None:
-    such a folder looks like a model of the layout before versions, and a writer converting it
-    would delete the graphs of the version it is."""
-    path = Path(os.path.abspath(path))
+    """The model folder whose ``versions/`` holds ``path`` (a version, or a folder in one, reached
+    by any link), or None: such a folder looks like a model of the layout before versions, and a
+    writer converting it would delete the graphs of the version it is."""
+    path = Path(os.path.realpath(path))
     for folder in (path, *path.parents):
         if folder.name == VERSIONS and (folder.parent / POINTER).is_file():
             return folder.parent
     return None
 
 
-def _tidy(model_dir: Path) -> str | None:
+def _tidy(model_dir: Path, exclusive: bool) -> str | None:
     """Under the lock, before a write: remove what writers that died left (staging folders, the
     pointer's temporaries, versions written but never named by the pointer); the name of the
-    current version, None when the folder has no pointer (or a damaged one: nothing is removed)."""
+    current version, None when the folder has no pointer (or a damaged one: nothing is removed).
+    Without an ``exclusive`` lock nothing is removed: it may be another writer's work in progress."""
+    if not exclusive:
+        try:
+            return current_version(model_dir).name if (model_dir / POINTER).exists() else None
+        except ModelError:
+            return None
     for stale in model_dir.glob(STAGING_PREFIX + "*"):  # left by a writer that died (we hold the lock)
         shutil.rmtree(stale, ignore_errors=True)
     remove_stale_temporaries([model_dir / POINTER])
@@ -277,7 +291,8 @@ def _tidy(model_dir: Path) -> str | None:
     return current.name
 
 
-def _commit(model_dir: Path, staging: Path, label: str, previous: str | None) -> None:
+def _commit(model_dir: Path, staging: Path, label: str, previous: str | None, exclusive: bool,
+            switching: Callable[[str], None] | None) -> None:
     files = sorted(p for p in staging.iterdir())
     if not any(p.name == "encoder.onnx" for p in files):
         raise ModelError(f"internal: a model version without encoder.onnx for {model_dir}")
@@ -290,29 +305,38 @@ def _commit(model_dir: Path, staging: Path, label: str, previous: str | None) ->
     tag = re.sub(r"[^0-9A-Za-z]", "", label)[:12] or "model"
     name = f"{max(numbers, default=0) + 1:04d}-{tag}"
     os.chmod(staging, 0o777 & ~_umask())
-    os.replace(staging, versions / name)
+    renamed = False
     try:
+        os.replace(staging, versions / name)
+        renamed = True
         _fsync_dir(versions)
         pointer = {"layout": LAYOUT, "layout_version": LAYOUT_VERSION, "current": f"{VERSIONS}/{name}"}
         text = (json.dumps(pointer, indent=1) + "\n").encode()
+        if switching is not None:
+            switching(name)
         atomic_write(model_dir / POINTER, lambda f: f.write(text), fsync=True)
     except BaseException:  # unless the pointer was replaced (a signal just after the rename), it was never current
         try:
             named = current_version(model_dir).name
         except ModelError:
             named = None
-        if named != name:
+        if renamed and named != name:
             shutil.rmtree(versions / name, ignore_errors=True)
         raise
     _fsync_dir(model_dir)
-    _prune(model_dir, {name, previous})
+    keep = {name, previous}
+    if not exclusive:  # other writers may be between their rename and their switch: keep the newest two too
+        keep |= {v.name for v in _versions(model_dir)[-2:]}
+    _prune(model_dir, keep)
 
 
 def _prune(model_dir: Path, keep: set[str | None]) -> None:
-    """After a switch: the top-level graphs of the old layout go, and every version but the new
-    one and the one current before it (``keep``: readers may still hold that one open)."""
+    """After a switch: the top-level graphs of the old layout go, and every version but those in
+    ``keep`` (the new one and the one current before it: readers may still hold that one open).
+    Never raises: the switch is done, and what cannot be removed now is removed by a later writer."""
     for name in GRAPH_NAMES:
-        (model_dir / name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            (model_dir / name).unlink(missing_ok=True)
     for old in _versions(model_dir):
         if old.name not in keep:
             shutil.rmtree(old, ignore_errors=True)
