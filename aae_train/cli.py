@@ -326,9 +326,10 @@ def mnist(
                    precision=precision),
     )
     _check_compile(compile_mode, nproc, device)
+    out = out or _default_out("mnist", resume)
     if nproc > 1:
-        _torchrun(nproc, cfg.train.batch_size)
-    run(cfg, out or _default_out("mnist", resume), data_dir, resume, threads, overwrite, given_options(ctx),
+        _torchrun(nproc, _launch_batch(cfg, resume, ctx), device, out)
+    run(cfg, out, data_dir, resume, threads, overwrite, given_options(ctx),
         compile_mode=compile_mode)
 
 
@@ -455,13 +456,13 @@ def folder(
                    precision=precision),
     )
     _check_compile(compile_mode, nproc, device)
-    if nproc > 1:
-        _torchrun(nproc, cfg.train.batch_size)
     out = out or _default_out("folder", resume)
     if directory.is_dir() and directory.resolve() in (out.resolve(), *out.resolve().parents):
         raise typer.BadParameter(f"the run folder {out} is inside {directory}: its checkpoints and plots would be read as "
                                  "training images (and a class) by the next run; choose an --out outside it",
                                  param_hint="--out")
+    if nproc > 1:
+        _torchrun(nproc, _launch_batch(cfg, resume, ctx), device, out)
     run(cfg, out, directory if directory.is_dir() else None, resume, threads, overwrite,
         given_options(ctx), loader, workers, compile_mode)
 
@@ -510,15 +511,23 @@ def _check_compile(mode: str, nproc: int, device: str) -> None:
                                  "and one process, or choose another mode", param_hint="--compile")
 
 
-def _torchrun(nproc: int, batch_size: int) -> None:
-    """This command again, as ``nproc`` processes under torchrun (PyTorch's launcher); exits with its code."""
+def _launch_batch(cfg: RunConfig, resume: Path | None, ctx: typer.Context) -> int | None:
+    """The global minibatch the ranks will train with, as far as the launcher knows it: a resumed
+    run keeps its checkpoint's (None: the ranks check it, once they have read the checkpoint)."""
+    return cfg.train.batch_size if resume is None or "batch_size" in given_options(ctx) else None
+
+
+def _torchrun(nproc: int, batch_size: int | None, device: str, run_dir: Path | None = None) -> None:
+    """This command again, as ``nproc`` processes under torchrun (PyTorch's launcher); exits with its
+    code. ``run_dir``: the run folder, for the checkpoint a stopped run can go on from."""
     import sys
 
     from aae_train.distributed import launched_by_torchrun
 
     if launched_by_torchrun():
         return
-    if batch_size % nproc:
+    _check_process_count(nproc, device)
+    if batch_size is not None and batch_size % nproc:
         raise typer.BadParameter(f"{batch_size} does not split evenly over {nproc} processes: choose a multiple of {nproc}",
                                  param_hint="--batch-size")
     args, skip = [], False
@@ -545,17 +554,17 @@ def _torchrun(nproc: int, batch_size: int) -> None:
     # folder (empty unless it redirects output) goes inside the same temporary folder: by default
     # it makes one in the system's temporary folder on every run and never removes it.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    for name in ("torch.distributed.run", "torch.distributed.elastic"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
+    for name, logger in [*logging.Logger.manager.loggerDict.items(), ("torch.distributed.elastic", None)]:
+        if name.startswith(("torch.distributed.run", "torch.distributed.elastic")):  # each module's own logger has
+            logging.getLogger(name).setLevel(logging.CRITICAL)  # its own level ("Received 2 death signal" leaked)
     with tempfile.TemporaryDirectory(prefix="aae-ranks-") as errors:
         os.environ[RANK_ERRORS] = errors
         try:
             torchrun(parse_args(["--standalone", f"--nproc-per-node={nproc}", f"--log-dir={Path(errors, 'torchrun')}",
                                  "-m", "aae_train", *args]))
-        except ChildFailedError as exc:  # the first failed rank's exit code (2: bad input, 130/143: stopped)
-            _print_other_ranks_errors(Path(errors))
-            codes = [f.exitcode for f in sorted(exc.failures.values(), key=lambda f: f.timestamp)]
-            raise typer.Exit(next((c for c in codes if c > 0), 128 - codes[0] if codes and codes[0] < 0 else 1)) from None
+        except ChildFailedError as exc:  # a rank stopped by a signal says so; else the first failed rank's code
+            codes = {rank: f.exitcode for rank, f in exc.failures.items()}
+            raise typer.Exit(_report_failed_ranks(codes, Path(errors), run_dir)) from None
         except SignalException as exc:  # Ctrl-C or SIGTERM to this launcher: the ranks were stopped with it
             raise typer.Exit(128 + int(exc.sigval)) from None
         finally:
@@ -564,40 +573,121 @@ def _torchrun(nproc: int, batch_size: int) -> None:
 
 
 RANK_ERRORS = "AAE_RANK_ERRORS"  # set by --nproc: the folder where each rank leaves its error line (rank<N>.txt)
+SIGNAL_EXITS = (129, 130, 143)  # SIGHUP, Ctrl-C, SIGTERM: a rank stopped by one, which said so itself
 
 
-def _leave_rank_error(message: str) -> bool:
-    """Under --nproc, this rank's error line into RANK_ERRORS for the launcher; whether it went there."""
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _report_failed_ranks(codes: dict[int, int], folder: Path, run_dir: Path | None) -> int:
+    """Say why a run of several processes failed, once, and return its exit code. ``codes``: rank
+    -> exit code (negative: killed by that signal), also of the ranks torchrun stopped (SIGTERM)
+    once the first had failed; ``folder``: the lines (and codes) the ranks left themselves
+    (`_leave_rank_error`: rank 0 printed its own). In turn: a rank's own error (bad input, a
+    file gone) is the cause; else a rank killed from outside (SIGKILL, the OOM killer), named
+    with its signal and the checkpoint to go on from; else a stop by a signal (Ctrl-C, SIGTERM,
+    SIGHUP): rank 0 said which epoch its checkpoint holds, or the rank stopped is named."""
+    left = _rank_lines(folder)
+    lost = {rank for rank, (_, line) in left.items() if line.startswith(PEER_LOST)}
+    own = {rank: code for rank, (code, line) in left.items() if rank not in lost and code not in SIGNAL_EXITS}
+    if own:
+        _print_other_ranks_errors(folder)
+        return own[min(own)]
+    asked = {-signal.SIGTERM, -signal.SIGINT, -getattr(signal, "SIGHUP", signal.SIGTERM)}  # what torchrun and users send
+    killed = [(rank, code) for rank, code in sorted(codes.items()) if code < 0 and code not in asked]
+    interrupted = [(rank, code) for rank, code in sorted(codes.items())
+                   if rank not in lost and (rank, code) not in killed and (code in asked or code in SIGNAL_EXITS)]
+    said = 0 in left and 0 not in lost  # rank 0 stopped by a signal said so, with its checkpoint
+    named = killed or ([] if said else [(r, c) for r, c in interrupted if r not in left])
+    hint = _resume_hint(run_dir)
+    for rank, code in named:
+        number = -code if code < 0 else code - 128
+        how = f"killed ({_signal_name(number)})" if (rank, code) in killed else f"stopped by {_signal_name(number)}"
+        print_error(f"rank {rank} was {how}: the run stopped" + (f"; {hint}" if hint else ""), err)
+        hint = ""
+    if named or interrupted:
+        code = (named or interrupted)[0][1]
+        return 128 - code if code < 0 else code
+    _print_other_ranks_errors(folder)
+    failed = [code for _, code in sorted(codes.items()) if code != 0]
+    return next((c for c in failed if c > 0), 128 - failed[0] if failed else 1)
+
+
+def _rank_lines(folder: Path) -> dict[int, tuple[int, str]]:
+    """rank -> (exit code, error line) that the ranks left in ``folder`` (`_leave_rank_error`)."""
+    lines = {}
+    for p in folder.glob("rank*.txt"):
+        if p.stem[4:].isdigit():
+            head, _, rest = p.read_text().partition("\n")
+            lines[int(p.stem[4:])] = (int(head), rest) if head.isdigit() and rest else (2, p.read_text())
+    return lines
+
+
+def _resume_hint(run_dir: Path | None) -> str:
+    if run_dir is None:
+        return ""
+    checkpoint = run_dir / "checkpoint.pt"
+    return (f"{checkpoint} holds the last epoch saved: go on with --resume {checkpoint}" if checkpoint.is_file()
+            else "nothing saved")
+
+
+def _check_process_count(nproc: int, device: str) -> None:
+    """Refuse, before any process starts, more processes than the machine has cores (CPU) or GPUs."""
+    import torch
+
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    have, what = (torch.cuda.device_count(), "GPUs") if cuda else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                                                   else os.cpu_count() or 1, "CPU cores")
+    if nproc > have:
+        raise typer.BadParameter(f"{nproc} processes on a machine with {have} {what} this process may use: each process "
+                                 f"trains on one of its own; give --nproc {have} or fewer", param_hint="--nproc")
+
+
+def _leave_rank_error(message: str, code: int = 2) -> bool:
+    """Under --nproc, this rank's error line and exit code into RANK_ERRORS for the launcher;
+    whether it went there."""
     folder = os.environ.get(RANK_ERRORS)
     if not folder:
         return False
     try:
-        Path(folder, f"rank{os.environ.get('RANK', '0')}.txt").write_text(message)
+        Path(folder, f"rank{os.environ.get('RANK', '0')}.txt").write_text(f"{code}\n{message}")
     except OSError:
         return False
     return True
 
 
 def _print_other_ranks_errors(folder: Path) -> None:
-    """The error lines of ranks other than 0 that say something rank 0's does not (each once);
-    a rank that only lost contact with the others is left out when another rank said why."""
-    lines = {int(p.stem[4:]): p.read_text() for p in folder.glob("rank*.txt") if p.stem[4:].isdigit()}
-    seen = {lines.get(0)}
-    causes = [line for line in lines.values() if not line.startswith(PEER_LOST)]
-    for rank in sorted(r for r in lines if r != 0):
-        if lines[rank] not in seen and not (causes and lines[rank].startswith(PEER_LOST)):
+    """The error lines the ranks left that were not printed yet (each once): a rank's own error
+    that rank 0's does not already say; and, only when no rank said why, one line saying a
+    process was lost (rank 0's, which names the checkpoint to go on from)."""
+    lines = {rank: line for rank, (_, line) in _rank_lines(folder).items()}
+    lost = {rank: line for rank, line in lines.items() if line.startswith(PEER_LOST)}
+    seen = {lines[0]} if 0 in lines and 0 not in lost else set()  # rank 0 printed its own error itself
+    for rank in sorted(r for r in lines if r != 0 and r not in lost):
+        if lines[rank] not in seen:
             print_error(f"rank {rank}: {lines[rank]}", err)
             seen.add(lines[rank])
+    if lost and not seen:
+        rank = min(lost)
+        print_error(lost[rank] if rank == 0 else f"rank {rank}: {lost[rank]}", err)
 
 
 PEER_LOST = "stopped: another process of this run stopped or cannot be reached"
 
 
-def _report_lost_peer(exc: BaseException, here: bool) -> None:
-    """PEER_LOST, left for the launcher's comparison; printed ``here`` (rank 0, which reports), or
-    by this rank when there is no launcher to leave it to (a torchrun started by hand)."""
-    message = f"{PEER_LOST} ({first_line(exc, 160)})"
-    if not _leave_rank_error(message) or here:
+def _report_lost_peer(exc: BaseException, here: bool, run_dir: Path | None = None) -> None:
+    """PEER_LOST (rank 0: with the checkpoint to go on from), left for the launcher, which prints
+    it only when no rank said why (`_print_other_ranks_errors`); printed by this rank when there is
+    no launcher to leave it to (a torchrun started by hand). The transport's own words (gloo's
+    source file and the peer's port) only with AAE_DEBUG=1."""
+    message = PEER_LOST
+    if run_dir is not None:
+        message += f"; {_resume_hint(run_dir)}"
+    if not _leave_rank_error(message):
         print_error(message if here else f"rank {os.environ['RANK']}: {message}", err)
 
 
@@ -641,23 +731,23 @@ def run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, t
         import torch
 
         torch.set_num_threads(threads)
-    terminated = []  # SIGTERM (a service manager, torchrun) stops training the way Ctrl-C does
+    terminated = []  # SIGTERM (a service manager, torchrun) and SIGHUP (the terminal closed) stop training as Ctrl-C does
 
-    def on_sigterm(signum, frame):
+    def on_signal(signum, frame):
         terminated.append(signum)
         raise KeyboardInterrupt
 
+    stops = [sig for sig in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if sig is not None]
     try:
-        previous = signal.signal(signal.SIGTERM, on_sigterm)
-        installed = True
+        previous = {sig: signal.signal(sig, on_signal) for sig in stops}
     except ValueError:  # not the main thread (an embedding application): its handlers stay
-        installed = False
-    stopped = lambda: 143 if terminated else 130  # noqa: E731
+        previous = {}
+    stopped = lambda: 128 + terminated[0] if terminated else 130  # noqa: E731
     try:
         _run(cfg, out, data_dir, resume, threads, overwrite, given, loader, workers, compile_mode, stopped)
     finally:
-        if installed:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM}
@@ -672,8 +762,10 @@ def _run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, 
 
     if os.environ.get("RANK", "0") != "0":  # another rank of a torchrun run: rank 0 reports, it fails in one line
         try:
-            train(cfg, out, data_dir=str(data_dir) if data_dir else None, resume=resume, overwrite=overwrite, given=given,
-                  loader=loader, workers=workers, adapt_threads=threads is None, compile_mode=compile_mode)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DataWarning)  # rank 0 says it
+                train(cfg, out, data_dir=str(data_dir) if data_dir else None, resume=resume, overwrite=overwrite,
+                      given=given, loader=loader, workers=workers, adapt_threads=threads is None, compile_mode=compile_mode)
         except AAEError as exc:
             if not _leave_rank_error(str(exc)):  # under --nproc the launcher prints it, unless rank 0 said the same
                 print_error(f"rank {os.environ['RANK']}: {exc}", err)
@@ -741,6 +833,7 @@ def _run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, 
         except TrainingInterrupted as exc:
             progress.stop()
             print_error(exc.message, err)
+            _leave_rank_error(exc.message, stopped())  # under --nproc: the ranks that only lost this one stay quiet
             raise typer.Exit(stopped())
         except KeyboardInterrupt:  # while the data loads: nothing is written before it has
             progress.stop()
@@ -757,7 +850,7 @@ def _run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, 
             if os.environ.get("WORLD_SIZE", "1") == "1" or not _lost_peer(exc):
                 raise
             progress.stop()
-            _report_lost_peer(exc, here=True)
+            _report_lost_peer(exc, here=True, run_dir=out)
             _leave_now(2)
     err.print(f"checkpoint: {literal(result.checkpoint)}\nplots: {', '.join(literal(out / name) for name in PLOT_NAMES)}",
               highlight=False)

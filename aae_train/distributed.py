@@ -35,20 +35,52 @@ def launched_by_torchrun() -> bool:
 
 
 def init(device: torch.device) -> None:
-    """Join the process group torchrun set up (no-op for a single process)."""
+    """Join the process group torchrun set up (no-op for a single process). A rank stops (SIGTERM,
+    as from torchrun) when its launcher dies, even by SIGKILL: left alone it would train on,
+    holding the run folder."""
     if not launched_by_torchrun() or dist.is_initialized():
         return
+    stop_with_parent()
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend)
 
 
+def stop_with_parent() -> None:
+    """Ask Linux for SIGTERM when this process's parent dies (prctl PR_SET_PDEATHSIG); elsewhere, nothing."""
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+_weight: float | None = None  # this rank's rows over an equal share's, while the shares differ (`shard`)
+
+
 def shard(rows):
-    """This rank's share of a global minibatch's rows (every rank an equal share): its indices,
-    or the host draws of its step (a tensor or an array, split along the first axis)."""
+    """This rank's share of a global minibatch's rows: its indices, or the host draws of its step
+    (a tensor or an array, split along the first axis). Shares are equal when the rows split
+    evenly; when they cannot (a training set smaller than the minibatch, of a count the processes
+    do not divide) they differ by one row, and the gradients are averaged weighted by them
+    (`average_gradients_on_step`), so the update is still the one of all the rows together."""
+    global _weight
     n = world_size()
-    return rows if n == 1 else rows[rank()::n]
+    if n == 1:
+        return rows
+    mine = rows[rank()::n]
+    _weight = len(mine) * n / len(rows) if len(rows) % n else None
+    return mine
 
 
 def average_gradients_on_step(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -63,6 +95,8 @@ def average_gradients_on_step(optimizer: torch.optim.Optimizer) -> torch.optim.O
     def averaged_step(*args, **kwargs):
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])
+        if _weight is not None:  # unequal shares: each rank's mean weighted by its rows
+            flat *= _weight
         dist.all_reduce(flat)
         flat /= world_size()
         offset = 0
@@ -80,7 +114,7 @@ def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
     """The mean of ``values`` over the ranks (the epoch's loss figures)."""
     if world_size() == 1:
         return values
-    values = values.clone()
+    values = values.clone() if _weight is None else values * _weight  # unequal shares: weighted by their rows
     dist.all_reduce(values)
     return values / world_size()
 

@@ -449,9 +449,6 @@ def train(cfg: RunConfig, run_dir: str | Path, data_dir: str | None = None, resu
     run_dir = Path(run_dir)
     replaced = check_run_folder(run_dir, resume, overwrite)  # on every rank: they agree on a shared folder
     distributed.init(resolve_device(cfg.train.device))
-    if cfg.train.batch_size % distributed.world_size():
-        raise TrainingError(f"--batch-size {cfg.train.batch_size} does not split evenly over {distributed.world_size()} "
-                            "processes: choose a multiple of the process count")
     main = distributed.is_main()
     state = None
     if resume is not None:
@@ -465,6 +462,11 @@ def train(cfg: RunConfig, run_dir: str | Path, data_dir: str | None = None, resu
             raise TrainingError(f"--resume {resume} keeps the checkpoint's config, and these options differ from it: "
                                 f"{', '.join(conflicts)}; leave them out, or train a new run")
         cfg = saved.replace(train=replace(saved.train, epochs=cfg.train.epochs, device=cfg.train.device))
+    if cfg.train.batch_size % distributed.world_size():  # (a resumed run's: its checkpoint's)
+        raise TrainingError(f"--batch-size {cfg.train.batch_size} does not split evenly over {distributed.world_size()} "
+                            "processes: choose a multiple of the process count" + (
+                                "; a resumed run keeps its batch size, so resume it on a process count that divides it"
+                                if resume is not None else ""))
     data = load_dataset(cfg.data, data_dir, progress=download_progress, loader=loader, workers=workers)
     if tuple(data.preprocessing.shape) != tuple(cfg.model.image_shape):
         raise TrainingError(f"the model expects images of shape {tuple(cfg.model.image_shape)} but the data are "

@@ -4,6 +4,8 @@ on loopback, against a single process with the same global minibatch."""
 from __future__ import annotations
 
 import json
+import signal
+import time
 import os
 import socket
 import subprocess
@@ -148,3 +150,77 @@ def test_only_a_peer_that_went_away_counts_as_a_lost_peer(monkeypatch):
     assert not _lost_peer(ValueError("Connection closed by peer"))
     monkeypatch.setenv("AAE_DEBUG", "1")  # the traceback of anything, as asked
     assert not _lost_peer(RuntimeError("Connection closed by peer"))
+
+
+def test_uneven_shares_train_as_one_process_and_a_resumed_batch_is_checked_against_its_checkpoint(mnist_dir, tmp_path):
+    """Three training images over two processes: shares of 2 and 1, averaged weighted by their
+    rows, give what one process gives (the per-epoch figures of every phase). A resumed run keeps
+    its checkpoint's batch: 3 does not split over 2, whatever the command line's default says."""
+    args = ["mnist", "--data-dir", str(mnist_dir), "--limit", "4", "--val-fraction", "0.25", "--epochs", "2", "--hidden", "32",
+            "--threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run(["aae-train", *args, "--out", str(tmp_path / "one")], capture_output=True, text=True, timeout=300)
+    two = subprocess.run(["aae-train", *args, "--out", str(tmp_path / "two"), "--nproc", "2"], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    a, b = last(tmp_path / "one"), last(tmp_path / "two")
+    for k in ("recon_loss", "val_recon_loss", "disc_loss", "disc_acc", "gen_loss"):
+        assert abs(a[k] - b[k]) <= 1e-4 * max(1.0, abs(a[k])), (k, a[k], b[k])
+    r = subprocess.run(["aae-train", *args, "--batch-size", "3", "--epochs", "1", "--out", str(tmp_path / "b3")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run(["aae-train", "mnist", "--data-dir", str(mnist_dir), "--resume", str(tmp_path / "b3" / "checkpoint.pt"),
+                        "--epochs", "2", "--threads", "1", "--nproc", "2"], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 2 and "--batch-size 3 does not split evenly over 2 processes" in r.stderr, r.stderr[-2000:]
+    assert "a resumed run keeps its batch size" in r.stderr and r.stderr.count("error:") == 1, r.stderr
+
+
+def _slow_nproc_run(mnist_dir, out: Path) -> subprocess.Popen:
+    run = subprocess.Popen(["aae-train", "mnist", "--data-dir", str(mnist_dir), "--hidden", "1000", "--limit", "30000",
+                            "--epochs", "2", "--threads", "1", "--nproc", "2", "--out", str(out)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in run.stderr:
+        if line.startswith("training on"):
+            return run
+    raise AssertionError(f"the run ended before training began: {run.wait()}")
+
+
+def _ranks(launcher: int) -> dict[int, int]:
+    """rank -> pid of the processes the launcher started."""
+    out = {}
+    for pid in subprocess.run(["pgrep", "-P", str(launcher)], capture_output=True, text=True).stdout.split():
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        rank = next((int(e[5:]) for e in env if e.startswith(b"RANK=")), None)
+        if rank is not None:
+            out[rank] = int(pid)
+    return out
+
+
+def _gone(pid: int, within: float) -> bool:
+    end = time.monotonic() + within
+    while time.monotonic() < end:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_a_killed_rank_is_named_with_its_signal_and_ranks_stop_when_their_launcher_is_killed(mnist_dir, tmp_path):
+    run = _slow_nproc_run(mnist_dir, tmp_path / "rank")
+    ranks = _ranks(run.pid)
+    assert sorted(ranks) == [0, 1], ranks
+    os.kill(ranks[1], signal.SIGKILL)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 137, err  # the signal's code (128 + 9), not 2 (bad input)
+    assert err.strip().splitlines()[-1] == "error: rank 1 was killed (SIGKILL): the run stopped; nothing saved", err
+    assert "pair.cc" not in err and "Traceback" not in err
+    run = _slow_nproc_run(mnist_dir, tmp_path / "launcher")
+    ranks = _ranks(run.pid)
+    run.kill()  # SIGKILL: the launcher cannot stop them itself
+    run.wait(timeout=60)
+    assert all(_gone(pid, 30) for pid in ranks.values()), "ranks trained on after their launcher was killed"
