@@ -554,7 +554,7 @@ def _torchrun(nproc: int, batch_size: int | None, device: str, run_dir: Path | N
     # folder (empty unless it redirects output) goes inside the same temporary folder: by default
     # it makes one in the system's temporary folder on every run and never removes it.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    for name, logger in [*logging.Logger.manager.loggerDict.items(), ("torch.distributed.elastic", None)]:
+    for name in [*logging.Logger.manager.loggerDict, "torch.distributed.elastic"]:
         if name.startswith(("torch.distributed.run", "torch.distributed.elastic")):  # each module's own logger has
             logging.getLogger(name).setLevel(logging.CRITICAL)  # its own level ("Received 2 death signal" leaked)
     with tempfile.TemporaryDirectory(prefix="aae-ranks-") as errors:
@@ -562,7 +562,7 @@ def _torchrun(nproc: int, batch_size: int | None, device: str, run_dir: Path | N
         try:
             torchrun(parse_args(["--standalone", f"--nproc-per-node={nproc}", f"--log-dir={Path(errors, 'torchrun')}",
                                  "-m", "aae_train", *args]))
-        except ChildFailedError as exc:  # a rank stopped by a signal says so; else the first failed rank's code
+        except ChildFailedError as exc:  # one line saying why, and the exit code that goes with it
             codes = {rank: f.exitcode for rank, f in exc.failures.items()}
             raise typer.Exit(_report_failed_ranks(codes, Path(errors), run_dir)) from None
         except SignalException as exc:  # Ctrl-C or SIGTERM to this launcher: the ranks were stopped with it
