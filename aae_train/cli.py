@@ -538,6 +538,8 @@ def _torchrun(nproc: int, batch_size: int | None, device: str, run_dir: Path | N
             skip = True
         elif not a.startswith("--nproc="):
             args.append(a)
+    if run_dir is not None and not any(a in ("--out", "-o") or a.startswith("--out=") for a in args):
+        args += ["--out", str(run_dir)]  # the launcher's default (a time stamp), not one of each rank's
     import logging
     import tempfile
 
@@ -594,6 +596,8 @@ def _report_failed_ranks(codes: dict[int, int], folder: Path, run_dir: Path | No
     left = _rank_lines(folder)
     lost = {rank for rank, (_, line) in left.items() if line.startswith(PEER_LOST)}
     own = {rank: code for rank, (code, line) in left.items() if rank not in lost and code not in SIGNAL_EXITS}
+    own |= {rank: code for rank, code in codes.items()  # failed on its own without a line (its output says why)
+            if rank not in left and code > 0 and code not in SIGNAL_EXITS}
     if own:
         _print_other_ranks_errors(folder)
         return own[min(own)]
@@ -617,14 +621,21 @@ def _report_failed_ranks(codes: dict[int, int], folder: Path, run_dir: Path | No
     return next((c for c in failed if c > 0), 128 - failed[0] if failed else 1)
 
 
-def _rank_lines(folder: Path) -> dict[int, tuple[int, str]]:
-    """rank -> (exit code, error line) that the ranks left in ``folder`` (`_leave_rank_error`)."""
+def _rank_lines(folder: Path, printed: bool = False) -> dict[int, tuple[int, str]]:
+    """rank -> (exit code, error line) that the ranks left in ``folder`` (`_leave_rank_error`);
+    with ``printed``, only those the rank printed itself (an internal error's)."""
     lines = {}
     for p in folder.glob("rank*.txt"):
         if p.stem[4:].isdigit():
             head, _, rest = p.read_text().partition("\n")
-            lines[int(p.stem[4:])] = (int(head), rest) if head.isdigit() and rest else (2, p.read_text())
+            said = head.endswith(PRINTED)
+            head = head.removesuffix(PRINTED)
+            if said or not printed:
+                lines[int(p.stem[4:])] = (int(head), rest) if head.isdigit() and rest else (2, p.read_text())
     return lines
+
+
+PRINTED = "!"  # after a rank's exit code in its file: it printed the line itself
 
 
 def _resume_hint(run_dir: Path | None) -> str:
@@ -640,21 +651,22 @@ def _check_process_count(nproc: int, device: str) -> None:
     import torch
 
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    have, what = (torch.cuda.device_count(), "GPUs") if cuda else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                                                   else os.cpu_count() or 1, "CPU cores")
+    have, what = (torch.cuda.device_count(), "GPUs") if cuda else (os.cpu_count() or 1, "CPU cores")
+    if cuda and not have:  # as a single process says it
+        raise typer.BadParameter("--device cuda: PyTorch sees no CUDA GPU here; use --device cpu or auto", param_hint="--device")
     if nproc > have:
-        raise typer.BadParameter(f"{nproc} processes on a machine with {have} {what} this process may use: each process "
+        raise typer.BadParameter(f"{nproc} processes on a machine with {have} {what}: each process "
                                  f"trains on one of its own; give --nproc {have} or fewer", param_hint="--nproc")
 
 
-def _leave_rank_error(message: str, code: int = 2) -> bool:
-    """Under --nproc, this rank's error line and exit code into RANK_ERRORS for the launcher;
-    whether it went there."""
+def _leave_rank_error(message: str, code: int = 2, printed: bool = False) -> bool:
+    """Under --nproc, this rank's error line and exit code into RANK_ERRORS for the launcher
+    (``printed``: the rank printed it itself); whether it went there."""
     folder = os.environ.get(RANK_ERRORS)
     if not folder:
         return False
     try:
-        Path(folder, f"rank{os.environ.get('RANK', '0')}.txt").write_text(f"{code}\n{message}")
+        Path(folder, f"rank{os.environ.get('RANK', '0')}.txt").write_text(f"{code}{PRINTED * printed}\n{message}")
     except OSError:
         return False
     return True
@@ -667,6 +679,7 @@ def _print_other_ranks_errors(folder: Path) -> None:
     lines = {rank: line for rank, (_, line) in _rank_lines(folder).items()}
     lost = {rank: line for rank, line in lines.items() if line.startswith(PEER_LOST)}
     seen = {lines[0]} if 0 in lines and 0 not in lost else set()  # rank 0 printed its own error itself
+    seen |= {line for _, line in _rank_lines(folder, printed=True).values()}  # and so did a rank's internal error
     for rank in sorted(r for r in lines if r != 0 and r not in lost):
         if lines[rank] not in seen:
             print_error(f"rank {rank}: {lines[rank]}", err)
@@ -737,7 +750,8 @@ def run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, t
         terminated.append(signum)
         raise KeyboardInterrupt
 
-    stops = [sig for sig in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if sig is not None]
+    stops = [sig for sig in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None))
+             if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN]  # nohup's ignored SIGHUP stays ignored
     try:
         previous = {sig: signal.signal(sig, on_signal) for sig in stops}
     except ValueError:  # not the main thread (an embedding application): its handlers stay
@@ -774,6 +788,7 @@ def _run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, 
             raise typer.Exit(stopped())
         except Exception as exc:  # another process stopped (its own error, a signal): not a bug of this one
             if not _lost_peer(exc):
+                _leave_rank_error(f"internal error ({type(exc).__name__})", 2, printed=True)  # printed as it ends
                 raise
             _report_lost_peer(exc, here=False)
             _leave_now(2)
@@ -838,16 +853,20 @@ def _run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, 
         except KeyboardInterrupt:  # while the data loads: nothing is written before it has
             progress.stop()
             print_error("interrupted while loading the data: nothing written", err)
+            _leave_rank_error("interrupted while loading the data: nothing written", stopped())
             raise typer.Exit(stopped())
         except OSError as exc:  # the run folder's disk is full, read-only or gone: not a bug
             if exc.errno not in DISK_ERRORS:
                 raise
             progress.stop()
-            print_error(f"cannot write to the run folder {out} ({exc.strerror}: {exc.filename}); its checkpoint.pt, if "
-                        "any, is whole: free space (or choose another --out), then --resume", err)
+            message = (f"cannot write to the run folder {out} ({exc.strerror}: {exc.filename}); its checkpoint.pt, if "
+                       "any, is whole: free space (or choose another --out), then --resume")
+            print_error(message, err)
+            _leave_rank_error(message)
             raise typer.Exit(2)
         except Exception as exc:  # with several processes: another one stopped (its error is its own line)
             if os.environ.get("WORLD_SIZE", "1") == "1" or not _lost_peer(exc):
+                _leave_rank_error(f"internal error ({type(exc).__name__})", 2, printed=True)  # printed as it ends
                 raise
             progress.stop()
             _report_lost_peer(exc, here=True, run_dir=out)

@@ -65,21 +65,27 @@ def stop_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-_weight: float | None = None  # this rank's rows over an equal share's, while the shares differ (`shard`)
+_weight: float | None = None  # this rank's rows over an equal share's, while the shares differ (`shard_minibatch`)
 
 
 def shard(rows):
-    """This rank's share of a global minibatch's rows: its indices, or the host draws of its step
-    (a tensor or an array, split along the first axis). Shares are equal when the rows split
-    evenly; when they cannot (a training set smaller than the minibatch, of a count the processes
-    do not divide) they differ by one row, and the gradients are averaged weighted by them
-    (`average_gradients_on_step`), so the update is still the one of all the rows together."""
-    global _weight
+    """This rank's share of rows drawn for a global minibatch (a tensor or an array, split along
+    the first axis): the host draws of its step."""
     n = world_size()
-    if n == 1:
-        return rows
-    mine = rows[rank()::n]
-    _weight = len(mine) * n / len(rows) if len(rows) % n else None
+    return rows if n == 1 else rows[rank()::n]
+
+
+def shard_minibatch(rows):
+    """This rank's share of a global minibatch's rows (its indices). Shares are equal when the
+    rows split evenly; when they cannot (a training set smaller than the minibatch, of a count the
+    processes do not divide) they differ by one row, and the gradients and the epoch's figures
+    are averaged weighted by them (`average_gradients_on_step`, `mean_over_ranks`), so the update
+    is still the one of all the rows together. Only the minibatch sets the weight: draws of
+    another size (a family's labelled subset) do not."""
+    global _weight
+    mine = shard(rows)
+    n = world_size()
+    _weight = len(mine) * n / len(rows) if n > 1 and len(rows) % n else None
     return mine
 
 

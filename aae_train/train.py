@@ -176,7 +176,7 @@ class Trainer:
         bs = self.cfg.train.batch_size  # the global minibatch: each of the processes takes its share
         order = torch.randperm(self.n_train, generator=self.shuffle)
         steps = max(1, self.n_train // bs)  # drop the last partial batch: D sees equal real and fake counts
-        shards = [distributed.shard(order[i * bs : (i + 1) * bs]) for i in range(steps)]
+        shards = [distributed.shard_minibatch(order[i * bs : (i + 1) * bs]) for i in range(steps)]
         if self.stream is not None:
             images = self.stream.batches(shards)
         else:

@@ -203,7 +203,10 @@ def _gone(pid: int, within: float) -> bool:
             os.kill(pid, 0)
         except ProcessLookupError:
             return True
-        if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
+                return True
+        except FileNotFoundError:  # reaped since
             return True
         time.sleep(0.2)
     return False
@@ -223,3 +226,25 @@ def test_a_killed_rank_is_named_with_its_signal_and_ranks_stop_when_their_launch
     run.kill()  # SIGKILL: the launcher cannot stop them itself
     run.wait(timeout=60)
     assert all(_gone(pid, 30) for pid in ranks.values()), "ranks trained on after their launcher was killed"
+
+
+@pytest.mark.parametrize("codes,left,code,said", [
+    # a rank's internal error (printed by itself), the other lost it, torchrun stopped the first: its own error, 2
+    ({0: 2, 1: -15}, {0: "2\nstopped: another process of this run stopped or cannot be reached; nothing saved",
+                      1: "2!\ninternal error (ValueError)"}, 2, []),
+    ({0: 1, 1: 143}, {}, 1, []),  # rank 0 failed without a line (its output said why); rank 1 stopped after it
+    ({0: 143, 1: -15}, {0: "143\ninterrupted while loading the data: nothing written"}, 143, []),  # rank 0 said it
+    ({0: 2, 1: -9}, {0: "2\nstopped: another process of this run stopped or cannot be reached; nothing saved"}, 137,
+     ["error: rank 1 was killed (SIGKILL): the run stopped; nothing saved"]),
+    ({0: -9, 1: 2}, {1: "2\nstopped: another process of this run stopped or cannot be reached"}, 137,
+     ["error: rank 0 was killed (SIGKILL): the run stopped; nothing saved"]),
+    ({0: 2, 1: 143}, {0: "2\nstopped: another process of this run stopped or cannot be reached; nothing saved"}, 143,
+     ["error: rank 1 was stopped by SIGTERM: the run stopped; nothing saved"]),
+])
+def test_the_launcher_names_the_cause_of_a_failed_run_once(codes, left, code, said, tmp_path, capsys):
+    from aae_train.cli import _report_failed_ranks
+
+    for rank, text in left.items():
+        (tmp_path / f"rank{rank}.txt").write_text(text)
+    assert _report_failed_ranks(codes, tmp_path, tmp_path / "run") == code
+    assert capsys.readouterr().err.splitlines() == said

@@ -168,3 +168,25 @@ def test_a_run_folder_inside_the_training_images_is_refused(tmp_path):
                         "--out", str(tmp_path / "parts" / "run")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "would be read as training images" in r.stderr, r.stderr
     assert not (tmp_path / "parts" / "run").exists()
+
+
+def test_sighup_stops_a_run_as_sigterm_does_unless_nohup_ignores_it(mnist_dir, tmp_path):
+    """A closed terminal's SIGHUP: the run stops with its line and tidies up (exit 129); under
+    nohup (SIGHUP ignored) it trains on, as it always did."""
+    run = train(mnist_dir, tmp_path / "hup", *SLOW)
+    until_training(run)
+    run.send_signal(signal.SIGHUP)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 129 and "interrupted before the first epoch ended: nothing saved" in err, err
+    assert not (tmp_path / "hup").exists()
+
+    def ignore_hup():
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    run = subprocess.Popen(["aae-train", "mnist", "--data-dir", str(mnist_dir), "--threads", "1", "--out",
+                            str(tmp_path / "nohup"), "--hidden", "256", "--limit", "3000", "--epochs", "1"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ignore_hup)
+    until_training(run)
+    run.send_signal(signal.SIGHUP)
+    _, err = run.communicate(timeout=300)
+    assert run.returncode == 0 and (tmp_path / "nohup" / "checkpoint.pt").is_file(), err
