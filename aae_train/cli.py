@@ -559,7 +559,8 @@ def _torchrun(nproc: int, batch_size: int | None, device: str, run_dir: Path | N
     for name in [*logging.Logger.manager.loggerDict, "torch.distributed.elastic"]:
         if name.startswith(("torch.distributed.run", "torch.distributed.elastic")):  # each module's own logger has
             logging.getLogger(name).setLevel(logging.CRITICAL)  # its own level ("Received 2 death signal" leaked)
-    with tempfile.TemporaryDirectory(prefix="aae-ranks-") as errors:
+    _remove_orphaned_rank_folders(Path(tempfile.gettempdir()))
+    with tempfile.TemporaryDirectory(prefix=f"{RANKS_PREFIX}{os.getpid()}-") as errors:
         os.environ[RANK_ERRORS] = errors
         try:
             torchrun(parse_args(["--standalone", f"--nproc-per-node={nproc}", f"--log-dir={Path(errors, 'torchrun')}",
@@ -575,6 +576,23 @@ def _torchrun(nproc: int, batch_size: int | None, device: str, run_dir: Path | N
 
 
 RANK_ERRORS = "AAE_RANK_ERRORS"  # set by --nproc: the folder where each rank leaves its error line (rank<N>.txt)
+RANKS_PREFIX = "aae-ranks-"  # that folder's name in the temporary folder: the prefix, the launcher's pid, a random part
+
+
+def _remove_orphaned_rank_folders(tmp: Path) -> None:
+    """The rank folders of launchers that died without removing theirs (SIGKILL): their pid is gone."""
+    import shutil
+
+    for folder in tmp.glob(RANKS_PREFIX + "*-*"):
+        pid = folder.name[len(RANKS_PREFIX):].split("-")[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except OSError:  # alive, another user's
+            pass
 SIGNAL_EXITS = (129, 130, 143)  # SIGHUP, Ctrl-C, SIGTERM: a rank stopped by one, which said so itself
 
 

@@ -248,3 +248,16 @@ def test_the_launcher_names_the_cause_of_a_failed_run_once(codes, left, code, sa
         (tmp_path / f"rank{rank}.txt").write_text(text)
     assert _report_failed_ranks(codes, tmp_path, tmp_path / "run") == code
     assert capsys.readouterr().err.splitlines() == said
+
+
+def test_the_rank_folder_of_a_launcher_killed_outright_is_removed_by_the_next(tmp_path):
+    from aae_train.cli import RANKS_PREFIX, _remove_orphaned_rank_folders
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan, alive, other = (tmp_path / f"{RANKS_PREFIX}{dead.pid}-abc", tmp_path / f"{RANKS_PREFIX}{os.getppid()}-def",
+                            tmp_path / f"{RANKS_PREFIX}x-ghi")
+    for folder in (orphan, alive, other):
+        (folder / "torchrun").mkdir(parents=True)
+    _remove_orphaned_rank_folders(tmp_path)
+    assert not orphan.exists() and alive.exists() and other.exists()
