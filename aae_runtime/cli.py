@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import signal
 import sys
@@ -76,12 +75,6 @@ def _named(text: str) -> str:
     """A file name in a usage error's message: control characters escaped (the message is
     printed by `print_error`, which escapes markup itself)."""
     return display_path(text, controls=True)
-
-
-def _check_finite(value: float | None, name: str) -> None:
-    """Typer's float ranges let nan and inf through; a NaN threshold would flag nothing, silently."""
-    if value is not None and not math.isfinite(value):
-        raise typer.BadParameter(f"{value} is not a finite number", param_hint=name)
 
 
 def _check_output(output: Path | None) -> None:
@@ -167,7 +160,6 @@ def score(
     (0.5 at the threshold, clamped to [0, 1])."""
     if threshold is not None and threshold_percentile is not None:
         raise typer.BadParameter("give --threshold or --threshold-percentile, not both", param_hint="--threshold")
-    _check_finite(threshold_percentile, "--threshold-percentile")
     if maps_only_flagged and maps is None:
         raise typer.BadParameter("--maps-only-flagged needs --maps DIR", param_hint="--maps-only-flagged")
     if maps_raw and maps is None:
@@ -176,7 +168,6 @@ def score(
         raise typer.BadParameter(f"{_named(str(regions))}: use a file name ending in .csv", param_hint="--regions")
     if regions is not None:
         _check_parent_exists(regions, "--regions")
-    _check_finite(threshold, "--threshold")
     _check_output(output)  # before scoring: a bad name must not cost a whole run's results
     _check_apart(model, **{"--output": output, "--regions": regions, "maps": maps})
     if maps is not None:
@@ -595,7 +586,6 @@ def calibrate(
 
     if score is not None and score not in SCORES:
         raise typer.BadParameter(f"{score!r} is not one of {', '.join(SCORES)}", param_hint="--score")
-    _check_finite(percentile, "--percentile")
     _one_path_per_option(ctx, "--anomalies")
     _writable_model(model)
     shared = first_shared(find_images(list(normal)), find_images(list(anomalies or [])))
@@ -724,7 +714,6 @@ def evaluate(
 
     from aae_runtime.evaluate import evaluate as run_evaluation
 
-    _check_finite(threshold, "--threshold")
     _one_path_per_option(ctx, "--anomalies")
     if masks is not None:
         for photos in (*normal, *anomalies):

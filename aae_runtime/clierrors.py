@@ -75,35 +75,38 @@ def _metavar(param: Any) -> str | None:
     return _METAVARS.get(getattr(kind, "name", ""), "VALUE")
 
 
-def _refuse_empty(kind: Any) -> None:
-    """Make a path parameter refuse an empty string: pathlib reads it as the current folder, so
-    ``score ""`` scored and ``watch ""`` moved everything under it, and a writer wrote into it."""
-    if getattr(kind, "refuses_empty", False):
+def _empty_path(value) -> str | None:
+    """pathlib reads "" as the current folder: ``score ""`` scored it, ``watch ""`` moved
+    everything under it, and a writer wrote into it."""
+    return "an empty path: give a file or folder name ('.' for the current folder)" if value == "" else None
+
+
+def _not_finite(value) -> str | None:
+    """Click's float ranges let nan and inf through (their checks are comparisons):
+    `serve --max-body-mb nan` was an internal error, `--max-wait-ms nan` was taken."""
+    return f"{value} is not a finite number" if isinstance(value, float) and not math.isfinite(value) else None
+
+
+# Click's type names -> what a parameter of that type refuses: (check of the raw text, check of the value)
+_REFUSALS = {"path": (_empty_path, None), "float": (None, _not_finite), "float range": (None, _not_finite)}
+
+
+def _refusing(kind: Any) -> None:
+    """Make a parameter type refuse what `_REFUSALS` lists for it, with Click's usage error."""
+    before, after = _REFUSALS.get(getattr(kind, "name", None), (None, None))
+    if (before is None and after is None) or getattr(kind, "refusing", False):
         return
     convert = kind.convert
 
     def checked(value, param, ctx):
-        if isinstance(value, str) and not value:
-            kind.fail("an empty path: give a file or folder name ('.' for the current folder)", param, ctx)
-        return convert(value, param, ctx)
+        problem = before(value) if before is not None else None
+        converted = convert(value, param, ctx) if problem is None else None
+        problem = problem or (after(converted) if after is not None else None)
+        if problem:
+            kind.fail(problem, param, ctx)
+        return converted
 
-    kind.convert, kind.refuses_empty = checked, True
-
-
-def _refuse_non_finite(kind: Any) -> None:
-    """Make a float parameter refuse nan and inf, which Click's ranges let through (their checks
-    are comparisons): `serve --max-body-mb nan` was an internal error, `--max-wait-ms nan` taken."""
-    if getattr(kind, "refuses_non_finite", False):
-        return
-    convert = kind.convert
-
-    def checked(value, param, ctx):
-        number = convert(value, param, ctx)
-        if isinstance(number, float) and not math.isfinite(number):
-            kind.fail(f"{number} is not a finite number", param, ctx)
-        return number
-
-    kind.convert, kind.refuses_non_finite = checked, True
+    kind.convert, kind.refusing = checked, True
 
 
 class _Readable:
@@ -116,11 +119,8 @@ class _Readable:
             name = _metavar(param)
             if name is not None:
                 param.metavar = name
-            kind = getattr(getattr(param, "type", None), "name", None)
-            if kind == "path":
-                _refuse_empty(param.type)
-            elif kind in ("float", "float range"):
-                _refuse_non_finite(param.type)
+            if getattr(param, "type", None) is not None:
+                _refusing(param.type)
         return params
 
     def make_context(self, info_name, args, parent=None, **extra):

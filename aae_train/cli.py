@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import errno
 import os
 import signal
@@ -21,6 +20,7 @@ from rich.text import Text
 from aae_runtime.clierrors import OneLineErrorsTyper, print_error
 from aae_runtime.console import counted, literal
 from aae_runtime.contract.errors import AAEError, first_line
+from aae_runtime.contract.fileio import DISK_ERRORS
 from aae_runtime.contract.preprocessing import ORIENTATIONS
 from aae_runtime.images import RESAMPLE
 from aae_runtime.contract.priors import PRIOR_NAMES, make_prior_spec
@@ -204,11 +204,8 @@ def _option_name(param: str) -> str:
 
 
 def check_given_values(ctx: typer.Context) -> None:
-    """What typer's ranges let through: nan and inf (its range checks are comparisons), and an
-    empty --out (the current folder)."""
-    for param, value in ctx.params.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise typer.BadParameter(f"{value} is not a finite number", param_hint=_option_name(param))
+    """An --out that is the current folder (nan, inf and empty paths are refused for every
+    command: aae_runtime.clierrors)."""
     if ctx.params.get("out") is not None and str(ctx.params["out"]) in ("", "."):
         raise typer.BadParameter("give the run folder's name (e.g. runs/first), not the current folder", param_hint="--out")
 
@@ -577,6 +574,8 @@ def _torchrun(nproc: int, batch_size: int | None, device: str, run_dir: Path | N
 
 RANK_ERRORS = "AAE_RANK_ERRORS"  # set by --nproc: the folder where each rank leaves its error line (rank<N>.txt)
 RANKS_PREFIX = "aae-ranks-"  # that folder's name in the temporary folder: the prefix, the launcher's pid, a random part
+PRINTED = "!"  # after a rank's exit code in its file: it printed the line itself
+SIGNAL_EXITS = (129, 130, 143)  # SIGHUP, Ctrl-C, SIGTERM: a rank stopped by one, which said so itself
 
 
 def _remove_orphaned_rank_folders(tmp: Path) -> None:
@@ -593,7 +592,6 @@ def _remove_orphaned_rank_folders(tmp: Path) -> None:
             shutil.rmtree(folder, ignore_errors=True)
         except OSError:  # alive, another user's
             pass
-SIGNAL_EXITS = (129, 130, 143)  # SIGHUP, Ctrl-C, SIGTERM: a rank stopped by one, which said so itself
 
 
 def _signal_name(number: int) -> str:
@@ -612,12 +610,12 @@ def _report_failed_ranks(codes: dict[int, int], folder: Path, run_dir: Path | No
     with its signal and the checkpoint to go on from; else a stop by a signal (Ctrl-C, SIGTERM,
     SIGHUP): rank 0 said which epoch its checkpoint holds, or the rank stopped is named."""
     left = _rank_lines(folder)
-    lost = {rank for rank, (_, line) in left.items() if line.startswith(PEER_LOST)}
-    own = {rank: code for rank, (code, line) in left.items() if rank not in lost and code not in SIGNAL_EXITS}
+    lost = {rank for rank, (_, line, _) in left.items() if line.startswith(PEER_LOST)}
+    own = {rank: code for rank, (code, line, _) in left.items() if rank not in lost and code not in SIGNAL_EXITS}
     own |= {rank: code for rank, code in codes.items()  # failed on its own without a line (its output says why)
             if rank not in left and code > 0 and code not in SIGNAL_EXITS}
     if own:
-        _print_other_ranks_errors(folder)
+        _print_other_ranks_errors(left)
         return own[min(own)]
     asked = {-signal.SIGTERM, -signal.SIGINT, -getattr(signal, "SIGHUP", signal.SIGTERM)}  # what torchrun and users send
     killed = [(rank, code) for rank, code in sorted(codes.items()) if code < 0 and code not in asked]
@@ -634,32 +632,29 @@ def _report_failed_ranks(codes: dict[int, int], folder: Path, run_dir: Path | No
     if named or interrupted:
         code = (named or interrupted)[0][1]
         return 128 - code if code < 0 else code
-    _print_other_ranks_errors(folder)
+    _print_other_ranks_errors(left)
     failed = [code for _, code in sorted(codes.items()) if code != 0]
     return next((c for c in failed if c > 0), 128 - failed[0] if failed else 1)
 
 
-def _rank_lines(folder: Path, printed: bool = False) -> dict[int, tuple[int, str]]:
-    """rank -> (exit code, error line) that the ranks left in ``folder`` (`_leave_rank_error`);
-    with ``printed``, only those the rank printed itself (an internal error's)."""
+def _rank_lines(folder: Path) -> dict[int, tuple[int, str, bool]]:
+    """rank -> (exit code, error line, whether the rank printed it itself) that the ranks left in
+    ``folder`` (`_leave_rank_error`)."""
     lines = {}
     for p in folder.glob("rank*.txt"):
         if p.stem[4:].isdigit():
             head, _, rest = p.read_text().partition("\n")
-            said = head.endswith(PRINTED)
-            head = head.removesuffix(PRINTED)
-            if said or not printed:
-                lines[int(p.stem[4:])] = (int(head), rest) if head.isdigit() and rest else (2, p.read_text())
+            code = head.removesuffix(PRINTED)
+            lines[int(p.stem[4:])] = (int(code), rest, code != head) if code.isdigit() and rest else (2, p.read_text(), False)
     return lines
-
-
-PRINTED = "!"  # after a rank's exit code in its file: it printed the line itself
 
 
 def _resume_hint(run_dir: Path | None) -> str:
     if run_dir is None:
         return ""
-    checkpoint = run_dir / "checkpoint.pt"
+    from aae_train.checkpoint import CHECKPOINT_NAME  # (torch: the launcher has it loaded by now)
+
+    checkpoint = run_dir / CHECKPOINT_NAME
     return (f"{checkpoint} holds the last epoch saved: go on with --resume {checkpoint}" if checkpoint.is_file()
             else "nothing saved")
 
@@ -690,14 +685,14 @@ def _leave_rank_error(message: str, code: int = 2, printed: bool = False) -> boo
     return True
 
 
-def _print_other_ranks_errors(folder: Path) -> None:
-    """The error lines the ranks left that were not printed yet (each once): a rank's own error
-    that rank 0's does not already say; and, only when no rank said why, one line saying a
-    process was lost (rank 0's, which names the checkpoint to go on from)."""
-    lines = {rank: line for rank, (_, line) in _rank_lines(folder).items()}
+def _print_other_ranks_errors(left: dict[int, tuple[int, str, bool]]) -> None:
+    """The error lines the ranks left (`_rank_lines`) that were not printed yet (each once): a
+    rank's own error that rank 0's does not already say; and, only when no rank said why, one
+    line saying a process was lost (rank 0's, which names the checkpoint to go on from)."""
+    lines = {rank: line for rank, (_, line, _) in left.items()}
     lost = {rank: line for rank, line in lines.items() if line.startswith(PEER_LOST)}
     seen = {lines[0]} if 0 in lines and 0 not in lost else set()  # rank 0 printed its own error itself
-    seen |= {line for _, line in _rank_lines(folder, printed=True).values()}  # and so did a rank's internal error
+    seen |= {line for _, line, printed in left.values() if printed}  # and so did a rank its internal error
     for rank in sorted(r for r in lines if r != 0 and r not in lost):
         if lines[rank] not in seen:
             print_error(f"rank {rank}: {lines[rank]}", err)
@@ -710,11 +705,11 @@ def _print_other_ranks_errors(folder: Path) -> None:
 PEER_LOST = "stopped: another process of this run stopped or cannot be reached"
 
 
-def _report_lost_peer(exc: BaseException, here: bool, run_dir: Path | None = None) -> None:
+def _report_lost_peer(here: bool, run_dir: Path | None = None) -> None:
     """PEER_LOST (rank 0: with the checkpoint to go on from), left for the launcher, which prints
     it only when no rank said why (`_print_other_ranks_errors`); printed by this rank when there is
-    no launcher to leave it to (a torchrun started by hand). The transport's own words (gloo's
-    source file and the peer's port) only with AAE_DEBUG=1."""
+    no launcher to leave it to (a torchrun started by hand). (With AAE_DEBUG=1 a lost peer is
+    not taken for one: `_lost_peer`, and the transport's own error shows with its traceback.)"""
     message = PEER_LOST
     if run_dir is not None:
         message += f"; {_resume_hint(run_dir)}"
@@ -782,9 +777,6 @@ def run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, t
             signal.signal(sig, handler)
 
 
-DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM}
-
-
 def _run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, threads: int | None, overwrite: bool,
          given: dict | None, loader: str, workers: int | None, compile_mode: str, stopped) -> None:
     """`run` within its signal handler."""
@@ -808,7 +800,7 @@ def _run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, 
             if not _lost_peer(exc):
                 _leave_rank_error(f"internal error ({type(exc).__name__})", 2, printed=True)  # printed as it ends
                 raise
-            _report_lost_peer(exc, here=False)
+            _report_lost_peer(here=False)
             _leave_now(2)
         return
 
@@ -887,7 +879,7 @@ def _run(cfg: RunConfig, out: Path, data_dir: Path | None, resume: Path | None, 
                 _leave_rank_error(f"internal error ({type(exc).__name__})", 2, printed=True)  # printed as it ends
                 raise
             progress.stop()
-            _report_lost_peer(exc, here=True, run_dir=out)
+            _report_lost_peer(here=True, run_dir=out)
             _leave_now(2)
     err.print(f"checkpoint: {literal(result.checkpoint)}\nplots: {', '.join(literal(out / name) for name in PLOT_NAMES)}",
               highlight=False)

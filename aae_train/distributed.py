@@ -17,6 +17,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from aae_train.process import stop_with_parent
+
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -45,24 +47,6 @@ def init(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend)
-
-
-def stop_with_parent() -> None:
-    """Ask Linux for SIGTERM when this process's parent dies (prctl PR_SET_PDEATHSIG); elsewhere, nothing."""
-    import ctypes
-    import signal
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return
-    parent = os.getppid()
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # the parent died before the request was made
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 _weight: float | None = None  # this rank's rows over an equal share's, while the shares differ (`shard_minibatch`)

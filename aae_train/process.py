@@ -1,7 +1,8 @@
-"""Process-wide settings `aae-train` makes for itself: how OpenMP's idle threads wait, and when
-the C allocator hands large buffers back to the system.
+"""Process-wide settings `aae-train` makes for itself: how OpenMP's idle threads wait, when the
+C allocator hands large buffers back to the system, and (a rank of several) that it stops with
+its launcher.
 
-Both are about sharing a machine: spinning threads take cores other processes need, and memory
+The first two are about sharing a machine: spinning threads take cores other processes need, and memory
 the allocator keeps after a buffer is freed is memory nobody else can use.
 """
 
@@ -11,6 +12,8 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
+import signal
+import sys
 
 # How long OpenMP's idle threads spin before they sleep (libgomp; set before torch loads). Its
 # default, 300,000 spins, is a little faster alone and collapses beside other work: on the 2-core
@@ -63,3 +66,18 @@ def returning_large_buffers():
     finally:
         _LIBC.mallopt(_M_MMAP_THRESHOLD, HEAP_THRESHOLD)
         _LIBC.malloc_trim(0)
+
+
+def stop_with_parent() -> None:
+    """SIGTERM to this process when its parent dies, even by SIGKILL (Linux: prctl
+    PR_SET_PDEATHSIG): a rank left without its launcher would train on, holding the run folder.
+    Elsewhere, nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -120,21 +120,21 @@ def test_nproc_an_error_of_rank_0_alone_is_one_line_and_too_few_images_are_refus
 
 
 def test_the_launcher_prints_only_the_rank_errors_that_say_something_new(tmp_path, capsys):
-    from aae_train.cli import _print_other_ranks_errors
+    from aae_train.cli import _print_other_ranks_errors, _rank_lines
 
     for rank, line in ((0, "no images under x"), (1, "no images under x"), (2, "cuda:2 is not available"), (3, "cuda:2 is not available")):
         (tmp_path / f"rank{rank}.txt").write_text(line)
-    _print_other_ranks_errors(tmp_path)
+    _print_other_ranks_errors(_rank_lines(tmp_path))
     assert capsys.readouterr().err.splitlines() == ["error: rank 2: cuda:2 is not available"]
     # a rank that only lost its peers is not news when another rank said why; alone, it is
     from aae_train.cli import PEER_LOST
 
     (tmp_path / "rank4.txt").write_text(f"{PEER_LOST} (Connection closed by peer)")
-    _print_other_ranks_errors(tmp_path)
+    _print_other_ranks_errors(_rank_lines(tmp_path))
     assert capsys.readouterr().err.splitlines() == ["error: rank 2: cuda:2 is not available"]
     for rank in (0, 1, 2, 3):
         (tmp_path / f"rank{rank}.txt").unlink()
-    _print_other_ranks_errors(tmp_path)
+    _print_other_ranks_errors(_rank_lines(tmp_path))
     assert capsys.readouterr().err.splitlines() == [f"error: rank 4: {PEER_LOST} (Connection closed by peer)"]
 
 

@@ -23,7 +23,7 @@ from aae_runtime.bench.report import header
 from aae_runtime.bench.setups import cuda_setups, ort_cpu_setups, sweep_setups
 from aae_runtime.bench.timing import BATCH_SIZES, OPS, Setup, Timing, _timed, make_cases, measure, summarize
 from aae_runtime.contract.errors import InputError
-from aae_runtime.contract.modelfolder import LAYOUT, LAYOUT_VERSION, POINTER, VERSIONS, current_version
+from aae_runtime.contract.modelfolder import POINTER, VERSIONS, current_version, pointer_text
 from aae_runtime.model import AAEModel, file_scoring_threads
 from aae_runtime.session import SessionConfig
 
@@ -152,8 +152,7 @@ def _snapshot(model_dir: Path, copy: Path) -> Path:
         shutil.copytree(model_dir, copy, ignore=shutil.ignore_patterns(".*"))
         return copy
     shutil.copytree(version, copy / VERSIONS / version.name)
-    (copy / POINTER).write_text(json.dumps({"layout": LAYOUT, "layout_version": LAYOUT_VERSION,
-                                            "current": f"{VERSIONS}/{version.name}"}) + "\n")
+    (copy / POINTER).write_text(pointer_text(version.name))
     return copy
 
 

@@ -5,6 +5,7 @@ A process killed mid-write leaves the previous file (or none), never a half-writ
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import tempfile
@@ -19,6 +20,9 @@ def _umask() -> int:
 
 
 TEMPORARY_SUFFIX = ".tmp"
+# What a full, read-only or failing disk (or a file-size limit) raises: the user's to fix, not a bug.
+DISK_ERRORS = frozenset(getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM", "EFBIG", "EIO")
+                        if hasattr(errno, name))
 
 
 def _temporary_prefix(path: Path) -> str:

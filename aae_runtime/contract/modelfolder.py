@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from aae_runtime.contract.errors import ModelError
-from aae_runtime.contract.fileio import atomic_write, remove_stale_temporaries
+from aae_runtime.contract.fileio import DISK_ERRORS, atomic_write, remove_stale_temporaries
 
 POINTER = "MODEL.json"
 VERSIONS = "versions"
@@ -104,7 +104,7 @@ def current_version(model_dir: str | Path) -> Path:
 def _versions(model_dir: Path) -> list[Path]:
     """The version folders of ``model_dir``, oldest first."""
     try:
-        found = [p for p in (model_dir / VERSIONS).iterdir() if _VERSION_NAME.match(p.name) and p.is_dir()]
+        found = [p for p in (model_dir / VERSIONS).iterdir() if _VERSION_NAME.match(p.name)]
     except OSError:
         return []
     return sorted(found, key=_number)
@@ -120,10 +120,13 @@ def _repair(model_dir: Path) -> str:
     held = [v for v in _versions(model_dir) if (v / GRAPH_NAMES[0]).is_file()]
     if not held:
         return "export the model again"
-    newest = held[-1].name
     return (f"export the model again, or go back to a version the folder holds ({', '.join(v.name for v in held)}) by "
-            f"writing into {POINTER}: {{\"layout\": \"{LAYOUT}\", \"layout_version\": {LAYOUT_VERSION}, "
-            f"\"current\": \"{VERSIONS}/{newest}\"}}")
+            f"writing into {POINTER}: {' '.join(pointer_text(held[-1].name).split())}")
+
+
+def pointer_text(version: str) -> str:
+    """``MODEL.json`` naming the version folder ``version`` (its name under ``versions/``)."""
+    return json.dumps({"layout": LAYOUT, "layout_version": LAYOUT_VERSION, "current": f"{VERSIONS}/{version}"}, indent=1) + "\n"
 
 
 def write_metadata_json(version: Path, metadata: dict) -> Path:
@@ -227,7 +230,7 @@ def write_version(model_dir: str | Path, label: str, new_only: bool = False,
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
         except OSError as exc:
-            if exc.errno not in _DISK_ERRORS:
+            if exc.errno not in DISK_ERRORS:
                 raise
             raise ModelError(f"cannot write a new version into {model_dir} ({exc.strerror or exc}): the model it "
                              "holds is unchanged; free space (or fix the folder's permissions) and run this again") from None
@@ -246,10 +249,6 @@ def _removed_unless_written(model_dir: Path, created: bool) -> Iterator[None]:
             with contextlib.suppress(OSError):
                 model_dir.rmdir()  # not empty: someone else's files
         raise
-
-
-_DISK_ERRORS = {getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM", "EFBIG", "EIO")
-                if hasattr(errno, name)}
 
 
 def enclosing_model(path: str | Path) -> Path | None:
@@ -301,17 +300,15 @@ def _commit(model_dir: Path, staging: Path, label: str, previous: str | None, ex
             os.fsync(f.fileno())
     versions = model_dir / VERSIONS
     versions.mkdir(exist_ok=True)
-    numbers = [int(m.group(1)) for p in versions.iterdir() if (m := _VERSION_NAME.match(p.name))]
     tag = re.sub(r"[^0-9A-Za-z]", "", label)[:12] or "model"
-    name = f"{max(numbers, default=0) + 1:04d}-{tag}"
+    name = f"{max(map(_number, _versions(model_dir)), default=0) + 1:04d}-{tag}"
     os.chmod(staging, 0o777 & ~_umask())
     renamed = False
     try:
         os.replace(staging, versions / name)
         renamed = True
         _fsync_dir(versions)
-        pointer = {"layout": LAYOUT, "layout_version": LAYOUT_VERSION, "current": f"{VERSIONS}/{name}"}
-        text = (json.dumps(pointer, indent=1) + "\n").encode()
+        text = pointer_text(name).encode()
         if switching is not None:
             switching(name)
         atomic_write(model_dir / POINTER, lambda f: f.write(text), fsync=True)
